@@ -1,0 +1,295 @@
+"""The one configuration tree: typed dataclass sections mirroring OpenRLHF's flag groups.
+
+A config is built from the dataclass defaults, then a YAML file (`--config configs/x.yaml`), then command-line overrides
+(`--actor.learning_rate=1e-6` or `--actor.learning_rate 1e-6`). Every step is checked: unknown keys, wrong types and
+impossible combinations raise one `ConfigError` whose lines each name the key and where the value came from. Cross-field
+rules live in `hpc_rlhf.config_checks`; loading, overrides and help text live in `hpc_rlhf.config_io`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ADVANTAGE_ESTIMATORS = ("gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo")
+GROUP_ESTIMATORS = ("reinforce_baseline", "rloo", "group_norm", "dr_grpo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+OFF_POLICY_CORRECTIONS = ("none", "tis", "icepop", "seq_mask_tis")
+ROLE_NAMES = ("generator", "actor", "critic", "reward", "reference")
+
+
+class ConfigError(ValueError):
+    """A config problem; each line of the message names one key and where its value came from."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field with a one-line description (shown by --help) and optional allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and model-loading settings shared by the trainable models (actor, critic)."""
+
+    learning_rate: float = opt(1e-6, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "cosine schedule floor, as a fraction of learning_rate")
+    lr_warmup_ratio: float = opt(0.03, "fraction of optimizer steps spent in linear warm-up")
+    lr_scheduler: str = opt("cosine_with_min_lr", "learning-rate schedule",
+                            ("cosine_with_min_lr", "constant_with_warmup"))
+    adam_betas: list[float] = opt([0.9, 0.95], "AdamW betas [beta1, beta2]")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    attn_implementation: str = opt("sdpa", "attention kernel", ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class ActorConfig(OptimConfig):
+    """The policy being trained (`--actor.*`)."""
+
+    pretrain: str = opt("builtin:tiny-llama", "HF model folder or hub-style name of the policy; "
+                        "builtin:tiny-llama builds a tiny offline model on first use")
+
+
+@dataclass
+class CriticConfig(OptimConfig):
+    """The value model of PPO with GAE (`--critic.*`)."""
+
+    pretrain: Optional[str] = opt(None, "value model weights; empty = initialise from actor.pretrain")
+    learning_rate: float = opt(9e-6, "peak learning rate")
+    freezing_actor_steps: int = opt(0, "iterations that train only the critic before the actor starts")
+
+
+@dataclass
+class RefConfig:
+    """The frozen reference policy for KL (`--ref.*`)."""
+
+    pretrain: Optional[str] = opt(None, "reference weights; empty = actor.pretrain")
+    micro_batch_size: int = opt(8, "samples per reference forward pass")
+
+
+@dataclass
+class RewardConfig:
+    """Where rewards come from: a reward model, a Python function, or an HTTP service (`--reward.*`)."""
+
+    pretrain: Optional[str] = opt(None, "reward model (sequence classification head); needs layout.reward.gpus")
+    reward_func_path: Optional[str] = opt("hpc_rlhf/tasks/arithmetic.py",
+                                          "Python file (or module:function) defining reward_func(queries, prompts, labels)")
+    remote_url: Optional[str] = opt(None, "HTTP endpoint answering POST {query, prompts, labels} with {rewards}")
+    remote_timeout_s: float = opt(30.0, "timeout of one remote reward request")
+    remote_max_retries: int = opt(3, "retries of a failed remote reward request, with exponential backoff")
+    micro_batch_size: int = opt(8, "samples per reward-model forward pass")
+
+
+@dataclass
+class VllmConfig:
+    """The generation engines (`--vllm.*`); the hf backend serves CPUs and machines without vLLM."""
+
+    backend: str = opt("auto", "generation backend; auto = vllm when importable on GPU, else hf", ("auto", "vllm", "hf"))
+    gpu_memory_utilization: float = opt(0.85, "fraction of GPU memory vLLM may take (lower it when colocated)")
+    enable_sleep: bool = opt(True, "free vLLM memory between generation phases in colocated mode")
+    enable_prefix_caching: bool = opt(True, "share the prompt's KV cache across n_samples_per_prompt")
+    enforce_eager: bool = opt(False, "disable CUDA graphs in vLLM")
+    max_num_seqs: int = opt(256, "sequences a vLLM engine decodes at once")
+    dtype: str = opt("bfloat16", "generator weights dtype", ("bfloat16", "float16", "float32"))
+    weight_sync_bucket_mb: int = opt(512, "bucket size of the actor -> generator weight broadcast")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling experience (`--rollout.*`)."""
+
+    batch_size: int = opt(8, "prompts per iteration, over all generator engines (OpenRLHF rollout_batch_size)")
+    n_samples_per_prompt: int = opt(4, "responses sampled per prompt (the group of group estimators)")
+    micro_batch_size: int = opt(16, "sequences per generate call on one engine")
+    prompt_max_len: int = opt(1024, "prompts longer than this many tokens are truncated from the left")
+    generate_max_len: int = opt(1024, "maximum new tokens per response")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    top_k: int = opt(-1, "top-k sampling (-1 = off)")
+    async_queue: int = opt(0, "iterations generators may run ahead of the actor (0 = synchronous)")
+    agent_func_path: Optional[str] = opt(None, "Python file defining AgentInstance for multi-turn rollouts")
+    max_turns: int = opt(1, "environment turns per multi-turn trajectory")
+    dynamic_filtering: bool = opt(False, "drop groups whose scores are all equal or outside the range (DAPO)")
+    dynamic_filtering_reward_range: list[float] = opt([0.0, 1.0], "keep groups whose mean score lies strictly inside")
+
+
+@dataclass
+class DataConfig:
+    """The prompt dataset (`--data.*`)."""
+
+    prompt_data: str = opt("data/arithmetic/train.jsonl", "JSONL, Parquet or Arrow file or folder of prompts")
+    input_key: str = opt("input", "column holding the prompt text or chat messages")
+    label_key: Optional[str] = opt("label", "column holding the reference answer passed to the reward")
+    apply_chat_template: bool = opt(False, "render prompts with the tokenizer's chat template")
+    input_template: Optional[str] = opt(None, "format string with one {} for the prompt, when no chat template")
+    max_samples: Optional[int] = opt(None, "use at most this many prompts")
+
+
+@dataclass
+class TrainConfig:
+    """The run as a whole (`--train.*`)."""
+
+    trainer: str = opt("ppo", "training loop; ppo covers every advantage estimator", ("ppo",))
+    seed: int = opt(42, "seed of prompts order, sampling and initialisation")
+    num_episodes: int = opt(1, "passes over the prompt dataset")
+    max_epochs: int = opt(1, "optimisation epochs over each iteration's rollouts")
+    max_iterations: Optional[int] = opt(None, "stop after this many iterations (empty = until episodes end)")
+    train_batch_size: int = opt(8, "samples per optimizer step, over all actor ranks")
+    micro_train_batch_size: int = opt(2, "samples per forward/backward on one rank")
+    packing_samples: bool = opt(False, "pack samples into rows with restarting position ids")
+    max_tokens_per_microbatch: Optional[int] = opt(None, "dynamic batching: token budget per micro-batch")
+    run_dir: str = opt("runs/default", "where rollouts, checkpoints, logs and models go (shared filesystem)")
+    device: str = opt("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class AlgoConfig:
+    """Advantage estimator, KL and losses (`--algo.*`), named as in OpenRLHF."""
+
+    advantage_estimator: str = opt("group_norm", "gae = PPO with critic; group_norm = GRPO", ADVANTAGE_ESTIMATORS)
+    gamma: float = opt(1.0, "discount over response tokens")
+    lambd: float = opt(1.0, "GAE lambda")
+    eps_clip_low: float = opt(0.2, "PPO clip: ratio lower bound is 1 - eps_clip_low")
+    eps_clip_high: float = opt(0.2, "PPO clip: ratio upper bound is 1 + eps_clip_high (DAPO clip-higher: 0.28)")
+    dual_clip: Optional[float] = opt(None, "dual-clip constant c > 1 for negative advantages (empty = off)")
+    value_clip: Optional[float] = opt(0.2, "critic value clipping around old values (empty = off)")
+    policy_loss_type: str = opt("ppo", "ppo = token ratios; gspo = sequence-level ratio", ("ppo", "gspo"))
+    loss_agg_mode: str = opt("token_mean", "how token losses become one number", LOSS_AGG_MODES)
+    init_kl_coef: float = opt(0.0, "KL penalty coefficient in the reward (0 = off)")
+    kl_target: Optional[float] = opt(None, "adaptive KL controller target (empty = fixed coefficient)")
+    kl_horizon: int = opt(10000, "adaptive KL controller horizon")
+    use_kl_loss: bool = opt(False, "put KL in the loss instead of the reward (GRPO style)")
+    kl_loss_coef: float = opt(0.001, "weight of the KL loss term")
+    kl_estimator: str = opt("k1", "KL estimator", KL_ESTIMATORS)
+    entropy_loss_coef: float = opt(0.0, "entropy bonus weight (0 = off)")
+    off_policy_correction: str = opt("none", "importance correction between generator and trainer log-probs",
+                                     OFF_POLICY_CORRECTIONS)
+    is_low: float = opt(0.0, "importance-ratio interval lower bound for the correction")
+    is_high: float = opt(2.0, "importance-ratio interval upper bound for the correction")
+    group_std_eps: float = opt(1e-6, "epsilon added to the group std in group_norm")
+    normalize_reward: bool = opt(False, "normalise rewards with running mean/std")
+    reward_clip_range: list[float] = opt([-10.0, 10.0], "clip rewards into [low, high]")
+    overlong_buffer_len: Optional[int] = opt(None, "DAPO soft overlong penalty buffer in tokens (empty = off)")
+    overlong_penalty_factor: float = opt(1.0, "maximum overlong penalty")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (`--eval.*`)."""
+
+    data: Optional[str] = opt("data/arithmetic/test.jsonl", "held-out prompts (empty = no evaluation)")
+    steps: int = opt(5, "evaluate every this many iterations (0 = only at the end)")
+    max_samples: Optional[int] = opt(64, "evaluate on at most this many prompts")
+    temperature: float = opt(0.0, "eval sampling temperature (0 = greedy)")
+    n_samples_per_prompt: int = opt(1, "eval responses per prompt")
+
+
+@dataclass
+class CkptConfig:
+    """Checkpoints and saved models (`--ckpt.*`)."""
+
+    save_steps: int = opt(0, "save a full checkpoint every this many iterations (0 = only on stop/end)")
+    max_ckpt_num: int = opt(3, "keep this many most recent checkpoints")
+    load_checkpoint: bool = opt(True, "resume from RUN_DIR/checkpoints/latest when present")
+    save_hf_model: bool = opt(True, "write HF-format models to RUN_DIR/hf at the end")
+
+
+@dataclass
+class LoggerConfig:
+    """Metrics (`--logger.*`)."""
+
+    use_tensorboard: bool = opt(True, "write TensorBoard scalars to RUN_DIR/tensorboard")
+    logging_steps: int = opt(1, "print metrics every this many iterations")
+    progress_bar: bool = opt(True, "show a progress bar on rank 0")
+    plot: bool = opt(True, "write RUN_DIR/curves.png (reward and KL) at the end")
+
+
+@dataclass
+class DsConfig:
+    """DeepSpeed (`--ds.*`)."""
+
+    zero_stage: int = opt(2, "ZeRO stage 0-3", (0, 1, 2, 3))
+    bf16: Optional[bool] = opt(None, "bf16 training; empty = bf16 on GPU, fp32 on CPU")
+    adam_offload: bool = opt(False, "keep optimizer states on the CPU")
+    param_offload: bool = opt(False, "keep ZeRO-3 parameters on the CPU")
+    overlap_comm: bool = opt(False, "overlap gradient reduction with backward")
+
+
+@dataclass
+class RoleConfig:
+    """Ranks given to one role; `tp` only for the generator."""
+
+    gpus: int = opt(0, "ranks (GPUs; processes on CPU) for this role")
+    tp: int = opt(1, "tensor-parallel size of each engine (generator only)")
+
+
+def _role(gpus: int) -> Any:
+    return field(default_factory=lambda: RoleConfig(gpus=gpus), metadata={"help": "", "choices": None})
+
+
+@dataclass
+class LayoutConfig:
+    """How the job's ranks are split into roles (`--layout.*`); ranks are handed out in field order."""
+
+    generator: RoleConfig = _role(1)
+    actor: RoleConfig = _role(1)
+    critic: RoleConfig = _role(0)
+    reward: RoleConfig = _role(0)
+    reference: RoleConfig = _role(0)
+    colocate: bool = opt(True, "every rank holds every role and switches between them (hybrid engine)")
+
+    def roles(self) -> dict[str, RoleConfig]:
+        return {name: getattr(self, name) for name in ROLE_NAMES}
+
+    def world_size(self) -> int:
+        """Ranks this layout needs: the sum over roles, or one role's count when colocated."""
+        counts = [r.gpus for r in self.roles().values() if r.gpus > 0]
+        if self.colocate:
+            return max(counts, default=0)
+        return sum(counts)
+
+
+@dataclass
+class SlurmConfig:
+    """The SLURM allocation (`--slurm.*`), used by `python -m hpc_rlhf.submit` and the sbatch scripts."""
+
+    nodes: int = opt(1, "nodes of the job")
+    gpus_per_node: int = opt(1, "GPUs (ranks) per node; on CPU, processes per node")
+    cpus_per_task: int = opt(8, "CPU cores per rank")
+    mem: Optional[str] = opt(None, "memory per node, e.g. 480G (empty = cluster default)")
+    partition: Optional[str] = opt(None, "partition")
+    account: Optional[str] = opt(None, "account to charge")
+    qos: Optional[str] = opt(None, "quality of service")
+    constraint: Optional[str] = opt(None, "node feature constraint")
+    time: str = opt("24:00:00", "time limit per job run; the job requeues itself before it")
+    job_name: str = opt("hpc_rlhf", "job name")
+    signal_delay_s: int = opt(300, "seconds before the limit that the stop signal arrives")
+    max_requeue: int = opt(20, "refuse to requeue after this many restarts")
+    exclusive: bool = opt(True, "ask for whole nodes")
+    setup: list[str] = opt([], "shell lines run before srun (module load, source venv, exports)")
+
+
+@dataclass
+class Config:
+    """The whole tree; each section is one group of `--section.key` flags."""
+
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ds: DsConfig = field(default_factory=DsConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)

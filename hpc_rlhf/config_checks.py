@@ -1,0 +1,174 @@
+"""Cross-field rules of a `Config`: combinations that cannot run, reported before any process starts.
+
+Each rule returns messages that name the keys involved and where their values came from, and show the arithmetic
+when numbers disagree, so a user can fix the YAML without reading code.
+"""
+
+from __future__ import annotations
+
+from hpc_rlhf.config import GROUP_ESTIMATORS, ROLE_NAMES, Config
+
+
+def _src(sources: dict[str, str], *keys: str) -> str:
+    """`key (source)` for the first key that was set explicitly, else the first key (default)."""
+    for key in keys:
+        if key in sources:
+            return f"{key} ({sources[key]})"
+    return f"{keys[0]} (default)"
+
+
+def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Role ranks must add up to the job, and TP groups must fit inside a node."""
+    errors = []
+    layout, slurm = cfg.layout, cfg.slurm
+    roles = layout.roles()
+    for name, role in roles.items():
+        if role.gpus < 0:
+            errors.append(f"{_src(sources, f'layout.{name}.gpus')}: must be >= 0, got {role.gpus}")
+        if name != "generator" and role.tp != 1:
+            errors.append(f"{_src(sources, f'layout.{name}.tp')}: tensor parallelism is only for the generator")
+    gen = layout.generator
+    if gen.tp < 1:
+        errors.append(f"{_src(sources, 'layout.generator.tp')}: must be >= 1, got {gen.tp}")
+        return errors
+    if gen.gpus < 1 or layout.actor.gpus < 1:
+        errors.append(f"{_src(sources, 'layout.generator.gpus', 'layout.actor.gpus')}: "
+                      f"a run needs at least one generator and one actor rank "
+                      f"(generator.gpus={gen.gpus}, actor.gpus={layout.actor.gpus})")
+        return errors
+    if gen.gpus % gen.tp:
+        errors.append(f"{_src(sources, 'layout.generator.tp', 'layout.generator.gpus')}: generator.gpus={gen.gpus} "
+                      f"is not a multiple of generator.tp={gen.tp} ({gen.gpus} % {gen.tp} = {gen.gpus % gen.tp})")
+    per_node = slurm.gpus_per_node
+    if per_node % gen.tp:
+        errors.append(f"{_src(sources, 'layout.generator.tp', 'slurm.gpus_per_node')}: generator.tp={gen.tp} must "
+                      f"divide slurm.gpus_per_node={per_node} so that no TP group spans two nodes")
+    job = slurm.nodes * per_node
+    present = {n: r.gpus for n, r in roles.items() if r.gpus > 0}
+    if layout.colocate:
+        wrong = {n: g for n, g in present.items() if g != job}
+        if wrong:
+            detail = ", ".join(f"{n}.gpus={g}" for n, g in wrong.items())
+            errors.append(f"{_src(sources, 'layout.colocate')}: colocated roles must each span the whole job of "
+                          f"slurm.nodes x slurm.gpus_per_node = {slurm.nodes} x {per_node} = {job} ranks; {detail}")
+    else:
+        total = sum(present.values())
+        if total != job:
+            terms = " + ".join(f"{n}.gpus={g}" for n, g in present.items())
+            errors.append(f"layout ({', '.join(sorted({sources.get(f'layout.{n}.gpus', 'default') for n in ROLE_NAMES}))})"
+                          f": {terms} = {total} ranks, but the job has slurm.nodes x slurm.gpus_per_node = "
+                          f"{slurm.nodes} x {per_node} = {job}")
+    return errors
+
+
+def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """The estimator decides which roles exist: a critic only for GAE, a reference only with KL, groups need n > 1."""
+    errors = []
+    algo, layout, rollout = cfg.algo, cfg.layout, cfg.rollout
+    uses_critic = algo.advantage_estimator == "gae"
+    if uses_critic and layout.critic.gpus == 0:
+        errors.append(f"{_src(sources, 'algo.advantage_estimator')}: gae (PPO) needs a critic: set layout.critic.gpus")
+    if not uses_critic and (layout.critic.gpus > 0 or cfg.critic.pretrain):
+        key = "layout.critic.gpus" if layout.critic.gpus > 0 else "critic.pretrain"
+        errors.append(f"{_src(sources, key)}: a critic is only used by PPO (algo.advantage_estimator: gae), "
+                      f"not by {algo.advantage_estimator}")
+    needs_ref = algo.init_kl_coef > 0 or algo.use_kl_loss
+    if needs_ref and layout.reference.gpus == 0:
+        errors.append(f"{_src(sources, 'algo.init_kl_coef', 'algo.use_kl_loss')}: KL needs a reference model: "
+                      f"set layout.reference.gpus")
+    if not needs_ref and layout.reference.gpus > 0:
+        errors.append(f"{_src(sources, 'layout.reference.gpus')}: the reference group is unused because KL is off "
+                      f"(algo.init_kl_coef = 0 and algo.use_kl_loss = false)")
+    if algo.advantage_estimator in GROUP_ESTIMATORS and rollout.n_samples_per_prompt < 2:
+        errors.append(f"{_src(sources, 'rollout.n_samples_per_prompt')}: {algo.advantage_estimator} compares samples "
+                      f"of one prompt, so it needs n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})")
+    if algo.use_kl_loss and algo.init_kl_coef > 0:
+        errors.append(f"{_src(sources, 'algo.use_kl_loss', 'algo.init_kl_coef')}: choose KL in the loss "
+                      f"(use_kl_loss) or in the reward (init_kl_coef > 0), not both")
+    if algo.eps_clip_low <= 0 or algo.eps_clip_high <= 0:
+        errors.append(f"{_src(sources, 'algo.eps_clip_low', 'algo.eps_clip_high')}: clip epsilons must be > 0")
+    if algo.dual_clip is not None and algo.dual_clip <= 1:
+        errors.append(f"{_src(sources, 'algo.dual_clip')}: must be > 1, got {algo.dual_clip}")
+    if not algo.is_low < algo.is_high:
+        errors.append(f"{_src(sources, 'algo.is_low', 'algo.is_high')}: need is_low < is_high")
+    low, high = algo.reward_clip_range if len(algo.reward_clip_range) == 2 else (1, 0)
+    if not low < high:
+        errors.append(f"{_src(sources, 'algo.reward_clip_range')}: must be [low, high] with low < high")
+    return errors
+
+
+def check_rewards(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Exactly one reward source, and a reward group only for a reward model."""
+    reward, layout = cfg.reward, cfg.layout
+    given = [k for k in ("pretrain", "reward_func_path", "remote_url") if getattr(reward, k)]
+    if len(given) != 1:
+        keys = ", ".join(f"reward.{k}" for k in given) or "none"
+        return [f"{_src(sources, *(f'reward.{k}' for k in given or ['reward_func_path']))}: set exactly one of "
+                f"reward.pretrain, reward.reward_func_path, reward.remote_url (set: {keys})"]
+    if reward.pretrain and layout.reward.gpus == 0:
+        return [f"{_src(sources, 'reward.pretrain')}: a reward model needs ranks: set layout.reward.gpus"]
+    if not reward.pretrain and layout.reward.gpus > 0:
+        return [f"{_src(sources, 'layout.reward.gpus')}: the reward group is unused because rewards come from "
+                f"reward.{given[0]}"]
+    return []
+
+
+def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Batch sizes must divide evenly across engines and optimizer steps."""
+    errors = []
+    rollout, train, layout = cfg.rollout, cfg.train, cfg.layout
+    for key in ("rollout.batch_size", "rollout.n_samples_per_prompt", "rollout.micro_batch_size",
+                "rollout.generate_max_len", "rollout.prompt_max_len", "train.train_batch_size",
+                "train.micro_train_batch_size", "train.num_episodes", "train.max_epochs"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            errors.append(f"{_src(sources, key)}: must be >= 1")
+    if errors:
+        return errors
+    engines = layout.generator.gpus // max(layout.generator.tp, 1)
+    if engines and rollout.batch_size % engines:
+        errors.append(f"{_src(sources, 'rollout.batch_size')}: {rollout.batch_size} prompts do not split evenly over "
+                      f"{engines} generator engines (generator.gpus / tp = {layout.generator.gpus} / "
+                      f"{layout.generator.tp})")
+    samples = rollout.batch_size * rollout.n_samples_per_prompt
+    if samples % train.train_batch_size:
+        errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
+                      f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
+                      f"of train_batch_size={train.train_batch_size}")
+    dp = layout.actor.gpus
+    per_step = train.micro_train_batch_size * dp
+    if dp and train.train_batch_size % per_step:
+        errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: train_batch_size="
+                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x actor.gpus = "
+                      f"{train.micro_train_batch_size} x {dp} = {per_step}")
+    if rollout.temperature < 0 or not 0 < rollout.top_p <= 1:
+        errors.append(f"{_src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
+                      f"0 < top_p <= 1")
+    return errors
+
+
+def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Async, backends and multi-turn settings that cannot work together."""
+    errors = []
+    if cfg.rollout.async_queue < 0:
+        errors.append(f"{_src(sources, 'rollout.async_queue')}: must be >= 0")
+    if cfg.rollout.async_queue > 0 and cfg.layout.colocate:
+        errors.append(f"{_src(sources, 'rollout.async_queue', 'layout.colocate')}: async generation runs generators "
+                      f"beside the actor, so it needs layout.colocate: false")
+    if cfg.vllm.backend == "hf" and cfg.layout.generator.tp > 1:
+        errors.append(f"{_src(sources, 'layout.generator.tp', 'vllm.backend')}: the hf backend has no tensor "
+                      f"parallelism; use vllm.backend: vllm or generator.tp: 1")
+    if cfg.rollout.max_turns > 1 and not cfg.rollout.agent_func_path:
+        errors.append(f"{_src(sources, 'rollout.max_turns')}: multi-turn rollouts need rollout.agent_func_path")
+    if cfg.ds.param_offload and cfg.ds.zero_stage != 3:
+        errors.append(f"{_src(sources, 'ds.param_offload')}: parameter offload needs ds.zero_stage: 3")
+    if cfg.train.device == "cpu" and cfg.ds.bf16:
+        errors.append(f"{_src(sources, 'ds.bf16', 'train.device')}: bf16 training is for GPUs; leave ds.bf16 empty "
+                      f"or false on train.device: cpu")
+    return errors
+
+
+def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """All cross-field rules; an empty list means the config can run."""
+    return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
+            + check_batches(cfg, sources) + check_modes(cfg, sources))
