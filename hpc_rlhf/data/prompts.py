@@ -1,0 +1,103 @@
+"""Load the prompts an RL run samples from, with OpenRLHF's dataset options.
+
+Each row's `input_key` column holds the prompt: a string, or a list of chat messages ({"role", "content"} dicts).
+With `apply_chat_template` the input (a string becomes one user message) is rendered with the tokenizer's chat template
+and `add_generation_prompt=True`; otherwise a string input is used as is, or formatted into `input_template`
+(e.g. "Q: {}\\nA: "), which is ignored when the chat template is applied, as in OpenRLHF.
+`label_key` names the column passed to the reward as the reference answer; non-string labels are turned into text
+(numbers with str(), lists and dicts as JSON). `max_samples` keeps the first rows of the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hpc_rlhf.data.records import DatasetError, RowRef, iter_records
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One prompt as the generator sees it, the label the reward checks, and its position in the dataset."""
+
+    prompt: str
+    label: Optional[str]
+    index: int
+
+
+def load_prompts(
+    path: str | Path,
+    *,
+    input_key: str = "input",
+    label_key: Optional[str] = None,
+    apply_chat_template: bool = False,
+    input_template: Optional[str] = None,
+    max_samples: Optional[int] = None,
+    tokenizer: Any = None,
+) -> list[PromptExample]:
+    """Read the JSONL/JSON/Parquet/Arrow file or folder at `path` into PromptExamples, numbered from 0 in file order.
+
+    `tokenizer` is needed only with `apply_chat_template`.
+    """
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    if input_template is not None and not apply_chat_template and "{}" not in input_template:
+        raise ValueError(f"input_template must contain '{{}}' where the input goes, got {input_template!r}")
+    if apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("apply_chat_template needs a tokenizer that has a chat template")
+
+    columns = [input_key] + ([label_key] if label_key else [])
+    examples: list[PromptExample] = []
+    for where, row in iter_records(path, columns=columns):
+        if max_samples is not None and len(examples) >= max_samples:
+            break
+        prompt = _render_prompt(_field(row, input_key, where), where, apply_chat_template=apply_chat_template,
+                                input_template=input_template, tokenizer=tokenizer)
+        label = _label_text(_field(row, label_key, where)) if label_key else None
+        examples.append(PromptExample(prompt=prompt, label=label, index=len(examples)))
+    return examples
+
+
+def _field(row: dict, key: str, where: RowRef) -> Any:
+    """row[key], or an error naming the key, the row and the file when it is missing or null."""
+    if key not in row:
+        raise DatasetError(f"key {key!r} is missing in {where}; the row has keys {sorted(row)}")
+    value = row[key]
+    if value is None:
+        raise DatasetError(f"key {key!r} is null in {where}")
+    return value
+
+
+def _render_prompt(value: Any, where: RowRef, *, apply_chat_template: bool, input_template: Optional[str],
+                   tokenizer: Any) -> str:
+    if apply_chat_template:
+        messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, where)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(value, str):
+        raise DatasetError(f"input of {where} is a {type(value).__name__}, not text; chat messages need "
+                           "apply_chat_template")
+    return input_template.format(value) if input_template else value
+
+
+def _messages(value: Any, where: RowRef) -> list[dict]:
+    """Check that `value` is a list of {"role": str, "content": str} chat messages."""
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"input of {where} must be text or a non-empty list of chat messages, "
+                           f"got {type(value).__name__}")
+    for position, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DatasetError(f"message {position} of {where} must be a dict with string 'role' and 'content', "
+                               f"got {message!r}")
+    return value
+
+
+def _label_text(value: Any) -> str:
+    """Labels reach reward functions as text: strings as they are, lists/dicts as JSON, other values with str()."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)

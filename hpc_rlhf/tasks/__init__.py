@@ -1,0 +1,1 @@
+"""Synthetic tasks with verifiable answers and their rule-based reward functions."""
