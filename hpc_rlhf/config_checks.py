@@ -82,6 +82,9 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
     if algo.advantage_estimator in GROUP_ESTIMATORS and rollout.n_samples_per_prompt < 2:
         errors.append(f"{_src(sources, 'rollout.n_samples_per_prompt')}: {algo.advantage_estimator} compares samples "
                       f"of one prompt, so it needs n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})")
+    if algo.advantage_estimator in GROUP_ESTIMATORS and algo.gamma != 1.0:
+        errors.append(f"{_src(sources, 'algo.gamma')}: {algo.advantage_estimator} uses a per-prompt baseline of "
+                      f"sequence rewards, so it needs gamma = 1.0 (got {algo.gamma})")
     if algo.use_kl_loss and algo.init_kl_coef > 0:
         errors.append(f"{_src(sources, 'algo.use_kl_loss', 'algo.init_kl_coef')}: choose KL in the loss "
                       f"(use_kl_loss) or in the reward (init_kl_coef > 0), not both")
