@@ -1,0 +1,72 @@
+"""Process groups for a `LayoutPlan`: one per role, one per generator tensor-parallel engine, and the weight-sync group.
+
+`torch.distributed.new_group` is a collective over the whole world: every rank must call it for every group, members
+or not, in the same order, or the job deadlocks. `build_role_groups` is therefore called by every rank with the same
+plan, and always creates the groups in this fixed order:
+  1. one group per present role, in the order generator, actor, critic, reward, reference;
+  2. one group per generator engine (its TP ranks), in engine order;
+  3. the weight-sync group: actor rank 0 and every generator rank.
+Each rank keeps only the groups it belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from hpc_rlhf.distributed.layout import ROLE_ORDER, LayoutError, LayoutPlan, RankRoles
+
+
+@dataclass
+class RoleGroups:
+    """The process groups one rank belongs to, next to the plan that produced them."""
+
+    plan: LayoutPlan
+    rank: int
+    roles: RankRoles
+    role_groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+    tp_group: dist.ProcessGroup | None = None
+    weight_sync_group: dist.ProcessGroup | None = None
+
+    def group(self, role: str) -> dist.ProcessGroup:
+        """This rank's group for `role`; a clear error if the rank does not hold that role."""
+        if role not in self.role_groups:
+            held = ", ".join(self.roles.roles) or "none"
+            raise LayoutError(f"rank {self.rank} holds roles [{held}], not {role!r}; it has no {role} group")
+        return self.role_groups[role]
+
+    @property
+    def in_weight_sync(self) -> bool:
+        return self.weight_sync_group is not None
+
+
+def build_role_groups(plan: LayoutPlan, rank: int, *, backend: str | None = None) -> RoleGroups:
+    """Create every group of `plan` (collectively, on all ranks) and return those that `rank` belongs to.
+
+    `backend` None uses the default process group's backend (NCCL on GPU, gloo on CPU).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialised before building role groups")
+    if dist.get_world_size() != plan.world_size:
+        raise LayoutError(f"the plan is for {plan.world_size} ranks but the initialised world has "
+                          f"{dist.get_world_size()}")
+    roles = plan.roles_of(rank)
+    result = RoleGroups(plan=plan, rank=rank, roles=roles)
+    for role in ROLE_ORDER:
+        members = plan.ranks_of(role)
+        if not members:
+            continue
+        group = dist.new_group(list(members), backend=backend, group_desc=f"role_{role}")
+        if rank in members:
+            result.role_groups[role] = group
+    for engine, members in enumerate(plan.engines):
+        group = dist.new_group(list(members), backend=backend, group_desc=f"generator_engine_{engine}")
+        if rank in members:
+            result.tp_group = group
+    if plan.ranks_of("actor") and plan.ranks_of("generator"):
+        members = plan.weight_sync_ranks()
+        group = dist.new_group(list(members), backend=backend, group_desc="weight_sync")
+        if rank in members:
+            result.weight_sync_group = group
+    return result

@@ -1,0 +1,93 @@
+"""Weight plane: bucket planning, in-place loading with tied weights, and a ZeRO-3 actor -> generator broadcast."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpc_rlhf.distributed.weights import TensorSpec, WeightSyncError, load_named_tensors, plan_buckets
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=0, max_size=30), st.integers(1, 120), st.sampled_from([2, 4]))
+def test_buckets_keep_order_and_respect_the_limit(sizes, bucket_bytes, element_size):
+    specs = [TensorSpec(f"t{i}", (n,)) for i, n in enumerate(sizes)]
+    buckets = plan_buckets(specs, bucket_bytes, element_size)
+    assert [i for bucket in buckets for i in bucket] == list(range(len(specs)))
+    for bucket in buckets:
+        total = sum(sizes[i] * element_size for i in bucket)
+        assert total <= bucket_bytes or len(bucket) == 1  # only a lone oversized tensor may exceed the limit
+    for left, right in itertools.pairwise(buckets):  # greedy: the next tensor did not fit
+        assert sum(sizes[i] * element_size for i in left) + sizes[right[0]] * element_size > bucket_bytes
+
+
+def test_bucket_size_must_be_positive():
+    with pytest.raises(ValueError, match="bucket size must be positive"):
+        plan_buckets([TensorSpec("w", (2,))], 0, 4)
+
+
+class TiedModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.norm = torch.nn.LayerNorm(3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_load_named_tensors_writes_in_place_and_covers_tied_weights():
+    model = TiedModel().to(torch.bfloat16)
+    embed_before = model.embed.weight
+    incoming = {"embed.weight": torch.randn(5, 3, dtype=torch.float64), "norm.weight": torch.randn(3),
+                "norm.bias": torch.randn(3)}
+    assert load_named_tensors(model, incoming.items()) == 3
+    assert model.embed.weight is embed_before  # in place, same Parameter object
+    assert torch.equal(model.head.weight, incoming["embed.weight"].to(torch.bfloat16))
+    assert torch.equal(model.norm.bias, incoming["norm.bias"].to(torch.bfloat16))
+
+
+def test_load_named_tensors_maps_names_and_reports_problems():
+    model = TiedModel()
+    values = {"module.embed.weight": torch.ones(5, 3), "module.norm.weight": torch.ones(3),
+              "module.norm.bias": torch.zeros(3)}
+    load_named_tensors(model, values.items(), name_map=lambda n: n.removeprefix("module."))
+    assert torch.equal(model.head.weight, torch.ones(5, 3))
+    with pytest.raises(WeightSyncError) as err:
+        load_named_tensors(model, [("embed.weight", torch.ones(5, 4)), ("extra.weight", torch.ones(1))])
+    message = str(err.value)
+    assert "'embed.weight' has shape (5, 4) but the generator's parameter has shape (5, 3)" in message
+    assert "'extra.weight' has no parameter of that name" in message
+    assert "no weights received for generator parameters ['embed.weight', 'norm.weight', 'norm.bias', " \
+           "'head.weight']" in message
+    with pytest.raises(WeightSyncError, match="received 'embed.weight' and 'head.weight' with different values"):
+        load_named_tensors(model, [("embed.weight", torch.ones(5, 3)), ("head.weight", torch.zeros(5, 3)),
+                                   ("norm.weight", torch.ones(3)), ("norm.bias", torch.ones(3))])
+
+
+@pytest.mark.timeout(240)
+def test_zero3_actors_broadcast_to_a_separate_generator(launch_ranks, tmp_path):
+    # workers.weights_scenario: rank 0 = generator (HF model, other seed); ranks 1-2 = actor under ZeRO-3 with
+    # one AdamW step, then fp32 (version 3) and bf16 (version 4) broadcasts in 10 KB buckets.
+    runs = launch_ranks("weights", 3, timeout_s=220, env={"BUCKET_MB": str(10_000 / 2**20)})
+    for run in runs:
+        assert run.returncode == 0, f"rank {run.rank}:\n{run.stderr[-4000:]}"
+    actor_record = runs[1].record(tmp_path)
+    assert actor_record["local_numel"] == 0  # ZeRO-3 really partitioned the parameters away from the actor ranks
+    assert actor_record["versions"] == [3, 4]
+    assert actor_record["buckets"][0] > 10 and actor_record["buckets"][1] > 10  # many buckets (bf16: fewer)
+    assert runs[0].record(tmp_path)["versions"] == [3, 4]
+
+    actor = torch.load(tmp_path / "actor.pt")
+    generator = torch.load(tmp_path / "generator.pt")
+    trained, initial = actor["trained"], actor["initial"]
+    assert sorted(generator["fp32"]) == sorted(trained)
+    assert all(not torch.equal(initial[name], trained[name]) for name in trained)  # the step moved every weight
+    assert all(not torch.equal(generator["before"][name], trained[name]) for name in trained)
+    for name, value in trained.items():
+        assert torch.equal(generator["fp32"][name], value), name
+        assert generator["bf16"][name].dtype == torch.bfloat16
+        assert torch.equal(generator["bf16"][name], value.to(torch.bfloat16)), name
