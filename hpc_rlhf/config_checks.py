@@ -104,6 +104,8 @@ def check_rewards(cfg: Config, sources: dict[str, str]) -> list[str]:
     """Exactly one reward source, and a reward group only for a reward model."""
     reward, layout = cfg.reward, cfg.layout
     given = [k for k in ("pretrain", "reward_func_path", "remote_url") if getattr(reward, k)]
+    if not given and cfg.rollout.agent_func_path:
+        return []  # the agent's environment returns the rewards
     if len(given) != 1:
         keys = ", ".join(f"reward.{k}" for k in given) or "none"
         return [f"{_src(sources, *(f'reward.{k}' for k in given or ['reward_func_path']))}: set exactly one of "
