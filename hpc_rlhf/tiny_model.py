@@ -49,7 +49,7 @@ BUILTIN_PREFIX = "builtin:"
 REWARD_SUBDIR = "reward"
 # Bump when the builder's output changes, so that caches built by an older version are not reused.
 BUILTIN_FORMAT_VERSION = 1
-BUILTIN_MODELS = ("tiny-llama",)
+BUILTIN_MODELS = ("tiny-llama", "tiny-llama-arith")
 
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -169,8 +169,17 @@ def resolve_model_path(spec: str) -> str:
     if name not in BUILTIN_MODELS or sub not in ("", REWARD_SUBDIR):
         known = ", ".join(f"{BUILTIN_PREFIX}{m}, {BUILTIN_PREFIX}{m}/{REWARD_SUBDIR}" for m in BUILTIN_MODELS)
         raise ValueError(f"unknown built-in model {spec!r}; known: {known}")
-    folder = build_once(cache_root() / f"{name}-v{BUILTIN_FORMAT_VERSION}", lambda tmp: build_tiny_model(tmp))
+    folder = build_once(cache_root() / f"{name}-v{BUILTIN_FORMAT_VERSION}", lambda tmp: _build_builtin(name, tmp))
     return str(folder / sub) if sub else str(folder)
+
+
+def _build_builtin(name: str, out_dir: Path) -> None:
+    """`tiny-llama` is random; `tiny-llama-arith` is it after a short SFT warm-up on the arithmetic task."""
+    build_tiny_model(out_dir)
+    if name == "tiny-llama-arith":
+        from hpc_rlhf.tasks.warm_start import warm_start
+
+        warm_start(out_dir, out_dir)
 
 
 def build_once(final_dir: Path, build: Callable[[Path], object]) -> Path:
