@@ -1,0 +1,354 @@
+"""DeepSpeed engine setup for one role group (actor, critic, reference) of a larger world.
+
+Our world is partitioned by rank into role groups, so a DeepSpeed engine must train on a process
+*subgroup*: e.g. ranks 2-3 of a 5-rank world. DeepSpeed supports this through an `mpu` object (a
+Megatron-style "model parallel unit") that names the data-parallel group; `DataParallelUnit` is that
+object with model/tensor/pipeline parallel size 1.
+
+Three places in DeepSpeed (0.19) still assume the whole world; `engine_scope` fixes them for the
+duration of each engine call, and every call in this package runs inside it:
+- `deepspeed.utils.groups.mpu` is a module global that the last initialised engine overwrites; some
+  runtime paths (ZeRO-0/1 gradient all-reduce, checkpoint ranks) read it after initialisation;
+- ZeRO-3 initialisation and `save_checkpoint` call `barrier()` without a group, i.e. on the world,
+  which would wait for ranks that are not in this role (and pair with their unrelated barriers);
+- ZeRO-3's first forward checks that all ranks traced the same modules with broadcasts from global
+  rank 0, which is not in the group.
+Code that drives an engine's module directly (e.g. `generate` on a ZeRO-3 actor) must enter
+`engine_scope` too. Role groups are created on all ranks (`torch.distributed.new_group`) beforehand;
+everything here is called by the group's members only.
+
+The learning-rate warmup is linear and reaches the full rate at the last warmup step:
+factor (step + 1) / warmup_steps, so the first optimizer step already moves the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+LrSchedulerName = Literal["constant_with_warmup", "cosine_with_min_lr"]
+LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine_with_min_lr")
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one DeepSpeed engine needs; mirrors the trainer's `actor.*` / `critic.*` config fields."""
+
+    zero_stage: int = 2
+    bf16: bool = False
+    adam_offload: bool = False
+    param_offload: bool = False
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-6
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_warmup_ratio: float = 0.0
+    lr_warmup_steps: int | None = None
+    lr_scheduler: LrSchedulerName = "constant_with_warmup"
+    min_lr_ratio: float = 0.1
+    max_norm: float = 1.0
+    micro_train_batch_size: int = 1
+    train_batch_size: int = 8
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.param_offload and self.zero_stage != 3:
+            raise ValueError(f"param_offload needs zero_stage=3, got zero_stage={self.zero_stage}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+        if self.micro_train_batch_size < 1 or self.train_batch_size < 1:
+            raise ValueError(f"micro_train_batch_size ({self.micro_train_batch_size}) and train_batch_size "
+                             f"({self.train_batch_size}) must be positive")
+        if not 0.0 <= self.lr_warmup_ratio <= 1.0:
+            raise ValueError(f"lr_warmup_ratio must be in [0, 1], got {self.lr_warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """Parameter dtype the model is loaded in: bf16 on GPU when enabled, fp32 otherwise."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+class DataParallelUnit:
+    """The `mpu` DeepSpeed accepts: data parallelism over `dp_group`, no model/tensor/pipeline parallelism.
+
+    `dp_group=None` means the whole world. Only members of the group may construct it; the size-1
+    model-parallel group is created with local synchronisation so that other ranks need not take part.
+    """
+
+    def __init__(self, dp_group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed must be initialised before building a DataParallelUnit")
+        self.dp_group = dist.group.WORLD if dp_group is None else dp_group
+        if dist.get_rank(self.dp_group) < 0:
+            raise ValueError(f"global rank {dist.get_rank()} is not a member of the data-parallel group "
+                             f"{self.get_data_parallel_group_ranks()}")
+        self.self_group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+
+    # Data parallelism: the role group.
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.dp_group)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.dp_group)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.dp_group)
+
+    # Model / tensor / pipeline parallelism: every rank alone.
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.self_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.self_group
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_rank()
+
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.self_group
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) -> dict[str, Any]:
+    """DeepSpeed config dict for one engine; `training=False` gives a frozen (inference) engine's config.
+
+    `gradient_accumulation_steps` is what DeepSpeed checks `train_batch_size` against; the model wrappers
+    mark the accumulation boundary themselves, so a step may hold any number of micro-batches.
+    """
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    per_step = cfg.micro_train_batch_size * dp_size
+    if cfg.train_batch_size % per_step != 0:
+        raise ValueError(
+            f"train_batch_size={cfg.train_batch_size} is not divisible by micro_train_batch_size="
+            f"{cfg.micro_train_batch_size} x data-parallel size={dp_size} (= {per_step})")
+    on_gpu = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.param_offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if training and cfg.adam_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.zero_stage == 3:
+        # Small parameters (norms, biases) stay whole on every rank instead of being gathered each layer.
+        zero["stage3_param_persistence_threshold"] = 10_000
+    config: dict[str, Any] = {
+        "train_batch_size": cfg.train_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_train_batch_size,
+        "gradient_accumulation_steps": cfg.train_batch_size // per_step,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.bf16},
+        "fp16": {"enabled": False},
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+        # Checkpoint tag validation all-reduces over the whole world; tags are ours and identical anyway.
+        "checkpoint": {"tag_validation": "Ignore"},
+    }
+    if training:
+        config["gradient_clipping"] = cfg.max_norm
+        config["zero_allow_untested_optimizer"] = True
+        if cfg.bf16:
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, scheduler: str,
+                  min_lr_ratio: float) -> float:
+    """Learning-rate factor at optimizer step `step`: linear warmup, then constant or cosine to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant_with_warmup":
+        return 1.0
+    if scheduler == "cosine_with_min_lr":
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {scheduler!r}")
+
+
+def warmup_steps_for(cfg: EngineConfig, total_steps: int) -> int:
+    """Warmup length in optimizer steps: `lr_warmup_steps` when set, else `lr_warmup_ratio` of the run."""
+    if cfg.lr_warmup_steps is not None:
+        return cfg.lr_warmup_steps
+    return math.ceil(cfg.lr_warmup_ratio * total_steps)
+
+
+def param_groups_for(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only, none on biases and norm weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on GPU, torch AdamW otherwise."""
+    groups = [g for g in param_groups_for(model, cfg.weight_decay) if g["params"]]
+    kwargs = {"lr": cfg.learning_rate, "betas": cfg.adam_betas, "eps": cfg.adam_eps}
+    if cfg.adam_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+@contextlib.contextmanager
+def _patched_attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """Set `owner.name = value` for the duration of the block, then put back what was there."""
+    missing = object()
+    previous = vars(owner).get(name, missing)  # an instance may only inherit `name` from its class
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if previous is missing:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, previous)
+
+
+def _assert_same_in_group(values: list[int], group: dist.ProcessGroup) -> None:
+    """Raise if `values` differ between the ranks of `group` (compared against the group's first rank)."""
+    first = [values]
+    dist.broadcast_object_list(first, src=dist.get_global_rank(group, 0), group=group)
+    if first[0] != values:
+        raise RuntimeError(f"ZeRO-3 module trace differs between data-parallel ranks: global rank "
+                           f"{dist.get_rank()} has {values}, the group's first rank has {first[0]}")
+
+
+@contextlib.contextmanager
+def engine_scope(mpu: DataParallelUnit) -> Iterator[None]:
+    """Point DeepSpeed's process-wide state at this engine's group for the duration of one engine call.
+
+    - `deepspeed.utils.groups.mpu` becomes this engine's unit;
+    - barriers DeepSpeed issues without a group go to the data-parallel group instead of the world;
+    - ZeRO-3's check that all ranks traced the same module order (a broadcast from global rank 0 in
+      DeepSpeed) compares within the data-parallel group.
+    Everything is restored on exit.
+    """
+    from deepspeed import comm as ds_comm
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+    from deepspeed.utils import groups as ds_groups
+
+    backend = ds_comm.comm.cdb
+    world_barrier = backend.barrier
+    dp_group = mpu.get_data_parallel_group()
+
+    def group_barrier(group=None, async_op=False, device_ids=None):
+        if group is None or group is dist.group.WORLD:
+            group = dp_group
+        return world_barrier(group=group, async_op=async_op, device_ids=device_ids)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched_attribute(ds_groups, "mpu", mpu))
+        stack.enter_context(_patched_attribute(backend, "barrier", group_barrier))
+        stack.enter_context(_patched_attribute(
+            partitioned_param_coordinator, "assert_ints_same_as_other_ranks",
+            lambda values: _assert_same_in_group(list(values), dp_group)))
+        yield
+
+
+def _ensure_deepspeed_comm() -> None:
+    """Let DeepSpeed adopt the already initialised torch.distributed world (it never re-initialises it)."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialised (all ranks, gloo or nccl) before DeepSpeed engines")
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+
+
+def init_engine(model: torch.nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                num_training_steps: int) -> tuple[Any, DataParallelUnit]:
+    """Wrap `model` in a training DeepSpeed engine over `dp_group` (None = world) with AdamW and warmup schedule.
+
+    Called by the members of `dp_group` only. Returns the engine and its `DataParallelUnit`, which every
+    later engine call must run under (`engine_scope`).
+    """
+    import deepspeed
+
+    if num_training_steps < 1:
+        raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}")
+    _ensure_deepspeed_comm()
+    mpu = DataParallelUnit(dp_group)
+    ds_config = make_ds_config(cfg, mpu.get_data_parallel_world_size(), training=True)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    optimizer = make_optimizer(model, cfg)
+    warmup = warmup_steps_for(cfg, num_training_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, warmup_steps=warmup, total_steps=num_training_steps,
+                                   scheduler=cfg.lr_scheduler, min_lr_ratio=cfg.min_lr_ratio))
+    with engine_scope(mpu):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=ds_config, mpu=mpu, dist_init_required=False)
+    return engine, mpu
+
+
+def init_inference_engine(model: torch.nn.Module, cfg: EngineConfig,
+                          dp_group: dist.ProcessGroup | None) -> tuple[Any, DataParallelUnit]:
+    """Wrap a frozen `model` in an optimizer-less DeepSpeed engine (ZeRO-3 partitions its weights over the group)."""
+    import deepspeed
+
+    _ensure_deepspeed_comm()
+    mpu = DataParallelUnit(dp_group)
+    ds_config = make_ds_config(cfg, mpu.get_data_parallel_world_size(), training=False)
+    with engine_scope(mpu):
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, dist_init_required=False)
+    engine.eval()
+    return engine, mpu
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation checkpointing of a Hugging Face model (non-reentrant, which ZeRO-3 prefers)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise TypeError(f"gradient_checkpointing needs a Hugging Face model, got {type(model).__name__}")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def all_reduce_in_group(values: Sequence[float], op: dist.ReduceOp.RedOpType,
+                        mpu: DataParallelUnit) -> list[float]:
+    """All-reduce a few Python floats over the engine's data-parallel group (fp64, exact for counts)."""
+    group = mpu.get_data_parallel_group()
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if mpu.get_data_parallel_world_size() > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor.cpu().tolist()

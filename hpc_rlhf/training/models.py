@@ -1,0 +1,432 @@
+"""Actor, critic and reference model wrappers on DeepSpeed, over a data-parallel role group.
+
+- `Actor`: causal LM trained with a caller-supplied loss; gives per-token log-probs (and entropy) of responses.
+- `Critic`: causal LM backbone + scalar value head per token, stored as a `*ForSequenceClassification`
+  model with `num_labels=1` (so reward-model checkpoints load as critics and saved critics reload with
+  `AutoModelForSequenceClassification.from_pretrained` or `Critic.from_pretrained`).
+- `Reference`: frozen causal LM, no optimizer; a ZeRO-3 inference engine (weights partitioned over the
+  group) when `zero_stage == 3`, else a plain module.
+
+The log-prob / value of response token j is read from the model output one position before it (the
+logits there predict it). The loss functions live elsewhere: `backward` runs the caller's
+`loss_fn(micro_batch, output)` per micro-batch and weights the results so that the gradient is that of
+the mean over all tokens (or samples) of the whole data-parallel batch, whatever the micro-batching.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import inspect
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hpc_rlhf.training.batching import (
+    LOSS_WEIGHTINGS,
+    MicroBatch,
+    loss_units,
+    loss_weights,
+    pad_micro_batch_count,
+    response_token_index,
+)
+from hpc_rlhf.training.deepspeed_setup import (
+    DataParallelUnit,
+    EngineConfig,
+    all_reduce_in_group,
+    engine_scope,
+    init_engine,
+    init_inference_engine,
+)
+from hpc_rlhf.training.logprobs import token_log_probs
+
+VALUE_HEAD_NAMES: tuple[str, ...] = ("score", "classifier", "v_head", "value_head")
+
+
+@dataclass
+class ForwardOutput:
+    """Per-token results of one micro-batch in the response layout [num_samples, max_response_len] (fp32)."""
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+LossResult = torch.Tensor | tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]
+LossFn = Callable[[MicroBatch, ForwardOutput], LossResult]
+
+
+def _to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Tensor,
+                        offset: torch.Tensor) -> torch.Tensor:
+    out = flat.new_zeros(batch.action_mask.shape)
+    return out.index_put((sample.to(flat.device), offset.to(flat.device)), flat)
+
+
+def _model_inputs(batch: MicroBatch, device: torch.device) -> dict[str, Any]:
+    return {
+        "input_ids": batch.input_ids.to(device),
+        "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
+        "position_ids": batch.position_ids.to(device),
+        "use_cache": False,
+    }
+
+
+def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        supports_logits_to_keep: bool = True, chunk_size: int = 1024) -> ForwardOutput:
+    """Log-probs (and entropy) of the response tokens of `batch` under a causal LM (module or engine).
+
+    Only the positions that predict response tokens go through the LM head (`logits_to_keep`).
+    """
+    rows, columns, sample, offset = response_token_index(batch)
+    predicting = columns - 1
+    kwargs = _model_inputs(batch, device)
+    if supports_logits_to_keep:
+        kept_columns = torch.unique(predicting)  # sorted
+        logits = model(**kwargs, logits_to_keep=kept_columns.to(device)).logits
+        logits = logits[rows.to(device), torch.searchsorted(kept_columns, predicting).to(device)]
+    else:
+        logits = model(**kwargs).logits[rows.to(device), predicting.to(device)]
+    labels = batch.input_ids[rows, columns].to(device)
+    log_probs, entropy = token_log_probs(logits, labels, temperature=temperature, with_entropy=with_entropy,
+                                         chunk_size=chunk_size)
+    return ForwardOutput(
+        log_probs=_to_response_layout(log_probs, batch, sample, offset),
+        entropy=None if entropy is None else _to_response_layout(entropy, batch, sample, offset))
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _local_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _load_kwargs(cfg: EngineConfig) -> dict[str, Any]:
+    return {"dtype": cfg.torch_dtype, "attn_implementation": cfg.attn_implementation}
+
+
+def _check_weighting(loss_weighting: str) -> None:
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+
+
+def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(result, tuple):
+        loss, metrics = result
+    else:
+        loss, metrics = result, {}
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError(f"loss_fn must return a scalar tensor (or (scalar, metrics)), got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+    return loss, {key: float(value) for key, value in metrics.items()}
+
+
+def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str, torch.Tensor] | None:
+    """Full CPU state dict on data-parallel rank 0 (None elsewhere); ZeRO-3 shards are gathered one by one."""
+    from deepspeed import zero
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    is_writer = mpu.get_data_parallel_rank() == 0
+    params: dict[int, nn.Parameter] = {}
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        params[id(param)] = param
+        names_of.setdefault(id(param), []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    for param_id, names in names_of.items():
+        param = params[param_id]
+        if hasattr(param, "ds_id") and param.ds_status != ZeroParamStatus.AVAILABLE:
+            with zero.GatheredParameters([param], modifier_rank=None):
+                full = param.data.detach().cpu().clone() if is_writer else None
+        else:
+            full = param.data.detach().cpu().clone() if is_writer else None
+        if is_writer:
+            for name in names:
+                state[name] = full
+    if not is_writer:
+        return None
+    parameter_names = {name for names in names_of.values() for name in names}
+    for name, buffer in model.state_dict().items():
+        if name not in parameter_names:
+            state[name] = buffer.detach().cpu().clone()
+    return state
+
+
+def write_hf_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> None:
+    """Write config (+ generation config) and sharded safetensors that `from_pretrained` loads.
+
+    Written directly rather than with `save_pretrained`, which in transformers 5 writes only on global
+    rank 0 of the world, and the group's writer need not be that rank. Tied copies (e.g. an lm_head tied to
+    the embeddings) are left out, as `save_pretrained` does; loading ties them again.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out_dir)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out_dir)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    save_torch_state_dict({k: v for k, v in state.items() if k not in tied}, out_dir, metadata={"format": "pt"})
+
+
+class _TrainedModel(abc.ABC):
+    """A training DeepSpeed engine over one data-parallel group; subclasses define `forward`."""
+
+    def __init__(self, module: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                 num_training_steps: int) -> None:
+        self.cfg = cfg
+        self.engine, self.mpu = init_engine(module, cfg, dp_group, num_training_steps)
+
+    # ----- group ---------------------------------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        return self.mpu.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.mpu.get_data_parallel_world_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module (parameters partitioned under ZeRO-3)."""
+        return self.engine.module
+
+    def hf_model(self) -> nn.Module:
+        """The Hugging Face model that `save_hf` writes."""
+        return self.engine.module
+
+    def scope(self) -> contextlib.AbstractContextManager[None]:
+        """Context for any direct use of `engine` / `module` (e.g. `generate` under ZeRO-3): see `engine_scope`."""
+        return engine_scope(self.mpu)
+
+    @abc.abstractmethod
+    def forward(self, batch: MicroBatch) -> ForwardOutput:
+        """Per-token outputs of one micro-batch, with gradients when grad mode is on."""
+
+    # ----- micro-batch loops ---------------------------------------------------------------------------
+    def equalize(self, micro_batches: Sequence[MicroBatch]) -> list[MicroBatch]:
+        """Pad with fillers so that every rank of the group runs the same number of micro-batches."""
+        (most,) = all_reduce_in_group([len(micro_batches)], dist.ReduceOp.MAX, self.mpu)
+        return pad_micro_batch_count(micro_batches, int(most))
+
+    @torch.no_grad()
+    def infer(self, micro_batches: Sequence[MicroBatch]) -> list[ForwardOutput]:
+        """Forward-only pass (eval mode) over the micro-batches; one output per given micro-batch."""
+        self.engine.eval()
+        with engine_scope(self.mpu):
+            batches = self.equalize(micro_batches)
+            outputs = [self.forward(batch) for batch in batches]
+        self.engine.train()
+        return outputs[: len(micro_batches)]
+
+    def backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn,
+                 loss_weighting: str = "token") -> dict[str, float]:
+        """Accumulate gradients of `loss_fn` over the micro-batches (no optimizer step).
+
+        `loss_fn` returns the mean loss of its micro-batch over `loss_weighting` units: action tokens
+        ("token"), samples ("sample") or the whole micro-batch ("micro_batch"). The accumulated gradient
+        is that of the mean over all units of all data-parallel ranks. Returns metrics ("loss" and those of
+        `loss_fn`) averaged the same way over the group.
+        """
+        _check_weighting(loss_weighting)
+        self.engine.train()
+        with engine_scope(self.mpu):
+            batches = self.equalize(micro_batches)
+            (global_units,) = all_reduce_in_group([sum(loss_units(b, loss_weighting) for b in batches)],
+                                                  dist.ReduceOp.SUM, self.mpu)
+            weights = loss_weights(batches, loss_weighting, global_units=global_units, dp_size=self.dp_size)
+            sums: dict[str, float] = {}
+            for index, (batch, weight) in enumerate(zip(batches, weights)):
+                self.engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
+                loss, metrics = _split_loss(loss_fn(batch, self.forward(batch)))
+                self.engine.backward(loss * weight, scale_wrt_gas=False)
+                for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + weight * value
+            keys = sorted(sums)
+            totals = all_reduce_in_group([sums[k] for k in keys], dist.ReduceOp.SUM, self.mpu)
+        return {key: total / self.dp_size for key, total in zip(keys, totals)}
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Apply the accumulated gradients (clipped to `max_norm`); returns the grad norm and the lr used."""
+        lr = float(self.engine.get_lr()[0])
+        with engine_scope(self.mpu):
+            self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return {"grad_norm": grad_norm, "lr": lr}
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn,
+                   loss_weighting: str = "token") -> dict[str, float]:
+        """`backward` then `optimizer_step`: one optimizer update from these micro-batches."""
+        metrics = self.backward(micro_batches, loss_fn, loss_weighting)
+        return {**metrics, **self.optimizer_step()}
+
+    # ----- checkpoints ---------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The Hugging Face model's full CPU state dict on data-parallel rank 0, None elsewhere; all ranks call."""
+        with engine_scope(self.mpu):
+            return gather_full_state_dict(self.hf_model(), self.mpu)
+
+    def save_hf(self, out_dir: str | os.PathLike) -> None:
+        """Write a Hugging Face checkpoint (config + safetensors) from data-parallel rank 0; all ranks call."""
+        state = self.full_state_dict()
+        if state is not None:
+            write_hf_checkpoint(self.hf_model(), state, out_dir)
+        dist.barrier(group=self.mpu.get_data_parallel_group())
+
+    def save_state(self, checkpoint_dir: str | os.PathLike, tag: str,
+                   client_state: Mapping[str, Any] | None = None) -> None:
+        """Full training state (weights, optimizer, scheduler) for resume; all ranks of the group call."""
+        with engine_scope(self.mpu):
+            self.engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=dict(client_state or {}))
+
+    def load_state(self, checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
+        """Restore what `save_state` wrote (into a freshly built engine); returns the client state."""
+        with engine_scope(self.mpu):
+            path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint with tag {tag!r} under {checkpoint_dir}")
+        return client_state
+
+
+class Actor(_TrainedModel):
+    """Policy: a causal LM on a training engine. `forward` gives log-probs (and entropy if `with_entropy`)."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                 num_training_steps: int, *, temperature: float = 1.0, with_entropy: bool = False) -> None:
+        self.temperature = temperature
+        self.with_entropy = with_entropy
+        self._supports_logits_to_keep = _accepts_logits_to_keep(model)
+        super().__init__(model, cfg, dp_group, num_training_steps)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                        num_training_steps: int, **kwargs: Any) -> Actor:
+        """Load a causal LM with the config's dtype and attention implementation and wrap it."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(cfg))
+        return cls(model, cfg, dp_group, num_training_steps, **kwargs)
+
+    def forward(self, batch: MicroBatch) -> ForwardOutput:
+        """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`)."""
+        return causal_lm_log_probs(self.engine, batch, self.device, temperature=self.temperature,
+                                   with_entropy=self.with_entropy,
+                                   supports_logits_to_keep=self._supports_logits_to_keep)
+
+
+class TokenValueModel(nn.Module):
+    """A `*ForSequenceClassification` model (num_labels=1) read per token: value = head(hidden state)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(f"the critic needs a sequence classification model with num_labels=1, "
+                             f"got num_labels={getattr(model.config, 'num_labels', None)}")
+        self.model = model
+        self.head_name = next((n for n in VALUE_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+        if self.head_name is None:
+            raise ValueError(f"{type(model).__name__} has no value head named one of {VALUE_HEAD_NAMES}")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        """[rows, seq] values, one per input position."""
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=use_cache).last_hidden_state
+        return getattr(self.model, self.head_name)(hidden).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Passed through to the Hugging Face model (used by `init_engine`)."""
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+
+class Critic(_TrainedModel):
+    """Value model on a training engine. `forward` gives per-token values of the response tokens."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                 num_training_steps: int) -> None:
+        super().__init__(TokenValueModel(model), cfg, dp_group, num_training_steps)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                        num_training_steps: int) -> Critic:
+        """Load a causal LM (new value head) or a reward/critic checkpoint (its head) as a critic."""
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **_load_kwargs(cfg))
+        return cls(model, cfg, dp_group, num_training_steps)
+
+    def hf_model(self) -> nn.Module:
+        """The `*ForSequenceClassification` model inside the per-token wrapper."""
+        return self.engine.module.model
+
+    def forward(self, batch: MicroBatch) -> ForwardOutput:
+        """Values of the states before each response token (read one position earlier, like log-probs)."""
+        rows, columns, sample, offset = response_token_index(batch)
+        values = self.engine(**_model_inputs(batch, self.device))
+        flat = values[rows.to(self.device), (columns - 1).to(self.device)].float()
+        return ForwardOutput(values=_to_response_layout(flat, batch, sample, offset))
+
+
+class Reference:
+    """Frozen policy for KL: a ZeRO-3 inference engine over `dp_group` when `zero_stage == 3`, else a module."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None, *,
+                 temperature: float = 1.0) -> None:
+        self.cfg = cfg
+        self.temperature = temperature
+        self._supports_logits_to_keep = _accepts_logits_to_keep(model)
+        model.requires_grad_(False)
+        if cfg.zero_stage == 3:
+            self.engine, self.mpu = init_inference_engine(model, cfg, dp_group)
+            self.model: Callable[..., Any] = self.engine
+            self.device = self.engine.device
+        else:
+            self.engine, self.mpu = None, None
+            self.device = _local_device()
+            self.model = model.to(self.device).eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                        **kwargs: Any) -> Reference:
+        """Load a frozen causal LM with the config's dtype and attention implementation."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(cfg))
+        return cls(model, cfg, dp_group, **kwargs)
+
+    def scope(self) -> contextlib.AbstractContextManager[None]:
+        """Context for any direct use of a ZeRO-3 `engine` (no-op for a plain module): see `engine_scope`."""
+        return contextlib.nullcontext() if self.mpu is None else engine_scope(self.mpu)
+
+    @torch.no_grad()
+    def forward(self, batch: MicroBatch) -> ForwardOutput:
+        """Log-probs of one micro-batch; with ZeRO-3 call it inside `scope()` on every rank of the group."""
+        return causal_lm_log_probs(self.model, batch, self.device, temperature=self.temperature,
+                                   supports_logits_to_keep=self._supports_logits_to_keep)
+
+    @torch.no_grad()
+    def infer(self, micro_batches: Sequence[MicroBatch]) -> list[ForwardOutput]:
+        """Log-probs for each micro-batch; with ZeRO-3 all ranks of the group must call it together."""
+        if self.engine is None or self.mpu is None:
+            return [self.forward(batch) for batch in micro_batches]
+        with engine_scope(self.mpu):
+            (most,) = all_reduce_in_group([len(micro_batches)], dist.ReduceOp.MAX, self.mpu)
+            batches = pad_micro_batch_count(micro_batches, int(most))
+            outputs = [self.forward(batch) for batch in batches]
+        return outputs[: len(micro_batches)]

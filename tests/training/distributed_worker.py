@@ -1,0 +1,210 @@
+"""One rank of the multi-process DeepSpeed tests; run as a script by tests/training (see conftest.run_world).
+
+World layout: every rank joins one gloo world; `--trainer-ranks` form the role group that trains. Other
+ranks take no part: they note the time and wait at the final world barrier. Rank 0 of the role group
+writes what the tests compare (losses, gradients, weights, log-probs) to `--out`.
+
+Also imported by conftest for the tiny model and the data, so both sides build exactly the same ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, attn_implementation: str = "sdpa"):
+    """The tiny random LlamaForCausalLM every training test uses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                         attn_implementation=attn_implementation, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+def make_samples(seed: int, count: int, *, min_len: int = 2, max_len: int = 12):
+    """Random prompts/responses with advantages, returns and a partial action mask, deterministic in `seed`."""
+    from hpc_rlhf.training.batching import TokenSample
+
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(count):
+        prompt_len, response_len = torch.randint(min_len, max_len + 1, (2,), generator=generator).tolist()
+        response = torch.randint(1, VOCAB, (response_len,), generator=generator)
+        action_mask = torch.rand(response_len, generator=generator) > 0.2
+        action_mask[0] = True
+        samples.append(TokenSample(
+            prompt_ids=torch.randint(1, VOCAB, (prompt_len,), generator=generator),
+            response_ids=response,
+            action_mask=action_mask,
+            response_tensors={"advantages": torch.randn(response_len, generator=generator),
+                              "returns": torch.randn(response_len, generator=generator)},
+        ))
+    return samples
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum()
+
+
+def policy_loss(batch, output):
+    """A REINFORCE-style token-mean loss: -A * log p over trained tokens; entropy as a metric."""
+    mask = batch.action_mask.to(output.log_probs.device).float()
+    advantages = batch.response_tensors["advantages"].to(output.log_probs.device)
+    loss = masked_mean(-advantages * output.log_probs, mask)
+    metrics = {}
+    if output.entropy is not None:
+        metrics["entropy"] = masked_mean(output.entropy, mask).detach()
+    return loss, metrics
+
+
+def value_loss(batch, output):
+    mask = batch.action_mask.to(output.values.device).float()
+    returns = batch.response_tensors["returns"].to(output.values.device)
+    return masked_mean((output.values - returns) ** 2, mask)
+
+
+def _full_grads(actor):
+    from deepspeed.utils import safe_get_full_grad
+
+    from hpc_rlhf.training.deepspeed_setup import engine_scope
+
+    with engine_scope(actor.mpu):
+        return {name: safe_get_full_grad(param).detach().clone()
+                for name, param in actor.module.named_parameters()}
+
+
+def run_roles(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+    """Actor ZeRO-3 + critic ZeRO-2 on the role group, resume, dynamic batching (ZeRO 0-2), reference ZeRO-3.
+
+    Each data-parallel rank draws its own samples (seeded by step and dp rank), so a run depends on the
+    group's size and order only, never on which global ranks form it.
+    """
+    from hpc_rlhf.training import Actor, Critic, EngineConfig, Reference, make_micro_batches
+
+    work = Path(args.work_dir)
+    steps = 3
+    data = [make_samples(1000 * step + dp_rank, 4) for step in range(steps)]
+
+    # 1. Actor (ZeRO-3) and critic (ZeRO-2) over the same ranks, stepped in turn.
+    actor_cfg = EngineConfig(zero_stage=3, learning_rate=1e-2, micro_train_batch_size=2,
+                             train_batch_size=4 * dp_size, max_norm=1.0, lr_warmup_steps=1,
+                             lr_scheduler="cosine_with_min_lr", weight_decay=0.01, gradient_checkpointing=True)
+    critic_cfg = EngineConfig(zero_stage=2, learning_rate=1e-2, micro_train_batch_size=2,
+                              train_batch_size=4 * dp_size)
+    actor = Actor(tiny_llama(0), actor_cfg, group, num_training_steps=steps, with_entropy=True)
+    torch.manual_seed(1)  # the new value head's initialisation
+    critic = Critic.from_pretrained(args.model_dir, critic_cfg, group, num_training_steps=steps)
+    actor_metrics, critic_metrics = [], []
+    for step in range(steps):
+        if step == steps - 1:
+            actor.save_state(work / "actor_state", tag="before_last")
+        batches = make_micro_batches(data[step], micro_batch_size=2, packing=step % 2 == 1)
+        actor_metrics.append(actor.train_step(batches, policy_loss))
+        critic_metrics.append(critic.train_step(batches, value_loss))
+    result["actor_metrics"] = actor_metrics
+    result["critic_metrics"] = critic_metrics
+    result["actor_state"] = actor.full_state_dict()
+    result["critic_state"] = critic.full_state_dict()
+    actor.save_hf(work / "actor_hf")
+    critic.save_hf(work / "critic_hf")
+
+    # 2. Resume: a fresh ZeRO-3 engine loads the saved state and repeats the last step exactly.
+    resumed = Actor(tiny_llama(123), actor_cfg, group, num_training_steps=steps, with_entropy=True)
+    resumed.load_state(work / "actor_state", tag="before_last")
+    batches = make_micro_batches(data[steps - 1], micro_batch_size=2, packing=(steps - 1) % 2 == 1)
+    result["resumed_metrics"] = resumed.train_step(batches, policy_loss)
+    result["resumed_state"] = resumed.full_state_dict()
+    del resumed
+
+    # 3. Dynamic batching by token budget: ranks hold different numbers of micro-batches; every ZeRO stage.
+    samples = make_samples(77 + dp_rank, 3 + 3 * dp_rank, max_len=10)
+    batches = make_micro_batches(samples, max_tokens_per_microbatch=24, packing=True)
+    result["dyn_num_micro_batches"] = len(batches)
+    result["dyn_metrics"], result["dyn_grads"] = {}, {}
+    for stage in (0, 1, 2):
+        dyn_cfg = EngineConfig(zero_stage=stage, learning_rate=1e-2, micro_train_batch_size=1,
+                               train_batch_size=dp_size)
+        dyn = Actor(tiny_llama(0), dyn_cfg, group, num_training_steps=1)
+        result["dyn_metrics"][stage] = dyn.backward(batches, policy_loss, loss_weighting="token")
+        result["dyn_grads"][stage] = _full_grads(dyn)
+        dyn.optimizer_step()
+        del dyn
+
+    # 4. Reference (ZeRO-3 inference) log-probs of this rank's samples, padded micro-batches of 3.
+    reference = Reference.from_pretrained(args.model_dir, EngineConfig(zero_stage=3, train_batch_size=dp_size),
+                                          group)
+    ref_batches = make_micro_batches(samples, micro_batch_size=3, packing=False)
+    result["ref_log_probs"] = [out.log_probs for out in reference.infer(ref_batches)]
+    result["ref_sample_indices"] = [b.sample_indices for b in ref_batches]
+
+
+def run_offload(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+    """Two steps with CPU Adam offload (ZeRO-2), CPU Adam + parameter offload (ZeRO-3) and bf16, against plain."""
+    from hpc_rlhf.training import Actor, EngineConfig, make_micro_batches
+
+    variants = {
+        "plain": EngineConfig(zero_stage=2),
+        "adam_offload": EngineConfig(zero_stage=2, adam_offload=True),
+        "param_offload": EngineConfig(zero_stage=3, adam_offload=True, param_offload=True),
+        "bf16": EngineConfig(zero_stage=2, bf16=True),
+    }
+    batches = make_micro_batches(make_samples(5 + dp_rank, 4), micro_batch_size=2, packing=True)
+    for name, cfg in variants.items():
+        cfg = EngineConfig(**{**vars(cfg), "learning_rate": 1e-2, "train_batch_size": dp_size})
+        actor = Actor(tiny_llama(0), cfg, group, num_training_steps=2)
+        result[name] = {"metrics": [actor.train_step(batches, policy_loss) for _ in range(2)],
+                        "optimizer": type(actor.engine.optimizer.optimizer).__name__}
+        del actor
+
+
+SCENARIOS = {"roles": run_roles, "offload": run_offload}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    parser.add_argument("--trainer-ranks", required=True, help="comma-separated global ranks of the role group")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--model-dir", required=True)
+    args = parser.parse_args()
+
+    import faulthandler
+    import signal
+
+    import torch.distributed as dist
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack if a rank hangs
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    trainer_ranks = [int(r) for r in args.trainer_ranks.split(",")]
+    # A role group spanning the whole world is passed as None (the world), as colocated layouts do.
+    group = None if trainer_ranks == list(range(world_size)) else dist.new_group(trainer_ranks)
+    marker = Path(args.work_dir) / f"idle_rank_{rank}.json"
+    if rank not in trainer_ranks:
+        marker.write_text(json.dumps({"finished_at": time.time()}))
+    else:
+        dp_rank, dp_size = trainer_ranks.index(rank), len(trainer_ranks)
+        result: dict = {"dp_rank": dp_rank}
+        SCENARIOS[args.scenario](args, group, dp_rank, dp_size, result)
+        idle = [r for r in range(world_size) if r not in trainer_ranks]
+        result["idle_ranks_done_before_trainers"] = all(
+            (Path(args.work_dir) / f"idle_rank_{r}.json").exists() for r in idle)
+        torch.save(result, f"{args.out}.dp{dp_rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
