@@ -1,0 +1,326 @@
+"""Run metrics on global rank 0: TensorBoard scalars, RUN_DIR/metrics.jsonl, progress output and RUN_DIR/curves.png.
+
+`MetricsLogger.log(step, {"rollout/reward_mean": 0.41, ...})` writes the scalars to TensorBoard (RUN_DIR/tensorboard),
+appends one JSON line `{"step": 12, "rollout/reward_mean": 0.41, ...}` to RUN_DIR/metrics.jsonl, moves the progress
+bar and, every `logging_steps` steps, prints a plain line `iter 12/60 | reward 0.41 | kl 0.002 | ...` that stays
+readable in SLURM output files.
+
+A resumed run appends to metrics.jsonl, and `read_metrics` keeps the last value logged for each (metric, step), so the
+curves span restarts. The TensorBoard writer of a resumed run purges the events at and after its first step, which
+TensorBoard then shows from the new run only. Non-finite values are written to metrics.jsonl as null (strict JSON, which
+pandas, DuckDB and jq all read) and read back as NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CURVES_FILE = "curves.png"
+
+# (label, metric names): the first name present in a step's metrics is shown under the label.
+BAR_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reward", ("rollout/reward_mean",)),
+    ("kl", ("rollout/kl", "train/kl")),
+    ("loss", ("train/policy_loss", "train/loss")),
+)
+LINE_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = BAR_KEYS + (
+    ("eval_reward", ("eval/reward_mean",)),
+    ("eval_acc", ("eval/accuracy",)),
+    ("len", ("rollout/response_length",)),
+    ("gen_tok/s", ("throughput/generate_tokens_per_s",)),
+)
+# (panel title, metric names): a panel draws each of its metrics that was logged; a panel with none is left out.
+PLOT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reward", ("rollout/reward_mean", "eval/reward_mean", "eval/accuracy")),
+    ("KL", ("rollout/kl", "train/kl")),
+)
+
+Series = dict[str, list[tuple[int, float]]]
+
+
+# ----- pure helpers -------------------------------------------------------------------------------------------------
+
+def format_value(value: float) -> str:
+    """A metric value in at most four significant digits: 0.41, 0.002, 1235, 1.235e+04."""
+    return f"{float(value):.4g}"
+
+
+def pick_metrics(metrics: Mapping[str, float], keys: Sequence[tuple[str, Sequence[str]]]) -> dict[str, float]:
+    """{label: value} with, for each (label, names), the value of the first name present in metrics."""
+    picked = {}
+    for label, names in keys:
+        present = [name for name in names if name in metrics]
+        if present:
+            picked[label] = metrics[present[0]]
+    return picked
+
+
+def format_metrics_line(step: int, total: Optional[int], metrics: Mapping[str, float],
+                        keys: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """`iter 12/60 | reward 0.41 | kl 0.002`: for each (label, names) the first name present in metrics is shown."""
+    parts = [f"iter {step}/{total}" if total is not None else f"iter {step}"]
+    parts += [f"{label} {format_value(value)}" for label, value in pick_metrics(metrics, keys).items()]
+    return " | ".join(parts)
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int, got {type(step).__name__} ({step!r})")
+    return int(step)
+
+
+def _as_float(name: Any, value: Any) -> float:
+    """The metric as a Python float; anything that is not a real scalar is an error that names the metric."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+    if name == "step":
+        raise ValueError("'step' is reserved for the step number in metrics.jsonl; rename that metric")
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"metric {name!r} must be a real number, got {type(value).__name__} ({value!r})")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a tensor with more than one element
+        raise TypeError(f"metric {name!r} must be a real scalar, got {type(value).__name__}: {err}") from err
+
+
+def _with_prefix(prefix: str, name: str) -> str:
+    """'eval' or 'eval/' + 'accuracy' -> 'eval/accuracy'; no prefix keeps the name."""
+    return f"{prefix.rstrip('/')}/{name}" if prefix else name
+
+
+def _json_record(step: int, values: Mapping[str, float]) -> str:
+    """One metrics.jsonl line (without the newline); non-finite values become null."""
+    record: dict[str, Any] = {"step": step}
+    record.update({name: value if math.isfinite(value) else None for name, value in values.items()})
+    return json.dumps(record, allow_nan=False)
+
+
+def _parse_record(line: str, where: str) -> tuple[int, dict[str, float]]:
+    """Step and values of one metrics.jsonl line; `where` (file:line) names the row in errors."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not a JSON object: {err}") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    step = record.pop("step", None)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{where}: 'step' must be an integer, got {step!r}")
+    values: dict[str, float] = {}
+    for name, value in record.items():
+        if value is None:
+            values[name] = math.nan
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[name] = float(value)
+        else:
+            raise ValueError(f"{where}: metric {name!r} must be a number or null, got {value!r}")
+    return step, values
+
+
+def read_metrics(run_dir: str | Path) -> Series:
+    """Every metric in RUN_DIR/metrics.jsonl as (step, value) pairs sorted by step; a step logged twice keeps its last
+    value. An unfinished last line (a run stopped while writing it) is skipped; any other bad row is an error."""
+    path = Path(run_dir) / METRICS_FILE
+    latest: dict[str, dict[int, float]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                step, values = _parse_record(line, f"{path}:{lineno}")
+            except ValueError:
+                if not line.endswith("\n"):
+                    break  # only the last line can lack its newline: it is still being written or was cut off
+                raise
+            for name, value in values.items():
+                latest.setdefault(name, {})[step] = value
+    return {name: sorted(points.items()) for name, points in latest.items()}
+
+
+def curve_panels(series: Mapping[str, Sequence[tuple[int, float]]],
+                 panels: Sequence[tuple[str, Sequence[str]]] = PLOT_PANELS) -> list[tuple[str, list[str]]]:
+    """The panels to draw: each with the metrics of its list that have points; panels with none are dropped."""
+    chosen = []
+    for title, names in panels:
+        present = [name for name in names if series.get(name)]
+        if present:
+            chosen.append((title, present))
+    return chosen
+
+
+def plot_curves(run_dir: str | Path, *, panels: Sequence[tuple[str, Sequence[str]]] = PLOT_PANELS,
+                out_path: Optional[str | Path] = None) -> Optional[Path]:
+    """Draw the curves of RUN_DIR/metrics.jsonl against step into a PNG (default RUN_DIR/curves.png), one panel per
+    entry of `panels` that has data, titled with the run directory's name. Returns the path, or None when there is
+    nothing to draw (no metrics.jsonl or none of the metrics)."""
+    run_dir = Path(run_dir)
+    try:
+        series = read_metrics(run_dir)
+    except FileNotFoundError:
+        return None
+    chosen = curve_panels(series, panels)
+    if not chosen:
+        return None
+    # The object API with no pyplot: no display, no global figure state, Agg renders the PNG.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6 * len(chosen), 4), dpi=100, layout="constrained")
+    axes = figure.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, (title, names) in zip(axes, chosen):
+        for name in names:
+            steps = [step for step, _ in series[name]]
+            values = [value for _, value in series[name]]
+            ax.plot(steps, values, label=name, linewidth=1.5, marker="o" if len(steps) <= 50 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    figure.suptitle(run_dir.resolve().name)
+    out = Path(out_path) if out_path is not None else run_dir / CURVES_FILE
+    partial = out.with_name(out.name + ".partial")
+    figure.savefig(partial, format="png", dpi=100)
+    os.replace(partial, out)  # readers never see a half-written image
+    return out
+
+
+def _open_for_append(path: Path) -> tuple[TextIO, bool]:
+    """Open metrics.jsonl for appending, first cutting off an unfinished last line left by a run that stopped while
+    writing it, so that the next record starts on its own line. Returns the file and whether a fragment was cut."""
+    cut = False
+    if path.exists():
+        with open(path, "rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                handle.seek(start)
+                chunk = handle.read(end - start)
+                newline = chunk.rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    break
+                end = start
+            if end < size:
+                handle.truncate(end)
+                cut = True
+    return open(path, "a", encoding="utf-8"), cut
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+# ----- the logger ---------------------------------------------------------------------------------------------------
+
+class MetricsLogger:
+    """Logs a run's metrics on global rank 0; on other ranks (enabled=False) every method does nothing and no file is
+    opened. A logged step s means iteration s is done: the bar then stands at s + 1 of total_steps."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, use_tensorboard: bool, progress_bar: bool,
+                 total_steps: Optional[int], logging_steps: int = 1, start_step: int = 0,
+                 stream: Optional[TextIO] = None) -> None:
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 0):
+            raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
+        if isinstance(logging_steps, bool) or not isinstance(logging_steps, int) or logging_steps < 1:
+            raise ValueError(f"logging_steps must be an int >= 1, got {logging_steps!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.logging_steps = logging_steps
+        self.start_step = start_step
+        self.stream: TextIO = stream if stream is not None else sys.stderr
+        self._jsonl: Optional[TextIO] = None
+        self._writer: Any = None  # torch.utils.tensorboard.SummaryWriter, imported only when used
+        self._bar: Optional[tqdm] = None
+        self._closed = False
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl, cut = _open_for_append(self.run_dir / METRICS_FILE)
+        if cut:
+            self._print(f"dropped an unfinished last line of {self.run_dir / METRICS_FILE} (a run stopped while "
+                        "writing it)")
+        if use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides the previous run's events from this step on, so a resumed curve is clean.
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR),
+                                         purge_step=start_step if start_step > 0 else None)
+        initial = min(start_step, total_steps) if total_steps is not None else start_step
+        # Without a TTY (SLURM output files) the animated bar is off; the plain text lines carry the progress.
+        self._bar = tqdm(total=total_steps, initial=initial, file=self.stream, unit="it", desc="iter",
+                         dynamic_ncols=True, disable=not (progress_bar and _is_tty(self.stream)))
+
+    def log(self, step: int, metrics: Mapping[str, float], *, prefix: str = "") -> None:
+        """Record `metrics` (names joined to `prefix` with '/') at `step`: TensorBoard, metrics.jsonl, progress."""
+        if not self.enabled:
+            return
+        if self._closed:
+            raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed; log() must come before close()")
+        step = _check_step(step)
+        values = {_with_prefix(prefix, name): _as_float(name, value) for name, value in metrics.items()}
+        if values:
+            self._jsonl.write(_json_record(step, values) + "\n")
+            self._jsonl.flush()
+            if self._writer is not None:
+                for name, value in values.items():
+                    self._writer.add_scalar(name, value, global_step=step)
+                self._writer.flush()  # steps are seconds apart: a preempted job keeps everything it logged
+        self._advance(step, values)
+
+    def _advance(self, step: int, values: Mapping[str, float]) -> None:
+        """Move the bar to step + 1, show the key metrics on it, and print the text line when it is due."""
+        bar = self._bar
+        postfix = {label: format_value(value) for label, value in pick_metrics(values, BAR_KEYS).items()}
+        if postfix:
+            bar.set_postfix(postfix, refresh=False)
+        done = step + 1 if self.total_steps is None else min(step + 1, self.total_steps)
+        if done > bar.n:
+            bar.update(done - bar.n)
+        else:
+            bar.refresh()
+        last = self.total_steps is not None and step + 1 >= self.total_steps
+        if values and (step % self.logging_steps == 0 or last):
+            self._print(format_metrics_line(step, self.total_steps, values, LINE_KEYS))
+
+    def _print(self, line: str) -> None:
+        tqdm.write(line, file=self.stream)
+
+    def close(self, *, plot: bool) -> Optional[Path]:
+        """Close the bar and the files; with plot=True draw RUN_DIR/curves.png from metrics.jsonl and return its path
+        (None when disabled or when no reward or KL metric was ever logged)."""
+        if not self.enabled:
+            return None
+        if not self._closed:
+            self._closed = True
+            self._bar.close()
+            if self._writer is not None:
+                self._writer.close()
+            self._jsonl.close()
+        if not plot:
+            return None
+        path = plot_curves(self.run_dir)
+        if path is None:
+            self._print(f"no reward or KL metrics in {self.run_dir / METRICS_FILE}: {CURVES_FILE} not written")
+        else:
+            self._print(f"curves: {path}")
+        return path
