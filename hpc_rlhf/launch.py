@@ -1,0 +1,100 @@
+"""The per-rank entry: every process of a job runs `rank_main`, whether started by srun, torchrun, mpiexec or locally.
+
+    srun python -m hpc_rlhf.launch --config configs/ppo_70b.yaml [--section.key=value ...]   # one process per GPU
+
+The wiring is explicit and in order: world -> layout plan -> role groups -> control plane -> components -> trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from hpc_rlhf.cli import build_parser, parse_config_args
+from hpc_rlhf.config import Config
+from hpc_rlhf.config_io import LoadedConfig, config_to_dict
+
+
+def rank_main(info: Any, cfg: Config, should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+    """Run this rank's part of the job described by `cfg`; returns the last metrics (rank 0 logs them)."""
+    from hpc_rlhf.distributed import TorchControlPlane, init_distributed, run_guarded
+
+    # Libraries (DeepSpeed, vLLM) read the torchrun-style variables whatever launcher started us.
+    os.environ.update({"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
+                       "LOCAL_WORLD_SIZE": str(info.local_world_size), "MASTER_ADDR": info.master_addr,
+                       "MASTER_PORT": str(info.master_port)})
+    world = init_distributed(info, backend="nccl" if _wants_cuda(cfg) else "gloo")
+    control = TorchControlPlane.from_world(world)
+    try:
+        return run_guarded(_run_trainer, control, cfg, world, control, should_stop)
+    finally:
+        control.close()
+        world.close()
+
+
+def _wants_cuda(cfg: Config) -> bool:
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def _run_trainer(cfg: Config, world: Any, control: Any, should_stop: Optional[Callable[[], bool]]) -> dict:
+    from hpc_rlhf.distributed import build_role_groups, plan_layout
+
+    info = world.info
+    plan = plan_layout(cfg.layout, info.world_size, info.local_world_size)
+    groups = build_role_groups(plan, info.rank)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.trainer != "ppo":
+        from hpc_rlhf.trainers.common import run_trainer
+        return run_trainer(cfg, world, groups, control, should_stop=should_stop)
+    from hpc_rlhf.trainers.ppo.recipe import run_ppo
+
+    return run_ppo(cfg, world, groups, control, should_stop=should_stop)
+
+
+def prepare_run_dir(loaded: LoadedConfig) -> Path:
+    """Create the run directory and record the resolved config there (for provenance and resume checks)."""
+    import yaml
+
+    run_dir = Path(loaded.config.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(loaded.config), sort_keys=False))
+    return run_dir
+
+
+def run_local(loaded: LoadedConfig) -> int:
+    """`python -m hpc_rlhf.train`: one process per rank of the layout on this machine."""
+    from hpc_rlhf.distributed import detect_world, spawn_local
+
+    cfg = loaded.config
+    prepare_run_dir(loaded)
+    world_size = cfg.layout.world_size()
+    if world_size == 1:
+        rank_main(detect_world({}), cfg)
+    else:
+        spawn_local(_local_rank_entry, world_size, args=(cfg,))
+    print(f"done: results in {cfg.train.run_dir}", file=sys.stderr)
+    return 0
+
+
+def _local_rank_entry(info: Any, cfg: Config) -> dict[str, float]:
+    return rank_main(info, cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser("python -m hpc_rlhf.launch", __doc__.strip().splitlines()[0])
+    _, loaded = parse_config_args(parser, argv)
+    from hpc_rlhf.distributed import detect_world
+
+    info = detect_world()
+    if info.rank == 0:
+        prepare_run_dir(loaded)
+    rank_main(info, loaded.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

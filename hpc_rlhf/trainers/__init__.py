@@ -1,0 +1,1 @@
+"""Training loops. `ppo` covers every on-policy estimator (PPO/GAE, REINFORCE++, GRPO, RLOO, ...)."""

@@ -1,0 +1,433 @@
+"""Shared loop pieces of the supervised and preference trainers: sft, rm, dpo, iterative_dpo, kto, prm, kd and
+rejection_sampling.
+
+These trainers run every rank as a data-parallel actor (layout.colocate: true); `launch` hands them the same world,
+role groups and control plane as the PPO loop. What they share lives here:
+- `run_trainer`: the dispatch on `train.trainer`;
+- `TrainerContext`: config, world, the actor (data-parallel) group, control plane, tokenizer;
+- `StepSchedule`: which dataset rows each rank trains on at each optimizer step, a pure function of (seed, step), so a
+  resumed run sees exactly the rows the interrupted one would have seen;
+- `StepLoop`: the optimizer steps with evaluation every `eval.steps`, checkpoints every `ckpt.save_steps` and on a stop
+  request (SLURM time limit, preemption), stop agreement over the control plane, and metrics (TensorBoard, JSONL);
+- model loading (with LoRA), micro-batching, per-sequence log-probs, and saving Hugging Face models at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.config import Config
+from hpc_rlhf.data import prompt_indices_for, rank_slice
+from hpc_rlhf.lora import is_lora_model, load_model_for_training, lora_settings, save_adapter
+from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches
+from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
+
+# train.trainer -> module of hpc_rlhf.trainers whose `run(cfg, world, groups, control, should_stop=...)` runs it.
+TRAINER_MODULES: dict[str, str] = {
+    "sft": "sft", "rm": "rm", "dpo": "dpo", "iterative_dpo": "dpo", "kto": "kto", "prm": "prm", "kd": "kd",
+    "rejection_sampling": "rejection_sampling",
+}
+# Curves drawn into RUN_DIR/curves.png by these trainers.
+PLOT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("train/loss", "eval/loss")),
+    ("accuracy", ("train/accuracy", "eval/accuracy")),
+    ("reward", ("rollout/reward_mean", "rollout/best_reward_mean", "eval/reward_mean")),
+)
+
+
+def run_trainer(cfg: Config, world: Any, groups: Any, control: Any, *,
+                should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+    """Run the supervised or preference trainer named by `train.trainer` on this rank (all ranks call it)."""
+    name = cfg.train.trainer
+    if name not in TRAINER_MODULES:
+        raise ValueError(f"train.trainer {name!r} is not a supervised or preference trainer; "
+                         f"known: {', '.join(TRAINER_MODULES)}")
+    module = importlib.import_module(f"hpc_rlhf.trainers.{TRAINER_MODULES[name]}")
+    return module.run(cfg, world, groups, control, should_stop=should_stop)
+
+
+# ----- context ----------------------------------------------------------------------------------------------------
+@dataclass
+class TrainerContext:
+    """What every supervised trainer works with on one rank."""
+
+    cfg: Config
+    world: Any
+    groups: Any
+    control: Any
+    should_stop: Callable[[], bool]
+    tokenizer: Any
+
+    @property
+    def rank(self) -> int:
+        return self.world.info.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.info.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        """The actor group: every rank of the job, the data-parallel group of the trained model."""
+        return self.groups.group("actor")
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.dp_group)
+
+    @property
+    def dp_size(self) -> int:
+        return dist.get_world_size(self.dp_group)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def info(self, message: str) -> None:
+        """Print a line on rank 0 (stderr, like the metrics lines)."""
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+
+def build_context(cfg: Config, world: Any, groups: Any, control: Any,
+                  should_stop: Optional[Callable[[], bool]]) -> TrainerContext:
+    """The context with the actor's tokenizer (pad = eos when the tokenizer has no pad token)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    # DeepSpeed insists on LOCAL_RANK in the environment; a single local process has no launcher that sets it.
+    os.environ.setdefault("LOCAL_RANK", str(world.info.local_rank))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.actor.pretrain))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return TrainerContext(cfg=cfg, world=world, groups=groups, control=control,
+                          should_stop=should_stop or (lambda: False), tokenizer=tokenizer)
+
+
+def actor_engine_config(cfg: Config) -> EngineConfig:
+    """DeepSpeed settings of the trained model: `ds.*`, `actor.*` and the train batch sizes."""
+    from hpc_rlhf.trainers.ppo.components import engine_config
+
+    return engine_config(cfg, cfg.actor)
+
+
+def load_trainable(ctx: TrainerContext, path: str, kind: str, wrapper: Callable[..., Any], total_steps: int,
+                   **kwargs: Any) -> Any:
+    """Load `path` as a causal LM or a sequence classifier (LoRA-wrapped when lora.rank > 0) and put it on a training
+    engine over the actor group with `wrapper(model, engine_config, group, total_steps, **kwargs)`."""
+    engine_cfg = actor_engine_config(ctx.cfg)
+    model = load_model_for_training(resolve_model_path(path), kind, lora_settings(ctx.cfg),
+                                    dtype=engine_cfg.torch_dtype, attn_implementation=engine_cfg.attn_implementation)
+    return wrapper(model, engine_cfg, ctx.dp_group, max(total_steps, 1), **kwargs)
+
+
+def load_frozen(ctx: TrainerContext, path: str) -> Any:
+    """A frozen causal LM (reference, teacher) over the actor group: ZeRO-3 partitioned when ds.zero_stage is 3."""
+    from hpc_rlhf.training.models import Reference
+
+    return Reference.from_pretrained(resolve_model_path(path), actor_engine_config(ctx.cfg), ctx.dp_group)
+
+
+# ----- schedule ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepSchedule:
+    """Optimizer steps over a dataset: each epoch a fresh permutation (seed, epoch), each step the next block of
+    `batch_size` rows (the tail of an epoch is dropped), each rank a contiguous slice of the block."""
+
+    num_examples: int
+    batch_size: int
+    epochs: int
+    seed: int
+    max_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) and epochs ({self.epochs}) must be >= 1")
+        if self.num_examples < self.batch_size:
+            raise ValueError(f"the dataset has {self.num_examples} usable rows, fewer than train.train_batch_size="
+                             f"{self.batch_size}: not one optimizer step can be formed")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def indices(self, step: int, *, rank: int, num_ranks: int) -> list[int]:
+        """The rows rank `rank` of `num_ranks` trains on at optimizer step `step`."""
+        epoch, iteration = divmod(step, self.steps_per_epoch)
+        return prompt_indices_for(self.num_examples, seed=self.seed, epoch=epoch, iteration=iteration,
+                                  rollout_batch_size=self.batch_size, rank=rank, num_ranks=num_ranks)
+
+
+def schedule_for(cfg: Config, num_examples: int) -> StepSchedule:
+    """The run's schedule: train.train_batch_size rows per step, train.max_epochs passes, train.max_iterations cap."""
+    return StepSchedule(num_examples=num_examples, batch_size=cfg.train.train_batch_size,
+                        epochs=cfg.train.max_epochs, seed=cfg.train.seed, max_steps=cfg.train.max_iterations)
+
+
+def shard(items: Sequence[Any], rank: int, num_ranks: int) -> list[Any]:
+    """This rank's contiguous share of `items` (the first ranks take one more when they do not divide evenly)."""
+    start, stop = rank_slice(len(items), rank=rank, num_ranks=num_ranks)
+    return list(items[start:stop])
+
+
+# ----- micro-batches and per-sequence values ----------------------------------------------------------------------
+def micro_batches(ctx: TrainerContext, samples: Sequence[TokenSample], *, group: int = 1) -> list[MicroBatch]:
+    """Micro-batches as train.* asks: `micro_train_batch_size` rows (x `group` samples per row, kept together, e.g.
+    2 for a chosen/rejected pair) or the `max_tokens_per_microbatch` budget; packed when `packing_samples`."""
+    train = ctx.cfg.train
+    if train.max_tokens_per_microbatch is not None and group == 1:
+        return make_micro_batches(samples, max_tokens_per_microbatch=train.max_tokens_per_microbatch,
+                                  packing=train.packing_samples, pad_token_id=ctx.pad_token_id)
+    return make_micro_batches(samples, micro_batch_size=train.micro_train_batch_size * group,
+                              packing=train.packing_samples, pad_token_id=ctx.pad_token_id)
+
+
+def sequence_log_probs(log_probs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """[S] sums of the trained tokens' log-probs, from response-layout [S, A] log-probs and mask."""
+    return (log_probs * action_mask.to(log_probs.device, log_probs.dtype)).sum(dim=-1)
+
+
+def per_sample(values: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+    """The entries of a per-sample tensor (indexed like the list the micro-batch was made from) for `batch`."""
+    return values[batch.sample_indices.to(values.device)]
+
+
+def frozen_sequence_log_probs(ctx: TrainerContext, model: Any, samples: Sequence[TokenSample]) -> torch.Tensor:
+    """[N] summed log-probs of this rank's `samples` (at least one) under a frozen model; all ranks call together."""
+    if not samples:
+        raise ValueError("frozen_sequence_log_probs needs at least one sample on every rank")
+    batches = micro_batches(ctx, samples)
+    result = torch.zeros(len(samples), dtype=torch.float32)
+    for batch, output in zip(batches, model.infer(batches)):
+        result[batch.sample_indices] = sequence_log_probs(output.log_probs, batch.action_mask).float().cpu()
+    return result
+
+
+def all_ranks_sequence_log_probs(ctx: TrainerContext, model: Any, samples: Sequence[TokenSample]) -> torch.Tensor:
+    """[N] summed log-probs of every sample under a frozen model: each rank computes a slice, then all share them.
+    (With fewer samples than ranks every rank computes them all.)"""
+    if len(samples) < ctx.dp_size:
+        return frozen_sequence_log_probs(ctx, model, samples)
+    mine = frozen_sequence_log_probs(ctx, model, shard(samples, ctx.dp_rank, ctx.dp_size)).tolist()
+    gathered = ctx.control.allgather_object(mine)
+    return torch.tensor([value for part in gathered for value in part], dtype=torch.float32)
+
+
+def all_reduce_sums(model: Any, sums: Mapping[str, float]) -> dict[str, float]:
+    """Sum a few named floats over the model's data-parallel group (all ranks call with the same keys)."""
+    keys = sorted(sums)
+    totals = all_reduce_in_group([float(sums[k]) for k in keys], dist.ReduceOp.SUM, model.mpu)
+    return dict(zip(keys, totals))
+
+
+# ----- the step loop ----------------------------------------------------------------------------------------------
+class StepLoop:
+    """Optimizer steps with evaluation, checkpoints, stop agreement and metrics; every rank drives one.
+
+    Checkpoints go to RUN_DIR/checkpoints/iter_<next step> with the engines in `engines` (their weights, optimizer
+    and scheduler states), every rank's RNG state and the trainer's own state; `restore` loads the newest one.
+    """
+
+    def __init__(self, ctx: TrainerContext, engines: Mapping[str, Any], *, total_steps: Optional[int]) -> None:
+        from hpc_rlhf.checkpoint import config_fingerprint
+        from hpc_rlhf.config_io import config_to_dict
+        from hpc_rlhf.metrics import MetricsLogger
+
+        self.ctx = ctx
+        self.engines = dict(engines)
+        self.root = ctx.run_dir / "checkpoints"
+        self.fingerprint = config_fingerprint(config_to_dict(ctx.cfg))
+        logger_cfg = ctx.cfg.logger
+        self.logger = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, use_tensorboard=logger_cfg.use_tensorboard,
+                                    progress_bar=logger_cfg.progress_bar, total_steps=total_steps,
+                                    logging_steps=logger_cfg.logging_steps, start_step=self._start_hint())
+        self.last_metrics: dict[str, float] = {}
+        self.evaluated_at: Optional[int] = None  # the step count after which the last evaluation ran
+
+    def _start_hint(self) -> int:
+        """The step a resumed run starts from, for the progress bar; 0 for a fresh run."""
+        from hpc_rlhf.checkpoint import latest_checkpoint, read_trainer_state
+
+        if not self.ctx.cfg.ckpt.load_checkpoint:
+            return 0
+        path = latest_checkpoint(self.root)
+        return int(read_trainer_state(path).get("next_step", 0)) if path is not None else 0
+
+    def restore(self) -> dict[str, Any]:
+        """Load the newest complete checkpoint into the engines (and RNG); returns its trainer state, {} if none."""
+        from hpc_rlhf.checkpoint import latest_checkpoint, load_checkpoint
+
+        if not self.ctx.cfg.ckpt.load_checkpoint:
+            return {}
+        path = latest_checkpoint(self.root)
+        # Rank 0 decides, so all ranks load the same checkpoint even if a shared filesystem lags somewhere.
+        path = self.ctx.control.broadcast_object(str(path) if path is not None else None, src=0)
+        if path is None:
+            return {}
+        state = load_checkpoint(Path(path), rank=self.ctx.rank, engines=self.engines,
+                                config_fingerprint=self.fingerprint)
+        self.ctx.info(f"resumed from {path} at step {state.get('next_step', 0)}")
+        return state
+
+    def save(self, next_step: int, trainer_state: Mapping[str, Any]) -> Path:
+        """A complete checkpoint named after `next_step`, the first step a resumed run will train."""
+        from hpc_rlhf.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.root, next_step, rank=self.ctx.rank, world_size=self.ctx.world.info.world_size,
+                               barrier=self.ctx.control.barrier, engines=self.engines,
+                               trainer_state={**trainer_state, "next_step": next_step},
+                               config_fingerprint=self.fingerprint, keep_last=self.ctx.cfg.ckpt.max_ckpt_num)
+
+    def agree_to_stop(self) -> bool:
+        """Whether any rank was asked to stop (all ranks call it at the same points)."""
+        return any(self.ctx.control.allgather_object(bool(self.ctx.should_stop())))
+
+    def run(self, steps: Sequence[int], train_step: Callable[[int], dict[str, float]], *,
+            evaluate: Optional[Callable[[], dict[str, float]]] = None,
+            trainer_state: Callable[[int], dict[str, Any]] = lambda next_step: {}) -> bool:
+        """Train `steps` (global step numbers); returns True when the run was asked to stop (a checkpoint is saved).
+
+        `trainer_state(next_step)` adds the caller's own JSON state to checkpoints (e.g. the round of iterative DPO).
+        """
+        cfg = self.ctx.cfg
+        for step in steps:
+            start = time.perf_counter()
+            metrics = dict(train_step(step))
+            metrics["time/step_s"] = time.perf_counter() - start
+            if evaluate is not None and cfg.eval.steps > 0 and (step + 1) % cfg.eval.steps == 0:
+                metrics.update(evaluate())
+                self.evaluated_at = step + 1
+            stop = self.agree_to_stop()
+            self.logger.log(step, metrics)
+            self.last_metrics = metrics
+            every = cfg.ckpt.save_steps
+            if stop or (every > 0 and (step + 1) % every == 0):
+                self.save(step + 1, trainer_state(step + 1))
+            if stop:
+                self.ctx.info(f"stop requested: checkpoint saved after step {step}")
+                return True
+        return False
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.logger.log(step, metrics)
+        self.last_metrics = {**self.last_metrics, **metrics}
+
+    def close(self) -> None:
+        """Close the logger and draw RUN_DIR/curves.png from the logged loss/accuracy/reward."""
+        from hpc_rlhf.metrics import plot_curves
+
+        self.logger.close(plot=False)
+        if self.ctx.is_main and self.ctx.cfg.logger.plot:
+            plot_curves(self.ctx.run_dir, panels=PLOT_PANELS)
+
+
+# ----- saving -----------------------------------------------------------------------------------------------------
+def save_model(ctx: TrainerContext, model: Any, name: str, *,
+               config_updates: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the trained model to RUN_DIR/hf/<name> with the tokenizer; all ranks call.
+
+    A full model is a Hugging Face checkpoint (`from_pretrained` loads it); a LoRA model is its adapter
+    (tools/merge_lora.py folds it into the base). `config_updates` are set on the model config before saving (for a
+    LoRA model they go to reward_stats.json beside the adapter).
+    """
+    import json
+
+    from hpc_rlhf.lora import REWARD_STATS_FILE, unwrap
+
+    out = ctx.run_dir / "hf" / name
+    hf_model = model.hf_model()
+    updates = dict(config_updates or {})
+    if is_lora_model(hf_model):
+        state = model.full_state_dict()
+        if state is not None:
+            save_adapter(hf_model, state, out)
+            if updates:
+                (out / REWARD_STATS_FILE).write_text(json.dumps(updates, indent=2) + "\n")
+            ctx.tokenizer.save_pretrained(str(out))
+        dist.barrier(group=ctx.dp_group)
+    else:
+        for key, value in updates.items():
+            setattr(unwrap(hf_model).config, key, value)
+        model.save_hf(out)
+        if model.dp_rank == 0:
+            ctx.tokenizer.save_pretrained(str(out))
+    ctx.control.barrier()
+    ctx.info(f"saved {name} to {out}")
+    return out
+
+
+def eval_share(ctx: TrainerContext, items: Sequence[Any]) -> tuple[list[Any], float]:
+    """This rank's evaluation items and the weight of its results (0 or 1). Every rank needs at least one item to run
+    the model in step with the others; with fewer items than ranks rank 0 takes them all and the rest run a copy."""
+    if not items:
+        raise ValueError("the evaluation set is empty")
+    if len(items) >= ctx.dp_size:
+        return shard(items, ctx.dp_rank, ctx.dp_size), 1.0
+    return (list(items), 1.0) if ctx.dp_rank == 0 else (list(items[:1]), 0.0)
+
+
+def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bool,
+           evaluate: Optional[Callable[[], dict[str, float]]], save: Callable[[], None]) -> dict[str, float]:
+    """End of a run: on a stop only close the logger; else a final evaluation (unless the last step had one), the
+    Hugging Face models (ckpt.save_hf_model) and the curves. Returns the last metrics."""
+    cfg = ctx.cfg
+    if stopped:
+        loop.close()
+        return {"stopped": 1.0, **loop.last_metrics}
+    if evaluate is not None and loop.evaluated_at != total_steps:
+        loop.log(total_steps, evaluate())
+        loop.evaluated_at = total_steps
+    if cfg.ckpt.save_hf_model:
+        save()
+    loop.close()
+    return dict(loop.last_metrics)
+
+
+# ----- model inputs and per-token logits --------------------------------------------------------------------------
+def model_inputs(batch: MicroBatch, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed)."""
+    return {"input_ids": batch.input_ids.to(device),
+            "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
+            "position_ids": batch.position_ids.to(device), "use_cache": False}
+
+
+def response_logits(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
+                    shift: int = 1) -> torch.Tensor:
+    """[S, A, V] logits in the response layout: for response token j, the logits at its column minus `shift`
+    (1: the position that predicts it; 0: the token's own position). Zero on padding."""
+    from hpc_rlhf.training.batching import response_token_index
+
+    rows, columns, sample, offset = response_token_index(batch)
+    logits = model(**model_inputs(batch, device)).logits
+    flat = logits[rows.to(device), (columns - shift).to(device)]
+    out = flat.new_zeros((*batch.action_mask.shape, flat.shape[-1]))
+    return out.index_put((sample.to(device), offset.to(device)), flat)
+
+
+def finite_metrics(metrics: Mapping[str, float], prefix: str = "train/") -> dict[str, float]:
+    """`metrics` under `prefix`, without NaN entries (e.g. the grad norm DeepSpeed does not compute under ZeRO-0)."""
+    return {f"{prefix}{key}": float(value) for key, value in metrics.items() if value == value}

@@ -1,0 +1,143 @@
+"""Build what one rank needs for its roles: engine, actor, critic, reference, reward source, tokenizer, prompts.
+
+Every rank calls `build_components` with the same config; a rank builds only the pieces of the roles it holds, but
+the DeepSpeed engines of a role are created collectively by all ranks of that role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from transformers import AutoTokenizer
+
+from hpc_rlhf.config import Config
+from hpc_rlhf.data import PromptExample, iterations_per_epoch, load_prompts
+from hpc_rlhf.distributed import RoleGroups
+from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.training.deepspeed_setup import EngineConfig
+
+
+def use_cuda(cfg: Config) -> bool:
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def bf16_enabled(cfg: Config) -> bool:
+    return cfg.ds.bf16 if cfg.ds.bf16 is not None else use_cuda(cfg)
+
+
+def engine_config(cfg: Config, section: Any) -> EngineConfig:
+    """DeepSpeed settings of the actor or the critic from the `ds` section and the model's own section."""
+    return EngineConfig(
+        zero_stage=cfg.ds.zero_stage, bf16=bf16_enabled(cfg), adam_offload=cfg.ds.adam_offload,
+        param_offload=cfg.ds.param_offload, gradient_checkpointing=section.gradient_checkpointing,
+        learning_rate=section.learning_rate, adam_betas=tuple(section.adam_betas), weight_decay=section.weight_decay,
+        lr_warmup_ratio=section.lr_warmup_ratio, lr_scheduler=section.lr_scheduler, min_lr_ratio=section.min_lr_ratio,
+        max_norm=section.max_norm, micro_train_batch_size=cfg.train.micro_train_batch_size,
+        train_batch_size=cfg.train.train_batch_size, attn_implementation=section.attn_implementation)
+
+
+def total_iterations(cfg: Config, num_prompts: int) -> int:
+    """Iterations of the run: episodes x iterations per epoch, capped by max_iterations."""
+    total = cfg.train.num_episodes * iterations_per_epoch(num_prompts, cfg.rollout.batch_size)
+    if total < 1:
+        raise ValueError(f"data.prompt_data has {num_prompts} prompts, fewer than rollout.batch_size="
+                         f"{cfg.rollout.batch_size}: not one iteration can be formed")
+    return min(total, cfg.train.max_iterations) if cfg.train.max_iterations else total
+
+
+def optimizer_steps(cfg: Config, iterations: int) -> int:
+    samples = cfg.rollout.batch_size * cfg.rollout.n_samples_per_prompt
+    return max(1, iterations * cfg.train.max_epochs * samples // cfg.train.train_batch_size)
+
+
+@dataclass
+class Components:
+    """The pieces a rank holds; None for roles it does not have."""
+
+    tokenizer: Any
+    prompts: list[PromptExample]
+    eval_prompts: list[PromptExample]
+    total_iterations: int
+    engine: Any = None
+    executor: Any = None
+    reward_source: Any = None  # function / remote source, on generator ranks
+    reward_model: Any = None  # reward-model scorer, on reward ranks
+    actor: Any = None
+    critic: Any = None
+    reference: Any = None
+
+
+def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[list[PromptExample], list[PromptExample]]:
+    data = cfg.data
+    common = dict(input_key=data.input_key, label_key=data.label_key, apply_chat_template=data.apply_chat_template,
+                  input_template=data.input_template, tokenizer=tokenizer)
+    prompts = load_prompts(data.prompt_data, max_samples=data.max_samples, **common)
+    eval_prompts = load_prompts(cfg.eval.data, max_samples=cfg.eval.max_samples, **common) if cfg.eval.data else []
+    return prompts, eval_prompts
+
+
+def build_generation(cfg: Config, model_path: str, tokenizer: Any, device: torch.device,
+                     tp_group: Any = None) -> tuple[Any, Any]:
+    """The generation engine and the executor (single- or multi-turn) that drives it."""
+    from hpc_rlhf.generation import make_engine, make_executor
+
+    backend = cfg.vllm.backend
+    if backend == "auto":
+        backend = "vllm" if use_cuda(cfg) and _vllm_importable() else "hf"
+    dtype = cfg.vllm.dtype if use_cuda(cfg) else "float32"
+    engine = make_engine(backend, model_path, dtype=dtype, device=device, tp=cfg.layout.generator.tp,
+                         gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, enable_sleep=cfg.vllm.enable_sleep,
+                         enable_prefix_caching=cfg.vllm.enable_prefix_caching, enforce_eager=cfg.vllm.enforce_eager,
+                         max_num_seqs=cfg.vllm.max_num_seqs, micro_batch_size=cfg.rollout.micro_batch_size,
+                         max_model_len=cfg.rollout.prompt_max_len + cfg.rollout.generate_max_len, seed=cfg.train.seed,
+                         pad_token_id=tokenizer.pad_token_id, shared_world=cfg.layout.colocate,
+                         tp_group=tp_group)
+    executor = make_executor(engine, tokenizer, agent_func_path=cfg.rollout.agent_func_path,
+                             max_turns=cfg.rollout.max_turns,
+                             max_length=cfg.rollout.prompt_max_len + cfg.rollout.generate_max_len)
+    return engine, executor
+
+
+def _vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> Components:
+    """Construct this rank's pieces. Role groups with DeepSpeed engines are built in the fixed order
+    actor, critic, reference so that collectives inside `deepspeed.initialize` line up across ranks."""
+    from hpc_rlhf.rewards import RewardModel, reward_source_from_config
+    from hpc_rlhf.training.models import Actor, Critic, Reference
+
+    roles = groups.roles
+    actor_path = resolve_model_path(cfg.actor.pretrain)
+    tokenizer = AutoTokenizer.from_pretrained(actor_path)
+    prompts, eval_prompts = load_prompt_sets(cfg, tokenizer)
+    total = total_iterations(cfg, len(prompts))
+    parts = Components(tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, total_iterations=total)
+    steps = optimizer_steps(cfg, total)
+    with_entropy = cfg.algo.entropy_loss_coef > 0
+    if roles.has("actor"):
+        parts.actor = Actor.from_pretrained(actor_path, engine_config(cfg, cfg.actor), groups.group("actor"), steps,
+                                            temperature=max(cfg.rollout.temperature, 1e-6), with_entropy=with_entropy)
+    if roles.has("critic"):
+        critic_path = resolve_model_path(cfg.critic.pretrain or cfg.actor.pretrain)
+        parts.critic = Critic.from_pretrained(critic_path, engine_config(cfg, cfg.critic), groups.group("critic"),
+                                              steps)
+    if roles.has("reference"):
+        ref_path = resolve_model_path(cfg.ref.pretrain or cfg.actor.pretrain)
+        parts.reference = Reference.from_pretrained(ref_path, engine_config(cfg, cfg.actor),
+                                                    groups.group("reference"),
+                                                    temperature=max(cfg.rollout.temperature, 1e-6))
+    if roles.has("reward") and cfg.reward.pretrain:
+        dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
+        parts.reward_model = RewardModel(resolve_model_path(cfg.reward.pretrain), device=device, dtype=dtype,
+                                         micro_batch_size=cfg.reward.micro_batch_size)
+    if roles.has("generator"):
+        parts.engine, parts.executor = build_generation(cfg, actor_path, tokenizer, device, groups.tp_group)
+        if not cfg.reward.pretrain:
+            parts.reward_source = reward_source_from_config(cfg.reward)
+    return parts

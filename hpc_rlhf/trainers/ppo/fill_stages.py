@@ -1,0 +1,94 @@
+"""Stages that fill columns of committed shards: reward-model scores, reference log-probs, critic values.
+
+Rank k of a role group (of size K) takes shards k, k+K, ... of the iteration, computes its column for every row and
+commits a column shard beside the base shard (`generator_0003.reference.arrow`). A shard whose column shard is
+already committed (a resumed job) is computed again only to keep collective calls matched, never rewritten.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from hpc_rlhf.config import Config
+from hpc_rlhf.rollouts import RolloutReader, ShardWriter
+from hpc_rlhf.rollouts.manifest import find_record
+from hpc_rlhf.rollouts.paths import iteration_dir
+from hpc_rlhf.training.batching import TokenSample, make_micro_batches, scatter_to_samples
+
+FILLER = TokenSample(prompt_ids=torch.tensor([0]), response_ids=torch.tensor([0]))
+
+
+def my_shards(cfg: Config, iteration: int, index: int, size: int) -> list[str]:
+    """The shards of `iteration` this member of a fill stage is responsible for."""
+    names = RolloutReader(cfg.train.run_dir, verify_checksum=False).manifest(iteration).shard_names
+    return names[index::size]
+
+
+def shard_samples(cfg: Config, iteration: int, shards: Sequence[str]) -> tuple[list[TokenSample], list[int]]:
+    """All rows of the given shards as TokenSamples, plus the row count of each shard."""
+    reader = RolloutReader(cfg.train.run_dir, verify_checksum=False)
+    manifest = reader.manifest(iteration)
+    samples, counts = [], []
+    for shard in shards:
+        table = reader.read_shard(iteration, shard, manifest=manifest).select(["prompt_ids", "response_ids",
+                                                                             "action_mask"])
+        rows = table.to_pydict()
+        counts.append(table.num_rows)
+        for prompt, response, mask in zip(rows["prompt_ids"], rows["response_ids"], rows["action_mask"]):
+            samples.append(TokenSample(prompt_ids=torch.tensor(prompt), response_ids=torch.tensor(response),
+                                       action_mask=torch.tensor(mask, dtype=torch.bool)))
+    return samples, counts
+
+
+def per_token_outputs(infer: Callable, samples: list[TokenSample], micro_batch_size: int, field: str,
+                      pad_token_id: int) -> list[torch.Tensor]:
+    """Run `infer` over micro-batches and return one per-token tensor per sample (`field` of ForwardOutput).
+
+    A rank without samples still runs one filler batch, so that ZeRO-3 collectives stay matched.
+    """
+    if not samples:
+        batches = make_micro_batches([FILLER], micro_batch_size=1, pad_token_id=pad_token_id)
+        infer(batches)
+        return []
+    batches = make_micro_batches(samples, micro_batch_size=micro_batch_size, pad_token_id=pad_token_id)
+    outputs = infer(batches)
+    return scatter_to_samples(batches, [getattr(o, field) for o in outputs], len(samples))
+
+
+def commit_columns(cfg: Config, iteration: int, shards: Sequence[str], counts: Sequence[int], stage: str,
+                   columns: dict[str, list[Any]]) -> None:
+    """Write one column shard per base shard, skipping those already committed."""
+    writer = ShardWriter(cfg.train.run_dir)
+    directory = iteration_dir(cfg.train.run_dir, iteration)
+    start = 0
+    for shard, count in zip(shards, counts):
+        part = {name: values[start:start + count] for name, values in columns.items()}
+        start += count
+        if find_record(directory, shard, stage) is None:
+            writer.write_columns(iteration, shard, stage, part)
+
+
+def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, stage: str, column: str, infer: Callable,
+                   field: str, micro_batch_size: int, pad_token_id: int) -> dict[str, float]:
+    """Reference log-probs or critic values for this member's shards."""
+    start = time.perf_counter()
+    shards = my_shards(cfg, iteration, index, size)
+    samples, counts = shard_samples(cfg, iteration, shards)
+    outputs = per_token_outputs(infer, samples, micro_batch_size, field, pad_token_id)
+    commit_columns(cfg, iteration, shards, counts, stage, {column: [o.float().tolist() for o in outputs]})
+    tokens = sum(s.num_tokens for s in samples)
+    return {"tokens": float(tokens), "seconds": time.perf_counter() - start}
+
+
+def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: Any) -> dict[str, float]:
+    """Reward-model scores (reward and score columns) for this member's shards."""
+    start = time.perf_counter()
+    shards = my_shards(cfg, iteration, index, size)
+    samples, counts = shard_samples(cfg, iteration, shards)
+    sequences = [torch.cat([s.prompt_ids, s.response_ids]).tolist() for s in samples]
+    scores = reward_model.score_sequences(sequences).tolist() if sequences else []
+    commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
+    return {"tokens": float(sum(len(s) for s in sequences)), "seconds": time.perf_counter() - start}

@@ -1,0 +1,368 @@
+"""The PPO-family training loop, one schedule for every estimator, sync/async and disaggregated/colocated layouts.
+
+The loop runs in ticks. At tick t the generators produce iteration t and every other role works on iteration
+t - q, where q = rollout.async_queue (0 = synchronous). After its update the actor broadcasts weight version
+i + 1, which generators use from tick i + 1 + q on, so a sample is at most q versions stale. Colocated ranks simply
+hold every role and run the stages one after another. At the end of each tick all ranks exchange metrics and the
+stop flag over the control plane, so they agree on when to checkpoint and leave.
+
+Data moves through the rollout shards: generators commit `iter_*/generator_*.arrow`, fill stages commit column
+shards (rewards, reference log-probs, values), and trainers read the completed iteration. A rank waiting for data
+polls the filesystem; if a peer fails, the failure guard stops this rank with the peer's error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.algos import RunningMoments, build_kl_controller
+from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import RoleGroups, broadcast_weights, receive_weight_stream
+from hpc_rlhf.rollouts import RolloutReader, commit_iteration, committed_shards, generator_shard_name, load_manifest
+from hpc_rlhf.trainers.ppo import experience as exp
+from hpc_rlhf.trainers.ppo.components import Components, bf16_enabled
+from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
+from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
+from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs
+
+WAIT_TIMEOUT_S = 6 * 3600.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    """Poll `condition` (cheap filesystem checks) until it holds; a clear error after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def group_sum(group: dist.ProcessGroup, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An all-reduce (sum) over a role group, for the estimators' global whitening and statistics."""
+    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.detach().to(device).clone()
+        dist.all_reduce(out, group=group)
+        return out.to(tensor.device)
+    return all_reduce
+
+
+def zero_filler(rollout: exp.RolloutTensors, keys: list[str]):
+    """A sample with zero tensors, run with weight 0 by a rank that has run out of samples in an epoch."""
+    zeros = torch.zeros_like(rollout.behaviour_log_probs)
+    return exp.to_token_samples(rollout, {key: zeros for key in keys})[0]
+
+
+def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter, gathering ZeRO-3 partitions one parameter at a time."""
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.data.to(dtype).clone()
+        else:
+            yield name, param.data.to(dtype)
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint must carry besides model and optimizer states."""
+
+    next_iteration: int = 0
+    weight_version: int = 0
+    kl_controller: dict = field(default_factory=dict)
+    reward_moments: dict = field(default_factory=dict)
+
+
+class PPOTrainer:
+    """Runs the tick schedule for one rank; every rank of the job constructs one and calls `run`."""
+
+    def __init__(self, cfg: Config, groups: RoleGroups, control: Any, parts: Components, device: torch.device, *,
+                 should_stop: Callable[[], bool] = lambda: False,
+                 log: Optional[Callable[[int, dict], None]] = None,
+                 checkpoint: Any = None) -> None:
+        self.cfg, self.groups, self.control, self.parts, self.device = cfg, groups, control, parts, device
+        self.roles = groups.roles
+        self.plan = groups.plan
+        self.should_stop = should_stop
+        self.log = log or (lambda step, metrics: None)
+        self.checkpoint = checkpoint
+        self.run_dir = cfg.train.run_dir
+        self.total = parts.total_iterations
+        self.q = cfg.rollout.async_queue
+        self.kl_controller = build_kl_controller(cfg.algo.init_kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
+        self.reward_moments = RunningMoments()
+        self.state = TrainerState()
+        self.num_engines = len(self.plan.engines)
+        self.pad_id = parts.tokenizer.pad_token_id or 0
+
+    # ----- roles ---------------------------------------------------------------------------------------
+    def _index(self, role: str) -> int:
+        return self.roles.role_index[role]
+
+    def _size(self, role: str) -> int:
+        return len(self.plan.ranks_of(role))
+
+    @property
+    def writes_shards(self) -> bool:
+        """TP rank 0 of each generator engine writes that engine's shard."""
+        return self.roles.has("generator") and self.roles.tp_rank == 0
+
+    def _expected_shards(self) -> list[str]:
+        return [generator_shard_name(e) for e in range(self.num_engines)]
+
+    # ----- stages --------------------------------------------------------------------------------------
+    def _generate(self, iteration: int) -> dict[str, float]:
+        parts = self.parts
+        result = run_generation(self.cfg, iteration=iteration, engine_index=self.roles.generator_engine,
+                                num_engines=self.num_engines, writes=self.writes_shards, executor=parts.executor,
+                                tokenizer=parts.tokenizer, prompts=parts.prompts, reward_source=parts.reward_source,
+                                weight_version=self.state.weight_version)
+        if self.roles.role_index["generator"] == 0:  # the first generator rank completes the iteration
+            expected = self._expected_shards()
+            wait_until(lambda: set(expected) <= set(committed_shards(self.run_dir, iteration)),
+                       f"the generator shards of iteration {iteration}")
+            commit_iteration(self.run_dir, iteration, expected)
+        if not self.writes_shards or result.reused:
+            return {}
+        return {"sum/generate_tokens": result.response_tokens, "max/generate_s": result.seconds,
+                "sum/generate_samples": result.samples}
+
+    def _wait_complete(self, iteration: int) -> None:
+        wait_until(lambda: load_manifest(self.run_dir, iteration).complete, f"iteration {iteration} to complete")
+
+    def _wait_filled(self, iteration: int, stages: list[str]) -> None:
+        def filled() -> bool:
+            manifest = load_manifest(self.run_dir, iteration)
+            have = {(r.shard, r.stage) for r in manifest.column_shards}
+            return all((s, stage) in have for s in manifest.shard_names for stage in stages)
+        wait_until(filled, f"stages {stages} of iteration {iteration}")
+
+    def _fill(self, iteration: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        parts, cfg = self.parts, self.cfg
+        if parts.reward_model is not None:
+            out = fill_rewards(cfg, iteration, self._index("reward"), self._size("reward"), parts.reward_model)
+            metrics.update({"sum/reward_model_tokens": out["tokens"], "max/reward_model_s": out["seconds"]})
+        if parts.reference is not None:
+            out = fill_per_token(cfg, iteration, self._index("reference"), self._size("reference"),
+                                 stage="reference", column="reference_log_probs", infer=parts.reference.infer,
+                                 field="log_probs", micro_batch_size=cfg.ref.micro_batch_size, pad_token_id=self.pad_id)
+            metrics.update({"sum/reference_tokens": out["tokens"], "max/reference_s": out["seconds"]})
+        if parts.critic is not None:
+            out = fill_per_token(cfg, iteration, self._index("critic"), self._size("critic"), stage="values",
+                                 column="values", infer=parts.critic.infer, field="values",
+                                 micro_batch_size=cfg.train.micro_train_batch_size, pad_token_id=self.pad_id)
+            metrics.update({"sum/critic_forward_tokens": out["tokens"], "max/critic_forward_s": out["seconds"]})
+        return metrics
+
+    def _required_stages(self) -> list[str]:
+        stages = ["rewards"] if self.cfg.reward.pretrain else []
+        if self.plan.ranks_of("reference"):
+            stages.append("reference")
+        if self.plan.ranks_of("critic"):
+            stages.append("values")
+        return stages
+
+    def _read_rollout(self, iteration: int, role: str) -> exp.RolloutTensors:
+        table = RolloutReader(self.run_dir).read(iteration, rank=self._index(role), world_size=self._size(role),
+                                                 require_filled=["reward", "score"])
+        return exp.table_to_tensors(table)
+
+    def _shaped(self, rollout: exp.RolloutTensors, group: dist.ProcessGroup, device: torch.device):
+        """Filtered rollout, shaped rewards, advantages/returns and mean KL, identical on actor and critic ranks."""
+        reduce = group_sum(group, device)
+        kept = rollout.select(exp.group_filter(self.cfg, rollout))
+        if self.cfg.algo.normalize_reward:
+            self.reward_moments.update(kept.rewards, all_reduce=reduce)
+        shaped = exp.shape_rewards(self.cfg, kept, self.reward_moments)
+        result, mean_kl = exp.advantages_and_returns(self.cfg, kept, shaped.rewards, self.kl_controller.value, reduce)
+        return kept, shaped, result, mean_kl
+
+    def _train_actor(self, iteration: int) -> dict[str, float]:
+        actor, cfg = self.parts.actor, self.cfg
+        start = time.perf_counter()
+        rollout = self._read_rollout(iteration, "actor")
+        kept, shaped, adv, mean_kl = self._shaped(rollout, self.groups.group("actor"), actor.device)
+        per_token = {"behaviour_log_probs": kept.behaviour_log_probs, "advantages": adv.advantages}
+        if kept.reference_log_probs is not None:
+            per_token["reference_log_probs"] = kept.reference_log_probs
+        samples = exp.to_token_samples(kept, per_token)
+        # The trainer's own log-probs before the update: the PPO ratio's denominator (old policy).
+        old = per_token_outputs(actor.infer, samples, cfg.train.micro_train_batch_size, "log_probs", self.pad_id)
+        samples = [dataclasses.replace(s, response_tensors={**s.response_tensors, "old_log_probs": o})
+                   for s, o in zip(samples, old)]
+        frozen = iteration < cfg.critic.freezing_actor_steps
+        steps = [] if frozen else run_epochs(actor, cfg, samples, actor_loss_fn(cfg),
+                                             filler=zero_filler(rollout, [*per_token, "old_log_probs"]),
+                                             dp_size=actor.dp_size, pad_token_id=self.pad_id, iteration=iteration,
+                                             salt=0)
+        self.kl_controller.update(mean_kl, len(rollout.rewards))
+        seconds = time.perf_counter() - start
+        tokens = sum(s.num_tokens for s in samples)
+        metrics = {key: sum(m[key] for m in steps) / len(steps) for key in (steps[0] if steps else {})}
+        metrics.update({
+            "rollout/reward_mean": rollout.rewards.mean().item(), "rollout/score_mean": rollout.scores.mean().item(),
+            "rollout/shaped_reward_mean": shaped.rewards.mean().item() if len(shaped.rewards) else 0.0,
+            "rollout/kl": mean_kl, "rollout/kl_coef": float(self.kl_controller.value),
+            "rollout/response_length": rollout.response_lengths().float().mean().item(),
+            "rollout/kept_fraction": len(kept.rewards) / max(len(rollout.rewards), 1),
+            "rollout/staleness": iteration - rollout.weight_versions.float().mean().item(),
+            "sum/train_tokens": float(tokens), "max/train_s": seconds,
+        })
+        return metrics
+
+    def _train_critic(self, iteration: int) -> dict[str, float]:
+        critic, cfg = self.parts.critic, self.cfg
+        rollout = self._read_rollout(iteration, "critic")
+        kept, _, adv, _ = self._shaped(rollout, self.groups.group("critic"), critic.device)
+        samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
+        steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg), filler=zero_filler(rollout, ["returns", "old_values"]),
+                           dp_size=critic.dp_size,
+                           pad_token_id=self.pad_id, iteration=iteration, salt=1)
+        if not self.roles.has("actor"):
+            self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
+                                      len(rollout.rewards))
+        return {key: sum(m[key] for m in steps) / len(steps) for key in steps[0]} if steps else {}
+
+    # ----- weights -------------------------------------------------------------------------------------
+    def _sync_weights(self, version: int) -> dict[str, float]:
+        """Actor -> generator weights of `version`: a local copy when colocated, else a bucketed broadcast."""
+        start = time.perf_counter()
+        actor, engine = self.parts.actor, self.parts.engine
+        dtype = torch.bfloat16 if bf16_enabled(self.cfg) else torch.float32
+        src = self.plan.ranks_of("actor")[0]
+        if self.plan.colocate:  # every rank is an actor: gather the full weights locally, no broadcast
+            engine.load_weights(full_named_parameters(actor.hf_model(), dtype))
+        elif actor is not None:
+            broadcast_weights(actor.hf_model().named_parameters(), self.groups.weight_sync_group, src,
+                              self.cfg.vllm.weight_sync_bucket_mb, dtype, version)
+        elif engine is not None:
+            _, stream = receive_weight_stream(self.groups.weight_sync_group, src)
+            engine.load_weights(stream)
+        self.state.weight_version = version
+        return {"max/weight_sync_s": time.perf_counter() - start}
+
+    # ----- eval ----------------------------------------------------------------------------------------
+    def _eval(self) -> dict[str, float]:
+        if not self.roles.has("generator") or not self.parts.eval_prompts or self.roles.tp_rank != 0:
+            return {}
+        out = run_eval(self.cfg, executor=self.parts.executor, tokenizer=self.parts.tokenizer,
+                       prompts=self.parts.eval_prompts, reward_source=self.parts.reward_source,
+                       engine_index=self.roles.generator_engine, num_engines=self.num_engines)
+        return {"sum/eval_count": out["count"], "sum/eval_reward": out["reward_sum"], "sum/eval_score": out["score_sum"]}
+
+    def _eval_due(self, iteration: int) -> bool:
+        steps = self.cfg.eval.steps
+        return bool(self.parts.eval_prompts) and steps > 0 and iteration % steps == 0
+
+    # ----- the schedule --------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        """Run ticks until the last iteration is trained or a stop is requested; returns the last metrics."""
+        start = self.resume()
+        if start > 0 and (self.roles.has("generator") or self.roles.has("actor")):
+            self._sync_weights(start)
+        last: dict[str, float] = {}
+        for tick in range(start, self.total + self.q):
+            gen_it, train_it = tick, tick - self.q
+            metrics: dict[str, float] = {}
+            if self.roles.has("generator") and gen_it < self.total:
+                if self._eval_due(gen_it):
+                    metrics.update(self._eval())
+                metrics.update(self._generate(gen_it))
+            if train_it >= start:
+                self._wait_complete(train_it)
+                metrics.update(self._fill(train_it))
+                if self.parts.actor is not None or self.parts.critic is not None:
+                    self._wait_filled(train_it, self._required_stages())
+                if self.parts.critic is not None:
+                    metrics.update(self._train_critic(train_it))
+                if self.parts.actor is not None:
+                    metrics.update(self._train_actor(train_it))
+                self.state.next_iteration = train_it + 1
+            if train_it >= start and tick + 1 < self.total and self._in_weight_path():
+                metrics.update(self._sync_weights(train_it + 1))
+            elif train_it >= start:
+                self.state.weight_version = train_it + 1
+            stop = self._agree(train_it, metrics)
+            last = metrics
+            if train_it >= start and self._checkpoint_due(train_it, stop):
+                self.save()
+            if stop:
+                return {"stopped": 1.0, **last}
+        if self.parts.eval_prompts and self.cfg.eval.data:
+            if self._in_weight_path():
+                self._sync_weights(self.total)
+            self._agree(self.total, self._eval())
+        return last
+
+    def _in_weight_path(self) -> bool:
+        return self.roles.has("generator") or self.roles.has("actor")
+
+    def _checkpoint_due(self, iteration: int, stop: bool) -> bool:
+        every = self.cfg.ckpt.save_steps
+        return self.checkpoint is not None and (stop or (every > 0 and (iteration + 1) % every == 0))
+
+    def _agree(self, step: int, metrics: dict[str, float]) -> bool:
+        """Exchange metrics and stop flags; rank 0 logs the merged metrics. Returns whether any rank asked to stop."""
+        gathered = self.control.allgather_object((bool(self.should_stop()), metrics))
+        if self.control.rank == 0:
+            self.log(step, merge_metrics([m for _, m in gathered]))
+        return any(flag for flag, _ in gathered)
+
+    # ----- checkpoints ---------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        self.state.kl_controller = self.kl_controller.state_dict()
+        self.state.reward_moments = self.reward_moments.state_dict()
+        return self.state.__dict__.copy()
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint when there is one; returns the first iteration to train."""
+        if self.checkpoint is None:
+            return 0
+        state = self.checkpoint.restore(self)
+        if not state:
+            return 0
+        known = {f.name for f in dataclasses.fields(TrainerState)}
+        self.state = TrainerState(**{k: v for k, v in state.items() if k in known})
+        self.kl_controller.load_state_dict(self.state.kl_controller)
+        self.reward_moments.load_state_dict(self.state.reward_moments)
+        return self.state.next_iteration
+
+    def save(self) -> None:
+        self.checkpoint.save(self)
+
+
+def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Combine rank metrics: `sum/` keys add up, `max/` keys take the maximum, others average; derive rates."""
+    sums: dict[str, float] = {}
+    maxes: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
+    for metrics in per_rank:
+        for key, value in metrics.items():
+            if key.startswith("sum/"):
+                sums[key[4:]] = sums.get(key[4:], 0.0) + value
+            elif key.startswith("max/"):
+                maxes[key[4:]] = max(maxes.get(key[4:], 0.0), value)
+            else:
+                means.setdefault(key, []).append(value)
+    merged = {key: sum(values) / len(values) for key, values in means.items()}
+    merged.update({f"time/{k}": v for k, v in maxes.items()})
+    for name, seconds_key in (("generate_tokens", "generate_s"), ("train_tokens", "train_s"),
+                              ("reference_tokens", "reference_s"), ("critic_forward_tokens", "critic_forward_s"),
+                              ("reward_model_tokens", "reward_model_s")):
+        if name in sums and maxes.get(seconds_key):
+            merged[f"throughput/{name}_per_s"] = sums[name] / maxes[seconds_key]
+    if sums.get("eval_count"):
+        merged["eval/reward_mean"] = sums["eval_reward"] / sums["eval_count"]
+        merged["eval/accuracy"] = sums["eval_score"] / sums["eval_count"]
+    merged.update({f"count/{k}": v for k, v in sums.items() if k.endswith("samples")})
+    return merged

@@ -1,0 +1,134 @@
+"""The generation stage: one engine's slice of the iteration's prompts -> trajectories -> a committed Arrow shard.
+
+The prompts an engine takes are a pure function of (seed, epoch, iteration, engine index), and so is its sampling
+seed, so a resumed job regenerates exactly what an interrupted one would have (and skips shards already committed).
+Rewards that come from a function or an HTTP service are scored here, on the generator, before the shard is written;
+a reward model scores later, in its own stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from hpc_rlhf.config import Config
+from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
+from hpc_rlhf.generation import SamplingParams, Trajectory
+from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
+
+
+@dataclass
+class GenerationResult:
+    """What one engine did in one iteration, for metrics."""
+
+    samples: int
+    response_tokens: int
+    seconds: float
+    reused: bool
+
+
+def sampling_seed(seed: int, iteration: int, engine: int) -> int:
+    """Seed of one engine's sampling in one iteration (distinct per engine, reproducible on resume)."""
+    return (seed * 1_000_003 + iteration * 7_919 + engine * 104_729) % (2**31 - 1)
+
+
+def encode_prompts(cfg: Config, tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, keeping the last prompt_max_len tokens of long prompts.
+
+    A chat template already renders the special tokens (bos), so they are only added to plain prompts.
+    """
+    max_len = cfg.rollout.prompt_max_len
+    ids = tokenizer(list(texts), add_special_tokens=not cfg.data.apply_chat_template)["input_ids"]
+    return [list(row[-max_len:]) for row in ids]
+
+
+def sampling_params(cfg: Config, seed: int, *, n: Optional[int] = None, temperature: Optional[float] = None,
+                    eos_token_id: Optional[int] = None) -> SamplingParams:
+    rollout = cfg.rollout
+    return SamplingParams(max_new_tokens=rollout.generate_max_len,
+                          temperature=rollout.temperature if temperature is None else temperature,
+                          top_p=rollout.top_p, top_k=rollout.top_k,
+                          n=rollout.n_samples_per_prompt if n is None else n, seed=seed,
+                          stop_token_ids=[] if eos_token_id is None else [eos_token_id])
+
+
+def score_trajectories(reward_source: Any, tokenizer: Any, prompts: Sequence[PromptExample],
+                       prompt_texts: Sequence[str], trajectories: Sequence[Trajectory]) -> tuple[list, list, dict]:
+    """Rewards and scores of trajectories from a function / remote source (queries are prompt + response text)."""
+    queries = [tokenizer.decode(list(t.prompt_ids) + list(t.response_ids), skip_special_tokens=False)
+               for t in trajectories]
+    result = reward_source(queries, list(prompt_texts), [p.label for p in prompts],
+                           token_ids=[list(t.prompt_ids) + list(t.response_ids) for t in trajectories])
+    return result.rewards.tolist(), result.scores.tolist(), result.extra_logs
+
+
+def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[PromptExample], group_base: int,
+                    n: int, weight_version: int, rewards: Optional[list], scores: Optional[list]) -> list[dict]:
+    """Rollout rows in the shard schema; trajectory k belongs to prompt k // n (sample k % n)."""
+    rows = []
+    for k, traj in enumerate(trajectories):
+        prompt = prompts[k // n]
+        reward = traj.reward if traj.reward is not None else (rewards[k] if rewards is not None else None)
+        score = traj.score if traj.score is not None else (scores[k] if scores is not None else None)
+        rows.append({
+            "prompt_ids": list(traj.prompt_ids), "response_ids": list(traj.response_ids),
+            "behaviour_log_probs": [float(x) for x in traj.log_probs],
+            "action_mask": [int(x) for x in traj.action_mask],
+            "reward": reward, "score": score, "label": prompt.label, "prompt_id": prompt.index,
+            "group_id": group_base + k // n, "sample_index": k % n, "weight_version": weight_version,
+            "turn_boundaries": list(traj.turn_boundaries),
+            "extra": json.dumps({"finish_reason": traj.finish_reason, **(traj.extra_logs or {})}),
+        })
+    return rows
+
+
+def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engines: int, writes: bool,
+                   executor: Any, tokenizer: Any, prompts: Sequence[PromptExample], reward_source: Any,
+                   weight_version: int) -> GenerationResult:
+    """Generate this engine's slice of `iteration` and commit its shard (TP rank 0 writes); skip if committed."""
+    shard = generator_shard_name(engine_index)
+    run_dir = cfg.train.run_dir
+    if shard in committed_shards(run_dir, iteration):
+        return GenerationResult(samples=0, response_tokens=0, seconds=0.0, reused=True)
+    start = time.perf_counter()
+    epoch, in_epoch = epoch_and_iteration(iteration, num_prompts=len(prompts),
+                                          rollout_batch_size=cfg.rollout.batch_size)
+    indices = prompt_indices_for(len(prompts), seed=cfg.train.seed, epoch=epoch, iteration=in_epoch,
+                                 rollout_batch_size=cfg.rollout.batch_size, rank=engine_index, num_ranks=num_engines)
+    chosen = [prompts[i] for i in indices]
+    texts = [p.prompt for p in chosen]
+    n = cfg.rollout.n_samples_per_prompt
+    params = sampling_params(cfg, sampling_seed(cfg.train.seed, iteration, engine_index),
+                             eos_token_id=tokenizer.eos_token_id)
+    trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
+                                prompt_texts=texts, labels=[p.label for p in chosen])
+    rewards = scores = None
+    if reward_source is not None and trajectories and trajectories[0].reward is None:
+        rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in chosen for _ in range(n)],
+                                                [t for t in texts for _ in range(n)], trajectories)
+    per_engine = cfg.rollout.batch_size // num_engines
+    rows = trajectory_rows(trajectories, chosen, engine_index * per_engine, n, weight_version, rewards, scores)
+    if writes:
+        ShardWriter(run_dir).write(iteration, shard, rows)
+    tokens = sum(len(t.response_ids) for t in trajectories)
+    return GenerationResult(samples=len(rows), response_tokens=tokens, seconds=time.perf_counter() - start,
+                            reused=False)
+
+
+def run_eval(cfg: Config, *, executor: Any, tokenizer: Any, prompts: Sequence[PromptExample], reward_source: Any,
+             engine_index: int, num_engines: int) -> dict[str, float]:
+    """Score this engine's share of the held-out prompts with eval sampling; returns sums for a global mean."""
+    share = list(prompts)[engine_index::num_engines]
+    if not share or reward_source is None:
+        return {"count": 0.0, "reward_sum": 0.0, "score_sum": 0.0}
+    texts = [p.prompt for p in share]
+    n = cfg.eval.n_samples_per_prompt
+    params = sampling_params(cfg, sampling_seed(cfg.train.seed, -1, engine_index), n=n,
+                             temperature=cfg.eval.temperature, eos_token_id=tokenizer.eos_token_id)
+    trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
+                                prompt_texts=texts, labels=[p.label for p in share])
+    rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in share for _ in range(n)],
+                                            [t for t in texts for _ in range(n)], trajectories)
+    return {"count": float(len(rewards)), "reward_sum": float(sum(rewards)), "score_sum": float(sum(scores))}

@@ -1,0 +1,175 @@
+"""Reward model training (train.trainer: rm): a pairwise loss on the scores of chosen and rejected responses.
+
+    python -m hpc_rlhf.train --config configs/rm_tiny.yaml
+
+The model is `actor.pretrain` loaded as a sequence classifier with one output (a new `score` head on a causal LM, or
+an existing reward model). A sequence's score is the head's output at its last token, exactly where
+`hpc_rlhf.rewards.RewardModel` reads it when the trained model later serves PPO. Loss: `pref.rm_loss` (sigmoid =
+Bradley-Terry, logexp), with an optional per-pair margin column; metric: preference accuracy (chosen scores higher).
+The saved model (RUN_DIR/hf/reward) loads with `AutoModelForSequenceClassification.from_pretrained`; with
+`pref.normalize_reward` its config carries `reward_mean` / `reward_std` of the training scores, which RewardModel uses
+to normalise rewards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from hpc_rlhf.algos import pairwise_rm_loss
+from hpc_rlhf.config import Config
+from hpc_rlhf.lora import unwrap
+from hpc_rlhf.trainers.common import (
+    StepLoop,
+    TrainerContext,
+    all_reduce_sums,
+    build_context,
+    eval_share,
+    finish,
+    finite_metrics,
+    load_trainable,
+    micro_batches,
+    model_inputs,
+    per_sample,
+    save_model,
+    schedule_for,
+)
+from hpc_rlhf.trainers.supervised_data import PairExample, load_pairs
+from hpc_rlhf.training.batching import MicroBatch, TokenSample
+from hpc_rlhf.training.models import ForwardOutput, _TrainedModel
+
+STATS_PAIRS = 1024
+
+
+class ScoreModel(nn.Module):
+    """A `*ForSequenceClassification` model (num_labels=1, LoRA-wrapped or not) read at every position:
+    score = head(hidden state)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        base = unwrap(model)
+        if getattr(base.config, "num_labels", None) != 1 or not isinstance(getattr(base, "score", None), nn.Module):
+            raise ValueError(f"a reward model needs a sequence classifier with num_labels=1 and a `score` head, got "
+                             f"{type(base).__name__} with num_labels={getattr(base.config, 'num_labels', None)}")
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor,
+                use_cache: bool = False) -> torch.Tensor:
+        """[rows, seq] scores, one per input position."""
+        base = unwrap(self.model)  # with LoRA: the HF model with adapter layers injected, the head a trainable copy
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache).last_hidden_state
+        return base.score(hidden).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Passed through to the Hugging Face model (used by the engine setup)."""
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+
+class RewardModelEngine(_TrainedModel):
+    """A reward model on a training engine; `forward` gives each sample's score at its last token as values [S, 1]."""
+
+    def __init__(self, model: nn.Module, cfg: Any, dp_group: Any, num_training_steps: int) -> None:
+        super().__init__(ScoreModel(model), cfg, dp_group, num_training_steps)
+
+    def hf_model(self) -> nn.Module:
+        """The sequence classifier (or its LoRA wrapper) that is saved."""
+        return self.engine.module.model
+
+    def forward(self, batch: MicroBatch) -> ForwardOutput:
+        scores = self.engine(**model_inputs(batch, self.device))
+        last = (batch.response_starts + batch.response_lengths - 1).to(self.device)
+        return ForwardOutput(values=scores[batch.response_rows.to(self.device), last].float().unsqueeze(-1))
+
+
+def pair_samples(pairs: Sequence[PairExample]) -> list[TokenSample]:
+    """[chosen 0, rejected 0, chosen 1, rejected 1, ...]: a pair stays together in a micro-batch."""
+    return [s for pair in pairs for s in (pair.chosen.to_sample(), pair.rejected.to_sample())]
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample values of interleaved pairs -> (chosen [P], rejected [P])."""
+    if values.shape[0] % 2:
+        raise ValueError(f"interleaved pairs need an even number of samples, got {values.shape[0]}")
+    return values[0::2], values[1::2]
+
+
+def rm_loss_fn(margins: torch.Tensor, loss_type: str) -> Callable[[MicroBatch, ForwardOutput], Any]:
+    """Pairwise loss of one micro-batch; `margins` holds one value per sample of the step (chosen and rejected)."""
+    def loss_fn(batch: MicroBatch, output: ForwardOutput):
+        chosen, rejected = split_pairs(output.values[:, 0])
+        margin, _ = split_pairs(per_sample(margins, batch).to(chosen.device))
+        loss = pairwise_rm_loss(chosen, rejected, margin=margin, loss_type=loss_type)
+        return loss, {"accuracy": (chosen > rejected).float().mean(), "chosen_reward": chosen.mean().detach(),
+                      "rejected_reward": rejected.mean().detach()}
+    return loss_fn
+
+
+def score_pairs(ctx: TrainerContext, model: RewardModelEngine,
+                pairs: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores of `pairs` on this rank."""
+    samples = pair_samples(pairs)
+    batches = micro_batches(ctx, samples, group=2)
+    scores = torch.zeros(len(samples))
+    for batch, output in zip(batches, model.infer(batches)):
+        scores[batch.sample_indices] = output.values[:, 0].float().cpu()
+    return split_pairs(scores)
+
+
+def evaluate_pairs(ctx: TrainerContext, model: RewardModelEngine, pairs: Sequence[PairExample]) -> dict[str, float]:
+    """eval/accuracy (chosen scored higher) and eval/loss over the held-out pairs of all ranks."""
+    mine, weight = eval_share(ctx, pairs)
+    chosen, rejected = score_pairs(ctx, model, mine)
+    margin = torch.tensor([p.margin for p in mine])
+    loss_sum = float(pairwise_rm_loss(chosen, rejected, margin=margin, loss_type=ctx.cfg.pref.rm_loss)) * len(mine)
+    totals = all_reduce_sums(model, {"loss": loss_sum * weight, "correct": float((chosen > rejected).sum()) * weight,
+                                     "count": len(mine) * weight})
+    return {"eval/loss": totals["loss"] / totals["count"], "eval/accuracy": totals["correct"] / totals["count"]}
+
+
+def reward_statistics(ctx: TrainerContext, model: RewardModelEngine,
+                      pairs: Sequence[PairExample]) -> dict[str, float]:
+    """Mean and std of the scores of every chosen and rejected response of `pairs` (all ranks share the work)."""
+    mine, weight = eval_share(ctx, pairs)
+    scores = torch.cat(score_pairs(ctx, model, mine)).double()
+    totals = all_reduce_sums(model, {"n": scores.numel() * weight, "sum": float(scores.sum()) * weight,
+                                     "sq": float((scores ** 2).sum()) * weight})
+    mean = totals["sum"] / totals["n"]
+    std = max(totals["sq"] / totals["n"] - mean ** 2, 0.0) ** 0.5
+    return {"reward_mean": mean, "reward_std": std if std > 0 else 1.0}
+
+
+def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+        should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+    """Train a reward model on the preference pairs of data.dataset; every rank calls this."""
+    ctx = build_context(cfg, world, groups, control, should_stop)
+    pairs, report = load_pairs(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
+    ctx.info(report.summary())
+    eval_pairs: list[PairExample] = []
+    if cfg.eval.data:
+        eval_pairs, eval_report = load_pairs(cfg.eval.data, cfg, ctx.tokenizer, max_samples=cfg.eval.max_samples)
+        ctx.info(eval_report.summary())
+    schedule = schedule_for(cfg, len(pairs))
+    model = load_trainable(ctx, cfg.actor.pretrain, "sequence_classification", RewardModelEngine,
+                           schedule.total_steps)
+    loop = StepLoop(ctx, {"actor": model}, total_steps=schedule.total_steps)
+    evaluate = (lambda: evaluate_pairs(ctx, model, eval_pairs)) if eval_pairs else None
+
+    def train_step(step: int) -> dict[str, float]:
+        mine = [pairs[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
+        margins = torch.tensor([p.margin for p in mine for _ in range(2)], dtype=torch.float32)
+        batches = micro_batches(ctx, pair_samples(mine), group=2)
+        return finite_metrics(model.train_step(batches, rm_loss_fn(margins, cfg.pref.rm_loss), "sample"))
+
+    def save() -> None:
+        # Statistics over the held-out pairs (else up to STATS_PAIRS training pairs), as OpenRLHF does.
+        stats = reward_statistics(ctx, model, eval_pairs or pairs[:STATS_PAIRS]) if cfg.pref.normalize_reward else {}
+        save_model(ctx, model, "reward", config_updates=stats)
+
+    start = int(loop.restore().get("next_step", 0))
+    stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=evaluate)
+    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate, save=save)

@@ -1,0 +1,160 @@
+"""Sampling and scoring for the trainers that generate: iterative DPO and rejection sampling.
+
+Round r samples `rollout.batch_size` prompts of `data.prompt_data`, the same pure function of (seed, round) as the PPO
+loop's iterations, each rank taking a contiguous slice; each prompt gets `rollout.n_samples_per_prompt` responses from
+the generation engine of `vllm.backend` (hf on a CPU), seeded per (round, rank), so a resumed run redraws exactly
+what it lost. The engine holds its own copy of the policy; `sync_weights` copies the trained weights into it before a
+round. Rewards come from the `reward:` section (a reward function, an HTTP service, or a reward model).
+Everything stays token ids: responses are never re-tokenized, only decoded for the reward and for written rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from hpc_rlhf.config import Config
+from hpc_rlhf.data import PromptExample, load_prompts, load_records, prompt_indices_for
+from hpc_rlhf.data.sharding import iterations_per_epoch
+from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.trainers.common import TrainerContext
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """A prompt as dataset row (`raw_input`, for written datasets), rendered text, token ids and label."""
+
+    index: int
+    raw_input: Any
+    text: str
+    prompt_ids: tuple[int, ...]
+    label: Optional[str]
+
+
+@dataclass
+class ScoredGroup:
+    """The responses to one prompt with their rewards."""
+
+    prompt: PromptRow
+    response_ids: list[list[int]]
+    response_texts: list[str]
+    rewards: list[float]
+
+    def best(self) -> int:
+        """Index of the highest reward (the first one on ties)."""
+        return max(range(len(self.rewards)), key=lambda i: (self.rewards[i], -i))
+
+    def worst(self) -> int:
+        """Index of the lowest reward (the last one on ties)."""
+        return min(range(len(self.rewards)), key=lambda i: (self.rewards[i], -i))
+
+
+def load_prompt_rows(cfg: Config, tokenizer: Any) -> list[PromptRow]:
+    """The prompts of data.prompt_data rendered as data.* asks, tokenized, the last rollout.prompt_max_len tokens."""
+    data = cfg.data
+    examples: list[PromptExample] = load_prompts(
+        data.prompt_data, input_key=data.input_key, label_key=data.label_key,
+        apply_chat_template=data.apply_chat_template, input_template=data.input_template,
+        max_samples=data.max_samples, tokenizer=tokenizer)
+    raw = load_records(data.prompt_data, limit=len(examples))
+    ids = tokenizer([e.prompt for e in examples], add_special_tokens=not data.apply_chat_template)["input_ids"]
+    keep = cfg.rollout.prompt_max_len
+    return [PromptRow(index=e.index, raw_input=row[data.input_key], text=e.prompt,
+                      prompt_ids=tuple(token_ids[-keep:]), label=e.label)
+            for e, row, token_ids in zip(examples, raw, ids)]
+
+
+def round_prompts(cfg: Config, rows: Sequence[PromptRow], round_index: int, *, rank: int,
+                  num_ranks: int) -> list[PromptRow]:
+    """This rank's prompts of round `round_index` (rollout.batch_size per round over all ranks)."""
+    per_epoch = iterations_per_epoch(len(rows), cfg.rollout.batch_size)
+    epoch, iteration = divmod(round_index, per_epoch)
+    indices = prompt_indices_for(len(rows), seed=cfg.train.seed, epoch=epoch, iteration=iteration,
+                                 rollout_batch_size=cfg.rollout.batch_size, rank=rank, num_ranks=num_ranks)
+    return [rows[i] for i in indices]
+
+
+def sampling_seed(seed: int, round_index: int, rank: int) -> int:
+    """Seed of one rank's sampling in one round: distinct per rank and round, the same on resume."""
+    return (seed * 1_000_003 + round_index * 7_919 + rank * 104_729) % (2**31 - 1)
+
+
+class RoundSampler:
+    """Generation engine + reward source of one rank; `sample` draws and scores one round's responses."""
+
+    def __init__(self, ctx: TrainerContext) -> None:
+        from hpc_rlhf.rewards import reward_source_from_config
+        from hpc_rlhf.trainers.ppo.components import bf16_enabled, build_generation
+
+        cfg = ctx.cfg
+        self.ctx = ctx
+        self.engine, _ = build_generation(cfg, resolve_model_path(cfg.actor.pretrain), ctx.tokenizer, ctx.device)
+        self.weights_dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
+        dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
+        reward_cfg = cfg.reward
+        if reward_cfg.pretrain:
+            reward_cfg = _with_resolved_pretrain(reward_cfg)
+        self.reward_source = reward_source_from_config(reward_cfg, device=ctx.device, dtype=dtype)
+        self.sleeps = cfg.vllm.enable_sleep
+
+    def sync_weights(self, actor: Any) -> None:
+        """Copy the actor's current weights into the engine (all ranks call: ZeRO-3 gathers are collective)."""
+        from hpc_rlhf.trainers.ppo.loop import full_named_parameters
+
+        self._wake()
+        self.engine.load_weights(full_named_parameters(actor.hf_model(), self.weights_dtype))
+
+    def _wake(self) -> None:
+        if self.sleeps:
+            self.engine.wake_up()
+
+    def sample(self, prompts: Sequence[PromptRow], round_index: int) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """n responses per prompt and their rewards; returns them with generation metrics of this rank."""
+        from hpc_rlhf.trainers.ppo.rollout_stage import sampling_params
+
+        cfg, tokenizer = self.ctx.cfg, self.ctx.tokenizer
+        if not prompts:
+            return [], {}
+        start = time.perf_counter()
+        self._wake()
+        params = sampling_params(cfg, sampling_seed(cfg.train.seed, round_index, self.ctx.rank),
+                                 eos_token_id=tokenizer.eos_token_id)
+        generated = self.engine.generate([list(p.prompt_ids) for p in prompts], params)
+        if self.sleeps:
+            self.engine.sleep()
+        seconds = time.perf_counter() - start
+        groups = []
+        flat_prompts, flat_ids = [], []
+        for prompt, samples in zip(prompts, generated):
+            ids = [list(s.response_ids) for s in samples]
+            groups.append(ScoredGroup(prompt, ids, [tokenizer.decode(r, skip_special_tokens=True) for r in ids], []))
+            flat_prompts += [prompt] * len(ids)
+            flat_ids += ids
+        queries = [tokenizer.decode(list(p.prompt_ids) + r, skip_special_tokens=False)
+                   for p, r in zip(flat_prompts, flat_ids)]
+        result = self.reward_source(queries, [p.text for p in flat_prompts], [p.label for p in flat_prompts],
+                                    token_ids=[list(p.prompt_ids) + r for p, r in zip(flat_prompts, flat_ids)])
+        rewards = result.rewards.tolist()
+        for index, group in enumerate(groups):
+            group.rewards = rewards[index * params.n:(index + 1) * params.n]
+        tokens = sum(len(r) for r in flat_ids)
+        return groups, {"rollout/reward_mean": sum(rewards) / len(rewards),
+                        "rollout/best_reward_mean": sum(max(g.rewards) for g in groups) / len(groups),
+                        "rollout/response_length": tokens / len(flat_ids),
+                        "time/generate_s": seconds}
+
+
+def _with_resolved_pretrain(reward_cfg: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(reward_cfg, pretrain=resolve_model_path(reward_cfg.pretrain))
+
+
+def mean_over_ranks(ctx: TrainerContext, metrics: dict[str, float]) -> dict[str, float]:
+    """Average each metric over the ranks that reported it (all ranks call; an empty dict reports nothing)."""
+    gathered = ctx.control.allgather_object(metrics)
+    keys = sorted({key for part in gathered for key in part})
+    return {key: sum(p[key] for p in gathered if key in p) / sum(1 for p in gathered if key in p) for key in keys}

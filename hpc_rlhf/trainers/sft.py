@@ -1,0 +1,89 @@
+"""Supervised fine-tuning (train.trainer: sft): next-token NLL on the response tokens.
+
+    python -m hpc_rlhf.train --config configs/sft_tiny.yaml
+
+Rows come from `data.dataset` (see `supervised_data` for plain, pretrain, multi-turn and conditional rows); the loss is
+the mean over every trained token of the whole step (all micro-batches of all ranks), so packing
+(`train.packing_samples`, position ids restarting per sample) and token-budget batching do not change it. Held-out
+rows (`eval.data`) give `eval/loss`, the same token-mean NLL without gradients. The model is saved to RUN_DIR/hf/actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+
+from hpc_rlhf.algos import sft_loss
+from hpc_rlhf.config import Config
+from hpc_rlhf.trainers.common import (
+    StepLoop,
+    StepSchedule,
+    TrainerContext,
+    all_reduce_sums,
+    build_context,
+    eval_share,
+    finish,
+    finite_metrics,
+    load_trainable,
+    micro_batches,
+    save_model,
+    schedule_for,
+    sequence_log_probs,
+)
+from hpc_rlhf.trainers.supervised_data import Encoded, load_sft_examples
+from hpc_rlhf.training.batching import MicroBatch
+from hpc_rlhf.training.models import Actor, ForwardOutput
+
+
+def nll_loss_fn(batch: MicroBatch, output: ForwardOutput) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the micro-batch's trained response tokens."""
+    return sft_loss(output.log_probs, batch.action_mask.to(output.log_probs.device))
+
+
+def evaluate_nll(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded]) -> dict[str, float]:
+    """eval/loss: the token-mean NLL of the held-out examples over all ranks."""
+    mine, weight = eval_share(ctx, examples)
+    batches = micro_batches(ctx, [e.to_sample() for e in mine])
+    nll = tokens = 0.0
+    for batch, output in zip(batches, actor.infer(batches)):
+        nll -= float(sequence_log_probs(output.log_probs, batch.action_mask).sum()) * weight
+        tokens += batch.num_action_tokens * weight
+    totals = all_reduce_sums(actor, {"nll": nll, "tokens": tokens})
+    return {"eval/loss": totals["nll"] / max(totals["tokens"], 1.0), "eval/tokens": totals["tokens"]}
+
+
+def train_on_examples(ctx: TrainerContext, actor: Actor, loop: StepLoop, examples: Sequence[Encoded],
+                      schedule: StepSchedule, steps: Sequence[int], *, step_offset: int = 0,
+                      evaluate: Optional[Callable[[], dict[str, float]]] = None,
+                      trainer_state: Callable[[int], dict[str, Any]] = lambda next_step: {}) -> bool:
+    """SFT steps over `examples`: global step s trains schedule step s - step_offset. Returns True on a stop."""
+    def train_step(step: int) -> dict[str, float]:
+        rows = [examples[i] for i in schedule.indices(step - step_offset, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
+        metrics = actor.train_step(micro_batches(ctx, [row.to_sample() for row in rows]), nll_loss_fn, "token")
+        return finite_metrics(metrics)
+
+    return loop.run(steps, train_step, evaluate=evaluate, trainer_state=trainer_state)
+
+
+def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+        should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+    """Fine-tune actor.pretrain on data.dataset; every rank calls this."""
+    ctx = build_context(cfg, world, groups, control, should_stop)
+    examples, report = load_sft_examples(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
+    ctx.info(report.summary())
+    eval_examples: list[Encoded] = []
+    if cfg.eval.data:
+        eval_examples, eval_report = load_sft_examples(cfg.eval.data, cfg, ctx.tokenizer,
+                                                       max_samples=cfg.eval.max_samples)
+        ctx.info(eval_report.summary())
+    schedule = schedule_for(cfg, len(examples))
+    actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, schedule.total_steps)
+    loop = StepLoop(ctx, {"actor": actor}, total_steps=schedule.total_steps)
+    evaluate = (lambda: evaluate_nll(ctx, actor, eval_examples)) if eval_examples else None
+    start = int(loop.restore().get("next_step", 0))
+    stopped = train_on_examples(ctx, actor, loop, examples, schedule, range(start, schedule.total_steps),
+                                evaluate=evaluate)
+    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate,
+                  save=lambda: save_model(ctx, actor, "actor"))

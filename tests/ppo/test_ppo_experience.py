@@ -1,0 +1,83 @@
+"""Rollout rows -> training tensors, advantages and merged metrics of the PPO loop, against hand-derived values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpc_rlhf.config_io import load_config
+from hpc_rlhf.rollouts import to_rollout_table
+from hpc_rlhf.trainers.ppo import experience as exp
+from hpc_rlhf.trainers.ppo.loop import merge_metrics  # noqa: E402
+from hpc_rlhf.trainers.ppo.update import loss_weighting, optimizer_batches
+
+
+def rows(rewards, scores, lengths, n):
+    out = []
+    for k, (reward, score, length) in enumerate(zip(rewards, scores, lengths)):
+        out.append({"prompt_ids": [1, 5, 6], "response_ids": list(range(10, 10 + length)),
+                    "behaviour_log_probs": [-0.5] * length, "action_mask": [1] * length, "reward": reward,
+                    "score": score, "label": "x", "prompt_id": k // n, "group_id": k // n,
+                    "sample_index": k % n, "weight_version": 3})
+    return out
+
+
+def test_table_to_tensors_pads_and_keeps_values():
+    table = to_rollout_table(rows([1.0, 0.0, 0.5], [1.0, 0.0, 1.0], [2, 4, 1], n=3))
+    t = exp.table_to_tensors(table)
+    assert t.num_samples == 3 and t.action_mask.shape == (3, 4)
+    assert t.action_mask.sum(1).tolist() == [2, 4, 1]
+    assert t.behaviour_log_probs[0].tolist() == [-0.5, -0.5, 0.0, 0.0]
+    assert t.rewards.tolist() == [1.0, 0.0, 0.5] and t.reference_log_probs is None and t.values is None
+    assert t.response_ids[1].tolist() == [10, 11, 12, 13] and t.weight_versions.tolist() == [3, 3, 3]
+
+
+def test_group_norm_advantages_by_hand():
+    cfg = load_config(None, ["--rollout.n_samples_per_prompt=2", "--train.train_batch_size=16"]).config
+    t = exp.table_to_tensors(to_rollout_table(rows([1.0, 0.0, 3.0, 3.0], [1, 0, 1, 1], [2, 1, 1, 3], n=2)))
+    shaped = exp.shape_rewards(cfg, t, None)
+    result, kl = exp.advantages_and_returns(cfg, t, shaped.rewards, 0.0, None)
+    # group 0: rewards (1, 0): mean 0.5, unbiased std sqrt(0.5) -> +-0.5/0.7071; group 1 equal -> 0
+    a = 0.5 / math.sqrt(0.5)
+    assert result.advantages[0, :2].tolist() == pytest.approx([a, a], rel=1e-5)
+    assert result.advantages[1, 0].item() == pytest.approx(-a, rel=1e-5)
+    assert result.advantages[1, 1:].abs().sum() == 0  # padding stays zero
+    assert result.advantages[2:].abs().max() < 1e-4 and kl == 0.0
+
+
+def test_dynamic_filter_drops_uniform_groups():
+    cfg = load_config(None, ["--rollout.n_samples_per_prompt=2", "--rollout.dynamic_filtering=true"]).config
+    t = exp.table_to_tensors(to_rollout_table(rows([1.0, 0.0, 1.0, 1.0], [1, 0, 1, 1], [1, 1, 1, 1], n=2)))
+    keep = exp.group_filter(cfg, t)
+    assert keep.tolist() == [True, True, False, False]
+    assert exp.table_to_tensors(to_rollout_table(rows([1.0] * 2, [1] * 2, [1, 1], 2))).select(
+        torch.tensor([True, False])).num_samples == 1
+
+
+def test_reward_clipping_and_overlong_penalty():
+    cfg = load_config(None, ["--algo.reward_clip_range=[-1, 1]", "--algo.overlong_buffer_len=2",
+                             "--rollout.generate_max_len=4"]).config
+    t = exp.table_to_tensors(to_rollout_table(rows([5.0, 0.0, 0.0, 0.0], [1, 0, 0, 0], [1, 2, 3, 4], n=4)))
+    shaped = exp.shape_rewards(cfg, t, None)
+    # DAPO: no penalty up to max - buffer = 2 tokens, then linear to -factor at the limit
+    assert shaped.overlong_penalty.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0])
+    assert shaped.rewards.tolist() == pytest.approx([1.0, 0.0, -0.5, -1.0])
+
+
+def test_merge_metrics_sums_maxes_and_rates():
+    merged = merge_metrics([{"sum/generate_tokens": 100.0, "max/generate_s": 2.0, "train/loss": 1.0},
+                            {"sum/generate_tokens": 300.0, "max/generate_s": 4.0, "train/loss": 3.0},
+                            {"sum/eval_count": 4.0, "sum/eval_score": 3.0, "sum/eval_reward": 2.0}])
+    assert merged["train/loss"] == 2.0 and merged["time/generate_s"] == 4.0
+    assert merged["throughput/generate_tokens_per_s"] == 100.0
+    assert merged["eval/accuracy"] == 0.75 and merged["eval/reward_mean"] == 0.5
+
+
+def test_optimizer_batches_are_a_pure_partition():
+    a = optimizer_batches(10, 4, seed=1, iteration=2, epoch=0)
+    assert a == optimizer_batches(10, 4, seed=1, iteration=2, epoch=0)
+    assert sorted(i for chunk in a for i in chunk) == list(range(10)) and [len(c) for c in a] == [4, 4, 2]
+    assert a != optimizer_batches(10, 4, seed=1, iteration=3, epoch=0)
+    assert loss_weighting("token_mean") == "token" and loss_weighting("seq_mean_token_mean") == "sample"
