@@ -1,0 +1,271 @@
+"""Stop before the time limit, checkpoint, requeue: one mechanism for plain sbatch scripts and for submitit.
+
+How the word to stop reaches the ranks:
+- Batch scripts ask for `--signal=B:USR1@N`, so SLURM signals only the batch shell. Its trap (`stop_trap_lines`) writes
+  the flag file RUN_DIR/.stop_requested, tagged with the job id and restart count. Ranks poll the flag at safe points.
+  A file, not a forwarded signal, because it cannot kill a rank that has not installed its handlers yet, does not reach
+  libraries that claim USR1 (NCCL), and stays there until every rank has seen it.
+- submitit asks for `--signal=USR2@N`, which SLURM sends to every task directly; `StopRequest` catches it (and USR1, and
+  SIGTERM from `scancel`, preemption or the time limit) and only records it.
+`StopRequest.should_stop()` is what the training loop polls; the loop combines it across ranks through the control plane
+(`combine_stop_reasons` decides whether the job should requeue), saves a checkpoint, and then global rank 0 calls
+`requeue_self`, after which every rank exits.
+
+`requeue_self` runs `scontrol requeue JOBID` and then `scontrol update JobId=JOBID StartTime=now+D`. SLURM holds a
+requeued batch job back for AuthInfo's cred_expire (120 s by default) once it has finished, unless its begin time is
+already in the future then: setting it D seconds ahead while the job is completing makes the restart take D seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+STOP_FLAG_NAME = ".stop_requested"
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # "stop, save, and come back": batch-script and submitit signals
+TERMINATE_SIGNALS = (signal.SIGTERM,)  # "stop now": scancel, preemption, the hard limit; SLURM decides what follows
+DEFAULT_RESTART_DELAY_S = 10
+
+
+class RequeueError(RuntimeError):
+    """`scontrol requeue` could not be run or was rejected; the message carries scontrol's words."""
+
+
+class RequeueRefused(RequeueError):
+    """The job has been requeued as often as allowed (slurm.max_requeue) or is not a SLURM batch job."""
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why a rank wants to stop: the signal or flag that asked, and whether the job should come back afterwards."""
+
+    source: str  # "SIGUSR1", "SIGUSR2", "SIGTERM" or "stop flag"
+    requeue: bool
+
+
+def combine_stop_reasons(reasons: Sequence[StopReason | None]) -> StopReason | None:
+    """The job-wide decision from every rank's reason (None = that rank saw nothing).
+
+    Stop if any rank was asked to. Requeue only if some rank was asked to requeue and no rank is being terminated: after
+    SIGTERM (scancel, preemption, the hard limit) SLURM itself decides whether the job comes back.
+    """
+    seen = [reason for reason in reasons if reason is not None]
+    if not seen:
+        return None
+    terminations = [reason for reason in seen if not reason.requeue]
+    if terminations:
+        return terminations[0]
+    return seen[0]
+
+
+def stop_flag_path(run_dir: str | os.PathLike[str]) -> Path:
+    """Where the batch script's trap writes the stop flag."""
+    return Path(run_dir) / STOP_FLAG_NAME
+
+
+def stop_flag_tag(job_id: str, restart_count: int) -> str:
+    """The flag's content: which run of which job it addresses, so that a flag left by an earlier run is ignored."""
+    return f"{job_id} {restart_count}"
+
+
+def write_stop_flag(run_dir: str | os.PathLike[str], job_id: str, restart_count: int) -> Path:
+    """Ask every rank of this run of the job to stop (what the batch script's trap does, in Python)."""
+    path = stop_flag_path(run_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(stop_flag_tag(job_id, restart_count) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def stop_trap_lines(run_dir_expr: str = '"$RUN_DIR"') -> list[str]:
+    """Batch-script lines that turn the pre-timeout USR1 into the stop flag (written atomically: temp file + mv)."""
+    flag = f"{run_dir_expr}/{STOP_FLAG_NAME}"
+    return [
+        (f"trap 'printf \"%s %s\\n\" \"$SLURM_JOB_ID\" \"${{SLURM_RESTART_COUNT:-0}}\" > {flag}.tmp "
+        f"&& mv -f {flag}.tmp {flag}' USR1"),
+    ]
+
+
+def srun_wait_lines(srun_command: str) -> list[str]:
+    """Batch-script lines that start srun in the background and wait for it, across the trap's interruptions.
+
+    The shell runs a trap only between commands, and `wait` returns early when one fires, so srun must not run in the
+    foreground and the wait must be repeated until srun has really exited.
+    """
+    return [
+        f"{srun_command} &",
+        "SRUN_PID=$!",
+        'while true; do wait "$SRUN_PID"; STATUS=$?; kill -0 "$SRUN_PID" 2>/dev/null || break; done',
+        'exit "$STATUS"',
+    ]
+
+
+class StopRequest:
+    """Records stop requests (signals, the stop flag) for the training loop to poll at safe points.
+
+    The signal handlers only store which signal arrived: no I/O, no locks, nothing that can deadlock or interrupt a
+    collective halfway. `should_stop()` also looks at the stop flag of this run, at most every `flag_poll_interval_s`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str] | None = None, job_id: str | None = None,
+                 restart_count: int = 0, flag_poll_interval_s: float = 1.0) -> None:
+        self.flag_path = stop_flag_path(run_dir) if run_dir is not None else None
+        self.tag = stop_flag_tag(job_id, restart_count) if job_id is not None else None
+        self.flag_poll_interval_s = flag_poll_interval_s
+        self._signal_received: int | None = None
+        self._flag_seen = False
+        self._next_flag_poll = 0.0
+        self._previous: dict[int, object] = {}
+
+    @staticmethod
+    def for_slurm_job(run_dir: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
+                      flag_poll_interval_s: float = 1.0) -> StopRequest:
+        """A StopRequest that watches the flag for this job and restart (SLURM_JOB_ID, SLURM_RESTART_COUNT)."""
+        env = os.environ if environ is None else environ
+        restarts = env.get("SLURM_RESTART_COUNT", "0") or "0"
+        if not restarts.isdigit():
+            raise ValueError(f"SLURM_RESTART_COUNT={restarts!r} is not a non-negative integer")
+        return StopRequest(run_dir, env.get("SLURM_JOB_ID"), int(restarts), flag_poll_interval_s)
+
+    def install(self) -> StopRequest:
+        """Catch USR1, USR2 and SIGTERM (main thread only); earlier handlers come back with `uninstall`."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("StopRequest.install() must be called from the main thread, where Python runs signal "
+                               "handlers")
+        if self._previous:  # already installed
+            return self
+        for signum in REQUEUE_SIGNALS + TERMINATE_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before `install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        # keep the first "stop now" over any "stop and requeue": termination is the stronger request
+        if self._signal_received is None or signum in TERMINATE_SIGNALS:
+            self._signal_received = signum
+
+    def clear_stale_flag(self) -> bool:
+        """Delete a stop flag that addresses another job or an earlier run of this one; True if one was deleted.
+
+        Call it on one rank (global rank 0) at start-up; a flag for the current run is kept.
+        """
+        if self.flag_path is None or self._flag_addresses_us():
+            return False
+        try:
+            self.flag_path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _flag_addresses_us(self) -> bool:
+        if self.flag_path is None or self.tag is None:
+            return False
+        try:
+            return self.flag_path.read_text().strip() == self.tag
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def request(self) -> StopReason | None:
+        """The reason to stop, or None; polls the flag file (throttled) when no signal has arrived."""
+        if self._signal_received is not None:
+            signum = self._signal_received
+            return StopReason(signal.Signals(signum).name, requeue=signum not in TERMINATE_SIGNALS)
+        if not self._flag_seen and self.flag_path is not None and time.monotonic() >= self._next_flag_poll:
+            self._next_flag_poll = time.monotonic() + self.flag_poll_interval_s
+            self._flag_seen = self._flag_addresses_us()
+        return StopReason("stop flag", requeue=True) if self._flag_seen else None
+
+    def should_stop(self) -> bool:
+        """True once this rank has been asked to stop (the loop combines it across ranks)."""
+        return self.request() is not None
+
+
+@dataclass(frozen=True)
+class RequeueOutcome:
+    """What `requeue_self` did."""
+
+    job_id: str
+    restart_count: int  # restarts before this requeue; the next run sees SLURM_RESTART_COUNT = restart_count + 1
+    prompt_restart: bool  # the begin time was moved to now + restart_delay_s (else SLURM's cred_expire delay applies)
+    detail: str  # scontrol's message for the begin-time update when it failed, else ""
+
+
+ScontrolRunner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def run_scontrol(args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run `scontrol ARGS`, capturing its output (SIGTERM stays ignored in it when it is ignored here)."""
+    try:
+        return subprocess.run(["scontrol", *args], check=False, capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError:
+        raise RequeueError("scontrol is not on PATH: cannot requeue the job") from None
+    except subprocess.TimeoutExpired:
+        raise RequeueError(f"`scontrol {' '.join(args)}` did not answer within {timeout_s:.0f}s") from None
+
+
+def requeue_self(rank: int, max_requeue: int, environ: Mapping[str, str] | None = None,
+                 restart_delay_s: int = DEFAULT_RESTART_DELAY_S,
+                 scontrol: ScontrolRunner = run_scontrol) -> RequeueOutcome | None:
+    """Requeue this SLURM job from global rank 0 (other ranks: no-op, returns None) after the checkpoint is saved.
+
+    SLURM answers the requeue by sending SIGTERM to every process of the job, so call it last: once it returns, exit.
+    SIGTERM is ignored while the two scontrol calls run so that neither this process nor scontrol dies halfway.
+    Raises RequeueRefused past `max_requeue` restarts or outside a batch job, RequeueError when scontrol says no.
+    """
+    if rank != 0:
+        return None
+    env = os.environ if environ is None else environ
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id:
+        raise RequeueRefused("SLURM_JOB_ID is not set: not inside a SLURM job, nothing to requeue "
+                             "(the checkpoint is saved; run the same command again to resume)")
+    restarts_text = env.get("SLURM_RESTART_COUNT", "0") or "0"
+    if not restarts_text.isdigit():
+        raise RequeueError(f"SLURM_RESTART_COUNT={restarts_text!r} is not a non-negative integer")
+    restarts = int(restarts_text)
+    if restarts >= max_requeue:
+        raise RequeueRefused(f"job {job_id} has already been requeued {restarts} time(s), and slurm.max_requeue is "
+                             f"{max_requeue}: not requeueing again. The checkpoint is saved; submit the job again "
+                             f"(or raise --slurm.max_requeue) to continue")
+    if restart_delay_s < 1:
+        raise ValueError(f"restart_delay_s must be at least 1 second, got {restart_delay_s}")
+    with _sigterm_ignored():
+        result = scontrol(["requeue", job_id])
+        if result.returncode != 0:
+            raise RequeueError(f"`scontrol requeue {job_id}` failed (exit {result.returncode}): "
+                               f"{(result.stderr or result.stdout).strip()} -- was the job submitted with --requeue?")
+        update = scontrol(["update", f"JobId={job_id}", f"StartTime=now+{restart_delay_s}"])
+    prompt = update.returncode == 0
+    return RequeueOutcome(job_id=job_id, restart_count=restarts, prompt_restart=prompt,
+                          detail="" if prompt else (update.stderr or update.stdout).strip())
+
+
+class _sigterm_ignored:
+    """Ignore SIGTERM inside the block (main thread only; elsewhere the disposition cannot be changed and is left)."""
+
+    def __enter__(self) -> None:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
