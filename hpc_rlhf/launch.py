@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -19,9 +19,18 @@ from hpc_rlhf.config import Config
 from hpc_rlhf.config_io import LoadedConfig, config_to_dict
 
 
-def rank_main(info: Any, cfg: Config, should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
-    """Run this rank's part of the job described by `cfg`; returns the last metrics (rank 0 logs them)."""
+def rank_main(info: Any, cfg: Config) -> dict[str, float]:
+    """Run this rank's part of the job described by `cfg`; returns the last metrics (rank 0 logs them).
+
+    Stop requests (the batch script's stop flag, USR1/USR2 from SLURM or submitit, SIGTERM) are only recorded by the
+    handlers; the loop polls them at tick boundaries, checkpoints, and rank 0 requeues the job when asked to.
+    """
     from hpc_rlhf.distributed import TorchControlPlane, init_distributed, run_guarded
+    from hpc_rlhf.slurm import StopRequest
+
+    stop = StopRequest.for_slurm_job(cfg.train.run_dir).install()
+    if info.rank == 0:
+        stop.clear_stale_flag()
 
     # Libraries (DeepSpeed, vLLM) read the torchrun-style variables whatever launcher started us.
     os.environ.update({"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
@@ -30,8 +39,9 @@ def rank_main(info: Any, cfg: Config, should_stop: Optional[Callable[[], bool]] 
     world = init_distributed(info, backend="nccl" if _wants_cuda(cfg) else "gloo")
     control = TorchControlPlane.from_world(world)
     try:
-        return run_guarded(_run_trainer, control, cfg, world, control, should_stop)
+        return run_guarded(_run_trainer, control, cfg, world, control, stop)
     finally:
+        stop.uninstall()
         control.close()
         world.close()
 
@@ -40,19 +50,31 @@ def _wants_cuda(cfg: Config) -> bool:
     return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
 
-def _run_trainer(cfg: Config, world: Any, control: Any, should_stop: Optional[Callable[[], bool]]) -> dict:
+def _run_trainer(cfg: Config, world: Any, control: Any, stop: Any) -> dict:
     from hpc_rlhf.distributed import build_role_groups, plan_layout
 
     info = world.info
+    if info.rank == 0:  # build built-in models once, before any other rank looks for them
+        build_builtin_models(cfg)
+    control.barrier()
     plan = plan_layout(cfg.layout, info.world_size, info.local_world_size)
     groups = build_role_groups(plan, info.rank)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.trainer != "ppo":
         from hpc_rlhf.trainers.common import run_trainer
-        return run_trainer(cfg, world, groups, control, should_stop=should_stop)
+        return run_trainer(cfg, world, groups, control, should_stop=stop.should_stop)
     from hpc_rlhf.trainers.ppo.recipe import run_ppo
 
-    return run_ppo(cfg, world, groups, control, should_stop=should_stop)
+    return run_ppo(cfg, world, groups, control, stop=stop)
+
+
+def build_builtin_models(cfg: Config) -> None:
+    """Resolve every `builtin:` model spec of the config (building it into the cache on first use)."""
+    from hpc_rlhf.tiny_model import resolve_model_path
+
+    for spec in (cfg.actor.pretrain, cfg.critic.pretrain, cfg.ref.pretrain, cfg.reward.pretrain):
+        if spec:
+            resolve_model_path(spec)
 
 
 def prepare_run_dir(loaded: LoadedConfig) -> Path:

@@ -30,7 +30,7 @@ def sft_batch(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, 
     return input_ids, label_ids, (input_ids != pad).long()
 
 
-def warm_start(model_dir: str | Path, out_dir: str | Path, *, steps: int = 300, batch_size: int = 64,
+def warm_start(model_dir: str | Path, out_dir: str | Path, *, steps: int = 500, batch_size: int = 64,
                learning_rate: float = 3e-3, seed: int = 0) -> Path:
     """Train the model in `model_dir` for `steps` SFT steps on arithmetic problems and save it to `out_dir`."""
     generator = torch.Generator().manual_seed(seed)

@@ -86,13 +86,14 @@ class PPOTrainer:
     """Runs the tick schedule for one rank; every rank of the job constructs one and calls `run`."""
 
     def __init__(self, cfg: Config, groups: RoleGroups, control: Any, parts: Components, device: torch.device, *,
-                 should_stop: Callable[[], bool] = lambda: False,
+                 stop: Any = None,
                  log: Optional[Callable[[int, dict], None]] = None,
                  checkpoint: Any = None) -> None:
         self.cfg, self.groups, self.control, self.parts, self.device = cfg, groups, control, parts, device
         self.roles = groups.roles
         self.plan = groups.plan
-        self.should_stop = should_stop
+        self.stop = stop
+        self.stop_reason = None
         self.log = log or (lambda step, metrics: None)
         self.checkpoint = checkpoint
         self.run_dir = cfg.train.run_dir
@@ -208,7 +209,7 @@ class PPOTrainer:
         self.kl_controller.update(mean_kl, len(rollout.rewards))
         seconds = time.perf_counter() - start
         tokens = sum(s.num_tokens for s in samples)
-        metrics = {key: sum(m[key] for m in steps) / len(steps) for key in (steps[0] if steps else {})}
+        metrics = mean_metrics(steps, prefix="train/")
         metrics.update({
             "rollout/reward_mean": rollout.rewards.mean().item(), "rollout/score_mean": rollout.scores.mean().item(),
             "rollout/shaped_reward_mean": shaped.rewards.mean().item() if len(shaped.rewards) else 0.0,
@@ -231,7 +232,7 @@ class PPOTrainer:
         if not self.roles.has("actor"):
             self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
                                       len(rollout.rewards))
-        return {key: sum(m[key] for m in steps) / len(steps) for key in steps[0]} if steps else {}
+        return mean_metrics(steps, prefix="critic/")
 
     # ----- weights -------------------------------------------------------------------------------------
     def _sync_weights(self, version: int) -> dict[str, float]:
@@ -271,13 +272,15 @@ class PPOTrainer:
         if start > 0 and (self.roles.has("generator") or self.roles.has("actor")):
             self._sync_weights(start)
         last: dict[str, float] = {}
+        carried: dict[str, float] = {}  # metrics of async warm-up ticks, logged with the first trained iteration
         for tick in range(start, self.total + self.q):
             gen_it, train_it = tick, tick - self.q
-            metrics: dict[str, float] = {}
+            metrics: dict[str, float] = dict(carried)
             if self.roles.has("generator") and gen_it < self.total:
                 if self._eval_due(gen_it):
                     metrics.update(self._eval())
-                metrics.update(self._generate(gen_it))
+                for key, value in self._generate(gen_it).items():
+                    metrics[key] = metrics.get(key, 0.0) + value if key.startswith("sum/") else value
             if train_it >= start:
                 self._wait_complete(train_it)
                 metrics.update(self._fill(train_it))
@@ -292,7 +295,8 @@ class PPOTrainer:
                 metrics.update(self._sync_weights(train_it + 1))
             elif train_it >= start:
                 self.state.weight_version = train_it + 1
-            stop = self._agree(train_it, metrics)
+            stop = self._agree(train_it, metrics, log=train_it >= start)
+            carried = {} if train_it >= start else metrics
             last = metrics
             if train_it >= start and self._checkpoint_due(train_it, stop):
                 self.save()
@@ -311,12 +315,16 @@ class PPOTrainer:
         every = self.cfg.ckpt.save_steps
         return self.checkpoint is not None and (stop or (every > 0 and (iteration + 1) % every == 0))
 
-    def _agree(self, step: int, metrics: dict[str, float]) -> bool:
-        """Exchange metrics and stop flags; rank 0 logs the merged metrics. Returns whether any rank asked to stop."""
-        gathered = self.control.allgather_object((bool(self.should_stop()), metrics))
-        if self.control.rank == 0:
+    def _agree(self, step: int, metrics: dict[str, float], *, log: bool = True) -> bool:
+        """Exchange metrics and stop requests; rank 0 logs the merged metrics. Returns whether the job stops now."""
+        from hpc_rlhf.slurm import combine_stop_reasons
+
+        request = self.stop.request() if self.stop is not None else None
+        gathered = self.control.allgather_object((request, metrics))
+        if self.control.rank == 0 and log:
             self.log(step, merge_metrics([m for _, m in gathered]))
-        return any(flag for flag, _ in gathered)
+        self.stop_reason = combine_stop_reasons([r for r, _ in gathered])
+        return self.stop_reason is not None
 
     # ----- checkpoints ---------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -339,6 +347,13 @@ class PPOTrainer:
 
     def save(self) -> None:
         self.checkpoint.save(self)
+
+
+def mean_metrics(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """Average optimizer-step metrics; bare names (loss, grad_norm, lr) get the role's prefix."""
+    if not steps:
+        return {}
+    return {(key if "/" in key else prefix + key): sum(m[key] for m in steps) / len(steps) for key in steps[0]}
 
 
 def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.trainers.ppo.components import build_components
@@ -11,8 +11,7 @@ from hpc_rlhf.trainers.ppo.loop import PPOTrainer
 from hpc_rlhf.trainers.ppo.resume import CheckpointHooks
 
 
-def run_ppo(cfg: Config, world: Any, groups: Any, control: Any, *,
-            should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+def run_ppo(cfg: Config, world: Any, groups: Any, control: Any, *, stop: Any = None) -> dict[str, float]:
     """Train with cfg on this rank; every rank of the job calls this together."""
     from hpc_rlhf.metrics import MetricsLogger
 
@@ -23,8 +22,8 @@ def run_ppo(cfg: Config, world: Any, groups: Any, control: Any, *,
     logger = MetricsLogger(run_dir, enabled=is_main, use_tensorboard=cfg.logger.use_tensorboard,
                            progress_bar=cfg.logger.progress_bar, total_steps=parts.total_iterations,
                            logging_steps=cfg.logger.logging_steps, start_step=checkpoint.start_hint())
-    trainer = PPOTrainer(cfg, groups, control, parts, world.device, should_stop=should_stop or (lambda: False),
-                         log=logger.log, checkpoint=checkpoint)
+    trainer = PPOTrainer(cfg, groups, control, parts, world.device, stop=stop, log=logger.log,
+                         checkpoint=checkpoint)
     try:
         last = trainer.run()
         if not last.get("stopped") and cfg.ckpt.save_hf_model:
@@ -37,4 +36,19 @@ def run_ppo(cfg: Config, world: Any, groups: Any, control: Any, *,
     finally:
         logger.close(plot=cfg.logger.plot)
     control.barrier()
+    if last.get("stopped"):
+        leave_for_requeue(cfg, world.info.rank, trainer.stop_reason)
     return last
+
+
+def leave_for_requeue(cfg: Config, rank: int, reason: Any) -> None:
+    """After a stop checkpoint: rank 0 requeues the job when the stop asked for it; every rank then exits.
+
+    SystemExit (not a return) so that submitit records no result and waits for the requeued run.
+    """
+    from hpc_rlhf.slurm import in_slurm_job, requeue_self
+
+    if reason is not None and reason.requeue and in_slurm_job() and rank == 0:
+        requeue_self(rank, cfg.slurm.max_requeue)
+    print(f"[rank {rank}] stopped after a checkpoint ({reason.source if reason else 'stop'})", flush=True)
+    raise SystemExit(0)
