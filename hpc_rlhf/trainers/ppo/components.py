@@ -138,6 +138,6 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
                                          micro_batch_size=cfg.reward.micro_batch_size)
     if roles.has("generator"):
         parts.engine, parts.executor = build_generation(cfg, actor_path, tokenizer, device, groups.tp_group)
-        if not cfg.reward.pretrain:
+        if cfg.reward.reward_func_path or cfg.reward.remote_url:  # else a reward model or the agent's environment
             parts.reward_source = reward_source_from_config(cfg.reward)
     return parts
