@@ -184,7 +184,14 @@ def format_results(measurements: list[Measurement]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["broadcast"]:  # the weight-plane benchmark spawns its own processes; it lives beside this file
+        import subprocess
+
+        return subprocess.call([sys.executable, str(Path(__file__).with_name("bench_weight_sync.py")), *argv[1:]])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Also: `broadcast [options]`, the actor -> generator weight broadcast "
+                                            "benchmark (tools/bench_weight_sync.py --help).")
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
     for name, benchmark in BENCHMARKS.items():
         sub = subparsers.add_parser(name, help=benchmark.help)
