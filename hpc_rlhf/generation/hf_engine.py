@@ -1,0 +1,218 @@
+"""The Hugging Face generation backend: batched prefill + decode with a KV cache, for CPUs and machines without vLLM.
+
+A hand-written loop over `model(input_ids, attention_mask, position_ids, past_key_values, use_cache=True)` rather
+than `model.generate`, so that
+  * sampling draws from one explicit `torch.Generator` seeded from `SamplingParams.seed`: the same seed, prompts and
+    weights give bitwise-identical samples (a resumed job regenerates exactly the rollouts it lost);
+  * the behaviour log-prob of each sampled token comes from the very logits it was sampled from (`sampling` module).
+Prompts are left-padded; each row stops on its own at a stop/eos token or at its token budget. Rows are processed
+in chunks of `max_batch_size` sequences (a prompt's `n` samples are `n` rows).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from hpc_rlhf.distributed.weights import WeightSyncError, apply_named_tensor
+from hpc_rlhf.generation.engine import (
+    GeneratedSample,
+    GenerationError,
+    SamplingParams,
+    check_prompts,
+    model_eos_token_ids,
+    stop_set,
+)
+from hpc_rlhf.generation.sampling import sample_next_tokens
+
+
+class HFEngine:
+    """A `GenerationEngine` around a Hugging Face causal LM held in this process."""
+
+    def __init__(self, model: torch.nn.Module, *, pad_token_id: int | None = None,
+                 eos_token_ids: Sequence[int] | None = None, max_batch_size: int = 64,
+                 max_model_len: int | None = None, seed: int = 0) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (one prompt token and one new token), got {max_model_len}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        config = model.config
+        self.vocab_size: int = int(config.vocab_size)
+        if eos_token_ids is None:
+            eos_token_ids = model_eos_token_ids(config, getattr(model, "generation_config", None))
+        self.eos_token_ids: tuple[int, ...] = tuple(int(t) for t in eos_token_ids)
+        if pad_token_id is None:
+            pad_token_id = config.pad_token_id if config.pad_token_id is not None else (self.eos_token_ids or (0,))[0]
+        self.pad_token_id = int(pad_token_id)
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self._unseeded_calls = 0  # seeds calls whose params carry no seed, reproducibly per engine
+        self._asleep = False
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+                        attn_implementation: str = "sdpa", **kwargs: Any) -> HFEngine:
+        """Load an HF model folder (config + weights) onto `device` and wrap it."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation)
+        return cls(model.to(device), **kwargs)
+
+    # ----- generation ---------------------------------------------------------------------------------------
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[list[GeneratedSample]]:
+        """`params.n` samples per prompt, in prompt order then sample order."""
+        self._check_usable("generate")
+        prompts = check_prompts(prompt_token_ids, vocab_size=self.vocab_size)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self._call_seed(params.seed))
+        budgets = self._token_budgets(prompts, params.max_new_tokens)
+        rows = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
+        results: list[list[GeneratedSample | None]] = [[None] * params.n for _ in prompts]
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            samples = self._generate_rows([prompts[p] for p, _ in chunk], [budgets[p] for p, _ in chunk], params,
+                                          generator)
+            for (p, s), sample in zip(chunk, samples):
+                results[p][s] = sample
+        return results  # type: ignore[return-value]
+
+    def _call_seed(self, seed: int | None) -> int:
+        if seed is not None:
+            return seed % (2**63 - 1)
+        self._unseeded_calls += 1
+        return (self.seed * 1_000_003 + self._unseeded_calls) % (2**63 - 1)
+
+    def _token_budgets(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[int]:
+        budgets = []
+        for row, ids in enumerate(prompts):
+            budget = max_new_tokens
+            if self.max_model_len is not None:
+                budget = min(budget, self.max_model_len - len(ids))
+                if budget < 1:
+                    raise GenerationError(f"prompt row {row} has {len(ids)} tokens, which leaves no room for a "
+                                          f"response under max_model_len={self.max_model_len}")
+            budgets.append(budget)
+        return budgets
+
+    @torch.no_grad()
+    def _generate_rows(self, prompts: Sequence[list[int]], budgets: Sequence[int], params: SamplingParams,
+                       generator: torch.Generator) -> list[GeneratedSample]:
+        """Prefill the left-padded batch, then decode one token per step until every row has used its budget
+        of new tokens or met a stop token."""
+        stops = stop_set(params, self.eos_token_ids)
+        batch = len(prompts)
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        next_position = position_ids[:, -1:] + 1
+
+        responses: list[list[int]] = [[] for _ in prompts]
+        log_probs: list[list[float]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * batch
+        while True:
+            tokens, token_log_probs = sample_next_tokens(logits, temperature=params.temperature, top_k=params.top_k,
+                                                         top_p=params.top_p, generator=generator)
+            for row, (token, log_prob) in enumerate(zip(tokens.tolist(), token_log_probs.tolist())):
+                if reasons[row] is not None:
+                    continue
+                responses[row].append(token)
+                log_probs[row].append(log_prob)
+                if token in stops:
+                    reasons[row] = "stop"
+                elif len(responses[row]) >= budgets[row]:
+                    reasons[row] = "length"
+            if all(reason is not None for reason in reasons):
+                break
+            finished = torch.tensor([reason is not None for reason in reasons], device=self.device)
+            step_ids = torch.where(finished, torch.full_like(tokens, self.pad_token_id), tokens).unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+            out = self.model(input_ids=step_ids, attention_mask=attention_mask, position_ids=next_position,
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            next_position = next_position + 1
+
+        samples = []
+        for row, ids in enumerate(prompts):
+            response, lps = responses[row], log_probs[row]
+            if reasons[row] == "stop" and not params.include_stop_token:
+                response, lps = response[:-1], lps[:-1]
+            samples.append(GeneratedSample(prompt_ids=list(ids), response_ids=response, log_probs=lps,
+                                           finish_reason=reasons[row]))  # type: ignore[arg-type]
+        return samples
+
+    # ----- weights and memory -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy (HF parameter name, tensor) pairs into the model in place; returns how many were applied.
+
+        Names must match `model.named_parameters()` exactly (tied parameters may arrive under either name). The whole
+        stream is consumed before an unknown name or a wrong shape is reported, so broadcast peers never hang.
+        """
+        self._check_usable("load_weights", allow_asleep=True)
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        problems: list[str] = []
+        applied = 0
+        for name, tensor in named_tensors:
+            try:
+                apply_named_tensor(targets, name, tensor)
+                applied += 1
+            except WeightSyncError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise GenerationError("load_weights: " + "; ".join(problems))
+        return applied
+
+    def sleep(self, level: int = 1) -> None:
+        """Move the weights to host memory (on an accelerator); generation is refused until `wake_up`."""
+        self._check_usable("sleep", allow_asleep=True)
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            _empty_device_cache(self.device)
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        self._check_usable("wake_up", allow_asleep=True)
+        if self._asleep and self.device.type != "cpu":
+            self.model.to(self.device)
+        self._asleep = False
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        del self.model
+        gc.collect()
+        _empty_device_cache(self.device)
+
+    def _check_usable(self, action: str, *, allow_asleep: bool = False) -> None:
+        if self._closed:
+            raise GenerationError(f"cannot {action}: the engine was closed")
+        if self._asleep and not allow_asleep:
+            raise GenerationError(f"cannot {action}: the engine is asleep; call wake_up() first")
+
+
+def _empty_device_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

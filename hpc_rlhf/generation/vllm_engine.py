@@ -1,0 +1,309 @@
+"""The vLLM generation backend: one offline `vllm.LLM` per generator tensor-parallel group, driven by token ids.
+
+Written against vLLM's offline API as of 0.24 (the oldest release supported: `MIN_VLLM_VERSION`) and checked against
+later releases' sources; `vllm` is imported only when an engine is built, so this module imports without it.
+
+What the adapter does with vLLM:
+  * builds `vllm.LLM(model, tensor_parallel_size=tp, seed, dtype, enable_prefix_caching, enable_sleep_mode,
+    logprobs_mode="processed_logprobs", distributed_executor_backend=...)` with the engine core in this process
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so that weight updates reach the model by reference;
+  * generates from `TokensPrompt(prompt_token_ids=...)`, one request per (prompt, sample) with `n=1`, `logprobs=0`
+    (only the sampled token's log-prob), `detokenize=False` and a distinct per-request seed derived from
+    `SamplingParams.seed`. The n requests of one prompt share its KV blocks through prefix caching;
+  * loads new weights in place with `llm.apply_model(lambda model: model.load_weights(weights))`, then drops the
+    prefix cache unless sleeping already did (its KV blocks were computed by the old weights);
+  * sleeps with `llm.sleep(level)` and wakes with `llm.wake_up(tags)`: only the weights are woken for a weight update
+    while asleep, and the KV cache comes back on `wake_up()`.
+
+Executor backends. vLLM's "external_launcher" runs one TP rank per process, inside an already initialised
+torch.distributed world. It takes *that whole world* as its own: consecutive blocks of `tp` world ranks become its TP
+groups, and it creates process groups and all-reduces KV-cache sizes over every world rank. So it is used in-process
+only when every rank of the job builds an engine at the same moment (the colocated layout, `shared_world=True`).
+Otherwise (the disaggregated layout) each TP rank hosts its engine in a child process whose private world holds just
+that engine's TP ranks (see `hosted.py` and `factory.make_engine`).
+
+Log-probs. "processed_logprobs" returns log_softmax(logits / temperature) of the sampled token, and plain log_softmax
+for greedy requests, which is the convention of `engine`. When top-k or top-p is active vLLM reports the log-prob
+under the truncated, renormalised distribution instead (its only post-temperature mode); the engine warns once.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from hpc_rlhf.generation.engine import (
+    GeneratedSample,
+    GenerationError,
+    SamplingParams,
+    check_prompts,
+    sample_seed,
+)
+
+MIN_VLLM_VERSION = (0, 24, 0)
+EXTERNAL_LAUNCHER = "external_launcher"
+LOGPROBS_MODE = "processed_logprobs"
+FINISH_REASON_MAP = {"stop": "stop", "length": "length"}
+
+
+class VllmVersionError(GenerationError):
+    """The installed vLLM is older than the oldest supported release."""
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) from a version string such as '0.24.0', '0.25.1+cu130' or '0.26.0rc1.dev5+g1a2b'."""
+    match = re.match(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?", str(text))
+    if not match:
+        raise VllmVersionError(f"cannot read a version number from vllm.__version__={text!r}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def check_vllm_version(vllm: Any) -> tuple[int, int, int]:
+    """The installed version, or a clear error when it predates `MIN_VLLM_VERSION`."""
+    version = parse_version(getattr(vllm, "__version__", ""))
+    if version < MIN_VLLM_VERSION:
+        wanted = ".".join(map(str, MIN_VLLM_VERSION))
+        raise VllmVersionError(f"vllm {getattr(vllm, '__version__', '?')} is installed but the vllm backend needs "
+                               f"vllm>={wanted} (offline LLM with logprobs_mode, sleep tags and apply_model); "
+                               f"install a newer vllm or use vllm.backend=hf")
+    return version
+
+
+def import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise GenerationError("vllm.backend=vllm but vllm is not importable here; install the 'vllm' extra "
+                              "or use vllm.backend=hf") from exc
+    return vllm
+
+
+def llm_kwargs(model_path: str, *, dtype: str, tp: int, gpu_memory_utilization: float, enable_sleep: bool,
+               enable_prefix_caching: bool, enforce_eager: bool, max_num_seqs: int, max_model_len: int | None,
+               seed: int, executor_backend: str | None) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for one generator engine."""
+    kwargs: dict[str, Any] = {
+        "model": model_path, "tensor_parallel_size": tp, "dtype": dtype, "seed": seed,
+        "gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": enable_sleep,
+        "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager, "max_num_seqs": max_num_seqs,
+        "logprobs_mode": LOGPROBS_MODE,
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if executor_backend is not None:
+        kwargs["distributed_executor_backend"] = executor_backend
+    return kwargs
+
+
+def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence[Sequence[int]],
+                            max_model_len: int | None) -> list[Any]:
+    """One `vllm.SamplingParams` per (prompt, sample), prompt-major, each with n=1 and its own seed.
+
+    A request's `max_tokens` is cut to what fits under `max_model_len`; a prompt that already fills it is an error.
+    """
+    requests = []
+    for p, ids in enumerate(prompts):
+        max_tokens = params.max_new_tokens
+        if max_model_len is not None:
+            max_tokens = min(max_tokens, max_model_len - len(ids))
+            if max_tokens < 1:
+                raise GenerationError(f"prompt row {p} has {len(ids)} tokens, which leaves no room for a response "
+                                      f"under max_model_len={max_model_len}")
+        for s in range(params.n):
+            requests.append(vllm.SamplingParams(
+                n=1, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                top_k=max(params.top_k, 0), seed=sample_seed(params.seed, p, s, params.n),
+                stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, logprobs=0,
+                detokenize=False))
+    return requests
+
+
+def sampled_log_probs(completion: Any, row: str) -> list[float]:
+    """The log-prob vLLM reported for each sampled token of one completion."""
+    token_ids = list(completion.token_ids)
+    per_position = completion.logprobs
+    if per_position is None or len(per_position) != len(token_ids):
+        got = None if per_position is None else len(per_position)
+        raise GenerationError(f"{row}: vLLM returned {got} log-prob positions for {len(token_ids)} tokens "
+                              f"(logprobs=0 was requested)")
+    values = []
+    for position, token in enumerate(token_ids):
+        entry = per_position[position]
+        if entry is None or token not in entry:
+            raise GenerationError(f"{row}: vLLM returned no log-prob for sampled token {token} at position {position}")
+        values.append(float(entry[token].logprob))
+    return values
+
+
+def to_generated_samples(outputs: Sequence[Any], prompts: Sequence[list[int]],
+                         params: SamplingParams) -> list[list[GeneratedSample]]:
+    """vLLM `RequestOutput`s (one per request of `request_sampling_params`, same order) -> samples per prompt."""
+    expected = len(prompts) * params.n
+    if len(outputs) != expected:
+        raise GenerationError(f"vLLM returned {len(outputs)} outputs for {expected} requests")
+    results: list[list[GeneratedSample]] = []
+    for p, ids in enumerate(prompts):
+        samples = []
+        for s in range(params.n):
+            output = outputs[p * params.n + s]
+            row = f"prompt {p} sample {s}"
+            if list(output.prompt_token_ids) != ids:
+                raise GenerationError(f"{row}: vLLM output belongs to another prompt (outputs out of order)")
+            if len(output.outputs) != 1:
+                raise GenerationError(f"{row}: expected one completion per request, got {len(output.outputs)}")
+            completion = output.outputs[0]
+            reason = FINISH_REASON_MAP.get(completion.finish_reason)
+            if reason is None:
+                raise GenerationError(f"{row}: vLLM finished the request with reason {completion.finish_reason!r}")
+            response = [int(t) for t in completion.token_ids]
+            log_probs = sampled_log_probs(completion, row)
+            if reason == "stop" and not params.include_stop_token and response:
+                response, log_probs = response[:-1], log_probs[:-1]
+            samples.append(GeneratedSample(prompt_ids=list(ids), response_ids=response, log_probs=log_probs,
+                                           finish_reason=reason))
+        results.append(samples)
+    return results
+
+
+def prepare_external_launcher_env(rank: int, local_rank: int, environ: dict | None = None) -> None:
+    """Set RANK / LOCAL_RANK, which vLLM's external launcher reads from the environment.
+
+    A LOCAL_RANK that names another device than this engine's is refused: vLLM would place the model there.
+    """
+    environ = os.environ if environ is None else environ
+    if "LOCAL_RANK" in environ and int(environ["LOCAL_RANK"]) != local_rank:
+        raise GenerationError(f"LOCAL_RANK={environ['LOCAL_RANK']} but this engine's device is cuda:{local_rank}; "
+                              f"vLLM's external launcher puts the model on cuda:LOCAL_RANK")
+    environ["RANK"] = str(rank)
+    environ["LOCAL_RANK"] = str(local_rank)
+
+
+class VllmEngine:
+    """A `GenerationEngine` around one in-process `vllm.LLM` (this process is one TP rank of the engine)."""
+
+    def __init__(self, model_path: str, *, dtype: str = "bfloat16", tp: int = 1, gpu_memory_utilization: float = 0.85,
+                 enable_sleep: bool = False, enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 max_num_seqs: int = 256, max_model_len: int | None = None, seed: int = 0,
+                 executor_backend: str | None = None, vllm_module: Any = None) -> None:
+        self.vllm = vllm_module if vllm_module is not None else import_vllm()
+        self.version = check_vllm_version(self.vllm)
+        if tp > 1 and executor_backend != EXTERNAL_LAUNCHER:
+            raise GenerationError(f"tp={tp} needs one process per TP rank under the '{EXTERNAL_LAUNCHER}' executor "
+                                  f"(build the engine through make_engine inside a distributed job)")
+        # The engine core must live in this process: weight updates then pass tensors by reference.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.enable_sleep = enable_sleep
+        self.llm = self.vllm.LLM(**llm_kwargs(
+            model_path, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization, enable_sleep=enable_sleep,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, seed=seed, executor_backend=executor_backend))
+        self.max_model_len = self._engine_max_model_len(max_model_len)
+        self._sleeping_tags: set[str] = set()
+        self._warned_truncation = False
+        self._closed = False
+
+    def _engine_max_model_len(self, requested: int | None) -> int | None:
+        config = (getattr(self.llm, "model_config", None)
+                  or getattr(getattr(self.llm, "llm_engine", None), "model_config", None))
+        value = getattr(config, "max_model_len", None)
+        return int(value) if isinstance(value, int) else requested
+
+    # ----- generation ---------------------------------------------------------------------------------------
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[list[GeneratedSample]]:
+        """`params.n` samples per prompt, in prompt order then sample order."""
+        self._check_usable("generate")
+        prompts = check_prompts(prompt_token_ids)
+        if params.truncates and not self._warned_truncation:
+            warnings.warn("vLLM reports behaviour log-probs under the top-k/top-p truncated distribution; the "
+                          "trainer recomputes untruncated ones, so their difference includes the truncation",
+                          stacklevel=2)
+            self._warned_truncation = True
+        requests = request_sampling_params(self.vllm, params, prompts, self.max_model_len)
+        inputs = [self.vllm.TokensPrompt(prompt_token_ids=ids) for ids in prompts for _ in range(params.n)]
+        outputs = self.llm.generate(inputs, sampling_params=requests, use_tqdm=False)
+        return to_generated_samples(outputs, prompts, params)
+
+    # ----- weights and memory -------------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load (HF name, full tensor) pairs in place through the model's own `load_weights` (it shards for TP)."""
+        self._check_usable("load_weights", allow_asleep=True)
+        if "weights" in self._sleeping_tags:
+            self.llm.wake_up(tags=["weights"])
+            self._sleeping_tags.discard("weights")
+        tracker = _NameTracker(named_tensors)
+        try:
+            self.llm.apply_model(lambda model: model.load_weights(iter(tracker)))
+        except Exception as exc:
+            tracker.drain()  # consume the rest so that broadcast peers are not left waiting
+            raise GenerationError(f"vLLM could not load weight {tracker.last_name!r} "
+                                  f"({tracker.count} received): {exc}") from exc
+        # Cached KV blocks were computed by the old weights. Sleeping already dropped them with the KV cache.
+        if "kv_cache" not in self._sleeping_tags and self.llm.reset_prefix_cache() is False:
+            raise GenerationError("vLLM refused to reset its prefix cache after a weight update (requests still "
+                                  "running?); cached prompts would use stale keys and values")
+        return tracker.count
+
+    def sleep(self, level: int = 1) -> None:
+        """Level 1 offloads weights to host memory and drops the KV cache; level 2 drops both (a full weight
+        update must follow before generating)."""
+        self._check_usable("sleep", allow_asleep=True)
+        if not self.enable_sleep:
+            raise GenerationError("sleep() needs an engine built with enable_sleep=True (vllm.enable_sleep)")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self._sleeping_tags:
+            return
+        self.llm.sleep(level=level)
+        self._sleeping_tags = {"weights", "kv_cache"}
+
+    def wake_up(self) -> None:
+        self._check_usable("wake_up", allow_asleep=True)
+        if self._sleeping_tags:
+            self.llm.wake_up(tags=sorted(self._sleeping_tags))
+            self._sleeping_tags = set()
+
+    @property
+    def asleep(self) -> bool:
+        return bool(self._sleeping_tags)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _check_usable(self, action: str, *, allow_asleep: bool = False) -> None:
+        if self._closed:
+            raise GenerationError(f"cannot {action}: the engine was closed")
+        if self._sleeping_tags and not allow_asleep:
+            raise GenerationError(f"cannot {action}: the engine is asleep; call wake_up() first")
+
+
+class _NameTracker:
+    """Wraps a (name, tensor) stream, remembering the last name handed out and how many pairs passed."""
+
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._source = iter(named_tensors)
+        self.last_name: str | None = None
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self._source:
+            self.last_name = name
+            self.count += 1
+            yield name, tensor
+
+    def drain(self) -> None:
+        for _ in self._source:
+            pass

@@ -1,0 +1,139 @@
+"""Engine placement in a real 2-process gloo world: the engine's TP ranks agree on a private port, and each rank
+hosts its vllm engine in a child process whose world is the engine's own (a file-based stand-in for `vllm` records
+what the child saw; vLLM itself needs a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hpc_rlhf.distributed.world import free_port
+
+FAKE_VLLM = '''
+"""A stand-in for vllm whose generate() answers with what the engine process saw in its environment."""
+import os
+from dataclasses import dataclass
+
+__version__ = "0.24.0"
+
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+def TokensPrompt(**kwargs):
+    return dict(kwargs)
+
+
+@dataclass
+class _Logprob:
+    logprob: float
+
+
+@dataclass
+class _Completion:
+    token_ids: list
+    logprobs: list
+    finish_reason: str
+
+
+@dataclass
+class _Output:
+    prompt_token_ids: list
+    outputs: list
+
+
+class LLM:
+    def __init__(self, **kwargs):
+        assert kwargs["distributed_executor_backend"] == "external_launcher", kwargs
+        assert kwargs["tensor_parallel_size"] == 2, kwargs
+        self.kwargs = kwargs
+
+    def generate(self, inputs, sampling_params=None, use_tqdm=True):
+        env = os.environ
+        seen = [int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"]), int(env["LOCAL_RANK"]),
+                int(env["VLLM_ENABLE_V1_MULTIPROCESSING"]), os.getpid()]
+        return [_Output(list(item["prompt_token_ids"]),
+                        [_Completion(seen, [{t: _Logprob(0.0)} for t in seen], "length")]) for item in inputs]
+'''
+
+RANK_SCRIPT = '''
+import json, os, sys
+import torch.distributed as dist
+from hpc_rlhf.generation import GenerationError, ProcessHostedEngine, SamplingParams, make_engine
+from hpc_rlhf.generation.factory import engine_rendezvous, vllm_placement
+
+def main():
+    dist.init_process_group("gloo")
+    world = dist.group.WORLD
+    out = {"job_port": int(os.environ["MASTER_PORT"])}
+    out["placement"] = vllm_placement(tp=2, shared_world=False)
+    out["shared"] = vllm_placement(tp=2, shared_world=True)
+    try:
+        vllm_placement(tp=3, shared_world=True)
+    except GenerationError as exc:
+        out["odd_tp_error"] = str(exc)
+    try:
+        engine_rendezvous(2, None, None)
+    except GenerationError as exc:
+        out["no_group_error"] = str(exc)
+    engine = make_engine("vllm", "/models/policy", dtype="bfloat16", device="cpu", tp=2, tp_group=world,
+                         max_model_len=32)
+    out["hosted"] = isinstance(engine, ProcessHostedEngine)
+    sample = engine.generate([[5, 6]], SamplingParams(max_new_tokens=4))[0][0]
+    out["child_saw"] = sample.response_ids
+    out["parent_rank_env"] = os.environ["RANK"]
+    out["parent_pid"] = os.getpid()
+    engine.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    print("RESULT " + json.dumps(out), flush=True)
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_host_one_tp2_engine_in_child_processes(tmp_path: Path):
+    fake_root = tmp_path / "fake"
+    (fake_root / "vllm").mkdir(parents=True)
+    (fake_root / "vllm" / "__init__.py").write_text(textwrap.dedent(FAKE_VLLM))
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(RANK_SCRIPT))
+    job_port = free_port()
+    python_path = os.pathsep.join([str(fake_root), str(Path(__file__).resolve().parents[2]),
+                                   os.environ.get("PYTHONPATH", "")])
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(job_port), "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    results = []
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=150)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, output
+        line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+
+    for rank, res in enumerate(results):
+        assert res["placement"] == "child_process" and res["shared"] == "shared_world" and res["hosted"]
+        assert "not a whole number of TP groups of 3" in res["odd_tp_error"]
+        assert "needs tp_group" in res["no_group_error"]
+        child_rank, child_world, child_port, child_local_rank, multiprocessing, child_pid = res["child_saw"]
+        assert (child_rank, child_world, child_local_rank, multiprocessing) == (rank, 2, 0, 0)
+        assert child_port != res["job_port"]  # the engine's private world, not the job's
+        assert child_pid != res["parent_pid"] and res["parent_rank_env"] == str(rank)
+    assert results[0]["child_saw"][2] == results[1]["child_saw"][2]  # both TP ranks joined one private world
