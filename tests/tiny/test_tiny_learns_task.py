@@ -10,23 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hpc_rlhf.tasks.arithmetic import reward_func
+from hpc_rlhf.tasks.warm_start import sft_batch
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "arithmetic"
-
-
-def sft_batch(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+response+eos ids, labels that train only on the response, and the attention mask."""
-    ids, labels = [], []
-    for row in rows:
-        prompt = tokenizer(row["input"])["input_ids"]
-        response = tokenizer(row["response"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        ids.append(prompt + response)
-        labels.append([-100] * len(prompt) + response)
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids])
-    label_ids = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
-    return input_ids, label_ids, (input_ids != pad).long()
 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict]) -> float:
