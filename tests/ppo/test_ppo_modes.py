@@ -56,3 +56,21 @@ def test_estimator_runs_in_mode(tmp_path, jobs, estimator, mode):
         table = reader.read(iteration, require_filled=["reward"])
         assert table.num_rows == SAMPLES
         assert set(table.column("weight_version").to_pylist()) == {max(0, iteration - lag)}
+
+
+@pytest.mark.timeout(300)
+def test_training_options_together(tmp_path, jobs):
+    """Packing, token-budget micro-batches, KL loss from a reference, entropy bonus, DAPO filtering and clip-higher,
+    reward normalisation, TIS correction, GSPO-free token loss, two epochs: all in one short colocated job."""
+    run_dir = tmp_path / "run"
+    jobs.run(run_dir, "--train.packing_samples=true", "--train.max_tokens_per_microbatch=64",
+             "--algo.use_kl_loss=true", "--algo.kl_estimator=k3", "--layout.reference.gpus=1",
+             "--algo.entropy_loss_coef=0.01", "--rollout.dynamic_filtering=true", "--algo.eps_clip_high=0.28",
+             "--algo.normalize_reward=true", "--algo.off_policy_correction=tis", "--train.max_epochs=2",
+             "--rollout.batch_size=4", "--rollout.n_samples_per_prompt=4", "--train.train_batch_size=8",
+             "--algo.loss_agg_mode=seq_mean_token_mean")
+    trained = [r for r in jobs.metrics(run_dir) if "train/policy_loss" in r]
+    assert len(trained) == ITERATIONS
+    for row in trained:
+        assert jobs.finite(row["train/kl_loss"]) and jobs.finite(row["train/entropy"]) and row["train/entropy"] > 0
+        assert 0.0 <= row["rollout/kept_fraction"] <= 1.0

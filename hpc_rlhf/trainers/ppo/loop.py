@@ -242,7 +242,7 @@ class PPOTrainer:
         dtype = torch.bfloat16 if bf16_enabled(self.cfg) else torch.float32
         src = self.plan.ranks_of("actor")[0]
         if self.plan.colocate:  # every rank is an actor: gather the full weights locally, no broadcast
-            engine.load_weights(full_named_parameters(actor.hf_model(), dtype))
+            engine.load_weights(full_named_parameters(actor.hf_model(), dtype))  # a sleeping engine takes them too
         elif actor is not None:
             broadcast_weights(actor.hf_model().named_parameters(), self.groups.weight_sync_group, src,
                               self.cfg.vllm.weight_sync_bucket_mb, dtype, version)
@@ -277,10 +277,12 @@ class PPOTrainer:
             gen_it, train_it = tick, tick - self.q
             metrics: dict[str, float] = dict(carried)
             if self.roles.has("generator") and gen_it < self.total:
+                self._wake_generator()
                 if self._eval_due(gen_it):
                     metrics.update(self._eval())
                 for key, value in self._generate(gen_it).items():
                     metrics[key] = metrics.get(key, 0.0) + value if key.startswith("sum/") else value
+                self._sleep_generator()
             if train_it >= start:
                 self._wait_complete(train_it)
                 metrics.update(self._fill(train_it))
@@ -305,8 +307,18 @@ class PPOTrainer:
         if self.parts.eval_prompts and self.cfg.eval.data:
             if self._in_weight_path():
                 self._sync_weights(self.total)
+            self._wake_generator()
             self._agree(self.total, self._eval())
         return last
+
+    def _sleep_generator(self) -> None:
+        """Colocated ranks free the engine's memory while the trainers run (vllm.enable_sleep)."""
+        if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
+            self.parts.engine.sleep()
+
+    def _wake_generator(self) -> None:
+        if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
+            self.parts.engine.wake_up()
 
     def _in_weight_path(self) -> bool:
         return self.roles.has("generator") or self.roles.has("actor")
