@@ -17,6 +17,11 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 OFF_POLICY_CORRECTIONS = ("none", "tis", "icepop", "seq_mask_tis")
 ROLE_NAMES = ("generator", "actor", "critic", "reward", "reference")
+# Trainers besides PPO: every rank is an actor (layout.colocate: true); see docs/supervised.md.
+SUPERVISED_TRAINERS = ("sft", "rm", "dpo", "iterative_dpo", "kto", "prm", "kd", "rejection_sampling")
+PAIRWISE_TRAINERS = ("rm", "dpo", "iterative_dpo")
+PREFERENCE_LOSSES = ("dpo", "ipo")
+RM_LOSSES = ("sigmoid", "logexp")
 
 
 class ConfigError(ValueError):
@@ -130,13 +135,21 @@ class DataConfig:
     apply_chat_template: bool = opt(False, "render prompts with the tokenizer's chat template")
     input_template: Optional[str] = opt(None, "format string with one {} for the prompt, when no chat template")
     max_samples: Optional[int] = opt(None, "use at most this many prompts")
+    dataset: str = opt("data/arithmetic/sft.jsonl", "rows of the supervised and preference trainers (sft, rm, dpo, "
+                       "kto, prm, kd): JSONL, Parquet or Arrow file or folder; eval.data holds held-out rows")
+    output_key: str = opt("response", "column holding the response (sft, kto, kd)")
+    chosen_key: str = opt("chosen", "column holding the preferred response (rm, dpo)")
+    rejected_key: str = opt("rejected", "column holding the dispreferred response (rm, dpo)")
+    max_len: int = opt(512, "supervised and preference samples: at most this many prompt + response tokens "
+                       "(responses are cut; rows whose prompt leaves no room are skipped)")
 
 
 @dataclass
 class TrainConfig:
     """The run as a whole (`--train.*`)."""
 
-    trainer: str = opt("ppo", "training loop; ppo covers every advantage estimator", ("ppo",))
+    trainer: str = opt("ppo", "training loop; ppo covers every advantage estimator; the others are in "
+                       "docs/supervised.md", ("ppo",) + SUPERVISED_TRAINERS)
     seed: int = opt(42, "seed of prompts order, sampling and initialisation")
     num_episodes: int = opt(1, "passes over the prompt dataset")
     max_epochs: int = opt(1, "optimisation epochs over each iteration's rollouts")
@@ -178,6 +191,79 @@ class AlgoConfig:
     reward_clip_range: list[float] = opt([-10.0, 10.0], "clip rewards into [low, high]")
     overlong_buffer_len: Optional[int] = opt(None, "DAPO soft overlong penalty buffer in tokens (empty = off)")
     overlong_penalty_factor: float = opt(1.0, "maximum overlong penalty")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (`--sft.*`, train.trainer: sft); data.* names the columns."""
+
+    pretrain_mode: bool = opt(False, "train on every token of data.input_key (continued pre-training); no response")
+    multiturn: bool = opt(False, "data.input_key holds whole chats (lists of messages): train on every assistant "
+                          "turn, mask the rest; needs data.apply_chat_template")
+    condition_key: Optional[str] = opt(None, "conditional SFT: column with a score or attribute put into the prompt")
+    condition_template: str = opt("{input} <rm_score>: {condition} ", "how the condition joins the input "
+                                  "(fields {input} and {condition}) before data.input_template")
+
+
+@dataclass
+class PrefConfig:
+    """Reward-model and preference training: rm, dpo (DPO/IPO/cDPO), iterative_dpo, kto (`--pref.*`)."""
+
+    loss_type: str = opt("dpo", "dpo (cDPO with label_smoothing > 0) or ipo", PREFERENCE_LOSSES)
+    beta: float = opt(0.1, "KL strength of DPO / IPO / KTO")
+    label_smoothing: float = opt(0.0, "cDPO: assumed fraction of flipped preference labels, in [0, 0.5)")
+    nll_loss_coef: float = opt(0.0, "weight of an extra NLL loss on the chosen responses (dpo)")
+    ref_chosen_logps_key: Optional[str] = opt(None, "column with precomputed reference log-probs of the chosen "
+                                              "responses; with ref_rejected_logps_key no reference model is loaded")
+    ref_rejected_logps_key: Optional[str] = opt(None, "column with precomputed reference log-probs of the rejected "
+                                                "responses")
+    rm_loss: str = opt("sigmoid", "reward-model pairwise loss", RM_LOSSES)
+    margin_key: Optional[str] = opt(None, "rm: column with a margin the chosen score must exceed the rejected by")
+    normalize_reward: bool = opt(True, "rm: store the mean and std of the trained scores in the saved config, so "
+                                 "that users of the model get normalised rewards")
+    desirable_weight: float = opt(1.0, "kto: weight of desirable samples (lambda_D)")
+    undesirable_weight: float = opt(1.0, "kto: weight of undesirable samples (lambda_U)")
+    rounds: int = opt(2, "iterative_dpo: generate -> label -> train rounds; each samples rollout.batch_size prompts "
+                      "of data.prompt_data, rollout.n_samples_per_prompt responses each")
+
+
+@dataclass
+class PRMConfig:
+    """Process reward model (`--prm.*`, train.trainer: prm): a step label after each placeholder token."""
+
+    placeholder_token: str = opt("ки", "token that ends each reasoning step in data.input_key (one token)")
+    reward_tokens: list[str] = opt(["+", "-"], "[good, bad] label tokens; data.label_key lists one per step")
+
+
+@dataclass
+class KDConfig:
+    """Knowledge distillation (`--kd.*`, train.trainer: kd): the student is actor.pretrain."""
+
+    teacher_pretrain: Optional[str] = opt(None, "teacher model (same tokenizer as the student)")
+    kd_coef: float = opt(0.4, "loss = (1 - kd_coef) x NLL of the data + kd_coef x KD loss against the teacher")
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Best-of-N / rejection sampling (`--rejection_sampling.*`): generate N, score, keep the best, write a dataset."""
+
+    rounds: int = opt(1, "sampling rounds, each over rollout.batch_size prompts of data.prompt_data "
+                      "(rollout.n_samples_per_prompt responses each)")
+    min_reward: Optional[float] = opt(None, "keep a prompt's best response only when its reward reaches this")
+    output_path: Optional[str] = opt(None, "where the kept rows go (JSONL); empty = RUN_DIR/rejection_sampling.jsonl")
+    train_sft: bool = opt(False, "after each round, fine-tune the actor on the rows kept so far (RAFT / ReST)")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / QLoRA adapters through peft for sft, rm, dpo, kto, kd (`--lora.*`); tools/merge_lora.py merges them."""
+
+    rank: int = opt(0, "LoRA rank (0 = train the full model)")
+    alpha: int = opt(16, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = opt(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = opt(["all-linear"], "module names to adapt; all-linear = every linear layer but "
+                                    "the output head")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a GPU)")
 
 
 @dataclass
@@ -289,6 +375,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -6,7 +6,7 @@ when numbers disagree, so a user can fix the YAML without reading code.
 
 from __future__ import annotations
 
-from hpc_rlhf.config import GROUP_ESTIMATORS, ROLE_NAMES, Config
+from hpc_rlhf.config import GROUP_ESTIMATORS, PAIRWISE_TRAINERS, ROLE_NAMES, SUPERVISED_TRAINERS, Config
 
 
 def _src(sources: dict[str, str], *keys: str) -> str:
@@ -136,7 +136,7 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
                       f"{engines} generator engines (generator.gpus / tp = {layout.generator.gpus} / "
                       f"{layout.generator.tp})")
     samples = rollout.batch_size * rollout.n_samples_per_prompt
-    if samples % train.train_batch_size:
+    if train.trainer == "ppo" and samples % train.train_batch_size:
         errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
                       f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
                       f"of train_batch_size={train.train_batch_size}")
@@ -173,7 +173,89 @@ def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
     return errors
 
 
+def check_supervised(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """The supervised and preference trainers: every rank is an actor, and each trainer's own settings."""
+    trainer = cfg.train.trainer
+    errors = check_lora(cfg, sources)
+    if trainer not in SUPERVISED_TRAINERS:
+        return errors
+    layout, pref = cfg.layout, cfg.pref
+    if not layout.colocate:
+        errors.append(f"{_src(sources, 'layout.colocate', 'train.trainer')}: train.trainer {trainer} runs every role "
+                      f"on every rank; set layout.colocate: true")
+    if layout.critic.gpus > 0:
+        errors.append(f"{_src(sources, 'layout.critic.gpus')}: train.trainer {trainer} has no critic")
+    if cfg.data.max_len < 2:
+        errors.append(f"{_src(sources, 'data.max_len')}: must be >= 2 (one prompt and one response token)")
+    if trainer in PAIRWISE_TRAINERS and cfg.train.max_tokens_per_microbatch is not None:
+        errors.append(f"{_src(sources, 'train.max_tokens_per_microbatch', 'train.trainer')}: {trainer} keeps "
+                      f"compared samples in one micro-batch, so it batches by train.micro_train_batch_size only")
+    if trainer in ("dpo", "iterative_dpo", "kto") and pref.beta <= 0:
+        errors.append(f"{_src(sources, 'pref.beta')}: must be > 0, got {pref.beta}")
+    if not 0.0 <= pref.label_smoothing < 0.5:
+        errors.append(f"{_src(sources, 'pref.label_smoothing')}: must be in [0, 0.5), got {pref.label_smoothing}")
+    if pref.loss_type == "ipo" and pref.label_smoothing > 0:
+        errors.append(f"{_src(sources, 'pref.label_smoothing', 'pref.loss_type')}: label smoothing (cDPO) applies "
+                      f"to pref.loss_type dpo, not ipo")
+    if (pref.ref_chosen_logps_key is None) != (pref.ref_rejected_logps_key is None):
+        errors.append(f"{_src(sources, 'pref.ref_chosen_logps_key', 'pref.ref_rejected_logps_key')}: precomputed "
+                      f"reference log-probs need both columns, or neither")
+    if trainer == "iterative_dpo" and pref.ref_chosen_logps_key is not None:
+        errors.append(f"{_src(sources, 'pref.ref_chosen_logps_key')}: iterative_dpo scores its own generated pairs "
+                      f"with the reference model; precomputed columns cannot exist for them")
+    if trainer == "kto":
+        per_rank = cfg.train.train_batch_size // max(layout.actor.gpus, 1)
+        if per_rank < 2:
+            errors.append(f"{_src(sources, 'train.train_batch_size')}: kto pairs each prompt with another sample's "
+                          f"response, so each actor rank needs >= 2 samples per step (train_batch_size / actor.gpus "
+                          f"= {cfg.train.train_batch_size} / {layout.actor.gpus} = {per_rank})")
+    if trainer == "iterative_dpo":
+        if pref.rounds < 1:
+            errors.append(f"{_src(sources, 'pref.rounds')}: must be >= 1, got {pref.rounds}")
+        if cfg.rollout.n_samples_per_prompt < 2:
+            errors.append(f"{_src(sources, 'rollout.n_samples_per_prompt')}: iterative_dpo pairs the best and the "
+                          f"worst of each prompt's responses, so it needs n_samples_per_prompt >= 2")
+    if trainer == "kd":
+        if not cfg.kd.teacher_pretrain:
+            errors.append(f"{_src(sources, 'kd.teacher_pretrain', 'train.trainer')}: knowledge distillation needs a "
+                          f"teacher model")
+        if not 0.0 <= cfg.kd.kd_coef <= 1.0:
+            errors.append(f"{_src(sources, 'kd.kd_coef')}: must be in [0, 1], got {cfg.kd.kd_coef}")
+    if trainer == "prm" and len(cfg.prm.reward_tokens) != 2:
+        errors.append(f"{_src(sources, 'prm.reward_tokens')}: needs exactly [good, bad], got {cfg.prm.reward_tokens}")
+    if trainer == "rejection_sampling" and cfg.rejection_sampling.rounds < 1:
+        errors.append(f"{_src(sources, 'rejection_sampling.rounds')}: must be >= 1")
+    if trainer == "sft" and cfg.sft.pretrain_mode and cfg.sft.multiturn:
+        errors.append(f"{_src(sources, 'sft.pretrain_mode', 'sft.multiturn')}: choose pretrain_mode (plain text) or "
+                      f"multiturn (chats), not both")
+    if trainer == "sft" and cfg.sft.multiturn and not cfg.data.apply_chat_template:
+        errors.append(f"{_src(sources, 'sft.multiturn', 'data.apply_chat_template')}: multi-turn chats are rendered "
+                      f"with the chat template; set data.apply_chat_template: true")
+    return errors
+
+
+def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """LoRA sizes, and QLoRA only on top of LoRA."""
+    errors = []
+    lora = cfg.lora
+    if lora.rank < 0:
+        errors.append(f"{_src(sources, 'lora.rank')}: must be >= 0 (0 = off), got {lora.rank}")
+    if lora.rank > 0 and lora.alpha <= 0:
+        errors.append(f"{_src(sources, 'lora.alpha')}: must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        errors.append(f"{_src(sources, 'lora.dropout')}: must be in [0, 1), got {lora.dropout}")
+    if lora.rank > 0 and not lora.target_modules:
+        errors.append(f"{_src(sources, 'lora.target_modules')}: name at least one module (or all-linear)")
+    if lora.load_in_4bit and lora.rank == 0:
+        errors.append(f"{_src(sources, 'lora.load_in_4bit', 'lora.rank')}: QLoRA trains LoRA adapters on a 4-bit "
+                      f"base; set lora.rank > 0")
+    if lora.rank > 0 and cfg.train.trainer in ("ppo", "prm", "rejection_sampling", "iterative_dpo"):
+        errors.append(f"{_src(sources, 'lora.rank', 'train.trainer')}: LoRA is wired for sft, rm, dpo, kto and kd, "
+                      f"not {cfg.train.trainer}")
+    return errors
+
+
 def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
-            + check_batches(cfg, sources) + check_modes(cfg, sources))
+            + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources))

@@ -62,7 +62,7 @@ def _run_trainer(cfg: Config, world: Any, control: Any, stop: Any) -> dict:
     torch.manual_seed(cfg.train.seed)
     if cfg.train.trainer != "ppo":
         from hpc_rlhf.trainers.common import run_trainer
-        return run_trainer(cfg, world, groups, control, should_stop=stop.should_stop)
+        return run_trainer(cfg, world, groups, control, stop=stop)
     from hpc_rlhf.trainers.ppo.recipe import run_ppo
 
     return run_ppo(cfg, world, groups, control, stop=stop)
@@ -72,7 +72,8 @@ def build_builtin_models(cfg: Config) -> None:
     """Resolve every `builtin:` model spec of the config (building it into the cache on first use)."""
     from hpc_rlhf.tiny_model import resolve_model_path
 
-    for spec in (cfg.actor.pretrain, cfg.critic.pretrain, cfg.ref.pretrain, cfg.reward.pretrain):
+    teacher = getattr(getattr(cfg, "kd", None), "teacher_pretrain", None)
+    for spec in (cfg.actor.pretrain, cfg.critic.pretrain, cfg.ref.pretrain, cfg.reward.pretrain, teacher):
         if spec:
             resolve_model_path(spec)
 

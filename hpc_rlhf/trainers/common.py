@@ -45,15 +45,28 @@ PLOT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def run_trainer(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run_trainer(cfg: Config, world: Any, groups: Any, control: Any, *, stop: Any = None,
                 should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
-    """Run the supervised or preference trainer named by `train.trainer` on this rank (all ranks call it)."""
+    """Run the supervised or preference trainer named by `train.trainer` on this rank (all ranks call it).
+
+    `stop` is the job's `hpc_rlhf.slurm.StopRequest` (or pass a bare `should_stop` callable): after a stop checkpoint
+    the job is requeued when the stop asked for it, exactly as the PPO recipe does.
+    """
     name = cfg.train.trainer
     if name not in TRAINER_MODULES:
         raise ValueError(f"train.trainer {name!r} is not a supervised or preference trainer; "
                          f"known: {', '.join(TRAINER_MODULES)}")
     module = importlib.import_module(f"hpc_rlhf.trainers.{TRAINER_MODULES[name]}")
-    return module.run(cfg, world, groups, control, should_stop=should_stop)
+    if should_stop is None and stop is not None:
+        should_stop = stop.should_stop
+    result = module.run(cfg, world, groups, control, should_stop=should_stop)
+    if result.get("stopped") and stop is not None:
+        from hpc_rlhf.slurm import combine_stop_reasons
+        from hpc_rlhf.trainers.ppo.recipe import leave_for_requeue
+
+        control.barrier()
+        leave_for_requeue(cfg, world.info.rank, combine_stop_reasons(control.allgather_object(stop.request())))
+    return result
 
 
 # ----- context ----------------------------------------------------------------------------------------------------

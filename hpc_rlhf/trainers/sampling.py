@@ -10,6 +10,7 @@ Everything stays token ids: responses are never re-tokenized, only decoded for t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -52,14 +53,17 @@ class ScoredGroup:
         return min(range(len(self.rewards)), key=lambda i: (self.rewards[i], -i))
 
 
-def load_prompt_rows(cfg: Config, tokenizer: Any) -> list[PromptRow]:
-    """The prompts of data.prompt_data rendered as data.* asks, tokenized, the last rollout.prompt_max_len tokens."""
+def load_prompt_rows(cfg: Config, tokenizer: Any, *, path: Optional[str] = None,
+                     max_samples: Optional[int] = None) -> list[PromptRow]:
+    """Prompts rendered as data.* asks and tokenized, keeping the last rollout.prompt_max_len tokens: those of
+    `path` (first `max_samples` rows), by default data.prompt_data (first data.max_samples rows)."""
     data = cfg.data
+    if path is None:
+        path, max_samples = data.prompt_data, data.max_samples
     examples: list[PromptExample] = load_prompts(
-        data.prompt_data, input_key=data.input_key, label_key=data.label_key,
-        apply_chat_template=data.apply_chat_template, input_template=data.input_template,
-        max_samples=data.max_samples, tokenizer=tokenizer)
-    raw = load_records(data.prompt_data, limit=len(examples))
+        path, input_key=data.input_key, label_key=data.label_key, apply_chat_template=data.apply_chat_template,
+        input_template=data.input_template, max_samples=max_samples, tokenizer=tokenizer)
+    raw = load_records(path, limit=len(examples))
     ids = tokenizer([e.prompt for e in examples], add_special_tokens=not data.apply_chat_template)["input_ids"]
     keep = cfg.rollout.prompt_max_len
     return [PromptRow(index=e.index, raw_input=row[data.input_key], text=e.prompt,
@@ -83,7 +87,7 @@ def sampling_seed(seed: int, round_index: int, rank: int) -> int:
 
 
 class RoundSampler:
-    """Generation engine + reward source of one rank; `sample` draws and scores one round's responses."""
+    """Generation engine + reward source of one rank: draws and scores responses, evaluates held-out prompts."""
 
     def __init__(self, ctx: TrainerContext) -> None:
         from hpc_rlhf.rewards import reward_source_from_config
@@ -92,65 +96,78 @@ class RoundSampler:
         cfg = ctx.cfg
         self.ctx = ctx
         self.engine, _ = build_generation(cfg, resolve_model_path(cfg.actor.pretrain), ctx.tokenizer, ctx.device)
-        self.weights_dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
-        dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
+        self.dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
         reward_cfg = cfg.reward
         if reward_cfg.pretrain:
-            reward_cfg = _with_resolved_pretrain(reward_cfg)
-        self.reward_source = reward_source_from_config(reward_cfg, device=ctx.device, dtype=dtype)
+            reward_cfg = dataclasses.replace(reward_cfg, pretrain=resolve_model_path(reward_cfg.pretrain))
+        self.reward_source = reward_source_from_config(reward_cfg, device=ctx.device, dtype=self.dtype)
         self.sleeps = cfg.vllm.enable_sleep
 
     def sync_weights(self, actor: Any) -> None:
         """Copy the actor's current weights into the engine (all ranks call: ZeRO-3 gathers are collective)."""
         from hpc_rlhf.trainers.ppo.loop import full_named_parameters
 
-        self._wake()
-        self.engine.load_weights(full_named_parameters(actor.hf_model(), self.weights_dtype))
-
-    def _wake(self) -> None:
         if self.sleeps:
             self.engine.wake_up()
+        self.engine.load_weights(full_named_parameters(actor.hf_model(), self.dtype))
+        if self.sleeps:
+            self.engine.sleep()
+
+    def generate(self, prompts: Sequence[PromptRow], params: Any) -> list[list[list[int]]]:
+        """params.n response token-id lists per prompt."""
+        if self.sleeps:
+            self.engine.wake_up()
+        generated = self.engine.generate([list(p.prompt_ids) for p in prompts], params)
+        if self.sleeps:
+            self.engine.sleep()
+        return [[list(sample.response_ids) for sample in samples] for samples in generated]
+
+    def score(self, prompts: Sequence[PromptRow], responses: Sequence[list[int]]) -> Any:
+        """The reward source's RewardResult for response k to prompt k (queries are prompt + response text)."""
+        tokenizer = self.ctx.tokenizer
+        token_ids = [list(p.prompt_ids) + list(r) for p, r in zip(prompts, responses)]
+        queries = [tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids]
+        return self.reward_source(queries, [p.text for p in prompts], [p.label for p in prompts], token_ids=token_ids)
 
     def sample(self, prompts: Sequence[PromptRow], round_index: int) -> tuple[list[ScoredGroup], dict[str, float]]:
-        """n responses per prompt and their rewards; returns them with generation metrics of this rank."""
+        """rollout.n_samples_per_prompt scored responses per prompt, with this rank's generation metrics."""
         from hpc_rlhf.trainers.ppo.rollout_stage import sampling_params
 
         cfg, tokenizer = self.ctx.cfg, self.ctx.tokenizer
         if not prompts:
             return [], {}
         start = time.perf_counter()
-        self._wake()
         params = sampling_params(cfg, sampling_seed(cfg.train.seed, round_index, self.ctx.rank),
                                  eos_token_id=tokenizer.eos_token_id)
-        generated = self.engine.generate([list(p.prompt_ids) for p in prompts], params)
-        if self.sleeps:
-            self.engine.sleep()
+        responses = self.generate(prompts, params)
         seconds = time.perf_counter() - start
-        groups = []
-        flat_prompts, flat_ids = [], []
-        for prompt, samples in zip(prompts, generated):
-            ids = [list(s.response_ids) for s in samples]
-            groups.append(ScoredGroup(prompt, ids, [tokenizer.decode(r, skip_special_tokens=True) for r in ids], []))
-            flat_prompts += [prompt] * len(ids)
-            flat_ids += ids
-        queries = [tokenizer.decode(list(p.prompt_ids) + r, skip_special_tokens=False)
-                   for p, r in zip(flat_prompts, flat_ids)]
-        result = self.reward_source(queries, [p.text for p in flat_prompts], [p.label for p in flat_prompts],
-                                    token_ids=[list(p.prompt_ids) + r for p, r in zip(flat_prompts, flat_ids)])
-        rewards = result.rewards.tolist()
-        for index, group in enumerate(groups):
-            group.rewards = rewards[index * params.n:(index + 1) * params.n]
-        tokens = sum(len(r) for r in flat_ids)
+        flat_prompts = [p for p, group in zip(prompts, responses) for _ in group]
+        flat = [r for group in responses for r in group]
+        rewards = self.score(flat_prompts, flat).rewards.tolist()
+        groups = [ScoredGroup(prompt, ids, [tokenizer.decode(r, skip_special_tokens=True) for r in ids],
+                              rewards[k * params.n:(k + 1) * params.n])
+                  for k, (prompt, ids) in enumerate(zip(prompts, responses))]
         return groups, {"rollout/reward_mean": sum(rewards) / len(rewards),
                         "rollout/best_reward_mean": sum(max(g.rewards) for g in groups) / len(groups),
-                        "rollout/response_length": tokens / len(flat_ids),
+                        "rollout/response_length": sum(len(r) for r in flat) / len(flat),
                         "time/generate_s": seconds}
 
+    def evaluate(self, rows: Sequence[PromptRow], model: Any) -> dict[str, float]:
+        """eval/reward_mean and eval/accuracy (mean score) of one eval.temperature answer per held-out prompt, over
+        all ranks (`model` names the data-parallel group to sum over). Sync the weights first."""
+        from hpc_rlhf.trainers.common import all_reduce_sums, eval_share
+        from hpc_rlhf.trainers.ppo.rollout_stage import sampling_params
 
-def _with_resolved_pretrain(reward_cfg: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(reward_cfg, pretrain=resolve_model_path(reward_cfg.pretrain))
+        cfg = self.ctx.cfg
+        mine, weight = eval_share(self.ctx, rows)
+        params = sampling_params(cfg, cfg.train.seed, n=1, temperature=cfg.eval.temperature,
+                                 eos_token_id=self.ctx.tokenizer.eos_token_id)
+        responses = [group[0] for group in self.generate(mine, params)]
+        result = self.score(mine, responses)
+        totals = all_reduce_sums(model, {"reward": float(result.rewards.sum()) * weight,
+                                         "score": float(result.scores.sum()) * weight, "count": len(mine) * weight})
+        return {"eval/reward_mean": totals["reward"] / totals["count"],
+                "eval/accuracy": totals["score"] / totals["count"]}
 
 
 def mean_over_ranks(ctx: TrainerContext, metrics: dict[str, float]) -> dict[str, float]:

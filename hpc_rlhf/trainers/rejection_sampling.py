@@ -1,0 +1,160 @@
+"""Rejection sampling / best-of-N (train.trainer: rejection_sampling): generate N, score, keep the best, write a
+dataset for SFT; optionally fine-tune on it round after round (RAFT / ReST).
+
+    python -m hpc_rlhf.train --config configs/rejection_sampling_tiny.yaml
+
+Each of `rejection_sampling.rounds` rounds samples `rollout.n_samples_per_prompt` responses to `rollout.batch_size`
+prompts of `data.prompt_data` (see `sampling`), scores them with the `reward:` source and keeps each prompt's best
+response when its reward reaches `rejection_sampling.min_reward` (any, when empty). A round's kept rows are written to
+RUN_DIR/rejection_sampling/round_NNN.jsonl before anything else happens, so a resumed run reuses them; at the end all
+rounds are joined into `rejection_sampling.output_path` (default RUN_DIR/rejection_sampling.jsonl) as SFT rows
+{data.input_key: the dataset's input, data.output_key: the kept response, "reward": its reward} (+ the label).
+With `rejection_sampling.train_sft` the actor is fine-tuned after each round on every row kept so far
+(`train.max_epochs` passes), with the SFT loss, and saved to RUN_DIR/hf/actor; held-out prompts (`eval.data`) are
+answered and scored before the first and after every round.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from hpc_rlhf.config import Config
+from hpc_rlhf.trainers.common import (
+    StepLoop,
+    StepSchedule,
+    build_context,
+    finish,
+    load_trainable,
+    save_model,
+)
+from hpc_rlhf.trainers.sampling import RoundSampler, ScoredGroup, load_prompt_rows, mean_over_ranks, round_prompts
+from hpc_rlhf.trainers.supervised_data import Encoded, write_jsonl
+from hpc_rlhf.training.models import Actor
+
+ROUNDS_DIR = "rejection_sampling"
+DEFAULT_OUTPUT = "rejection_sampling.jsonl"
+
+
+def best_rows(groups: list[ScoredGroup], min_reward: Optional[float]) -> list[dict]:
+    """Each prompt's best response (with token ids, for training) when its reward reaches `min_reward`."""
+    rows = []
+    for group in groups:
+        best = group.best()
+        if min_reward is not None and group.rewards[best] < min_reward:
+            continue
+        rows.append({"prompt_index": group.prompt.index, "input": group.prompt.raw_input,
+                     "label": group.prompt.label, "response": group.response_texts[best],
+                     "reward": group.rewards[best], "prompt_ids": list(group.prompt.prompt_ids),
+                     "response_ids": group.response_ids[best]})
+    return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def sft_rows(rows: list[dict], cfg: Config) -> list[dict]:
+    """The kept rows in the dataset layout SFT reads (data.input_key / data.output_key / data.label_key)."""
+    data = cfg.data
+    out = []
+    for row in rows:
+        item = {data.input_key: row["input"], data.output_key: row["response"], "reward": row["reward"]}
+        if data.label_key and row["label"] is not None:
+            item[data.label_key] = row["label"]
+        out.append(item)
+    return out
+
+
+def examples_from_rows(rows: list[dict], max_len: int) -> list[Encoded]:
+    """Training examples straight from the kept token ids (never re-tokenized), cut to max_len."""
+    examples = []
+    for row in rows:
+        room = max_len - len(row["prompt_ids"])
+        if room >= 1 and row["response_ids"]:
+            examples.append(Encoded(tuple(row["prompt_ids"]), tuple(row["response_ids"][:room])))
+    return examples
+
+
+def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+        should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+    """Best-of-N rounds (and RAFT fine-tuning with rejection_sampling.train_sft); every rank calls this."""
+    from hpc_rlhf.trainers.sft import train_on_examples
+
+    rs = cfg.rejection_sampling
+    ctx = build_context(cfg, world, groups, control, should_stop)
+    prompt_rows = load_prompt_rows(cfg, ctx.tokenizer)
+    eval_rows = (load_prompt_rows(cfg, ctx.tokenizer, path=cfg.eval.data, max_samples=cfg.eval.max_samples)
+                 if cfg.eval.data and rs.train_sft else [])
+    # Every round adds at most rollout.batch_size rows: an upper bound on the steps, for the learning-rate schedule.
+    bound = sum(cfg.train.max_epochs * ((r + 1) * cfg.rollout.batch_size // cfg.train.train_batch_size)
+                for r in range(rs.rounds))
+    actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, bound) if rs.train_sft else None
+    sampler = RoundSampler(ctx)
+    loop = StepLoop(ctx, {"actor": actor} if actor is not None else {}, total_steps=None)
+    rounds_dir = ctx.run_dir / ROUNDS_DIR
+
+    def evaluate() -> dict[str, float]:
+        sampler.sync_weights(actor)
+        return sampler.evaluate(eval_rows, actor)
+
+    state = loop.restore()
+    next_step, first_round = int(state.get("next_step", 0)), int(state.get("round", 0))
+    round_start = int(state.get("round_start", 0))
+    if eval_rows and next_step == 0 and first_round == 0:
+        loop.log(0, evaluate())
+    stopped = False
+    for round_index in range(first_round, rs.rounds):
+        path = rounds_dir / f"round_{round_index:03d}.jsonl"
+        if not path.is_file():
+            if actor is not None:
+                sampler.sync_weights(actor)
+            mine = round_prompts(cfg, prompt_rows, round_index, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
+            scored, metrics = sampler.sample(mine, round_index)
+            kept = best_rows(scored, rs.min_reward)
+            metrics["rollout/kept_fraction"] = len(kept) / max(len(scored), 1)
+            gathered = ctx.control.allgather_object(kept)
+            if ctx.is_main:
+                write_jsonl([row for part in gathered for row in part], path)
+            ctx.control.barrier()
+            # Without fine-tuning there are no optimizer steps: rounds are the steps of the curves.
+            loop.log(round_start if actor is not None else round_index,
+                     {**mean_over_ranks(ctx, metrics), "rollout/round": float(round_index)})
+        if actor is not None:
+            examples = examples_from_rows([row for r in range(round_index + 1)
+                                           for row in read_rows(rounds_dir / f"round_{r:03d}.jsonl")],
+                                          cfg.data.max_len)
+            if len(examples) >= cfg.train.train_batch_size:
+                schedule = StepSchedule(num_examples=len(examples), batch_size=cfg.train.train_batch_size,
+                                        epochs=cfg.train.max_epochs, seed=cfg.train.seed + round_index)
+                end = round_start + schedule.total_steps
+                stopped = train_on_examples(
+                    ctx, actor, loop, examples, schedule, range(max(next_step, round_start), end),
+                    step_offset=round_start,
+                    trainer_state=lambda n, r=round_index, s=round_start: {"round": r, "round_start": s})
+                if stopped:
+                    break
+                next_step = round_start = end
+            else:
+                ctx.info(f"round {round_index}: {len(examples)} kept rows, fewer than train.train_batch_size="
+                         f"{cfg.train.train_batch_size}; no fine-tuning this round")
+            if eval_rows:
+                loop.log(next_step, evaluate())
+                loop.evaluated_at = next_step
+        if round_index + 1 < rs.rounds and loop.agree_to_stop():  # a stop between rounds: resume at the next one
+            loop.save(next_step, {"round": round_index + 1, "round_start": next_step})
+            stopped = True
+            break
+
+    if not stopped and ctx.is_main:
+        output = Path(rs.output_path) if rs.output_path else ctx.run_dir / DEFAULT_OUTPUT
+        rows = [row for r in range(rs.rounds) for row in read_rows(rounds_dir / f"round_{r:03d}.jsonl")]
+        write_jsonl(sft_rows(rows, cfg), output)
+        ctx.info(f"wrote {len(rows)} best-of-{cfg.rollout.n_samples_per_prompt} rows to {output}")
+    if actor is None:
+        loop.close()
+        return {"stopped": 1.0, **loop.last_metrics} if stopped else dict(loop.last_metrics)
+    return finish(ctx, loop, total_steps=next_step, stopped=stopped, evaluate=evaluate if eval_rows else None,
+                  save=lambda: save_model(ctx, actor, "actor"))
