@@ -101,6 +101,7 @@ class PPOTrainer:
         self.q = cfg.rollout.async_queue
         self.kl_controller = build_kl_controller(cfg.algo.init_kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.reward_moments = RunningMoments()
+        self._moments_iteration: Optional[int] = None
         self.state = TrainerState()
         self.num_engines = len(self.plan.engines)
         self.pad_id = parts.tokenizer.pad_token_id or 0
@@ -178,12 +179,13 @@ class PPOTrainer:
                                                  require_filled=["reward", "score"])
         return exp.table_to_tensors(table)
 
-    def _shaped(self, rollout: exp.RolloutTensors, group: dist.ProcessGroup, device: torch.device):
+    def _shaped(self, iteration: int, rollout: exp.RolloutTensors, group: dist.ProcessGroup, device: torch.device):
         """Filtered rollout, shaped rewards, advantages/returns and mean KL, identical on actor and critic ranks."""
         reduce = group_sum(group, device)
         kept = rollout.select(exp.group_filter(self.cfg, rollout))
-        if self.cfg.algo.normalize_reward:
+        if self.cfg.algo.normalize_reward and self._moments_iteration != iteration:  # once per iteration per rank
             self.reward_moments.update(kept.rewards, all_reduce=reduce)
+            self._moments_iteration = iteration
         shaped = exp.shape_rewards(self.cfg, kept, self.reward_moments)
         result, mean_kl = exp.advantages_and_returns(self.cfg, kept, shaped.rewards, self.kl_controller.value, reduce)
         return kept, shaped, result, mean_kl
@@ -192,7 +194,7 @@ class PPOTrainer:
         actor, cfg = self.parts.actor, self.cfg
         start = time.perf_counter()
         rollout = self._read_rollout(iteration, "actor")
-        kept, shaped, adv, mean_kl = self._shaped(rollout, self.groups.group("actor"), actor.device)
+        kept, shaped, adv, mean_kl = self._shaped(iteration, rollout, self.groups.group("actor"), actor.device)
         per_token = {"behaviour_log_probs": kept.behaviour_log_probs, "advantages": adv.advantages}
         if kept.reference_log_probs is not None:
             per_token["reference_log_probs"] = kept.reference_log_probs
@@ -224,7 +226,7 @@ class PPOTrainer:
     def _train_critic(self, iteration: int) -> dict[str, float]:
         critic, cfg = self.parts.critic, self.cfg
         rollout = self._read_rollout(iteration, "critic")
-        kept, _, adv, _ = self._shaped(rollout, self.groups.group("critic"), critic.device)
+        kept, _, adv, _ = self._shaped(iteration, rollout, self.groups.group("critic"), critic.device)
         samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
         steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg), filler=zero_filler(rollout, ["returns", "old_values"]),
                            dp_size=critic.dp_size,
