@@ -195,6 +195,20 @@ class StepSchedule:
                                   rollout_batch_size=self.batch_size, rank=rank, num_ranks=num_ranks)
 
 
+def load_train_and_eval(ctx: Any, cfg: Config, loader: Callable[..., Any]) -> tuple[list, list]:
+    """Training rows from data.dataset and held-out rows from eval.data (empty without it), each reported once.
+
+    `loader(path, cfg, tokenizer, max_samples=...)` returns (examples, report), like `load_sft_examples`.
+    """
+    examples, report = loader(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
+    ctx.info(report.summary())
+    eval_examples: list = []
+    if cfg.eval.data:
+        eval_examples, eval_report = loader(cfg.eval.data, cfg, ctx.tokenizer, max_samples=cfg.eval.max_samples)
+        ctx.info(eval_report.summary())
+    return examples, eval_examples
+
+
 def schedule_for(cfg: Config, num_examples: int) -> StepSchedule:
     """The run's schedule: train.train_batch_size rows per step, train.max_epochs passes, train.max_iterations cap."""
     return StepSchedule(num_examples=num_examples, batch_size=cfg.train.train_batch_size,

@@ -29,6 +29,7 @@ from hpc_rlhf.trainers.common import (
     finish,
     finite_metrics,
     load_frozen,
+    load_train_and_eval,
     load_trainable,
     micro_batches,
     response_logits,
@@ -103,13 +104,7 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Distil kd.teacher_pretrain into actor.pretrain on data.dataset; every rank calls this."""
     ctx = build_context(cfg, world, groups, control, should_stop)
-    examples, report = load_sft_examples(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
-    ctx.info(report.summary())
-    eval_examples: list[Encoded] = []
-    if cfg.eval.data:
-        eval_examples, eval_report = load_sft_examples(cfg.eval.data, cfg, ctx.tokenizer,
-                                                       max_samples=cfg.eval.max_samples)
-        ctx.info(eval_report.summary())
+    examples, eval_examples = load_train_and_eval(ctx, cfg, load_sft_examples)
     schedule = schedule_for(cfg, len(examples))
     teacher = load_frozen(ctx, cfg.kd.teacher_pretrain)
     student = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Student, schedule.total_steps)

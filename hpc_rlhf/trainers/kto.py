@@ -31,6 +31,7 @@ from hpc_rlhf.trainers.common import (
     finite_metrics,
     frozen_sequence_log_probs,
     load_frozen,
+    load_train_and_eval,
     load_trainable,
     micro_batches,
     per_sample,
@@ -120,13 +121,7 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Train the policy with KTO on data.dataset; every rank calls this."""
     ctx = build_context(cfg, world, groups, control, should_stop)
-    examples, report = load_unpaired(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
-    ctx.info(report.summary())
-    eval_examples: list[LabelledExample] = []
-    if cfg.eval.data:
-        eval_examples, eval_report = load_unpaired(cfg.eval.data, cfg, ctx.tokenizer,
-                                                   max_samples=cfg.eval.max_samples)
-        ctx.info(eval_report.summary())
+    examples, eval_examples = load_train_and_eval(ctx, cfg, load_unpaired)
     schedule = schedule_for(cfg, len(examples))
     reference = load_frozen(ctx, cfg.ref.pretrain or cfg.actor.pretrain)
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, schedule.total_steps)

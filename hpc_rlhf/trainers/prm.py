@@ -29,6 +29,7 @@ from hpc_rlhf.trainers.common import (
     eval_share,
     finish,
     finite_metrics,
+    load_train_and_eval,
     load_trainable,
     micro_batches,
     response_logits,
@@ -162,13 +163,7 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Train a process reward model on data.dataset; every rank calls this."""
     ctx = build_context(cfg, world, groups, control, should_stop)
-    examples, report = load_step_examples(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
-    ctx.info(report.summary())
-    eval_examples: list[StepExample] = []
-    if cfg.eval.data:
-        eval_examples, eval_report = load_step_examples(cfg.eval.data, cfg, ctx.tokenizer,
-                                                        max_samples=cfg.eval.max_samples)
-        ctx.info(eval_report.summary())
+    examples, eval_examples = load_train_and_eval(ctx, cfg, load_step_examples)
     reward_ids = [single_token_id(ctx.tokenizer, token, "prm.reward_tokens") for token in cfg.prm.reward_tokens]
     schedule = schedule_for(cfg, len(examples))
     model = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", StepRewardModel, schedule.total_steps,

@@ -7,7 +7,7 @@ the DeepSpeed engines of a role are created collectively by all ranks of that ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
