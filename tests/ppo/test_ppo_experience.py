@@ -67,10 +67,10 @@ def test_reward_clipping_and_overlong_penalty():
 
 
 def test_merge_metrics_sums_maxes_and_rates():
-    merged = merge_metrics([{"sum/generate_tokens": 100.0, "max/generate_s": 2.0, "train/loss": 1.0},
-                            {"sum/generate_tokens": 300.0, "max/generate_s": 4.0, "train/loss": 3.0},
+    merged = merge_metrics([{"sum/generate_tokens": 100.0, "max/generate_engine_s": 2.0, "train/loss": 1.0},
+                            {"sum/generate_tokens": 300.0, "max/generate_engine_s": 4.0, "train/loss": 3.0},
                             {"sum/eval_count": 4.0, "sum/eval_score": 3.0, "sum/eval_reward": 2.0}])
-    assert merged["train/loss"] == 2.0 and merged["time/generate_s"] == 4.0
+    assert merged["train/loss"] == 2.0 and merged["time/generate_engine_s"] == 4.0
     assert merged["throughput/generate_tokens_per_s"] == 100.0
     assert merged["eval/accuracy"] == 0.75 and merged["eval/reward_mean"] == 0.5
 

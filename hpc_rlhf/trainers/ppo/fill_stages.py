@@ -73,22 +73,30 @@ def commit_columns(cfg: Config, iteration: int, shards: Sequence[str], counts: S
 
 def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, stage: str, column: str, infer: Callable,
                    field: str, micro_batch_size: int, pad_token_id: int) -> dict[str, float]:
-    """Reference log-probs or critic values for this member's shards."""
+    """Reference log-probs or critic values for this member's shards, with the time of each part."""
     start = time.perf_counter()
     shards = my_shards(cfg, iteration, index, size)
     samples, counts = shard_samples(cfg, iteration, shards)
-    outputs = per_token_outputs(infer, samples, micro_batch_size, field, pad_token_id)
-    commit_columns(cfg, iteration, shards, counts, stage, {column: [o.float().tolist() for o in outputs]})
+    read = time.perf_counter()
+    outputs = [o.float().tolist() for o in per_token_outputs(infer, samples, micro_batch_size, field, pad_token_id)]
+    computed = time.perf_counter()
+    commit_columns(cfg, iteration, shards, counts, stage, {column: outputs})
+    end = time.perf_counter()
     tokens = sum(s.num_tokens for s in samples)
-    return {"tokens": float(tokens), "seconds": time.perf_counter() - start}
+    return {"tokens": float(tokens), "seconds": end - start, "read_seconds": read - start,
+            "compute_seconds": computed - read, "write_seconds": end - computed}
 
 
 def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: Any) -> dict[str, float]:
-    """Reward-model scores (reward and score columns) for this member's shards."""
+    """Reward-model scores (reward and score columns) for this member's shards, with the time of each part."""
     start = time.perf_counter()
     shards = my_shards(cfg, iteration, index, size)
     samples, counts = shard_samples(cfg, iteration, shards)
+    read = time.perf_counter()
     sequences = [torch.cat([s.prompt_ids, s.response_ids]).tolist() for s in samples]
     scores = reward_model.score_sequences(sequences).tolist() if sequences else []
+    computed = time.perf_counter()
     commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
-    return {"tokens": float(sum(len(s) for s in sequences)), "seconds": time.perf_counter() - start}
+    end = time.perf_counter()
+    return {"tokens": float(sum(len(s) for s in sequences)), "seconds": end - start, "read_seconds": read - start,
+            "compute_seconds": computed - read, "write_seconds": end - computed}

@@ -45,6 +45,19 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT
         delay = min(delay * 1.5, 0.5)
 
 
+def synchronize(device: Optional[torch.device]) -> None:
+    """Wait for queued GPU work, so that a phase's wall time includes its kernels (no-op on CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def accumulate(metrics: dict[str, float], new: dict[str, float]) -> None:
+    """Add `new` into one rank's tick metrics: counts (`sum/`) and phase times (`*_s`) add up, others replace."""
+    for key, value in new.items():
+        adds = key.startswith("sum/") or key.endswith("_s")
+        metrics[key] = metrics.get(key, 0.0) + value if adds else value
+
+
 def group_sum(group: dist.ProcessGroup, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """An all-reduce (sum) over a role group, for the estimators' global whitening and statistics."""
     def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -136,7 +149,8 @@ class PPOTrainer:
         if not self.writes_shards or result.reused:
             return {}
         return {"sum/generate_tokens": result.response_tokens, "max/generate_s": result.seconds,
-                "sum/generate_samples": result.samples}
+                "sum/generate_samples": result.samples, "max/generate_engine_s": result.engine_seconds,
+                "max/reward_fn_s": result.reward_seconds, "max/shard_write_s": result.write_seconds}
 
     def _wait_complete(self, iteration: int) -> None:
         wait_until(lambda: load_manifest(self.run_dir, iteration).complete, f"iteration {iteration} to complete")
@@ -151,19 +165,24 @@ class PPOTrainer:
     def _fill(self, iteration: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         parts, cfg = self.parts, self.cfg
+
+        def record(name: str, out: dict[str, float]) -> None:
+            accumulate(metrics, {f"sum/{name}_tokens": out["tokens"], f"max/{name}_s": out["compute_seconds"],
+                                 "max/shard_read_s": out["read_seconds"], "max/shard_write_s": out["write_seconds"]})
+
         if parts.reward_model is not None:
-            out = fill_rewards(cfg, iteration, self._index("reward"), self._size("reward"), parts.reward_model)
-            metrics.update({"sum/reward_model_tokens": out["tokens"], "max/reward_model_s": out["seconds"]})
+            record("reward_model", fill_rewards(cfg, iteration, self._index("reward"), self._size("reward"),
+                                                parts.reward_model))
         if parts.reference is not None:
-            out = fill_per_token(cfg, iteration, self._index("reference"), self._size("reference"),
-                                 stage="reference", column="reference_log_probs", infer=parts.reference.infer,
-                                 field="log_probs", micro_batch_size=cfg.ref.micro_batch_size, pad_token_id=self.pad_id)
-            metrics.update({"sum/reference_tokens": out["tokens"], "max/reference_s": out["seconds"]})
+            record("reference", fill_per_token(
+                cfg, iteration, self._index("reference"), self._size("reference"), stage="reference",
+                column="reference_log_probs", infer=parts.reference.infer, field="log_probs",
+                micro_batch_size=cfg.ref.micro_batch_size, pad_token_id=self.pad_id))
         if parts.critic is not None:
-            out = fill_per_token(cfg, iteration, self._index("critic"), self._size("critic"), stage="values",
-                                 column="values", infer=parts.critic.infer, field="values",
-                                 micro_batch_size=cfg.train.micro_train_batch_size, pad_token_id=self.pad_id)
-            metrics.update({"sum/critic_forward_tokens": out["tokens"], "max/critic_forward_s": out["seconds"]})
+            record("critic_forward", fill_per_token(
+                cfg, iteration, self._index("critic"), self._size("critic"), stage="values", column="values",
+                infer=parts.critic.infer, field="values", micro_batch_size=cfg.train.micro_train_batch_size,
+                pad_token_id=self.pad_id))
         return metrics
 
     def _required_stages(self) -> list[str]:
@@ -194,13 +213,17 @@ class PPOTrainer:
         actor, cfg = self.parts.actor, self.cfg
         start = time.perf_counter()
         rollout = self._read_rollout(iteration, "actor")
+        read = time.perf_counter()
         kept, shaped, adv, mean_kl = self._shaped(iteration, rollout, self.groups.group("actor"), actor.device)
         per_token = {"behaviour_log_probs": kept.behaviour_log_probs, "advantages": adv.advantages}
         if kept.reference_log_probs is not None:
             per_token["reference_log_probs"] = kept.reference_log_probs
         samples = exp.to_token_samples(kept, per_token)
         # The trainer's own log-probs before the update: the PPO ratio's denominator (old policy).
+        old_start = time.perf_counter()
         old = per_token_outputs(actor.infer, samples, cfg.train.micro_train_batch_size, "log_probs", self.pad_id)
+        synchronize(actor.device)
+        update_start = time.perf_counter()
         samples = [dataclasses.replace(s, response_tensors={**s.response_tensors, "old_log_probs": o})
                    for s, o in zip(samples, old)]
         frozen = iteration < cfg.critic.freezing_actor_steps
@@ -208,8 +231,9 @@ class PPOTrainer:
                                              filler=zero_filler(rollout, [*per_token, "old_log_probs"]),
                                              dp_size=actor.dp_size, pad_token_id=self.pad_id, iteration=iteration,
                                              salt=0)
+        synchronize(actor.device)
+        end = time.perf_counter()
         self.kl_controller.update(mean_kl, len(rollout.rewards))
-        seconds = time.perf_counter() - start
         tokens = sum(s.num_tokens for s in samples)
         metrics = mean_metrics(steps, prefix="train/")
         metrics.update({
@@ -219,22 +243,31 @@ class PPOTrainer:
             "rollout/response_length": rollout.response_lengths().float().mean().item(),
             "rollout/kept_fraction": len(kept.rewards) / max(len(rollout.rewards), 1),
             "rollout/staleness": iteration - rollout.weight_versions.float().mean().item(),
-            "sum/train_tokens": float(tokens), "max/train_s": seconds,
+            "sum/train_tokens": float(tokens) * (0 if frozen else cfg.train.max_epochs),
+            "sum/actor_logprob_tokens": float(tokens), "max/train_s": end - start,
+            "max/shard_read_s": read - start, "max/actor_logprob_s": update_start - old_start,
+            "max/actor_update_s": end - update_start,
         })
         return metrics
 
     def _train_critic(self, iteration: int) -> dict[str, float]:
         critic, cfg = self.parts.critic, self.cfg
+        start = time.perf_counter()
         rollout = self._read_rollout(iteration, "critic")
+        read = time.perf_counter()
         kept, _, adv, _ = self._shaped(iteration, rollout, self.groups.group("critic"), critic.device)
         samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
         steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg), filler=zero_filler(rollout, ["returns", "old_values"]),
                            dp_size=critic.dp_size,
                            pad_token_id=self.pad_id, iteration=iteration, salt=1)
+        synchronize(critic.device)
         if not self.roles.has("actor"):
             self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
                                       len(rollout.rewards))
-        return mean_metrics(steps, prefix="critic/")
+        metrics = mean_metrics(steps, prefix="critic/")
+        metrics.update({"sum/critic_train_tokens": float(sum(s.num_tokens for s in samples) * cfg.train.max_epochs),
+                        "max/shard_read_s": read - start, "max/critic_train_s": time.perf_counter() - read})
+        return metrics
 
     # ----- weights -------------------------------------------------------------------------------------
     def _sync_weights(self, version: int) -> dict[str, float]:
@@ -251,6 +284,7 @@ class PPOTrainer:
         elif engine is not None:
             _, stream = receive_weight_stream(self.groups.weight_sync_group, src)
             engine.load_weights(stream)
+        synchronize(getattr(engine, "device", None) if engine is not None else actor.device)
         self.state.weight_version = version
         return {"max/weight_sync_s": time.perf_counter() - start}
 
@@ -277,30 +311,35 @@ class PPOTrainer:
         carried: dict[str, float] = {}  # metrics of async warm-up ticks, logged with the first trained iteration
         for tick in range(start, self.total + self.q):
             gen_it, train_it = tick, tick - self.q
+            tick_start = time.perf_counter()
             metrics: dict[str, float] = dict(carried)
             if self.roles.has("generator") and gen_it < self.total:
-                self._wake_generator()
+                accumulate(metrics, self._wake_generator())
                 if self._eval_due(gen_it):
                     metrics.update(self._eval())
-                for key, value in self._generate(gen_it).items():
-                    metrics[key] = metrics.get(key, 0.0) + value if key.startswith("sum/") else value
-                self._sleep_generator()
+                accumulate(metrics, self._generate(gen_it))
+                accumulate(metrics, self._sleep_generator())
             if train_it >= start:
+                wait_start = time.perf_counter()
                 self._wait_complete(train_it)
-                metrics.update(self._fill(train_it))
+                accumulate(metrics, self._fill(train_it))
                 if self.parts.actor is not None or self.parts.critic is not None:
                     self._wait_filled(train_it, self._required_stages())
+                accumulate(metrics, {"max/wait_data_s": time.perf_counter() - wait_start})
                 if self.parts.critic is not None:
-                    metrics.update(self._train_critic(train_it))
+                    accumulate(metrics, self._train_critic(train_it))
                 if self.parts.actor is not None:
-                    metrics.update(self._train_actor(train_it))
+                    accumulate(metrics, self._train_actor(train_it))
                 self.state.next_iteration = train_it + 1
             if train_it >= start and tick + 1 < self.total and self._in_weight_path():
-                metrics.update(self._sync_weights(train_it + 1))
+                accumulate(metrics, self._sync_weights(train_it + 1))
             elif train_it >= start:
                 self.state.weight_version = train_it + 1
+            accumulate(metrics, {"max/iteration_s": time.perf_counter() - tick_start})
             stop = self._agree(train_it, metrics, log=train_it >= start)
-            carried = {} if train_it >= start else metrics
+            # An async warm-up tick's counts and eval results are logged with the first trained iteration; its
+            # phase times are not, so that every logged iteration_s is one tick.
+            carried = {} if train_it >= start else {k: v for k, v in metrics.items() if not k.endswith("_s")}
             last = metrics
             if train_it >= start and self._checkpoint_due(train_it, stop):
                 self.save()
@@ -313,14 +352,20 @@ class PPOTrainer:
             self._agree(self.total, self._eval())
         return last
 
-    def _sleep_generator(self) -> None:
+    def _sleep_generator(self) -> dict[str, float]:
         """Colocated ranks free the engine's memory while the trainers run (vllm.enable_sleep)."""
-        if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
-            self.parts.engine.sleep()
+        if not (self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None):
+            return {}
+        start = time.perf_counter()
+        self.parts.engine.sleep()
+        return {"max/generator_sleep_s": time.perf_counter() - start}
 
-    def _wake_generator(self) -> None:
-        if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
-            self.parts.engine.wake_up()
+    def _wake_generator(self) -> dict[str, float]:
+        if not (self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None):
+            return {}
+        start = time.perf_counter()
+        self.parts.engine.wake_up()
+        return {"max/generator_wake_s": time.perf_counter() - start}
 
     def _in_weight_path(self) -> bool:
         return self.roles.has("generator") or self.roles.has("actor")
@@ -336,7 +381,7 @@ class PPOTrainer:
         request = self.stop.request() if self.stop is not None else None
         gathered = self.control.allgather_object((request, metrics))
         if self.control.rank == 0 and log:
-            self.log(step, merge_metrics([m for _, m in gathered]))
+            self.log(step, {**merge_metrics([m for _, m in gathered]), "time/end_unix_s": time.time()})
         self.stop_reason = combine_stop_reasons([r for r, _ in gathered])
         return self.stop_reason is not None
 
@@ -385,8 +430,9 @@ def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
                 means.setdefault(key, []).append(value)
     merged = {key: sum(values) / len(values) for key, values in means.items()}
     merged.update({f"time/{k}": v for k, v in maxes.items()})
-    for name, seconds_key in (("generate_tokens", "generate_s"), ("train_tokens", "train_s"),
-                              ("reference_tokens", "reference_s"), ("critic_forward_tokens", "critic_forward_s"),
+    for name, seconds_key in (("generate_tokens", "generate_engine_s"), ("train_tokens", "actor_update_s"),
+                              ("actor_logprob_tokens", "actor_logprob_s"), ("reference_tokens", "reference_s"),
+                              ("critic_forward_tokens", "critic_forward_s"), ("critic_train_tokens", "critic_train_s"),
                               ("reward_model_tokens", "reward_model_s")):
         if name in sums and maxes.get(seconds_key):
             merged[f"throughput/{name}_per_s"] = sums[name] / maxes[seconds_key]

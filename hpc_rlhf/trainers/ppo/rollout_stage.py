@@ -27,6 +27,9 @@ class GenerationResult:
     response_tokens: int
     seconds: float
     reused: bool
+    engine_seconds: float = 0.0  # the engine's generate calls (and multi-turn environment steps)
+    reward_seconds: float = 0.0  # reward function or remote reward service
+    write_seconds: float = 0.0  # the shard's Arrow write and commit
 
 
 def sampling_seed(seed: int, iteration: int, engine: int) -> int:
@@ -104,17 +107,21 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
                              eos_token_id=tokenizer.eos_token_id)
     trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
                                 prompt_texts=texts, labels=[p.label for p in chosen])
+    generated = time.perf_counter()
     rewards = scores = None
     if reward_source is not None and trajectories and trajectories[0].reward is None:
         rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in chosen for _ in range(n)],
                                                 [t for t in texts for _ in range(n)], trajectories)
+    scored = time.perf_counter()
     per_engine = cfg.rollout.batch_size // num_engines
     rows = trajectory_rows(trajectories, chosen, engine_index * per_engine, n, weight_version, rewards, scores)
     if writes:
         ShardWriter(run_dir).write(iteration, shard, rows)
+    end = time.perf_counter()
     tokens = sum(len(t.response_ids) for t in trajectories)
-    return GenerationResult(samples=len(rows), response_tokens=tokens, seconds=time.perf_counter() - start,
-                            reused=False)
+    return GenerationResult(samples=len(rows), response_tokens=tokens, seconds=end - start, reused=False,
+                            engine_seconds=generated - start, reward_seconds=scored - generated,
+                            write_seconds=end - scored)
 
 
 def run_eval(cfg: Config, *, executor: Any, tokenizer: Any, prompts: Sequence[PromptExample], reward_source: Any,
