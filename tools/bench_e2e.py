@@ -77,6 +77,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="/tmp/hpc_rlhf_bench")
     p.add_argument("--ceilings", help="JSON from hpc_rlhf.benchmarks.ceilings (measured now when omitted)")
+    p.add_argument("--limits-only", action="store_true",
+                   help="print the phases' physical limits for these settings and exit (no run); takes the ceilings "
+                        "from --ceilings or from --peak-tflops and --bandwidth-tbs")
+    p.add_argument("--peak-tflops", type=float, help="bf16 matmul rate for --limits-only")
+    p.add_argument("--bandwidth-tbs", type=float, help="device copy bandwidth (read + write) for --limits-only")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="another config override of the run (repeatable), e.g. --set train.max_epochs=2")
     p.add_argument("--out", help="write the full results (settings, per-iteration metrics, table) as JSON")
@@ -185,44 +190,63 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def phase_limits(args: argparse.Namespace, response_len: int, ceilings: dict[str, float]) -> dict[str, dict]:
+    """Each phase's physical limit for one iteration: FLOPs over the bf16 matmul peak, decode bytes over the copy
+    bandwidth, weight bytes over the copy bandwidth. Keys: flops (where compute-bound), limit_s, limit_tokens_per_s."""
+    shape = model_shape(args.shape)
+    sequences = args.rollout_batch_size * args.n_samples
+    lengths = [args.prompt_len + response_len] * sequences
+    tokens = sum(lengths)
+    epochs = args_epochs(args)
+    peak, bandwidth = ceilings["bf16_matmul_flops_per_s"], ceilings["copy_bytes_per_s"]
+    # Critic and reward model end in a scalar head instead of the vocabulary projection.
+    phase_flops = {
+        "reward_model": flops.forward_flops(shape, lengths, vocab_head=False),
+        "reference": flops.forward_flops(shape, lengths),
+        "critic_forward": flops.forward_flops(shape, lengths, vocab_head=False),
+        "actor_logprob": flops.forward_flops(shape, lengths),
+        "actor_update": flops.train_flops(shape, lengths) * epochs,
+        "critic_update": flops.train_flops(shape, lengths, vocab_head=False) * epochs,
+    }
+    limits: dict[str, dict] = {}
+    for phase, phase_flop in phase_flops.items():
+        phase_tokens = tokens * (epochs if phase.endswith("update") else 1)
+        limits[phase] = {"flops": phase_flop, "limit_s": phase_flop / peak,
+                         "limit_tokens_per_s": phase_tokens * peak / phase_flop}
+    concurrent = min(sequences, args.gen_micro_batch_size if args.backend == "hf" else args.max_num_seqs)
+    decode = flops.decode_limit_tokens_per_s(shape, concurrent, args.prompt_len, response_len, bandwidth, peak)
+    limits["generate"] = {"limit_tokens_per_s": decode, "limit_s": sequences * response_len / decode,
+                          "concurrent_sequences": concurrent}
+    limits["weight_sync"] = {"limit_s": flops.weight_sync_limit_s(flops.model_bytes(shape), bandwidth)}
+    return limits
+
+
 def summarize(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[str, float]) -> dict[str, Any]:
     """Per-phase medians, throughputs, limits, MFU and shares of the iteration."""
-    shape = model_shape(args.shape)
     measured = rows[args.warmup:] or rows
     iteration_s = median(measured, "time/iteration_s")
     mean_response = median(measured, "rollout/response_length") or float(args.gen_len)
     sequences = args.rollout_batch_size * args.n_samples
-    lengths = [args.prompt_len + round(mean_response)] * sequences
-    fwd = flops.forward_flops(shape, lengths)
-    train = flops.train_flops(shape, lengths)
-    # Critic and reward model end in a scalar head instead of the vocabulary projection.
-    value_fwd = flops.forward_flops(shape, lengths, vocab_head=False)
-    value_train = flops.train_flops(shape, lengths, vocab_head=False)
-    peak, bandwidth = ceilings["bf16_matmul_flops_per_s"], ceilings["copy_bytes_per_s"]
-    concurrent = min(sequences, args.gen_micro_batch_size if args.backend == "hf" else args.max_num_seqs)
-    decode_limit = flops.decode_limit_tokens_per_s(shape, concurrent, args.prompt_len, int(mean_response), bandwidth,
-                                                   peak)
-    phase_flops = {"reward_model": value_fwd, "reference": fwd, "critic_forward": value_fwd, "actor_logprob": fwd,
-                   "actor_update": train * args_epochs(args), "critic_update": value_train * args_epochs(args)}
-    tokens = sum(lengths)
-    limits = {"generate": decode_limit,
-              **{phase: peak * tokens * (args_epochs(args) if phase.endswith("update") else 1) / f
-                 for phase, f in phase_flops.items()}}
+    limits = phase_limits(args, round(mean_response), ceilings)
+    peak = ceilings["bf16_matmul_flops_per_s"]
     phases = {}
     for phase, (seconds_key, tokens_key) in PHASES.items():
         seconds = median(measured, seconds_key)
         if not seconds:
             continue
         entry = {"seconds": seconds}
+        limit = limits.get(phase, {})
+        if "limit_s" in limit:
+            entry["limit_s"] = limit["limit_s"]
         if tokens_key:
-            entry["tokens_per_s"] = median(measured, f"throughput/{tokens_key}_per_s")
-            entry["limit_tokens_per_s"] = limits.get(phase, 0.0)
-            if phase in phase_flops:
-                entry["mfu"] = flops.mfu(phase_flops[phase], seconds, peak)
+            # Tokens of the phase per iteration (rate x time of each row), over the median time.
+            rate_key = f"throughput/{tokens_key}_per_s"
+            tokens = statistics.median(r[rate_key] * r[seconds_key] for r in measured if r.get(rate_key))
+            entry["tokens_per_s"] = tokens / seconds
+            entry["limit_tokens_per_s"] = limit.get("limit_tokens_per_s", 0.0)
+        if "flops" in limit:
+            entry["mfu"] = flops.mfu(limit["flops"], seconds, peak)
         phases[phase] = entry
-    weight_bytes = shape.parameter_count() * 2
-    if "weight_sync" in phases:
-        phases["weight_sync"]["limit_s"] = flops.weight_sync_limit_s(weight_bytes, bandwidth)
     shares = phase_shares({p: e["seconds"] for p, e in phases.items()}, iteration_s)
     for phase, share in shares.items():
         if phase in phases:
@@ -230,6 +254,23 @@ def summarize(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: di
     return {"iteration_s": iteration_s, "iterations_measured": len(measured), "mean_response_len": mean_response,
             "sequences_per_iteration": sequences, "phases": phases, "other_share": shares.get("other", 0.0),
             "generated_tokens_per_s_per_iteration": sequences * mean_response / iteration_s if iteration_s else 0.0}
+
+
+def print_limits(args: argparse.Namespace, ceilings: dict[str, float]) -> str:
+    """The limit table of a setting without running it (--limits-only)."""
+    limits = phase_limits(args, args.gen_len, ceilings)
+    if args.algo == "grpo":  # no reward model, no critic
+        limits = {k: v for k, v in limits.items() if k not in ("reward_model", "critic_forward", "critic_update")}
+    rows = [{"phase": phase, "limit_s": e["limit_s"], "tok_s": e.get("limit_tokens_per_s"),
+             "tflop": e["flops"] / 1e12 if "flops" in e else None} for phase, e in limits.items()]
+    rows.append({"phase": "iteration, phases in sequence", "limit_s": sum(e["limit_s"] for e in limits.values())})
+    table = markdown_table(rows, [("phase", "phase", ""), ("tflop", "TFLOP", ".1f"), ("limit_s", "limit s", ".4f"),
+                                  ("tok_s", "limit tokens/s", ",.0f")])
+    text = (f"limits of {args.algo} {args.shape} ({args.rollout_batch_size} x {args.n_samples} sequences of "
+            f"{args.prompt_len} + {args.gen_len} tokens) at {ceilings['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+            f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s:\n" + table)
+    print(text, flush=True)
+    return text
 
 
 def args_epochs(args: argparse.Namespace) -> int:
@@ -272,6 +313,15 @@ def load_ceilings(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.limits_only:
+        if args.peak_tflops and args.bandwidth_tbs:
+            ceilings = {"bf16_matmul_flops_per_s": args.peak_tflops * 1e12, "copy_bytes_per_s": args.bandwidth_tbs * 1e12}
+        elif args.ceilings and Path(args.ceilings).exists():
+            ceilings = json.loads(Path(args.ceilings).read_text())
+        else:
+            raise SystemExit("--limits-only needs --ceilings FILE or both --peak-tflops and --bandwidth-tbs")
+        print_limits(args, ceilings)
+        return 0
     import torch
 
     ceilings = load_ceilings(args)
