@@ -284,11 +284,13 @@ def print_table(args: argparse.Namespace, summary: dict[str, Any]) -> str:
     rows = []
     for phase, e in summary["phases"].items():
         limit = e.get("limit_tokens_per_s")
-        rows.append({"phase": phase, "seconds": e["seconds"], "share": 100 * e.get("share", 0.0),
+        rows.append({"phase": phase, "seconds": e["seconds"], "limit_s": e.get("limit_s"),
+                     "share": 100 * e.get("share", 0.0),
                      "tok_s": e.get("tokens_per_s"), "limit": limit,
                      "of_limit": 100 * e["tokens_per_s"] / limit if limit and e.get("tokens_per_s") else None,
                      "mfu": 100 * e["mfu"] if "mfu" in e else None})
-    table = markdown_table(rows, [("phase", "phase", ""), ("seconds", "s/iter", ".2f"), ("share", "% of iter", ".1f"),
+    table = markdown_table(rows, [("phase", "phase", ""), ("seconds", "s/iter", ".3f"), ("limit_s", "limit s", ".3f"),
+                                  ("share", "% of iter", ".1f"),
                                   ("tok_s", "tokens/s", ",.0f"), ("limit", "limit tokens/s", ",.0f"),
                                   ("of_limit", "% of limit", ".1f"), ("mfu", "MFU %", ".1f")])
     head = (f"{args.algo} {args.shape} backend={args.backend} layout={args.layout} gpus={args.gpus} "
