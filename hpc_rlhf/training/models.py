@@ -110,8 +110,17 @@ def _local_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def _load_kwargs(cfg: EngineConfig) -> dict[str, Any]:
-    return {"dtype": cfg.torch_dtype, "attn_implementation": cfg.attn_implementation}
+def _load(auto_class: Any, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+          **config_overrides: Any) -> nn.Module:
+    """A Hugging Face model from `path`: built straight into ZeRO-3 partitions over `dp_group` for stage 3 (no rank
+    holds the whole model), else loaded whole with `from_pretrained`. New heads (a critic's value head) may be missing
+    from the checkpoint."""
+    if cfg.zero_stage == 3 and dist.is_initialized():
+        from hpc_rlhf.training.zero3_loading import load_partitioned
+
+        return load_partitioned(auto_class, path, cfg, dp_group, allowed_missing=VALUE_HEAD_NAMES, **config_overrides)
+    return auto_class.from_pretrained(str(path), dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
+                                      **config_overrides)
 
 
 def _check_weighting(loss_weighting: str) -> None:
@@ -320,8 +329,7 @@ class Actor(_TrainedModel):
         """Load a causal LM with the config's dtype and attention implementation and wrap it."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(cfg))
-        return cls(model, cfg, dp_group, num_training_steps, **kwargs)
+        return cls(_load(AutoModelForCausalLM, path, cfg, dp_group), cfg, dp_group, num_training_steps, **kwargs)
 
     def forward(self, batch: MicroBatch) -> ForwardOutput:
         """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`)."""
@@ -368,7 +376,7 @@ class Critic(_TrainedModel):
         """Load a causal LM (new value head) or a reward/critic checkpoint (its head) as a critic."""
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **_load_kwargs(cfg))
+        model = _load(AutoModelForSequenceClassification, path, cfg, dp_group, num_labels=1)
         return cls(model, cfg, dp_group, num_training_steps)
 
     def hf_model(self) -> nn.Module:
@@ -407,8 +415,7 @@ class Reference:
         """Load a frozen causal LM with the config's dtype and attention implementation."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(cfg))
-        return cls(model, cfg, dp_group, **kwargs)
+        return cls(_load(AutoModelForCausalLM, path, cfg, dp_group), cfg, dp_group, **kwargs)
 
     def scope(self) -> contextlib.AbstractContextManager[None]:
         """Context for any direct use of a ZeRO-3 `engine` (no-op for a plain module): see `engine_scope`."""

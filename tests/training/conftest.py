@@ -98,3 +98,10 @@ def world_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, list[dict[str, An
 def run_offload_world():
     """Runs the offload scenario on a 1-rank world: `run_offload_world(work_dir, model_dir) -> [result]`."""
     return lambda work_dir, model_dir: run_world(1, [0], work_dir, model_dir, scenario="offload")
+
+
+@pytest.fixture
+def run_scenario():
+    """`run_scenario(world_size, trainer_ranks, work_dir, model_dir, scenario) -> [result per data-parallel rank]`."""
+    return lambda world_size, trainer_ranks, work_dir, model_dir, scenario: run_world(
+        world_size, trainer_ranks, work_dir, model_dir, scenario=scenario)

@@ -168,7 +168,34 @@ def run_offload(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
         del actor
 
 
-SCENARIOS = {"roles": run_roles, "offload": run_offload}
+def run_zero3_load(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+    """Checkpoint -> ZeRO-3 partitions without a full copy: partition sizes, gathered weights, a training step."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from hpc_rlhf.training import Actor, Critic, EngineConfig, make_micro_batches
+    from hpc_rlhf.training.zero3_loading import load_partitioned
+
+    cfg = EngineConfig(zero_stage=3, learning_rate=1e-2, micro_train_batch_size=2, train_batch_size=4 * dp_size)
+    model = load_partitioned(AutoModelForCausalLM, args.model_dir, cfg, group)
+    result["partition_numels"] = {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in model.named_parameters()}
+    gathered = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            gathered[name] = param.data.clone()
+    result["gathered"] = gathered
+    batches = make_micro_batches(make_samples(9 + dp_rank, 4), micro_batch_size=2)
+    result["partitioned_step"] = Actor(model, cfg, group, num_training_steps=1).train_step(batches, policy_loss)
+    result["whole_step"] = Actor(tiny_llama(0), cfg, group, num_training_steps=1).train_step(batches, policy_loss)
+    critic = Critic.from_pretrained(args.model_dir, cfg, group, num_training_steps=1)
+    result["critic_step"] = critic.train_step(batches, value_loss)
+    try:
+        load_partitioned(AutoModelForSequenceClassification, args.model_dir, cfg, group, num_labels=1)
+    except ValueError as error:  # the new head is not allowed to be missing unless named
+        result["missing_head_error"] = str(error)
+
+
+SCENARIOS = {"roles": run_roles, "offload": run_offload, "zero3_load": run_zero3_load}
 
 
 def main() -> None:
