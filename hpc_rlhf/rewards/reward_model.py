@@ -12,7 +12,8 @@ trained), scores are normalised to (logit - reward_mean) / reward_std.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,11 @@ class RewardModel:
     """Scores sequences with a sequence-classification model, in eval mode, without gradients, micro-batched."""
 
     def __init__(self, model_path: str | Path, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = torch.float32, micro_batch_size: int = 8):
+                 dtype: str | torch.dtype = torch.float32, micro_batch_size: int = 8, *,
+                 zero3: Any = None, group: Any = None):
+        """`zero3` (an EngineConfig with zero_stage=3) partitions the model over `group`, the reward role's
+        process group, as for the reference: a 70B reward model then fits. Every rank of the group must then call
+        `score_sequences` together (ranks may hold different numbers of sequences)."""
         from transformers import AutoModelForSequenceClassification
 
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
@@ -79,11 +84,22 @@ class RewardModel:
         if not Path(model_path).is_dir():
             raise RewardError(f"reward model folder {str(model_path)!r} does not exist")
         self.model_path = str(model_path)
-        self.device = torch.device(device)
         self.micro_batch_size = micro_batch_size
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.model_path, num_labels=1, dtype=resolve_dtype(dtype))
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.mpu = None
+        if zero3 is not None:
+            from hpc_rlhf.training.deepspeed_setup import init_inference_engine
+            from hpc_rlhf.training.zero3_loading import load_partitioned
+
+            model = load_partitioned(AutoModelForSequenceClassification, self.model_path, zero3, group, num_labels=1)
+            model.requires_grad_(False)
+            engine, self.mpu = init_inference_engine(model, zero3, group)
+            self.model, self.device = engine.module, engine.device
+        else:
+            self.device = torch.device(device)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.model_path, num_labels=1, dtype=resolve_dtype(dtype))
+            self.model.to(self.device)
+        self.model.eval().requires_grad_(False)
         config = self.model.config
         if not hasattr(self.model, "score"):
             raise RewardError(f"{type(self.model).__name__} at {self.model_path} has no `score` head; only decoder "
@@ -113,23 +129,47 @@ class RewardModel:
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise RewardError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                               f"must both be [batch, seq_len]")
+        starts = list(range(0, input_ids.shape[0], self.micro_batch_size))
         scores = []
-        for start in range(0, input_ids.shape[0], self.micro_batch_size):
-            mask = attention_mask[start:start + self.micro_batch_size]
-            last = last_real_token_index(mask)
-            # Trim the micro-batch to its own longest row: trailing padding cannot change a right-padded score.
-            width = int(last.max()) + 1
-            ids = input_ids[start:start + self.micro_batch_size, :width].to(self.device)
-            mask = mask[:, :width].to(self.device)
-            hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            rows = torch.arange(ids.shape[0], device=self.device)
-            logits = self.model.score(hidden[rows, last.to(self.device)])
-            scores.append(logits[:, 0].float().cpu())
-        return (torch.cat(scores) - self.reward_mean) / self.reward_std
+        with self._collective_scope() as agreed_count:
+            for index in range(agreed_count(len(starts))):
+                if index >= len(starts):  # this rank has run out: a one-token batch keeps ZeRO-3 collectives matched
+                    self._score_micro_batch(input_ids.new_zeros((1, 1)), attention_mask.new_ones((1, 1)))
+                    continue
+                start = starts[index]
+                scores.append(self._score_micro_batch(input_ids[start:start + self.micro_batch_size],
+                                                      attention_mask[start:start + self.micro_batch_size]))
+        return ((torch.cat(scores) if scores else torch.zeros(0)) - self.reward_mean) / self.reward_std
+
+    def _score_micro_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        last = last_real_token_index(attention_mask)
+        # Trim the micro-batch to its own longest row: trailing padding cannot change a right-padded score.
+        width = int(last.max()) + 1
+        ids = input_ids[:, :width].to(self.device)
+        mask = attention_mask[:, :width].to(self.device)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows = torch.arange(ids.shape[0], device=self.device)
+        logits = self.model.score(hidden[rows, last.to(self.device)])
+        return logits[:, 0].float().cpu()
+
+    @contextlib.contextmanager
+    def _collective_scope(self) -> Iterator[Callable[[int], int]]:
+        """Yields `agreed_count(n)`: n for a plain model; the group's largest n under ZeRO-3, inside its scope."""
+        if self.mpu is None:
+            yield lambda count: count
+            return
+        import torch.distributed as dist
+
+        from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group, engine_scope
+
+        with engine_scope(self.mpu):
+            yield lambda count: int(all_reduce_in_group([count], dist.ReduceOp.MAX, self.mpu)[0])
 
     def score_sequences(self, token_ids: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
         """Normalised scores, float32 [B], of unpadded token id sequences (each prompt + response)."""
         if len(token_ids) == 0:
+            if self.mpu is not None:  # still take part in the group's forwards
+                self.score_tokens(torch.zeros((0, 1), dtype=torch.long), torch.ones((0, 1), dtype=torch.long))
             return torch.zeros(0)
         input_ids, attention_mask = right_pad(token_ids, self.pad_token_id)
         return self.score_tokens(input_ids, attention_mask)

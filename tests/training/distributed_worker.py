@@ -195,7 +195,32 @@ def run_zero3_load(args, group, dp_rank: int, dp_size: int, result: dict) -> Non
         result["missing_head_error"] = str(error)
 
 
-SCENARIOS = {"roles": run_roles, "offload": run_offload, "zero3_load": run_zero3_load}
+def run_zero3_reward(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+    """A reward model partitioned over the group scores each rank's own sequences (a different count per rank,
+    one rank none) as the same model held whole does."""
+    import torch.distributed as dist
+    from transformers import AutoModelForSequenceClassification
+
+    from hpc_rlhf.rewards import RewardModel
+    from hpc_rlhf.training import EngineConfig
+
+    reward_dir = Path(args.work_dir) / "reward_model"
+    if dp_rank == 0:
+        torch.manual_seed(5)
+        AutoModelForSequenceClassification.from_pretrained(args.model_dir, num_labels=1).save_pretrained(reward_dir)
+    dist.barrier(group=group)
+    generator = torch.Generator().manual_seed(dp_rank)
+    count = [5, 0, 2][dp_rank]
+    sequences = [torch.randint(3, 60, (int(torch.randint(2, 9, (1,), generator=generator)),), generator=generator)
+                 for _ in range(count)]
+    zero3 = RewardModel(reward_dir, micro_batch_size=2,
+                        zero3=EngineConfig(zero_stage=3, train_batch_size=dp_size), group=group)
+    result["zero3_scores"] = zero3.score_sequences(sequences)
+    result["whole_scores"] = RewardModel(reward_dir, micro_batch_size=2).score_sequences(sequences)
+
+
+SCENARIOS = {"roles": run_roles, "offload": run_offload, "zero3_load": run_zero3_load,
+             "zero3_reward": run_zero3_reward}
 
 
 def main() -> None:

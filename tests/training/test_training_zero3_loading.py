@@ -41,3 +41,11 @@ def test_checkpoint_index_reads_single_and_sharded_folders(tmp_path, tiny_model_
     trunk = {"layers.0.mlp.up_proj.weight": tmp_path}
     assert matching_name("model.layers.0.mlp.up_proj.weight", trunk) == "layers.0.mlp.up_proj.weight"
     assert matching_name("score.weight", single) is None
+
+
+@pytest.mark.timeout(300)
+def test_partitioned_reward_model_scores_like_the_whole_one(tmp_path, tiny_model_dir, run_scenario):
+    results = run_scenario(3, [0, 1, 2], tmp_path, tiny_model_dir, "zero3_reward")
+    assert [len(r["zero3_scores"]) for r in results] == [5, 0, 2]
+    for result in results:
+        assert torch.allclose(result["zero3_scores"], result["whole_scores"], rtol=1e-5, atol=1e-6)

@@ -94,7 +94,7 @@ def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_mode
     samples, counts = shard_samples(cfg, iteration, shards)
     read = time.perf_counter()
     sequences = [torch.cat([s.prompt_ids, s.response_ids]).tolist() for s in samples]
-    scores = reward_model.score_sequences(sequences).tolist() if sequences else []
+    scores = reward_model.score_sequences(sequences).tolist()  # every member calls: ZeRO-3 forwards are collective
     computed = time.perf_counter()
     commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
     end = time.perf_counter()
