@@ -35,6 +35,7 @@ from hpc_rlhf.benchmarks.task import model_shape, prepare_task  # noqa: E402
 
 # Phase -> (seconds key, tokens key or None) in the merged metrics (`time/...`, `count/...` as logged).
 PHASES = {
+    "trainer_offload": ("time/trainer_offload_s", None),
     "wake": ("time/generator_wake_s", None),
     "generate": ("time/generate_engine_s", "generate_tokens"),
     "reward_fn": ("time/reward_fn_s", None),
@@ -45,6 +46,7 @@ PHASES = {
     "actor_logprob": ("time/actor_logprob_s", "actor_logprob_tokens"),
     "actor_update": ("time/actor_update_s", "train_tokens"),
     "sleep": ("time/generator_sleep_s", None),
+    "trainer_reload": ("time/trainer_reload_s", None),
     "weight_sync": ("time/weight_sync_s", None),
     "shard_write": ("time/shard_write_s", None),
     "shard_read": ("time/shard_read_s", None),
@@ -73,6 +75,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     p.add_argument("--max-num-seqs", type=int, default=256, help="vllm: sequences decoded at once")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-kl", action="store_true",
+                   help="grpo without the KL loss, so without a reference model (TRL's default beta=0)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="/tmp/hpc_rlhf_bench")
@@ -92,7 +96,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def layout_overrides(args: argparse.Namespace) -> list[str]:
     """Role placement: every role on every rank (colocated) or generator GPUs apart from trainer GPUs."""
     ppo = args.algo == "ppo"
-    roles = ["generator", "actor", "reference"] + (["critic", "reward"] if ppo else [])
+    roles = ["generator", "actor"] + ([] if args.no_kl else ["reference"]) + (["critic", "reward"] if ppo else [])
     if args.layout == "colocated":
         return ["--layout.colocate=true"] + [f"--layout.{r}.gpus={args.gpus}" for r in roles]
     if args.gpus < 2:
@@ -100,7 +104,7 @@ def layout_overrides(args: argparse.Namespace) -> list[str]:
     gen = args.gpus // 2
     train = args.gpus - gen
     out = ["--layout.colocate=false", f"--layout.generator.gpus={gen}", f"--layout.actor.gpus={train}",
-           f"--layout.reference.gpus={train}"]
+           f"--layout.reference.gpus={0 if args.no_kl else train}"]
     if ppo:
         out += [f"--layout.critic.gpus={train}", f"--layout.reward.gpus={train}"]
     return out
@@ -109,6 +113,8 @@ def layout_overrides(args: argparse.Namespace) -> list[str]:
 def run_config(args: argparse.Namespace, model_dir: Path, prompts: Path, run_dir: Path) -> list[str]:
     """The `python -m hpc_rlhf.train` overrides of one benchmark run."""
     ppo = args.algo == "ppo"
+    if ppo and args.no_kl:
+        raise SystemExit("--no-kl is for grpo (the ppo setting has a reward model, a critic and a KL penalty)")
     total_prompts = args.rollout_batch_size * args.iterations
     overrides = [
         f"--actor.pretrain={model_dir}", f"--actor.learning_rate={args.lr}", "--actor.lr_warmup_ratio=0.0",
@@ -131,7 +137,7 @@ def run_config(args: argparse.Namespace, model_dir: Path, prompts: Path, run_dir
     if ppo:
         overrides += [f"--critic.pretrain={model_dir}", f"--reward.pretrain={model_dir}", "--algo.init_kl_coef=0.01",
                       f"--reward.micro_batch_size={args.micro_batch_size}"]
-    else:
+    elif not args.no_kl:
         overrides += ["--algo.use_kl_loss=true", "--algo.kl_estimator=k3"]
     return overrides + layout_overrides(args) + [f"--{item}" for item in args.set]
 

@@ -223,6 +223,27 @@ class _TrainedModel(abc.ABC):
         """Context for any direct use of `engine` / `module` (e.g. `generate` under ZeRO-3): see `engine_scope`."""
         return engine_scope(self.mpu)
 
+    # ----- colocated memory ----------------------------------------------------------------------------
+    def can_offload_states(self) -> bool:
+        """Whether `offload_states` frees anything: optimizer states and ZeRO buffers live in accelerator memory
+        (DeepSpeed moves ZeRO-3 states only with its FusedAdam, which runs on GPUs; CPU-offloaded optimizers and
+        parameters already live in host memory)."""
+        if self.cfg.adam_offload or self.cfg.param_offload:
+            return False
+        return self.cfg.zero_stage in (1, 2) or (self.cfg.zero_stage == 3 and self.device.type == "cuda")
+
+    def offload_states(self) -> None:
+        """Move optimizer states, fp32 master weights and gradient buffers to host memory while the colocated
+        generator runs (`ds.enable_sleep`); `reload_states` brings them back before the next update."""
+        if self.can_offload_states():
+            with self.scope():
+                self.engine.offload_states()
+
+    def reload_states(self) -> None:
+        if self.can_offload_states():
+            with self.scope():
+                self.engine.reload_states()
+
     @abc.abstractmethod
     def forward(self, batch: MicroBatch) -> ForwardOutput:
         """Per-token outputs of one micro-batch, with gradients when grad mode is on."""

@@ -353,19 +353,41 @@ class PPOTrainer:
         return last
 
     def _sleep_generator(self) -> dict[str, float]:
-        """Colocated ranks free the engine's memory while the trainers run (vllm.enable_sleep)."""
-        if not (self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None):
-            return {}
-        start = time.perf_counter()
-        self.parts.engine.sleep()
-        return {"max/generator_sleep_s": time.perf_counter() - start}
+        """After generating, colocated ranks free the engine's memory (vllm.enable_sleep) and bring the trainers'
+        optimizer states back (ds.enable_sleep)."""
+        metrics = {}
+        if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
+            start = time.perf_counter()
+            self.parts.engine.sleep()
+            metrics["max/generator_sleep_s"] = time.perf_counter() - start
+        if self._trainers_sleep():
+            start = time.perf_counter()
+            for model in self._trained_models():
+                model.reload_states()
+            metrics["max/trainer_reload_s"] = time.perf_counter() - start
+        return metrics
 
     def _wake_generator(self) -> dict[str, float]:
-        if not (self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None):
-            return {}
-        start = time.perf_counter()
-        self.parts.engine.wake_up()
-        return {"max/generator_wake_s": time.perf_counter() - start}
+        """Before generating, colocated ranks move the trainers' optimizer states to host memory (ds.enable_sleep)
+        and wake the engine (vllm.enable_sleep)."""
+        metrics = {}
+        if self._trainers_sleep():
+            start = time.perf_counter()
+            for model in self._trained_models():
+                model.offload_states()
+            synchronize(self.parts.actor.device if self.parts.actor is not None else None)
+            metrics["max/trainer_offload_s"] = time.perf_counter() - start
+        if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
+            start = time.perf_counter()
+            self.parts.engine.wake_up()
+            metrics["max/generator_wake_s"] = time.perf_counter() - start
+        return metrics
+
+    def _trainers_sleep(self) -> bool:
+        return self.plan.colocate and self.cfg.ds.enable_sleep and bool(self._trained_models())
+
+    def _trained_models(self) -> list:
+        return [m for m in (self.parts.actor, self.parts.critic) if m is not None]
 
     def _in_weight_path(self) -> bool:
         return self.roles.has("generator") or self.roles.has("actor")
