@@ -52,11 +52,13 @@ class ModelShape:
         return self.num_hidden_layers * per_layer + embeddings + d  # final norm
 
 
-# Dimensions from the published configs of the Qwen2.5 models; "tiny" keeps CPU tests fast.
+# Dimensions from the published configs of the Qwen2.5 and Llama 3.1 models; "tiny" keeps CPU tests fast.
 MODEL_SHAPES: dict[str, ModelShape] = {
     "qwen2.5-0.5b": ModelShape(151936, 896, 4864, 24, 14, 2, True),
     "qwen2.5-1.5b": ModelShape(151936, 1536, 8960, 28, 12, 2, True),
     "qwen2.5-7b": ModelShape(152064, 3584, 18944, 28, 28, 4, False),
+    "llama3.1-8b": ModelShape(128256, 4096, 14336, 32, 32, 8, False, max_position_embeddings=131072),
+    "llama3.1-70b": ModelShape(128256, 8192, 28672, 80, 64, 8, False, max_position_embeddings=131072),
     "tiny": ModelShape(512, 64, 128, 2, 4, 2, True, max_position_embeddings=2048),
 }
 
