@@ -118,6 +118,7 @@ def run_config(args: argparse.Namespace, model_dir: Path, prompts: Path, run_dir
     total_prompts = args.rollout_batch_size * args.iterations
     overrides = [
         f"--actor.pretrain={model_dir}", f"--actor.learning_rate={args.lr}", "--actor.lr_warmup_ratio=0.0",
+        "--actor.lr_scheduler=constant_with_warmup",
         f"--actor.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         "--actor.attn_implementation=sdpa",
         f"--vllm.backend={args.backend}", f"--vllm.gpu_memory_utilization={args.gpu_memory_utilization}",
