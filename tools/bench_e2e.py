@@ -97,17 +97,15 @@ def layout_overrides(args: argparse.Namespace) -> list[str]:
     """Role placement: every role on every rank (colocated) or generator GPUs apart from trainer GPUs."""
     ppo = args.algo == "ppo"
     roles = ["generator", "actor"] + ([] if args.no_kl else ["reference"]) + (["critic", "reward"] if ppo else [])
+    node = [f"--slurm.gpus_per_node={args.gpus}"]
     if args.layout == "colocated":
-        return ["--layout.colocate=true"] + [f"--layout.{r}.gpus={args.gpus}" for r in roles]
-    if args.gpus < 2:
-        raise SystemExit("--layout disaggregated needs --gpus >= 2 (generators and trainers on different GPUs)")
+        return ["--layout.colocate=true", *node] + [f"--layout.{r}.gpus={args.gpus}" for r in roles]
+    if args.gpus < 2 or ppo or not args.no_kl:
+        raise SystemExit("--layout disaggregated is measured with --algo grpo --no-kl on --gpus >= 2: half the GPUs "
+                         "generate, the other half train (PPO's extra roles would need GPUs of their own)")
     gen = args.gpus // 2
-    train = args.gpus - gen
-    out = ["--layout.colocate=false", f"--layout.generator.gpus={gen}", f"--layout.actor.gpus={train}",
-           f"--layout.reference.gpus={0 if args.no_kl else train}"]
-    if ppo:
-        out += [f"--layout.critic.gpus={train}", f"--layout.reward.gpus={train}"]
-    return out
+    return ["--layout.colocate=false", *node, f"--layout.generator.gpus={gen}",
+            f"--layout.actor.gpus={args.gpus - gen}", "--layout.reference.gpus=0"]
 
 
 def run_config(args: argparse.Namespace, model_dir: Path, prompts: Path, run_dir: Path) -> list[str]:
@@ -338,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_dir, prompts = prepare_task(work, args.shape, prompts=args.rollout_batch_size * args.iterations,
                                       prompt_len=args.prompt_len, seed=args.seed,
                                       device="cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu")
-    name = f"{args.algo}-{args.shape}-{args.backend}-{args.layout}{args.gpus}-q{args.async_queue}"
+    name = f"{args.algo}{'-nokl' if args.no_kl else ''}-{args.shape}-{args.backend}-{args.layout}{args.gpus}-q{args.async_queue}"
     run_dir = work / "runs" / name
     if run_dir.exists():
         import shutil
