@@ -29,4 +29,5 @@ def test_colocated_ppo_logs_every_phase_time(tmp_path, jobs):
         tokens = row["throughput/generate_tokens_per_s"] * row["time/generate_engine_s"]
         assert tokens == pytest.approx(row["rollout/response_length"] * 4, rel=1e-6)  # 2 prompts x 2 samples
         assert row["throughput/train_tokens_per_s"] > 0 and row["time/end_unix_s"] > 1.7e9
+        assert row["train/optimizer_steps"] == 1  # 4 samples, train_batch_size 4, one epoch
     assert rows[0]["time/end_unix_s"] < rows[1]["time/end_unix_s"] < rows[2]["time/end_unix_s"]

@@ -243,6 +243,7 @@ class PPOTrainer:
             "rollout/response_length": rollout.response_lengths().float().mean().item(),
             "rollout/kept_fraction": len(kept.rewards) / max(len(rollout.rewards), 1),
             "rollout/staleness": iteration - rollout.weight_versions.float().mean().item(),
+            "train/optimizer_steps": float(len(steps)),
             "sum/train_tokens": float(tokens) * (0 if frozen else cfg.train.max_epochs),
             "sum/actor_logprob_tokens": float(tokens), "max/train_s": end - start,
             "max/shard_read_s": read - start, "max/actor_logprob_s": update_start - old_start,
