@@ -306,18 +306,90 @@ class DsConfig:
     adam_offload: bool = opt(False, "keep optimizer states on the CPU")
     param_offload: bool = opt(False, "keep ZeRO-3 parameters on the CPU")
     overlap_comm: bool = opt(False, "overlap gradient reduction with backward")
+    enable_sleep: bool = opt(False, "colocated: move optimizer states and ZeRO buffers to host memory while "
+                                    "the generator runs (OpenRLHF --deepspeed_enable_sleep)")
 
 
 @dataclass
 class RoleConfig:
-    """Ranks given to one role; `tp` only for the generator."""
+    """Ranks given to one role; `tp` only for the generator; `share_with` puts the role on another role's ranks."""
 
     gpus: int = opt(0, "ranks (GPUs; processes on CPU) for this role")
     tp: int = opt(1, "tensor-parallel size of each engine (generator only)")
+    share_with: Optional[str] = opt(None, "place this role on the ranks of that role (disaggregated layouts; "
+                                          "same gpus count), e.g. reference on the reward ranks")
+
+
+def layout_share_problems(gpus: dict[str, int], share_with: dict[str, Optional[str]], colocate: bool) -> list[str]:
+    """Why the `share_with` settings of a layout cannot be placed, one line each naming the fields.
+
+    Rule: `layout.A.share_with: B` puts A on exactly B's ranks, so A.gpus must equal B.gpus (gpus 0 still means
+    "absent"); B owns its ranks (no chains, no cycles) and is neither absent nor the generator.
+    """
+    shares = {name: target for name, target in share_with.items() if target}
+    if not shares:
+        return []
+    if colocate:
+        keys = ", ".join(f"layout.{name}.share_with={target}" for name, target in shares.items())
+        return [f"{keys}: sharing ranks only means something in a disaggregated layout; with layout.colocate: true "
+                f"every rank already holds every role (remove share_with, or set layout.colocate: false)"]
+    errors = []
+    for name, target in shares.items():
+        key = f"layout.{name}.share_with={target}"
+        if target not in ROLE_NAMES:
+            errors.append(f"{key}: not a role; roles are {', '.join(ROLE_NAMES)}")
+        elif target == name:
+            errors.append(f"{key}: a role cannot share ranks with itself")
+        elif name == "generator":
+            errors.append(f"{key}: the generator keeps ranks of its own (its tensor-parallel engines start at "
+                          f"rank 0); let the {target} share ranks with another role instead")
+        elif target == "generator":
+            errors.append(f"{key}: generator ranks run generation engines, not DeepSpeed models, so no role can "
+                          f"share them; share the actor, critic, reward or reference ranks")
+        elif shares.get(target):
+            cycle = _share_cycle(name, shares)
+            if cycle is None or name not in cycle:
+                owner = _share_owner(name, shares) if cycle is None else "the role that owns the ranks"
+                errors.append(f"{key} and layout.{target}.share_with={shares[target]}: chains are not supported; "
+                              f"point layout.{name}.share_with at {owner}")
+            elif name == min(cycle, key=ROLE_NAMES.index):  # report each cycle once, at its first role
+                links = ", ".join(f"layout.{member}.share_with={shares[member]}" for member in cycle)
+                errors.append(f"{links}: a cycle; one of these roles must own its ranks (remove its share_with)")
+        elif gpus.get(target, 0) <= 0:
+            errors.append(f"{key} but layout.{target}.gpus={gpus.get(target, 0)}: the role to share with is absent "
+                          f"(give it ranks, or give layout.{name} ranks of its own)")
+        elif gpus.get(name, 0) <= 0:
+            errors.append(f"{key}: layout.{name}.gpus={gpus.get(name, 0)} means the {name} is absent; a sharing role "
+                          f"takes as many ranks as the role it shares: set layout.{name}.gpus={gpus[target]} "
+                          f"(= layout.{target}.gpus)")
+        elif gpus[name] != gpus[target]:
+            errors.append(f"{key}: layout.{name}.gpus={gpus.get(name, 0)} must equal layout.{target}.gpus="
+                          f"{gpus[target]}, because a sharing role runs on exactly the ranks of the role it shares "
+                          f"({gpus[name]} != {gpus[target]})")
+    return errors
 
 
 def _role(gpus: int) -> Any:
     return field(default_factory=lambda: RoleConfig(gpus=gpus), metadata={"help": "", "choices": None})
+
+
+def _share_cycle(start: str, shares: dict[str, str]) -> Optional[tuple[str, ...]]:
+    """The roles of the cycle that following `share_with` from `start` runs into, or None when the walk ends."""
+    path = [start]
+    while path[-1] in shares:
+        following = shares[path[-1]]
+        if following in path:
+            return tuple(path[path.index(following):])
+        path.append(following)
+    return None
+
+
+def _share_owner(start: str, shares: dict[str, str]) -> str:
+    """The role at the end of the `share_with` walk from `start` (which must not run into a cycle)."""
+    role = start
+    while role in shares:
+        role = shares[role]
+    return role
 
 
 @dataclass
@@ -335,11 +407,17 @@ class LayoutConfig:
         return {name: getattr(self, name) for name in ROLE_NAMES}
 
     def world_size(self) -> int:
-        """Ranks this layout needs: the sum over roles, or one role's count when colocated."""
-        counts = [r.gpus for r in self.roles().values() if r.gpus > 0]
+        """Ranks this layout needs: the sum over roles that own their ranks (a `share_with` role adds none), or one
+        role's count when colocated."""
         if self.colocate:
-            return max(counts, default=0)
-        return sum(counts)
+            return max((r.gpus for r in self.roles().values() if r.gpus > 0), default=0)
+        return sum(r.gpus for r in self.roles().values() if r.gpus > 0 and not r.share_with)
+
+    def share_problems(self) -> list[str]:
+        """What is wrong with the `share_with` settings (empty when nothing is)."""
+        roles = self.roles()
+        return layout_share_problems({n: r.gpus for n, r in roles.items()},
+                                     {n: r.share_with for n, r in roles.items()}, self.colocate)
 
 
 @dataclass

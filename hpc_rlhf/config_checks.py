@@ -18,10 +18,17 @@ def _src(sources: dict[str, str], *keys: str) -> str:
 
 
 def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
-    """Role ranks must add up to the job, and TP groups must fit inside a node."""
+    """Role ranks must add up to the job (a `share_with` role adds none), `share_with` must name a role whose ranks
+    can be shared, and TP groups must fit inside a node."""
     errors = []
     layout, slurm = cfg.layout, cfg.slurm
     roles = layout.roles()
+    shared = [name for name, role in roles.items() if role.share_with]
+    for problem in layout.share_problems():
+        keys = sorted((f"layout.{name}.share_with" for name in shared if f"layout.{name}.share_with=" in problem),
+                      key=problem.index)
+        where = ", ".join(f"{key} from {sources.get(key, 'default')}" for key in keys)
+        errors.append(f"{problem} ({where})" if where else problem)
     for name, role in roles.items():
         if role.gpus < 0:
             errors.append(f"{_src(sources, f'layout.{name}.gpus')}: must be >= 0, got {role.gpus}")
@@ -52,11 +59,14 @@ def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
             errors.append(f"{_src(sources, 'layout.colocate')}: colocated roles must each span the whole job of "
                           f"slurm.nodes x slurm.gpus_per_node = {slurm.nodes} x {per_node} = {job} ranks; {detail}")
     else:
-        total = sum(present.values())
+        owners = {n: g for n, g in present.items() if not roles[n].share_with}
+        total = sum(owners.values())
         if total != job:
-            terms = " + ".join(f"{n}.gpus={g}" for n, g in present.items())
+            terms = " + ".join(f"{n}.gpus={g}" for n, g in owners.items())
+            sharers = [f"{n} shares the {roles[n].share_with} ranks" for n in present if n not in owners]
+            sharing = f" ({', '.join(sharers)})" if sharers else ""
             errors.append(f"layout ({', '.join(sorted({sources.get(f'layout.{n}.gpus', 'default') for n in ROLE_NAMES}))})"
-                          f": {terms} = {total} ranks, but the job has slurm.nodes x slurm.gpus_per_node = "
+                          f": {terms} = {total} ranks{sharing}, but the job has slurm.nodes x slurm.gpus_per_node = "
                           f"{slurm.nodes} x {per_node} = {job}")
     return errors
 

@@ -14,7 +14,7 @@
 
 # shown by squeue; %x in the log file name
 #SBATCH --job-name=colocated_8gpu
-# 1 nodes x 8 GPUs = the 8 ranks of the layout (colocated: every rank is generator, actor, reference)
+# 1 node x 8 GPUs = the 8 ranks of the layout (colocated: every rank is generator, actor, reference)
 #SBATCH --nodes=1
 # one task (one rank, one torch.distributed process) per GPU
 #SBATCH --ntasks-per-node=8

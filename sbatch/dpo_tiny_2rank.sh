@@ -19,7 +19,7 @@
 
 # shown by squeue; %x in the log file name
 #SBATCH --job-name=dpo_tiny_2rank
-# 1 nodes x 2 processes = the 2 ranks of the layout (colocated: every rank is generator, actor)
+# 1 node x 2 processes = the 2 ranks of the layout (colocated: every rank is generator, actor)
 #SBATCH --nodes=1
 # one task (one rank, one torch.distributed process) each; train.device is cpu: no GPUs
 #SBATCH --ntasks-per-node=2

@@ -14,7 +14,7 @@
 
 # shown by squeue; %x in the log file name
 #SBATCH --job-name=reinforce_baseline_1node
-# 1 nodes x 8 GPUs = the 8 ranks of the layout (generator 4, actor 3, reference 1)
+# 1 node x 8 GPUs = the 8 ranks of the layout (generator 4, actor 3, reference 1)
 #SBATCH --nodes=1
 # one task (one rank, one torch.distributed process) per GPU
 #SBATCH --ntasks-per-node=8

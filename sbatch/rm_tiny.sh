@@ -18,7 +18,7 @@
 
 # shown by squeue; %x in the log file name
 #SBATCH --job-name=rm_tiny
-# 1 nodes x 1 process = the 1 ranks of the layout (colocated: every rank is generator, actor)
+# 1 node x 1 process = the 1 rank of the layout (colocated: every rank is generator, actor)
 #SBATCH --nodes=1
 # one task (one rank, one torch.distributed process) each; train.device is cpu: no GPUs
 #SBATCH --ntasks-per-node=1

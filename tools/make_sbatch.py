@@ -28,6 +28,7 @@ SCRIPTS = (
     BatchScriptSpec("grpo_7b", "configs/grpo_7b.yaml"),
     BatchScriptSpec("reinforce_baseline_1node", "configs/reinforce_baseline_1node.yaml"),
     BatchScriptSpec("colocated_8gpu", "configs/colocated_8gpu.yaml"),
+    BatchScriptSpec("ppo_7b_8gpu", "configs/ppo_7b_8gpu.yaml"),
     # The tiny CPU task spread over three nodes: one generator and two actor ranks, one per node. The tests submit it
     # to the local SLURM cluster; it also shows a CPU-only job (no GPUs requested). Two actor ranks split each
     # optimizer step, so the micro-batch is half the config's (train_batch_size must stay a multiple of 2 x it).

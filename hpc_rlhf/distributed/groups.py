@@ -3,9 +3,11 @@
 `torch.distributed.new_group` is a collective over the whole world: every rank must call it for every group, members
 or not, in the same order, or the job deadlocks. `build_role_groups` is therefore called by every rank with the same
 plan, and always creates the groups in this fixed order:
-  1. one group per present role, in the order generator, actor, critic, reward, reference;
+  1. one group per present role that owns its ranks, in the order generator, actor, critic, reward, reference;
   2. one group per generator engine (its TP ranks), in engine order;
   3. the weight-sync group: actor rank 0 and every generator rank.
+A role placed with `share_with` gets no group of its own: it uses the group of the role whose ranks it shares (the
+same members, and one communicator fewer). Role groups may therefore overlap only by being the same group.
 Each rank keeps only the groups it belongs to.
 """
 
@@ -55,11 +57,14 @@ def build_role_groups(plan: LayoutPlan, rank: int, *, backend: str | None = None
     result = RoleGroups(plan=plan, rank=rank, roles=roles)
     for role in ROLE_ORDER:
         members = plan.ranks_of(role)
-        if not members:
+        if not members or role in plan.shared_with:
             continue
         group = dist.new_group(list(members), backend=backend, group_desc=f"role_{role}")
         if rank in members:
             result.role_groups[role] = group
+    for role, owner in plan.shared_with.items():  # no collective here: the same group object, on its members only
+        if rank in plan.ranks_of(role):
+            result.role_groups[role] = result.role_groups[owner]
     for engine, members in enumerate(plan.engines):
         group = dist.new_group(list(members), backend=backend, group_desc=f"generator_engine_{engine}")
         if rank in members:

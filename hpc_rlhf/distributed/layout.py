@@ -2,15 +2,20 @@
 
 Disaggregated mode hands ranks out in the order generator, actor, critic, reward, reference, node by node (rank r lives
 on node r // ranks_per_node). Generator ranks start at rank 0 and form tensor-parallel engines of `tp` consecutive ranks;
-because `tp` divides `ranks_per_node`, an engine never spans two nodes. Colocated mode gives every rank every present
-role. A role with `gpus = 0` is absent. Every inconsistency raises one `LayoutError` that shows the arithmetic.
+because `tp` divides `ranks_per_node`, an engine never spans two nodes. A role with `share_with: other` takes no ranks
+of its own: it is placed on exactly the ranks of `other` (same `gpus` count), so small models such as a reward model and
+a reference can live on one GPU; such a rank holds both roles and runs them one after the other. Colocated mode gives
+every rank every present role. A role with `gpus = 0` is absent. Every inconsistency raises one `LayoutError` that
+shows the arithmetic.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from hpc_rlhf.config import layout_share_problems
 
 ROLE_ORDER: tuple[str, ...] = ("generator", "actor", "critic", "reward", "reference")
 
@@ -36,7 +41,10 @@ class RankRoles:
 
 @dataclass(frozen=True)
 class LayoutPlan:
-    """The whole job's role assignment; identical on every rank because it is a pure function of its inputs."""
+    """The whole job's role assignment; identical on every rank because it is a pure function of its inputs.
+
+    `shared_with` maps each role placed with `share_with` to the role whose ranks it uses (empty when none is).
+    """
 
     world_size: int
     ranks_per_node: int
@@ -45,6 +53,7 @@ class LayoutPlan:
     role_ranks: Mapping[str, tuple[int, ...]]
     engines: tuple[tuple[int, ...], ...]
     ranks: tuple[RankRoles, ...]
+    shared_with: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def num_nodes(self) -> int:
@@ -70,18 +79,23 @@ class LayoutPlan:
         return tuple(sorted({actors[0], *generators}))
 
 
-def _role_sizes(layout: Any) -> dict[str, tuple[int, int]]:
-    """(gpus, tp) per role, read from a LayoutConfig-like object with one RoleConfig attribute per role."""
-    sizes = {}
+def _role_sizes(layout: Any) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """(gpus, tp) per role and the `share_with` targets that are set, read from a LayoutConfig-like object with one
+    RoleConfig attribute per role (`tp` and `share_with` may be missing)."""
+    sizes, shares = {}, {}
     for name in ROLE_ORDER:
         role = getattr(layout, name, None)
         if role is None:
             raise LayoutError(f"layout.{name}: missing (expected an object with `gpus` and `tp`)")
         sizes[name] = (int(role.gpus), int(getattr(role, "tp", 1)))
-    return sizes
+        target = getattr(role, "share_with", None)
+        if target:
+            shares[name] = str(target)
+    return sizes, shares
 
 
-def _check(sizes: dict[str, tuple[int, int]], colocate: bool, world_size: int, ranks_per_node: int) -> list[str]:
+def _check(sizes: dict[str, tuple[int, int]], shares: dict[str, str], colocate: bool, world_size: int,
+           ranks_per_node: int) -> list[str]:
     """Every reason the layout does not fit the job, one line each."""
     if world_size < 1 or ranks_per_node < 1:
         return [(f"the job must have at least one rank and one rank per node, got world_size={world_size}, "
@@ -107,6 +121,7 @@ def _check(sizes: dict[str, tuple[int, int]], colocate: bool, world_size: int, r
         if ranks_per_node % tp:
             errors.append(f"layout.generator.tp={tp} does not divide the {ranks_per_node} ranks per node "
                           f"({ranks_per_node} % {tp} = {ranks_per_node % tp}), so an engine would span two nodes")
+    errors += layout_share_problems({name: gpus for name, (gpus, _) in sizes.items()}, shares, colocate)
     present = {name: gpus for name, (gpus, _) in sizes.items() if gpus > 0}
     if not present:
         errors.append(f"layout: every role has gpus=0; the job has {job} ranks to give out")
@@ -116,10 +131,13 @@ def _check(sizes: dict[str, tuple[int, int]], colocate: bool, world_size: int, r
             errors.append(f"layout.colocate: every present role must span the whole job of {job} ranks, but "
                           f"{', '.join(wrong)}")
     else:
-        total = sum(present.values())
+        owners = {name: gpus for name, gpus in present.items() if name not in shares}
+        total = sum(owners.values())
         if total != world_size:
-            terms = " + ".join(f"{name} {gpus}" for name, gpus in present.items())
-            errors.append(f"layout needs {terms} = {total} ranks but the job has {job}")
+            terms = " + ".join(f"{name} {gpus}" for name, gpus in owners.items())
+            sharers = [f"{name} shares the {target} ranks" for name, target in shares.items() if name in present]
+            shared = f" ({', '.join(sharers)})" if sharers else ""
+            errors.append(f"layout needs {terms} = {total} ranks{shared} but the job has {job}")
     return errors
 
 
@@ -128,20 +146,23 @@ def plan_layout(layout: Any, world_size: int, ranks_per_node: int) -> LayoutPlan
 
     `layout` is a `hpc_rlhf.config.LayoutConfig` (or any object with the same attributes). Raises `LayoutError`.
     """
-    sizes = _role_sizes(layout)
+    sizes, shares = _role_sizes(layout)
     colocate = bool(getattr(layout, "colocate", False))
-    errors = _check(sizes, colocate, world_size, ranks_per_node)
+    errors = _check(sizes, shares, colocate, world_size, ranks_per_node)
     if errors:
         raise LayoutError("\n".join(errors))
 
-    role_ranks: dict[str, tuple[int, ...]] = {}
+    owned: dict[str, tuple[int, ...]] = {}
     start = 0
     for name in ROLE_ORDER:
         gpus = sizes[name][0]
-        if gpus == 0:
+        if gpus == 0 or name in shares:
             continue
-        role_ranks[name] = tuple(range(world_size)) if colocate else tuple(range(start, start + gpus))
+        owned[name] = tuple(range(world_size)) if colocate else tuple(range(start, start + gpus))
         start += 0 if colocate else gpus
+    # A sharing role may come before the role it shares in ROLE_ORDER, so it is placed once every owner is.
+    role_ranks = {name: owned[shares[name]] if name in shares else owned[name]
+                  for name in ROLE_ORDER if sizes[name][0] > 0}
 
     tp = sizes["generator"][1]
     generators = role_ranks.get("generator", ())
@@ -156,4 +177,4 @@ def plan_layout(layout: Any, world_size: int, ranks_per_node: int) -> LayoutPlan
         ranks.append(RankRoles(rank=rank, node=rank // ranks_per_node, roles=roles, role_index=index,
                                generator_engine=engine, tp_rank=tp_rank))
     return LayoutPlan(world_size=world_size, ranks_per_node=ranks_per_node, colocate=colocate, generator_tp=tp,
-                      role_ranks=role_ranks, engines=engines, ranks=tuple(ranks))
+                      role_ranks=role_ranks, engines=engines, ranks=tuple(ranks), shared_with=dict(shares))

@@ -88,11 +88,17 @@ class SbatchOption:
 
 
 def layout_summary(cfg: Config) -> str:
-    """The role split in words, e.g. 'generator 16, actor 16, critic 8' (or 'colocated: every rank holds ...')."""
-    present = {name: role.gpus for name, role in cfg.layout.roles().items() if role.gpus > 0}
+    """The role split in words, e.g. 'generator 16, actor 16, critic 8, reward+reference 4' (or 'colocated: every rank
+    is ...'); a role placed with `share_with` is joined by '+' to the role whose ranks it shares."""
+    roles = {name: role for name, role in cfg.layout.roles().items() if role.gpus > 0}
     if cfg.layout.colocate:
-        return "colocated: every rank is " + ", ".join(present)
-    return ", ".join(f"{name} {gpus}" for name, gpus in present.items())
+        return "colocated: every rank is " + ", ".join(roles)
+    parts = []
+    for name, role in roles.items():
+        if not role.share_with:
+            holders = [name, *(other for other, r in roles.items() if r.share_with == name)]
+            parts.append(f"{'+'.join(holders)} {role.gpus}")
+    return ", ".join(parts)
 
 
 def sbatch_options(cfg: Config) -> list[SbatchOption]:
@@ -104,7 +110,8 @@ def sbatch_options(cfg: Config) -> list[SbatchOption]:
     options = [
         SbatchOption("job-name", slurm.job_name, "shown by squeue; %x in the log file name"),
         SbatchOption("nodes", str(slurm.nodes),
-                     f"{slurm.nodes} nodes x {slurm.gpus_per_node} {unit} = the {ranks} ranks of the layout "
+                     f"{slurm.nodes} node{'' if slurm.nodes == 1 else 's'} x {slurm.gpus_per_node} {unit} = the "
+                     f"{ranks} rank{'' if ranks == 1 else 's'} of the layout "
                      f"({layout_summary(cfg)})"),
         SbatchOption("ntasks-per-node", str(slurm.gpus_per_node),
                      "one task (one rank, one torch.distributed process) per GPU" if uses_gpus(cfg) else

@@ -1,7 +1,9 @@
 """Build what one rank needs for its roles: engine, actor, critic, reference, reward source, tokenizer, prompts.
 
 Every rank calls `build_components` with the same config; a rank builds only the pieces of the roles it holds, but
-the DeepSpeed engines of a role are created collectively by all ranks of that role.
+the DeepSpeed engines of a role are created collectively by all ranks of that role. A rank may hold several roles
+(every role when colocated; e.g. reward and reference with `layout.reference.share_with: reward`) and then builds the
+pieces of each.
 """
 
 from __future__ import annotations

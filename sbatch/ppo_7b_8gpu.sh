@@ -1,0 +1,73 @@
+#!/bin/bash
+# PPO with a critic on a 7B policy on one 8-GPU node, disaggregated (sbatch/ppo_7b_8gpu.sh):
+#   GPUs 0-3: generator 4 GPUs = 2 vLLM engines x TP2
+#   GPUs 4-5: actor     2 GPUs, ZeRO-3, optimizer states in CPU memory
+#   GPU  6:   critic    1 GPU, ZeRO-3, initialised from the reward model, optimizer states in CPU memory
+#   GPU  7:   reward model AND reference policy (layout.reference.share_with: reward): two frozen 7B models in bf16
+#             (~15 GB each) on one GPU; that rank scores the rollouts, then computes the reference log-probs.
+# The CPU optimizer states of actor and critic take ~170 GB of host memory.
+#
+# Written by tools/make_sbatch.py from configs/ppo_7b_8gpu.yaml: edit the config and run the tool again
+# (`python tools/make_sbatch.py --check` fails while this file and the config disagree).
+#
+# Submit from the repository root (relative paths below start there); arguments reach every rank:
+#   mkdir -p logs && sbatch sbatch/ppo_7b_8gpu.sh [--section.key=value ...]
+#   squeue -j JOBID                          # state; reason BeginTime while a requeued run waits
+#   tail -f logs/ppo_7b_8gpu_JOBID.out       # every run of the job appends here
+#   scancel --signal=USR1 --batch JOBID      # stop early: checkpoint, requeue, resume
+# docs/slurm.md explains the options, the requeue and the logs.
+
+# shown by squeue; %x in the log file name
+#SBATCH --job-name=ppo_7b_8gpu
+# 1 node x 8 GPUs = the 8 ranks of the layout (generator 4, actor 2, critic 1, reward+reference 1)
+#SBATCH --nodes=1
+# one task (one rank, one torch.distributed process) per GPU
+#SBATCH --ntasks-per-node=8
+# as many GPUs as tasks, so that each rank drives its own
+#SBATCH --gpus-per-node=8
+# cores per rank: tokenisation, data loading, DeepSpeed's CPU optimizer
+#SBATCH --cpus-per-task=12
+# whole nodes: NCCL and the CPU optimizer want every core and NIC
+#SBATCH --exclusive
+# the limit of one run; the job checkpoints and requeues itself before it
+#SBATCH --time=24:00:00
+# may go back to the queue under its id (scontrol requeue, preemption, node failure) and resume
+#SBATCH --requeue
+# USR1 to this batch shell (B:) 300 s before the limit: one safe point plus a checkpoint must fit
+#SBATCH --signal=B:USR1@300
+# every run of a requeued job appends to the log instead of overwriting it
+#SBATCH --open-mode=append
+# stdout and stderr of all ranks; the folder must exist before the job starts
+#SBATCH --output=logs/%x_%j.out
+
+set -uo pipefail  # not -e: the wait loop below must see srun's status, and the trap's interruptions
+
+# Environment of every rank (slurm.setup in the config): modules, the Python environment, exports.
+# (none set: put `module load ...` or `source /shared/venv/bin/activate` here through slurm.setup)
+# One OpenMP pool per rank, sized to its cores.
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+# A failed collective aborts the process instead of hanging until the time limit.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+# Multi-node NCCL: uncomment what your site needs (docs/slurm.md, section Multi-node NCCL).
+# export NCCL_DEBUG=INFO              # print the transports and NICs NCCL picked (WARN once it works)
+# export NCCL_SOCKET_IFNAME=ib0       # the interface for NCCL's bootstrap and socket traffic (or ^lo,docker)
+# export GLOO_SOCKET_IFNAME=ib0       # the same for gloo, which carries the control plane
+# export NCCL_IB_HCA=mlx5_0,mlx5_1    # the InfiniBand / RoCE adapters to use (leave out storage NICs)
+# export NCCL_IB_GID_INDEX=3          # RoCE v2 on many Ethernet fabrics
+
+# The run directory (train.run_dir after the overrides, checked now): rollouts, checkpoints, the stop flag.
+# Every node must see it: a shared file system, not /tmp.
+RUN_DIR="$(python -m hpc_rlhf.submit --config configs/ppo_7b_8gpu.yaml --print-run-dir "$@")" || exit 1
+mkdir -p "$RUN_DIR"
+
+# USR1 (see --signal above) writes RUN_DIR/.stop_requested; every rank sees it at its next safe point, the
+# job saves a checkpoint and requeues itself, and the next run resumes from it. A file instead of a forwarded
+# signal: it cannot kill a rank that is still starting, and NCCL may claim USR1.
+trap 'printf "%s %s\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$RUN_DIR"/.stop_requested.tmp && mv -f "$RUN_DIR"/.stop_requested.tmp "$RUN_DIR"/.stop_requested' USR1
+# One rank per task. srun runs in the background so that the trap can run; the loop waits for it to really
+# end. --cpus-per-task: some SLURM releases do not hand sbatch's value to srun. --kill-on-bad-exit: one rank
+# failing ends the step instead of leaving the others waiting. --label: lines start with the rank.
+srun --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 --label python -m hpc_rlhf.launch --config configs/ppo_7b_8gpu.yaml "$@" &
+SRUN_PID=$!
+while true; do wait "$SRUN_PID"; STATUS=$?; kill -0 "$SRUN_PID" 2>/dev/null || break; done
+exit "$STATUS"
