@@ -3,8 +3,10 @@
 # Ranks are handed out in order, node by node:
 #   nodes 1-2: generator  16 GPUs = 4 vLLM engines x TP4 (70B bf16 = 140 GB of weights -> 35 GB per GPU + KV cache)
 #   nodes 3-4: actor      16 GPUs, ZeRO-3 with optimizer states offloaded to CPU memory
-#   node 5:    critic      8 GPUs, ZeRO-3, initialised from an 8B reward model (a smaller critic, as is common)
-#   node 6:    reward 4 + reference 4 GPUs
+#   node 5:    critic 4 GPUs (ZeRO-3, initialised from an 8B reward model: a smaller critic, as is common)
+#              + reward 4 GPUs (the 8B reward model, ZeRO-3)
+#   node 6:    reference  8 GPUs (the 70B reference forward is the largest fill stage: docs/benchmarks.md,
+#              "Planning a layout", shows 4 reference GPUs would be the slowest role of the iteration)
 #
 # Written by tools/make_sbatch.py from configs/ppo_70b.yaml: edit the config and run the tool again
 # (`python tools/make_sbatch.py --check` fails while this file and the config disagree).
@@ -18,7 +20,7 @@
 
 # shown by squeue; %x in the log file name
 #SBATCH --job-name=ppo_70b
-# 6 nodes x 8 GPUs = the 48 ranks of the layout (generator 16, actor 16, critic 8, reward 4, reference 4)
+# 6 nodes x 8 GPUs = the 48 ranks of the layout (generator 16, actor 16, critic 4, reward 4, reference 8)
 #SBATCH --nodes=6
 # one task (one rank, one torch.distributed process) per GPU
 #SBATCH --ntasks-per-node=8
