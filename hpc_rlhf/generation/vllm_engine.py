@@ -1,12 +1,14 @@
 """The vLLM generation backend: one offline `vllm.LLM` per generator tensor-parallel group, driven by token ids.
 
-Written against vLLM's offline API as of 0.24 (the oldest release supported: `MIN_VLLM_VERSION`) and checked against
-later releases' sources; `vllm` is imported only when an engine is built, so this module imports without it.
+Written against vLLM's offline API as of 0.24 (the oldest release supported: `MIN_VLLM_VERSION`), checked against the
+sources of 0.24 and 0.26 and run with 0.26 on an H100; `vllm` is imported only when an engine is built, so this module
+imports without it.
 
 What the adapter does with vLLM:
   * builds `vllm.LLM(model, tensor_parallel_size=tp, seed, dtype, enable_prefix_caching, enable_sleep_mode,
     logprobs_mode="processed_logprobs", distributed_executor_backend=...)` with the engine core in this process
-    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so that weight updates reach the model by reference;
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, see `prepare_vllm_env`), so that weight updates reach the model by reference.
+    vLLM re-seeds this process's global torch/numpy/random generators with `seed` while it builds the engine;
   * generates from `TokensPrompt(prompt_token_ids=...)`, one request per (prompt, sample) with `n=1`, `logprobs=0`
     (only the sampled token's log-prob), `detokenize=False` and a distinct per-request seed derived from
     `SamplingParams.seed`. The n requests of one prompt share its KV blocks through prefix caching;
@@ -20,7 +22,9 @@ torch.distributed world. It takes *that whole world* as its own: consecutive blo
 groups, and it creates process groups and all-reduces KV-cache sizes over every world rank. So it is used in-process
 only when every rank of the job builds an engine at the same moment (the colocated layout, `shared_world=True`).
 Otherwise (the disaggregated layout) each TP rank hosts its engine in a child process whose private world holds just
-that engine's TP ranks (see `hosted.py` and `factory.make_engine`).
+that engine's TP ranks (see `hosted.py` and `factory.make_engine`). With tp=1 and a world of one process the default
+"uni" executor is used in-process; it adopts an already initialised default process group (as a colocated trainer
+leaves it) without needing MASTER_ADDR/MASTER_PORT, and places the model on cuda:0 of the visible devices.
 
 Log-probs. "processed_logprobs" returns log_softmax(logits / temperature) of the sampled token, and plain log_softmax
 for greedy requests, which is the convention of `engine`. When top-k or top-p is active vLLM reports the log-prob
@@ -172,6 +176,20 @@ def to_generated_samples(outputs: Sequence[Any], prompts: Sequence[list[int]],
     return results
 
 
+def prepare_vllm_env(environ: dict | None = None) -> None:
+    """Environment vLLM reads when an engine is built; set before `vllm.LLM` so that it takes effect.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this process, so weight updates pass tensors by
+    reference. VLLM_USE_FLASHINFER_SAMPLER defaults to 0 here: the adapter always asks for processed log-probs,
+    which FlashInfer's sampler never serves, and the sampler of vLLM's V2 model runner (used for dense models such
+    as Llama by default in 0.26) imports flashinfer at start-up unless this is 0, which fails where flashinfer is
+    not installed. A value set by the user is kept.
+    """
+    environ = os.environ if environ is None else environ
+    environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
 def prepare_external_launcher_env(rank: int, local_rank: int, environ: dict | None = None) -> None:
     """Set RANK / LOCAL_RANK, which vLLM's external launcher reads from the environment.
 
@@ -197,8 +215,7 @@ class VllmEngine:
         if tp > 1 and executor_backend != EXTERNAL_LAUNCHER:
             raise GenerationError(f"tp={tp} needs one process per TP rank under the '{EXTERNAL_LAUNCHER}' executor "
                                   f"(build the engine through make_engine inside a distributed job)")
-        # The engine core must live in this process: weight updates then pass tensors by reference.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        prepare_vllm_env()
         self.enable_sleep = enable_sleep
         self.llm = self.vllm.LLM(**llm_kwargs(
             model_path, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization, enable_sleep=enable_sleep,
@@ -275,10 +292,20 @@ class VllmEngine:
         return bool(self._sleeping_tags)
 
     def close(self) -> None:
+        """Drop the engine and collect it.
+
+        vLLM's own `shutdown()` is not used: it destroys the default torch.distributed process group, which a
+        colocated trainer owns. Dropping the `LLM` alone does not return its device memory (vLLM 0.26 keeps
+        references to it), so an engine with sleep mode first discards weights and KV cache with a level-2 sleep.
+        vLLM also freezes the objects it builds at start-up (`gc.freeze`); they are unfrozen before collecting.
+        """
         if self._closed:
             return
         self._closed = True
+        if self.enable_sleep and not self._sleeping_tags:
+            self.llm.sleep(level=2)
         del self.llm
+        gc.unfreeze()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

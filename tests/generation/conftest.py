@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,10 +93,24 @@ class FakeRequestOutput:
     outputs: list[FakeCompletion]
 
 
+# Keyword names that exist in vLLM 0.24 and 0.26 (vllm/sampling_params.py, vllm/engine/arg_utils.py): the stand-ins
+# refuse any other, so that a misspelt or removed argument fails here rather than on the GPU.
+VLLM_SAMPLING_FIELDS = frozenset({"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                                  "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+                                  "detokenize", "skip_special_tokens", "include_stop_str_in_output"})
+VLLM_LLM_KWARGS = frozenset({"model", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization",
+                             "enable_sleep_mode", "enable_prefix_caching", "enforce_eager", "max_num_seqs",
+                             "max_model_len", "logprobs_mode", "distributed_executor_backend", "max_logprobs"})
+VLLM_LOGPROBS_MODES = ("raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs")
+
+
 class FakeSamplingParams:
-    """Keeps the keyword arguments it was built with."""
+    """Keeps the keyword arguments it was built with; refuses names vLLM's SamplingParams does not have."""
 
     def __init__(self, **kwargs: Any) -> None:
+        unknown = set(kwargs) - VLLM_SAMPLING_FIELDS
+        if unknown:
+            raise TypeError(f"vllm.SamplingParams has no field(s) {sorted(unknown)}")
         self.kwargs = kwargs
 
     def __getattr__(self, name: str) -> Any:
@@ -141,14 +156,21 @@ class FakeLLM:
     instances: ClassVar[list[FakeLLM]] = []
 
     def __init__(self, **kwargs: Any) -> None:
+        unknown = set(kwargs) - VLLM_LLM_KWARGS
+        if unknown:
+            raise TypeError(f"vllm.LLM / EngineArgs has no argument(s) {sorted(unknown)}")
+        if kwargs.get("logprobs_mode", "raw_logprobs") not in VLLM_LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode {kwargs['logprobs_mode']!r} is not one of {VLLM_LOGPROBS_MODES}")
         self.kwargs = kwargs
+        self.env_at_build = {name: os.environ.get(name) for name in
+                             ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_FLASHINFER_SAMPLER")}
         self.log: list = []
         self.model = FakeModel(self.log)
         self.model_config = types.SimpleNamespace(max_model_len=kwargs.get("max_model_len", 64))
         self.finish_override: str | None = None
         FakeLLM.instances.append(self)
 
-    def generate(self, inputs, sampling_params=None, use_tqdm=True):
+    def generate(self, inputs, sampling_params=None, *, use_tqdm=True):
         self.log.append(("generate", len(inputs)))
         self.last_requests = list(sampling_params)
         return [FakeRequestOutput(prompt_token_ids=list(item["prompt_token_ids"]),
@@ -181,4 +203,5 @@ def fake_vllm(monkeypatch) -> types.ModuleType:
     FakeLLM.instances = []
     monkeypatch.setitem(__import__("sys").modules, "vllm", module)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)  # restored after the test
     return module

@@ -3,8 +3,6 @@ against a recording stand-in for the `vllm` package: vLLM itself needs a GPU and
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from hpc_rlhf.generation.vllm_engine import (
     import_vllm,
     parse_version,
     prepare_external_launcher_env,
+    prepare_vllm_env,
 )
 
 
@@ -35,10 +34,27 @@ def test_llm_is_built_with_the_mapped_arguments(fake_vllm):
                       "gpu_memory_utilization": 0.5, "enable_sleep_mode": True, "enable_prefix_caching": True,
                       "enforce_eager": True, "max_num_seqs": 32, "logprobs_mode": "processed_logprobs",
                       "max_model_len": 64}
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # engine core in this process
+    # set before vllm.LLM reads them: engine core in this process, no FlashInfer sampler probe
+    assert engine.llm.env_at_build == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     launched = build(fake_vllm, tp=2, executor_backend="external_launcher")
     assert launched.llm.kwargs["distributed_executor_backend"] == "external_launcher"
     assert launched.llm.kwargs["tensor_parallel_size"] == 2
+
+
+def test_vllm_env_keeps_a_flashinfer_choice_made_by_the_user():
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_USE_FLASHINFER_SAMPLER": "1"}
+    prepare_vllm_env(env)
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "1"}
+    env = {}
+    prepare_vllm_env(env)
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
+def test_the_stand_in_refuses_arguments_vllm_does_not_have(fake_vllm):
+    with pytest.raises(TypeError, match="no argument"):
+        fake_vllm.LLM(model="m", enable_sleep=True)
+    with pytest.raises(TypeError, match="no field"):
+        fake_vllm.SamplingParams(max_new_tokens=3)
 
 
 def test_tp_without_the_external_launcher_is_refused(fake_vllm):
@@ -138,8 +154,14 @@ def test_sleep_needs_sleep_mode_and_close_ends_use(fake_vllm):
     with pytest.raises(GenerationError, match="enable_sleep=True"):
         engine.sleep()
     engine.close()
+    assert not hasattr(engine, "llm")  # dropped, so that collection can free it
     with pytest.raises(GenerationError, match="closed"):
         engine.generate([[1]], SamplingParams())
+    engine.close()  # a second close is a no-op
+    sleeping = build(fake_vllm, enable_sleep=True)
+    log = sleeping.llm.log
+    sleeping.close()
+    assert log == [("sleep", 2)]  # discards weights and KV cache: dropping the LLM alone keeps its memory
 
 
 @pytest.mark.parametrize("text, expected", [("0.24.0", (0, 24, 0)), ("0.25.1+cu130", (0, 25, 1)),
