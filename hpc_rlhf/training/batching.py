@@ -99,7 +99,15 @@ class MicroBatch:
     def response_mask(self) -> torch.Tensor:
         """[S, A] bool: True on every real response token (trained or not)."""
         width = self.action_mask.shape[1]
-        return torch.arange(width).unsqueeze(0) < self.response_lengths.unsqueeze(1)
+        positions = torch.arange(width, device=self.response_lengths.device)
+        return positions.unsqueeze(0) < self.response_lengths.unsqueeze(1)
+
+    def response_layout_to(self, device: torch.device | str) -> MicroBatch:
+        """The micro-batch with its response-layout tensors (action mask, lengths, per-token targets) on `device`,
+        where the model's outputs are, so that loss functions combine them directly."""
+        return dataclasses.replace(
+            self, action_mask=self.action_mask.to(device), response_lengths=self.response_lengths.to(device),
+            response_tensors={name: t.to(device) for name, t in self.response_tensors.items()})
 
 
 def make_micro_batches(samples: Sequence[TokenSample], *, micro_batch_size: int | None = None,

@@ -283,7 +283,8 @@ class _TrainedModel(abc.ABC):
             sums: dict[str, float] = {}
             for index, (batch, weight) in enumerate(zip(batches, weights)):
                 self.engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
-                loss, metrics = _split_loss(loss_fn(batch, self.forward(batch)))
+                output = self.forward(batch)
+                loss, metrics = _split_loss(loss_fn(batch.response_layout_to(self.device), output))
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
                 for key, value in {"loss": float(loss.detach()), **metrics}.items():
                     sums[key] = sums.get(key, 0.0) + weight * value

@@ -138,3 +138,16 @@ def test_scatter_to_samples_returns_each_sample_in_order(lengths, budget, packin
     per_sample = scatter_to_samples(batches, [b.response_tensors["value"] for b in batches], len(samples))
     for i, values in enumerate(per_sample):
         assert values.tolist() == [float(i * 100 + j) for j in range(lengths[i])]
+
+
+def test_response_layout_moves_to_the_model_device():
+    from hpc_rlhf.training.batching import TokenSample, make_micro_batches
+
+    sample = TokenSample(prompt_ids=torch.tensor([1, 2]), response_ids=torch.tensor([3, 4, 5]),
+                         response_tensors={"advantages": torch.ones(3)})
+    (batch,) = make_micro_batches([sample], micro_batch_size=1)
+    moved = batch.response_layout_to("meta")
+    assert moved.action_mask.device.type == moved.response_lengths.device.type == "meta"
+    assert moved.response_tensors["advantages"].device.type == "meta"
+    assert moved.response_mask.device.type == "meta"
+    assert moved.input_ids.device.type == "cpu"  # model inputs move with the forward pass, not here
