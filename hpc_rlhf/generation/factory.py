@@ -74,8 +74,11 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
     if placement == "standalone":
         from hpc_rlhf.generation.vllm_engine import VllmEngine
 
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        if device.type == "cuda" and (device.index or 0) != 0:
+            # vLLM's in-process executor always takes the first visible GPU, whatever the current device is.
+            raise GenerationError(f"an in-process vllm engine runs on the first visible GPU, but this rank's device "
+                                  f"is {device}; make its GPU the only visible one (CUDA_VISIBLE_DEVICES, or SLURM's "
+                                  f"--gpus-per-task / --gpu-bind)")
         return VllmEngine(model_path, **vllm_kwargs)
     local_rank = device.index if device.type == "cuda" and device.index is not None else 0
     if placement == "shared_world":

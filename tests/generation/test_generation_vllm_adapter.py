@@ -201,3 +201,11 @@ def test_placement_without_a_distributed_world():
     assert vllm_placement(tp=1, shared_world=True) == "standalone"
     with pytest.raises(GenerationError, match="tp=2 needs one process per TP rank"):
         vllm_placement(tp=2, shared_world=False)
+
+
+def test_in_process_engine_refuses_a_gpu_other_than_the_first_visible():
+    from hpc_rlhf.generation.factory import make_engine
+
+    # Checked before vllm is imported or any GPU is touched, so it runs here.
+    with pytest.raises(GenerationError, match="runs on the first visible GPU, but this rank's device is cuda:1"):
+        make_engine("vllm", "/models/none", device="cuda:1", dtype="bfloat16")
