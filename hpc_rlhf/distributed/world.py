@@ -129,12 +129,12 @@ def first_slurm_host(nodelist: str, run: Callable[..., Any] = subprocess.run) ->
 
 def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
     """Tasks on node `node_rank` from SLURM's compressed form, e.g. '2(x3),1' -> node 3 has 1 task."""
-    counts: list[int] = []
-    for part in tasks_per_node.split(","):
-        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if match is None:
-            raise WorldError(f"cannot parse SLURM tasks-per-node value {tasks_per_node!r}")
-        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    from hpc_rlhf.slurm.env import SlurmEnvError, parse_tasks_per_node
+
+    try:
+        counts = parse_tasks_per_node(tasks_per_node)
+    except SlurmEnvError as error:
+        raise WorldError(f"cannot parse SLURM tasks-per-node value {tasks_per_node!r}: {error}") from None
     if not 0 <= node_rank < len(counts):
         raise WorldError(f"node {node_rank} is not among the {len(counts)} nodes of tasks-per-node {tasks_per_node!r}")
     return counts[node_rank]
