@@ -8,6 +8,8 @@ peak; an update with activation checkpointing does 4/3 of its model FLOPs), the 
     sync:  generate + max(reference, reward, critic forward) + max(actor log-probs + update, critic update) + sync
     async: max(generate, the rest)   (generation of the next iteration overlaps the training of this one)
 
+where roles sharing ranks (`layout.<role>.share_with`) add up instead of overlapping.
+
 Colocated layouts run every phase on every GPU, one after another. Measured efficiencies (the fraction of its limit
 a phase reached in a smaller run, e.g. a 7B job on one node) scale the limits into an estimate (`efficiency`).
 """
@@ -78,7 +80,9 @@ def inference_memory_gib(shape: ModelShape, gpus: int, *, zero_stage: int) -> fl
 
 def plan_job(cfg: Any, policy: ModelShape, value: ModelShape | None, hw: Hardware,
              efficiency: dict[str, float] | None = None) -> JobPlan:
-    """Per-phase limits, memory per GPU and iteration limits (sync and async) of `cfg`'s layout."""
+    """Per-phase limits, memory per GPU and iteration limits (sync and async) of `cfg`'s layout; critic and reward
+    model have the `value` shape (default: the policy's)."""
+    value = value or policy
     rollout, layout = cfg.rollout, cfg.layout
     sequences = rollout.batch_size * rollout.n_samples_per_prompt
     lengths = [rollout.prompt_max_len + rollout.generate_max_len] * sequences
@@ -105,10 +109,10 @@ def plan_job(cfg: Any, policy: ModelShape, value: ModelShape | None, hw: Hardwar
     if role_gpus(cfg, "reference") and (cfg.algo.init_kl_coef > 0 or cfg.algo.use_kl_loss):
         compute("reference", "reference", flops.forward_flops(policy, lengths))
         memory["reference"] = inference_memory_gib(policy, role_gpus(cfg, "reference"), zero_stage=zero)
-    if role_gpus(cfg, "reward") and cfg.reward.pretrain and value is not None:
+    if role_gpus(cfg, "reward") and cfg.reward.pretrain:
         compute("reward_model", "reward", flops.forward_flops(value, lengths, vocab_head=False))
         memory["reward"] = inference_memory_gib(value, role_gpus(cfg, "reward"), zero_stage=zero)
-    if role_gpus(cfg, "critic") and value is not None:
+    if role_gpus(cfg, "critic"):
         compute("critic_forward", "critic", flops.forward_flops(value, lengths, vocab_head=False))
         compute("critic_update", "critic", flops.train_flops(value, lengths, vocab_head=False) * epochs
                 * recompute_factor(cfg.critic.gradient_checkpointing))
@@ -124,11 +128,14 @@ def plan_job(cfg: Any, policy: ModelShape, value: ModelShape | None, hw: Hardwar
                             f"{flops.model_bytes(policy) / 1e9:.0f} GB bf16 broadcast"))
 
     plan = JobPlan(phases=phases, memory_gib=memory)
-    plan.iteration_limit_s = iteration_times(layout.colocate, {p.phase: p.limit_s for p in phases})
+    shared = {role: getattr(layout, role).share_with for role in PHASE_ROLE.values()
+              if getattr(getattr(layout, role), "share_with", None)}
+    plan.iteration_limit_s = iteration_times(layout.colocate, {p.phase: p.limit_s for p in phases}, shared)
     if efficiency:
         for p in phases:
             p.estimate_s = p.limit_s / efficiency.get(p.phase, efficiency.get("default", 1.0))
-        plan.iteration_estimate_s = iteration_times(layout.colocate, {p.phase: p.estimate_s for p in phases})
+        plan.iteration_estimate_s = iteration_times(layout.colocate, {p.phase: p.estimate_s for p in phases},
+                                                    shared)
     return plan
 
 
@@ -137,12 +144,27 @@ def recompute_factor(gradient_checkpointing: bool) -> float:
     return 4 / 3 if gradient_checkpointing else 1.0
 
 
-def iteration_times(colocated: bool, seconds: dict[str, float]) -> dict[str, float]:
-    """Iteration time of the schedules from phase times (module docstring)."""
-    get = seconds.get
+PHASE_ROLE = {"reference": "reference", "reward_model": "reward", "critic_forward": "critic",
+              "critic_update": "critic", "actor_logprob": "actor", "actor_update": "actor"}
+FILL_PHASES = ("reference", "reward_model", "critic_forward")
+TRAIN_PHASES = ("actor_logprob", "actor_update", "critic_update")
+
+
+def iteration_times(colocated: bool, seconds: dict[str, float],
+                    shared_with: dict[str, str] | None = None) -> dict[str, float]:
+    """Iteration time of the schedules from phase times (module docstring). Phases of roles on the same ranks
+    (`shared_with`: role -> the role whose ranks it uses) run one after another, others side by side."""
     if colocated:
         return {"colocated": sum(seconds.values())}
-    fill = max(get("reference", 0.0), get("reward_model", 0.0), get("critic_forward", 0.0))
-    train = max(get("actor_logprob", 0.0) + get("actor_update", 0.0), get("critic_update", 0.0))
-    rest = fill + train + get("weight_sync", 0.0)
-    return {"sync": get("generate", 0.0) + rest, "async": max(get("generate", 0.0), rest)}
+    owner = {role: (shared_with or {}).get(role, role) for role in PHASE_ROLE.values()}
+
+    def slowest_ranks(phases: tuple[str, ...]) -> float:
+        per_ranks: dict[str, float] = {}
+        for phase in phases:
+            ranks = owner[PHASE_ROLE[phase]]
+            per_ranks[ranks] = per_ranks.get(ranks, 0.0) + seconds.get(phase, 0.0)
+        return max(per_ranks.values(), default=0.0)
+
+    rest = slowest_ranks(FILL_PHASES) + slowest_ranks(TRAIN_PHASES) + seconds.get("weight_sync", 0.0)
+    generate = seconds.get("generate", 0.0)
+    return {"sync": generate + rest, "async": max(generate, rest)}

@@ -47,6 +47,8 @@ def test_schedules_combine_phases():
     # sync: 10 + max(3, 4, 2) + max(1 + 4, 6) + 0.5; async: max(10, 4 + 6 + 0.5)
     assert iteration_times(False, seconds) == {"sync": 20.5, "async": 10.5}
     assert iteration_times(True, seconds) == {"colocated": 30.5}
+    # Reference on the reward model's ranks: 10 + (3 + 4) + max(1 + 4, 6) + 0.5; async: max(10, 7 + 6 + 0.5)
+    assert iteration_times(False, seconds, {"reference": "reward"}) == {"sync": 23.5, "async": 13.5}
 
 
 def test_plan_of_a_disaggregated_ppo_layout():
@@ -83,3 +85,15 @@ def test_colocated_roles_use_every_gpu_and_checkpointing_costs_a_third_more():
                                                                             cfg.rollout.n_samples_per_prompt)
     assert update.limit_s == pytest.approx(flops.train_flops(shape, lengths) * 4 / 3 / (4 * 1e15))
     assert list(plan.iteration_limit_s) == ["colocated"]
+
+
+def test_shared_ranks_add_up_in_the_plan_of_the_8_gpu_config():
+    cfg = load_config("configs/ppo_7b_8gpu.yaml").config
+    assert cfg.layout.reference.share_with == "reward"
+    assert role_gpus(cfg, "reference") == role_gpus(cfg, "reward") == 1
+    plan = plan_job(cfg, model_shape("qwen2.5-7b"), model_shape("qwen2.5-7b"), HW)
+    seconds = {p.phase: p.limit_s for p in plan.phases}
+    fill = seconds["reference"] + seconds["reward_model"]  # one GPU does both, one after the other
+    assert fill > seconds["critic_forward"]
+    train = max(seconds["actor_logprob"] + seconds["actor_update"], seconds["critic_update"])
+    assert plan.iteration_limit_s["sync"] == pytest.approx(seconds["generate"] + fill + train + seconds["weight_sync"])
