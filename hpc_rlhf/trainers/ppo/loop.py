@@ -321,12 +321,15 @@ class PPOTrainer:
                 accumulate(metrics, self._generate(gen_it))
                 accumulate(metrics, self._sleep_generator())
             if train_it >= start:
-                wait_start = time.perf_counter()
+                waited = time.perf_counter()
                 self._wait_complete(train_it)
+                waited = time.perf_counter() - waited
                 accumulate(metrics, self._fill(train_it))
                 if self.parts.actor is not None or self.parts.critic is not None:
+                    start_wait = time.perf_counter()
                     self._wait_filled(train_it, self._required_stages())
-                accumulate(metrics, {"max/wait_data_s": time.perf_counter() - wait_start})
+                    waited += time.perf_counter() - start_wait
+                accumulate(metrics, {"max/wait_data_s": waited})  # idle: other ranks' generation or fill stages
                 if self.parts.critic is not None:
                     accumulate(metrics, self._train_critic(train_it))
                 if self.parts.actor is not None:
