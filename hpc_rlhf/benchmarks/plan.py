@@ -55,13 +55,10 @@ class JobPlan:
 
 
 def role_gpus(cfg: Any, role: str) -> int:
-    """GPUs doing a role's work: its own count, every GPU when colocated, the shared role's when `share_with`."""
+    """GPUs doing a role's work: its own count, or every GPU when colocated. (A role that shares another's ranks has
+    the same count, which the config checks enforce.)"""
     layout = cfg.layout
-    if layout.colocate:
-        return layout.world_size()
-    spec = getattr(layout, role)
-    shared = getattr(spec, "share_with", None)
-    return getattr(layout, shared).gpus if shared else spec.gpus
+    return layout.world_size() if layout.colocate else getattr(layout, role).gpus
 
 
 def training_memory_gib(shape: ModelShape, gpus: int, *, zero_stage: int, adam_offload: bool) -> float:
