@@ -305,7 +305,7 @@ class DsConfig:
     bf16: Optional[bool] = opt(None, "bf16 training; empty = bf16 on GPU, fp32 on CPU")
     adam_offload: bool = opt(False, "keep optimizer states on the CPU")
     param_offload: bool = opt(False, "keep ZeRO-3 parameters on the CPU")
-    overlap_comm: bool = opt(False, "overlap gradient reduction with backward")
+    overlap_comm: bool = opt(False, "ZeRO 1-3: overlap gradient reduction with backward (more memory for buckets)")
     enable_sleep: bool = opt(False, "colocated: move optimizer states and ZeRO buffers to host memory while "
                                     "the generator runs (OpenRLHF --deepspeed_enable_sleep)")
 

@@ -55,6 +55,7 @@ class EngineConfig:
     lr_scheduler: LrSchedulerName = "constant_with_warmup"
     min_lr_ratio: float = 0.1
     max_norm: float = 1.0
+    overlap_comm: bool = False
     micro_train_batch_size: int = 1
     train_batch_size: int = 8
     attn_implementation: str = "sdpa"
@@ -161,6 +162,8 @@ def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) ->
             f"{cfg.micro_train_batch_size} x data-parallel size={dp_size} (= {per_step})")
     on_gpu = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage > 0:
+        zero["overlap_comm"] = cfg.overlap_comm
     if cfg.param_offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     if training and cfg.adam_offload:
@@ -183,7 +186,9 @@ def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) ->
     if training:
         config["gradient_clipping"] = cfg.max_norm
         config["zero_allow_untested_optimizer"] = True
-        if cfg.bf16:
+        if cfg.bf16 and cfg.zero_stage > 0:
+            # fp32 gradient accumulation; DeepSpeed offers it only with ZeRO (stage 0 keeps bf16 gradients and
+            # refuses any other accumulation type).
             config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 

@@ -81,20 +81,25 @@ def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: to
                         supports_logits_to_keep: bool = True, chunk_size: int = 1024) -> ForwardOutput:
     """Log-probs (and entropy) of the response tokens of `batch` under a causal LM (module or engine).
 
-    Only the positions that predict response tokens go through the LM head (`logits_to_keep`).
+    Only the positions that predict response tokens go through the LM head (`logits_to_keep`); the log-probs are
+    read from the model's logits in place (`token_log_probs` picks rows by index, no gathered copy).
     """
     rows, columns, sample, offset = response_token_index(batch)
     predicting = columns - 1
     kwargs = _model_inputs(batch, device)
     if supports_logits_to_keep:
         kept_columns = torch.unique(predicting)  # sorted
-        logits = model(**kwargs, logits_to_keep=kept_columns.to(device)).logits
-        logits = logits[rows.to(device), torch.searchsorted(kept_columns, predicting).to(device)]
+        logits = model(**kwargs, logits_to_keep=kept_columns.to(device)).logits  # [rows, kept, V]
+        flat_rows = rows * kept_columns.numel() + torch.searchsorted(kept_columns, predicting)
     else:
-        logits = model(**kwargs).logits[rows.to(device), predicting.to(device)]
-    labels = batch.input_ids[rows, columns].to(device)
-    log_probs, entropy = token_log_probs(logits, labels, temperature=temperature, with_entropy=with_entropy,
-                                         chunk_size=chunk_size)
+        logits = model(**kwargs).logits  # [rows, seq, V]
+        flat_rows = rows * logits.shape[1] + predicting
+    labels = batch.input_ids[rows, columns]
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    if flat_rows.numel() == flat_logits.shape[0] and torch.equal(flat_rows, torch.arange(flat_rows.numel())):
+        flat_rows = None  # every kept position predicts a response token, in order: read the logits as they are
+    log_probs, entropy = token_log_probs(flat_logits, labels, rows=flat_rows,
+                                         temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
     return ForwardOutput(
         log_probs=_to_response_layout(log_probs, batch, sample, offset),
         entropy=None if entropy is None else _to_response_layout(entropy, batch, sample, offset))

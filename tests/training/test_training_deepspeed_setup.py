@@ -88,3 +88,11 @@ def test_cpu_optimizer_is_torch_adamw_with_config_values(worker):
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["betas"] == (0.8, 0.9)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+
+
+@pytest.mark.parametrize("stage, overlap, accumulation", [(0, True, None), (1, False, "fp32"), (2, True, "fp32"),
+                                                          (3, True, "fp32")])
+def test_ds_config_bf16_accumulation_and_overlap_follow_the_stage(stage, overlap, accumulation):
+    config = make_ds_config(EngineConfig(zero_stage=stage, bf16=True, overlap_comm=overlap), dp_size=1)
+    assert config.get("data_types", {}).get("grad_accum_dtype") == accumulation
+    assert config["zero_optimization"].get("overlap_comm") == (overlap if stage > 0 else None)

@@ -1,4 +1,4 @@
-"""Chunked fp32 log-probs and entropy against a float64 reference, values and gradients."""
+"""Chunked fp32 log-probs and entropy (hand-written backward) against a float64 reference, values and gradients."""
 
 from __future__ import annotations
 
@@ -56,6 +56,71 @@ def test_gradients_through_recomputed_chunks_match_float64(chunk):
 
 def test_bad_shapes_and_temperature_are_rejected():
     with pytest.raises(ValueError, match="need logits"):
+        token_log_probs(torch.zeros(2, 3, 1), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="one label per row"):
         token_log_probs(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         token_log_probs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), temperature=0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(total_rows=st.integers(1, 30), vocab=st.integers(2, 40), chunk=st.integers(1, 16),
+       temperature=st.sampled_from([0.6, 1.0]), with_entropy=st.booleans(), seed=st.integers(0, 10_000))
+def test_picked_rows_match_the_gathered_reference_in_values_and_gradients(total_rows, vocab, chunk, temperature,
+                                                                          with_entropy, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(total_rows, vocab, generator=generator) * 3).requires_grad_(True)
+    picked = torch.randperm(total_rows, generator=generator)[:torch.randint(1, total_rows + 1, (1,),
+                                                                             generator=generator).item()]
+    labels = torch.randint(0, vocab, (picked.numel(),), generator=generator)
+    weights = torch.randn(picked.numel(), generator=generator)
+    log_probs, entropy = token_log_probs(logits, labels, rows=picked, temperature=temperature,
+                                         with_entropy=with_entropy, chunk_size=chunk)
+    loss = (log_probs * weights).sum() + (0.3 * entropy.sum() if with_entropy else 0.0)
+    loss.backward()
+
+    logits64 = logits.detach().double().requires_grad_(True)
+    want_log_probs, want_entropy = reference(logits64[picked], labels, temperature)
+    want_loss = (want_log_probs * weights.double()).sum() + (0.3 * want_entropy.sum() if with_entropy else 0.0)
+    want_loss.backward()
+    torch.testing.assert_close(log_probs.double(), want_log_probs.detach(), atol=1e-5, rtol=1e-5)
+    if with_entropy:
+        torch.testing.assert_close(entropy.double(), want_entropy.detach(), atol=1e-5, rtol=1e-5)
+    else:
+        assert entropy is None
+    # Rows that were not picked get exactly zero gradient.
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_hand_derived_gradient_of_a_uniform_row():
+    # Uniform logits over V=4, label 2: d log p_2 / d x_j = [j = 2] - 1/4; entropy is at its maximum (gradient 0).
+    logits = torch.zeros(1, 4, requires_grad=True)
+    log_probs, entropy = token_log_probs(logits, torch.tensor([2]), with_entropy=True)
+    (log_probs.sum() + entropy.sum()).backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[-0.25, -0.25, 0.75, -0.25]]))
+
+
+def test_bf16_logits_get_a_bf16_gradient_close_to_float64():
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, 64, generator=generator) * 2).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, 64, (6,), generator=generator)
+    log_probs, _ = token_log_probs(logits, labels, chunk_size=4)
+    log_probs.sum().backward()
+    assert log_probs.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    logits64 = logits.detach().double().requires_grad_(True)
+    want, _ = reference(logits64, labels, 1.0)
+    want.sum().backward()
+    torch.testing.assert_close(log_probs.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, atol=1e-2, rtol=1e-2)
+
+
+def test_fp32_logits_are_left_unchanged():
+    logits = torch.randn(5, 9)
+    before = logits.clone()
+    token_log_probs(logits, torch.zeros(5, dtype=torch.long), temperature=0.5, with_entropy=True, chunk_size=2)
+    assert torch.equal(logits, before)
+
+
+def test_rows_must_pair_with_labels():
+    with pytest.raises(ValueError, match="must pair with labels"):
+        token_log_probs(torch.zeros(4, 3), torch.zeros(2, dtype=torch.long), rows=torch.tensor([0, 1, 2]))
