@@ -31,14 +31,18 @@ config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hi
 model = LlamaForCausalLM(config).to(torch.bfloat16)
 cfg = EngineConfig(zero_stage=stage, bf16=True, micro_train_batch_size=2, train_batch_size=4, learning_rate=1e-2)
 actor = Actor(model, cfg, None, num_training_steps=4)
-samples = [TokenSample(prompt_ids=torch.tensor([1, 2, 3]), response_ids=torch.tensor([4 + i, 5, 6])) for i in range(4)]
+samples = [TokenSample(prompt_ids=torch.tensor([1, 2, 3]), response_ids=torch.tensor([4 + i, 5, 6]))
+           for i in range(4)]
 batches = make_micro_batches(samples, micro_batch_size=2)
 before = [p.detach().float().clone() for p in actor.engine.module.parameters()]
-metrics = actor.train_step(batches, lambda batch, out: -(out.log_probs * batch.action_mask).sum() / batch.action_mask.sum())
+def loss_fn(batch, out):
+    return -(out.log_probs * batch.action_mask).sum() / batch.action_mask.sum()
+metrics = actor.train_step(batches, loss_fn)
 after = [p.detach().float() for p in actor.engine.module.parameters()]
 moved = sum(int(not torch.equal(a, b)) for a, b in zip(before, after))
 assert all(p.dtype == torch.bfloat16 for p in actor.engine.module.parameters())
-print(f"RESULT stage={stage} loss={metrics['loss']:.4f} moved={moved}/{len(before)} optimizer={type(actor.engine.optimizer).__name__}")
+print(f"RESULT stage={stage} loss={metrics['loss']:.4f} moved={moved}/{len(before)} "
+      f"optimizer={type(actor.engine.optimizer).__name__}")
 """
 
 

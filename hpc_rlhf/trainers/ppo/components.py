@@ -36,8 +36,9 @@ def engine_config(cfg: Config, section: Any) -> EngineConfig:
         param_offload=cfg.ds.param_offload, gradient_checkpointing=section.gradient_checkpointing,
         learning_rate=section.learning_rate, adam_betas=tuple(section.adam_betas), weight_decay=section.weight_decay,
         lr_warmup_ratio=section.lr_warmup_ratio, lr_scheduler=section.lr_scheduler, min_lr_ratio=section.min_lr_ratio,
-        max_norm=section.max_norm, overlap_comm=cfg.ds.overlap_comm, micro_train_batch_size=cfg.train.micro_train_batch_size,
-        train_batch_size=cfg.train.train_batch_size, attn_implementation=section.attn_implementation)
+        max_norm=section.max_norm, overlap_comm=cfg.ds.overlap_comm,
+        micro_train_batch_size=cfg.train.micro_train_batch_size, train_batch_size=cfg.train.train_batch_size,
+        attn_implementation=section.attn_implementation)
 
 
 def total_iterations(cfg: Config, num_prompts: int) -> int:
