@@ -87,7 +87,7 @@ try:
     from transformers import PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as error:  # a clear word instead of a stack trace on a machine without TRL
-    raise SystemExit(f"bench_trl needs trl==1.16.0 and datasets (pip install trl==1.16.0 datasets==5.2.0): {error}")
+    raise SystemExit(f"bench_trl needs trl==1.16.0 and datasets (pip install -e '.[peer]', or trl==1.16.0 datasets): {error}")
 
 TRL_VERSION = "1.16.0"
 PRECISIONS = ("bf16", "bf16-autocast", "fp32")
