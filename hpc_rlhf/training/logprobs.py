@@ -25,9 +25,7 @@ def _scaled_chunk(logits: torch.Tensor, rows: torch.Tensor | None, start: int, s
                   temperature: float) -> torch.Tensor:
     """fp32 copy of the chunk's rows of `logits` (picked by `rows[start:stop]` when given), divided by T."""
     chunk = logits[start:stop] if rows is None else logits.index_select(0, rows[start:stop])
-    scaled = chunk.float()  # a new fp32 tensor, safe to modify in place
-    if scaled.data_ptr() == chunk.data_ptr():
-        scaled = scaled.clone()
+    scaled = chunk.to(torch.float32, copy=True)  # always a new tensor (also for fp32 logits): modified in place
     if temperature != 1.0:
         scaled.div_(temperature)
     return scaled

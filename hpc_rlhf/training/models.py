@@ -96,8 +96,8 @@ def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: to
         flat_rows = rows * logits.shape[1] + predicting
     labels = batch.input_ids[rows, columns]
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    in_order = torch.arange(flat_rows.numel(), device=flat_rows.device)
-    if flat_rows.numel() == flat_logits.shape[0] and torch.equal(flat_rows, in_order):
+    count = flat_rows.numel()
+    if count == flat_logits.shape[0] and torch.equal(flat_rows, torch.arange(count, device=flat_rows.device)):
         flat_rows = None  # every kept position predicts a response token, in order: read the logits as they are
     log_probs, entropy = token_log_probs(flat_logits, labels, rows=flat_rows,
                                          temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
