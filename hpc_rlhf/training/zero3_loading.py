@@ -135,14 +135,35 @@ def load_partitioned(auto_class: Any, path: str | Path, cfg: EngineConfig, group
     # zero.Init takes the dtype from the DeepSpeed config (bf16 or fp32, as cfg.torch_dtype): an explicit dtype
     # argument is ignored on accelerators without fp16. RoPE's arange buffers keep their own dtype, as in
     # transformers' own ZeRO-3 loading.
+    # The model class is imported before zero.Init: see `concrete_model_class`.
+    model_class = concrete_model_class(auto_class, config)
     with engine_scope(mpu), no_init_weights(), keep_arange_dtype(), deepspeed.zero.Init(
             data_parallel_group=mpu.get_data_parallel_group(), config_dict_or_path=ds_config, mpu=mpu):
-        model = auto_class.from_config(config, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation)
+        model = model_class._from_config(config, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation)
     with engine_scope(mpu):
         missing = copy_checkpoint_into_partitions(model, path, mpu.get_data_parallel_group(),
                                                   allowed_missing=allowed_missing)
         initialize_missing(model, missing, std=getattr(config, "initializer_range", 0.02))
     return model
+
+
+def concrete_model_class(auto_class: Any, config: Any) -> type[nn.Module]:
+    """The model class `auto_class` builds for `config` (LlamaForCausalLM for a Llama config), its module imported.
+
+    It must be imported before `deepspeed.zero.Init` is entered. zero.Init wraps the `__init__` of every module class
+    that exists, and of every class defined while it is active, and puts the old `__init__` back when it exits. A
+    modeling module imported inside the context defines its classes there; class decorators that replace `__init__`
+    afterwards (the `kernels` package's `use_kernelized_func` on attention layers, which transformers >= 5.24 applies)
+    are then undone at exit, and every later instance lacks the attributes they set (`_kernel_funcs`).
+    """
+    mapping = getattr(auto_class, "_model_mapping", None)
+    if mapping is None:  # already a concrete class (LlamaForCausalLM passed directly)
+        return auto_class
+    try:
+        return mapping[type(config)]  # the lazy mapping imports the modeling module here
+    except KeyError:
+        raise ValueError(f"{auto_class.__name__} has no model class for a {type(config).__name__} "
+                         f"(model_type {getattr(config, 'model_type', '?')!r})") from None
 
 
 def initialize_missing(model: nn.Module, names: list[str], *, std: float) -> None:
