@@ -11,6 +11,10 @@ collective timeout. The mechanism, for torch.distributed worlds:
   period, until every other rank has read the record or finished.
 `run_guarded(fn, control)` wraps a rank's main function: an exception prints its traceback and calls
 `control.abort(reason)`. Under MPI, `MPIControlPlane.abort` uses `MPI_Abort`, which ends every rank itself.
+
+A rank that dies without a word (SIGKILL, out of memory, a lost node) publishes nothing; its peers see only a lost
+connection in their next collective. Every watchdog therefore counts a heartbeat in the store, and a rank whose error
+is a lost connection first looks for a peer whose heartbeat has stopped and names that one as the job's failure.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ import torch.distributed as dist
 FAILURE_PREFIX = "hpc_rlhf/failure/"
 FAILURE_EXIT_CODE = 1
 STORE_ERRORS = (RuntimeError, OSError)  # what a store call raises once its host (rank 0) is gone
+# How a collective fails when a peer process is gone (gloo, NCCL, sockets): the error is the peer's, not ours.
+LOST_PEER_PATTERNS = ("connection reset by peer", "connection closed by peer", "broken pipe", "remote process exited",
+                      "connection refused", "socket closed")
+HEARTBEAT_WAIT_S = 2.0  # a live watchdog beats every poll interval (0.2 s); a dead rank never again
 T = TypeVar("T")
 
 
@@ -85,6 +93,20 @@ class FailureBoard:
         """Ranks that have shut down normally (their watchdog is stopped)."""
         return int(self.store.add("finished", increment))
 
+    def beat(self, rank: int) -> int:
+        """Count one heartbeat of `rank` (its watchdog calls this every poll)."""
+        return int(self.store.add(f"beat/{rank}", 1))
+
+    def silent_ranks(self, world_size: int, exclude: int, wait_s: float = HEARTBEAT_WAIT_S) -> list[int]:
+        """Ranks whose heartbeat did not move during `wait_s` seconds (dead), among those that had beaten before.
+
+        A rank without any heartbeat yet (no watchdog, or still starting) is not judged.
+        """
+        others = [r for r in range(world_size) if r != exclude]
+        before = {r: int(self.store.add(f"beat/{r}", 0)) for r in others}
+        time.sleep(wait_s)
+        return [r for r in others if before[r] > 0 and int(self.store.add(f"beat/{r}", 0)) == before[r]]
+
 
 def announce(message: str) -> None:
     """One line on stderr, flushed along with stdout because the process may end with os._exit right after."""
@@ -105,6 +127,12 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: flo
     return False
 
 
+def is_lost_peer(reason: str) -> bool:
+    """Whether an error message says that a peer's connection went away (the peer failed, not this rank)."""
+    lowered = reason.lower()
+    return any(pattern in lowered for pattern in LOST_PEER_PATTERNS)
+
+
 def stop_job(board: FailureBoard | None, rank: int, world_size: int, reason: str, *, grace_s: float = 10.0,
              exit_fn: Callable[[int], Any] = os._exit) -> NoReturn:
     """Publish `reason` as this rank's failure (unless another came first), tell stderr, and end this process.
@@ -112,6 +140,13 @@ def stop_job(board: FailureBoard | None, rank: int, world_size: int, reason: str
     Rank 0 hosts the store, so it first waits up to `grace_s` for the other ranks to read the record.
     """
     own = FailureReport(rank=rank, reason=reason)
+    if board is not None and is_lost_peer(reason):  # whose failure is it? a peer that died says nothing itself
+        with contextlib.suppress(*STORE_ERRORS):
+            dead = board.silent_ranks(world_size, exclude=rank)
+            if dead:
+                own = FailureReport(rank=dead[0], reason=(
+                    "died without reporting an error (its heartbeat stopped: killed, out of memory, or its node was "
+                    "lost)"))
     standing = own
     if board is not None:
         try:
@@ -160,6 +195,7 @@ class FailureWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             try:
+                self.board.beat(self.rank)
                 report = self.board.poll()
             except STORE_ERRORS:
                 if self._stop.is_set():
