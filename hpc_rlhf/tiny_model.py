@@ -50,6 +50,8 @@ REWARD_SUBDIR = "reward"
 # Bump when the builder's output changes, so that caches built by an older version are not reused.
 BUILTIN_FORMAT_VERSION = 2
 BUILTIN_MODELS = ("tiny-llama", "tiny-llama-arith")
+# Real pretrained models, converted offline by hpc_rlhf/pretrained.py (no reward sub-folder).
+PRETRAINED_MODELS = ("smollm2-135m-instruct",)
 
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -166,20 +168,36 @@ def resolve_model_path(spec: str) -> str:
     if not spec.startswith(BUILTIN_PREFIX):
         return spec
     name, _, sub = spec[len(BUILTIN_PREFIX):].partition("/")
+    if name in PRETRAINED_MODELS and not sub:
+        from hpc_rlhf.pretrained import resolve_pretrained
+
+        return resolve_pretrained(name)
     if name not in BUILTIN_MODELS or sub not in ("", REWARD_SUBDIR):
-        known = ", ".join(f"{BUILTIN_PREFIX}{m}, {BUILTIN_PREFIX}{m}/{REWARD_SUBDIR}" for m in BUILTIN_MODELS)
+        known = ", ".join([f"{BUILTIN_PREFIX}{m}, {BUILTIN_PREFIX}{m}/{REWARD_SUBDIR}" for m in BUILTIN_MODELS]
+                          + [f"{BUILTIN_PREFIX}{m}" for m in PRETRAINED_MODELS])
         raise ValueError(f"unknown built-in model {spec!r}; known: {known}")
     folder = build_once(cache_root() / f"{name}-v{BUILTIN_FORMAT_VERSION}", lambda tmp: _build_builtin(name, tmp))
     return str(folder / sub) if sub else str(folder)
 
 
 def _build_builtin(name: str, out_dir: Path) -> None:
-    """`tiny-llama` is random; `tiny-llama-arith` is it after a short SFT warm-up on the arithmetic task."""
+    """`tiny-llama` is random; `tiny-llama-arith` is it after a short SFT warm-up on the arithmetic task.
+
+    Progress lines go to stderr: the first run would otherwise wait a minute or two in silence."""
+    import sys
+    import time
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    say(f"building {BUILTIN_PREFIX}{name} (first use only; cached in {cache_root()})")
     build_tiny_model(out_dir)
     if name == "tiny-llama-arith":
         from hpc_rlhf.tasks.warm_start import warm_start
 
-        warm_start(out_dir, out_dir)
+        warm_start(out_dir, out_dir, report=lambda line: say(f"  {BUILTIN_PREFIX}{name}: {line}"))
+    say(f"built {BUILTIN_PREFIX}{name} in {time.monotonic() - started:.0f} s")
 
 
 def build_once(final_dir: Path, build: Callable[[Path], object]) -> Path:
