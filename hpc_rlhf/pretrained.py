@@ -63,9 +63,11 @@ def resolve_pretrained(name: str) -> str:
 
 def check_gguf_reader() -> None:
     """transformers reads GGUF files only with the `gguf` package installed."""
-    if importlib.util.find_spec("gguf") is None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
         raise PretrainedUnavailable(f"builtin:{SMOLLM2_NAME} is converted from a GGUF file, which needs the `gguf` "
-                                    "package: pip install gguf")
+                                    "package: pip install gguf") from None
 
 
 def build_smollm2(out_dir: Path) -> None:
