@@ -250,6 +250,11 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(iteration, folder) of every complete checkpoint under `root`, oldest first (iteration = the next to train)."""
+    return _complete_checkpoints(Path(root))
+
+
 def remove_stale(ckpt_root: str | os.PathLike, keep: Path | None = None) -> list[Path]:
     """Delete what interrupted saves left behind: temporary entries and checkpoint folders without COMPLETE.
 

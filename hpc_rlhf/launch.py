@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-from typing import Any, Sequence
 
-import torch
+from hpc_rlhf.slurm.requeue import install_early_stop_handlers  # standard library only
 
-from hpc_rlhf.cli import build_parser, parse_config_args
-from hpc_rlhf.config import Config
-from hpc_rlhf.config_io import LoadedConfig, config_to_dict
+if __name__ == "__main__" or os.environ.get("SLURM_STEP_ID"):  # a rank's process: catch stop signals from now on
+    install_early_stop_handlers()  # until a handler exists, USR1/USR2 kill the process; the imports below take seconds
+
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from hpc_rlhf.cli import build_parser, parse_config_args  # noqa: E402
+from hpc_rlhf.config import Config  # noqa: E402
+from hpc_rlhf.config_io import LoadedConfig, config_to_dict  # noqa: E402
 
 
 def rank_main(info: Any, cfg: Config) -> dict[str, float]:

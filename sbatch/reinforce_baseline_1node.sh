@@ -35,6 +35,22 @@
 # stdout and stderr of all ranks; the folder must exist before the job starts
 #SBATCH --output=logs/%x_%j.out
 
+# First of all, the stop trap: USR1 (see --signal above, or `scancel --signal=USR1 --batch`) writes
+# RUN_DIR/.stop_requested (a USR1 before RUN_DIR is known is remembered and written once it is);
+# every rank sees the flag at its next safe point, the job saves a checkpoint and requeues itself, and the
+# next run resumes from it. A file instead of a forwarded signal: it cannot kill a rank that is still
+# starting, and NCCL may claim USR1. A shell without its trap would die of USR1, so nothing comes before it.
+STOP_FLAG=""
+STOP_PENDING=""
+request_stop() {
+  if [ -z "$STOP_FLAG" ]; then STOP_PENDING=1; return; fi
+  printf "%s %s\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$STOP_FLAG.tmp" && mv -f "$STOP_FLAG.tmp" "$STOP_FLAG"
+}
+trap request_stop USR1
+# Restarts the script itself may ask for (slurm.max_requeue) when a rank died of a stop signal in its first
+# instant, before it could catch it.
+MAX_REQUEUE=20
+
 set -uo pipefail  # not -e: the wait loop below must see srun's status, and the trap's interruptions
 
 # Environment of every rank (slurm.setup in the config): modules, the Python environment, exports.
@@ -54,15 +70,27 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 # Every node must see it: a shared file system, not /tmp.
 RUN_DIR="$(python -m hpc_rlhf.submit --config configs/reinforce_baseline_1node.yaml --print-run-dir "$@")" || exit 1
 mkdir -p "$RUN_DIR"
+# From here on the trap writes the flag; a USR1 that came earlier is written now.
+STOP_FLAG="$RUN_DIR"/.stop_requested
+export HPC_RLHF_STOP_FLAG="$STOP_FLAG"  # a rank that catches USR1/USR2 writes the flag there too
+if [ -n "$STOP_PENDING" ]; then request_stop; fi
 
-# USR1 (see --signal above) writes RUN_DIR/.stop_requested; every rank sees it at its next safe point, the
-# job saves a checkpoint and requeues itself, and the next run resumes from it. A file instead of a forwarded
-# signal: it cannot kill a rank that is still starting, and NCCL may claim USR1.
-trap 'printf "%s %s\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$RUN_DIR"/.stop_requested.tmp && mv -f "$RUN_DIR"/.stop_requested.tmp "$RUN_DIR"/.stop_requested' USR1
 # One rank per task. srun runs in the background so that the trap can run; the loop waits for it to really
 # end. --cpus-per-task: some SLURM releases do not hand sbatch's value to srun. --kill-on-bad-exit: one rank
-# failing ends the step instead of leaving the others waiting. --label: lines start with the rank.
+# failing ends the step instead of leaving the others waiting. --label: lines start with the rank. After it:
+# a rank killed by USR1/USR2 before its handlers existed (exit 138/140) requeues the job from here, and a
+# finished job removes a stop flag that came too late to matter.
 srun --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 --label python -m hpc_rlhf.launch --config configs/reinforce_baseline_1node.yaml "$@" &
 SRUN_PID=$!
 while true; do wait "$SRUN_PID"; STATUS=$?; kill -0 "$SRUN_PID" 2>/dev/null || break; done
+STOPPED=""  # asked to stop: the flag of this run exists (written by the trap or by a rank), or USR1/USR2
+[ "$STATUS" -eq 138 ] || [ "$STATUS" -eq 140 ] && STOPPED=1  # killed a rank (srun returns 128 + signal)
+[ -n "${STOP_FLAG:-}" ] && grep -qx "${SLURM_JOB_ID:-} ${SLURM_RESTART_COUNT:-0}" "$STOP_FLAG" 2>/dev/null && STOPPED=1
+if [ "$STATUS" -ne 0 ] && [ -n "$STOPPED" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUE:-0}" ]; then
+  echo "the step failed (exit $STATUS) after a stop request, probably a rank that was still starting: requeueing" >&2
+  trap '' TERM  # SLURM answers the requeue with SIGTERM
+  scontrol requeue "$SLURM_JOB_ID" && scontrol update JobId="$SLURM_JOB_ID" StartTime=now+10
+elif [ "$STATUS" -eq 0 ] && [ -n "${STOP_FLAG:-}" ]; then
+  rm -f "$STOP_FLAG"  # the stop came after the last iteration: nothing is left to stop
+fi
 exit "$STATUS"

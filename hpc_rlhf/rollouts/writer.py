@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hpc_rlhf.rollouts.atomic import atomic_file, make_dirs_durable
-from hpc_rlhf.rollouts.errors import RolloutError, RolloutValidationError, ShardExistsError
+from hpc_rlhf.rollouts.errors import CorruptShardError, RolloutError, RolloutValidationError, ShardExistsError
 from hpc_rlhf.rollouts.manifest import ShardRecord, find_record, write_record
 from hpc_rlhf.rollouts.paths import MANIFEST_NAME, check_name, iteration_dir, shard_file_name
 from hpc_rlhf.rollouts.schema import (
@@ -117,7 +117,15 @@ class ShardWriter:
         """Create the iteration folder; refuse to replace a committed file unless `overwrite`."""
         directory = iteration_dir(self.run_dir, iteration)
         make_dirs_durable(directory)
-        if not overwrite and find_record(directory, shard_name, stage) is not None:
+        record = None if overwrite else find_record(directory, shard_name, stage)
+        if record is not None:
+            from hpc_rlhf.rollouts.verify import file_problem
+
+            problem = file_problem(directory / record.file, record, checksum=False)
+            if problem is not None:
+                raise CorruptShardError(
+                    f"{directory / record.file} {problem}: the committed file is damaged; resuming the job sets it "
+                    f"aside and generates iteration {iteration} again (or says why it cannot)")
             what = f"shard {shard_name!r}" + ("" if stage is None else f" stage {stage!r}")
             raise ShardExistsError(f"{directory}: {what} is already committed; pass overwrite=True to replace it")
         return directory

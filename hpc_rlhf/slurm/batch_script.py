@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.slurm.job_spec import sbatch_options
-from hpc_rlhf.slurm.requeue import STOP_FLAG_NAME, srun_wait_lines, stop_trap_lines
+from hpc_rlhf.slurm.requeue import (
+    STOP_FLAG_NAME,
+    requeue_limit_lines,
+    srun_wait_lines,
+    stop_flag_ready_lines,
+    stop_trap_lines,
+)
 
 NCCL_HINTS = (
     ("NCCL_DEBUG=INFO", "print the transports and NICs NCCL picked (WARN once it works)"),
@@ -73,7 +79,21 @@ def render_batch_script(spec: BatchScriptSpec, cfg: Config, header: Sequence[str
     ]
     for option in sbatch_options(cfg):  # sbatch reads #SBATCH lines up to the first command; comments may sit between
         lines += [_comment(option.why), f"#SBATCH {option.flag()}"]
-    lines += ["", "set -uo pipefail  # not -e: the wait loop below must see srun's status, and the trap's interruptions", ""]
+    lines += [
+        "",
+        "# First of all, the stop trap: USR1 (see --signal above, or `scancel --signal=USR1 --batch`) writes",
+        f"# RUN_DIR/{STOP_FLAG_NAME} (a USR1 before RUN_DIR is known is remembered and written once it is);",
+        "# every rank sees the flag at its next safe point, the job saves a checkpoint and requeues itself, and the",
+        "# next run resumes from it. A file instead of a forwarded signal: it cannot kill a rank that is still",
+        "# starting, and NCCL may claim USR1. A shell without its trap would die of USR1, so nothing comes before it.",
+        *stop_trap_lines(),
+        "# Restarts the script itself may ask for (slurm.max_requeue) when a rank died of a stop signal in its first",
+        "# instant, before it could catch it.",
+        *requeue_limit_lines(slurm.max_requeue),
+        "",
+        "set -uo pipefail  # not -e: the wait loop below must see srun's status, and the trap's interruptions",
+        "",
+    ]
     lines.append("# Environment of every rank (slurm.setup in the config): modules, the Python environment, exports.")
     lines += list(slurm.setup) or ["# (none set: put `module load ...` or `source /shared/venv/bin/activate` here "
                                    "through slurm.setup)"]
@@ -96,14 +116,14 @@ def render_batch_script(spec: BatchScriptSpec, cfg: Config, header: Sequence[str
         "# Every node must see it: a shared file system, not /tmp.",
         f'RUN_DIR="$(python -m hpc_rlhf.submit --config {config} --print-run-dir "$@")" || exit 1',
         'mkdir -p "$RUN_DIR"',
+        "# From here on the trap writes the flag; a USR1 that came earlier is written now.",
+        *stop_flag_ready_lines(),
         "",
-        f"# USR1 (see --signal above) writes RUN_DIR/{STOP_FLAG_NAME}; every rank sees it at its next safe point, the",
-        "# job saves a checkpoint and requeues itself, and the next run resumes from it. A file instead of a forwarded",
-        "# signal: it cannot kill a rank that is still starting, and NCCL may claim USR1.",
-        *stop_trap_lines(),
         "# One rank per task. srun runs in the background so that the trap can run; the loop waits for it to really",
         "# end. --cpus-per-task: some SLURM releases do not hand sbatch's value to srun. --kill-on-bad-exit: one rank",
-        "# failing ends the step instead of leaving the others waiting. --label: lines start with the rank.",
+        "# failing ends the step instead of leaving the others waiting. --label: lines start with the rank. After it:",
+        "# a rank killed by USR1/USR2 before its handlers existed (exit 138/140) requeues the job from here, and a",
+        "# finished job removes a stop flag that came too late to matter.",
         *srun_wait_lines('srun --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 --label '
                          f'python -m hpc_rlhf.launch --config {config} "$@"'),
     ]

@@ -21,14 +21,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 STOP_FLAG_NAME = ".stop_requested"
+STOP_FLAG_ENV = "HPC_RLHF_STOP_FLAG"  # set by the batch scripts: where a rank that catches USR1/USR2 writes the flag
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # "stop, save, and come back": batch-script and submitit signals
 TERMINATE_SIGNALS = (signal.SIGTERM,)  # "stop now": scancel, preemption, the hard limit; SLURM decides what follows
 DEFAULT_RESTART_DELAY_S = 10
@@ -84,34 +87,118 @@ def write_stop_flag(run_dir: str | os.PathLike[str], job_id: str, restart_count:
     return path
 
 
-def stop_trap_lines(run_dir_expr: str = '"$RUN_DIR"') -> list[str]:
-    """Batch-script lines that turn the pre-timeout USR1 into the stop flag (written atomically: temp file + mv)."""
-    flag = f"{run_dir_expr}/{STOP_FLAG_NAME}"
+def stop_trap_lines() -> list[str]:
+    """Batch-script lines that turn USR1 into the stop flag; they must be the script's first commands.
+
+    The trap exists from the first line on, before the run directory is known (`python -m hpc_rlhf.submit
+    --print-run-dir` takes a fraction of a second, and a USR1 without a trap kills the shell): until
+    `stop_flag_ready_lines` has run, a USR1 is only remembered (STOP_PENDING) and written to the flag then.
+    """
     return [
-        (f"trap 'printf \"%s %s\\n\" \"$SLURM_JOB_ID\" \"${{SLURM_RESTART_COUNT:-0}}\" > {flag}.tmp "
-        f"&& mv -f {flag}.tmp {flag}' USR1"),
+        'STOP_FLAG=""',
+        'STOP_PENDING=""',
+        "request_stop() {",
+        '  if [ -z "$STOP_FLAG" ]; then STOP_PENDING=1; return; fi',
+        '  printf "%s %s\\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$STOP_FLAG.tmp" '
+        '&& mv -f "$STOP_FLAG.tmp" "$STOP_FLAG"',
+        "}",
+        "trap request_stop USR1",
     ]
 
 
-def srun_wait_lines(srun_command: str) -> list[str]:
+def stop_flag_ready_lines(run_dir_expr: str = '"$RUN_DIR"') -> list[str]:
+    """Batch-script lines, once the run directory exists: from now on the trap writes the flag (atomically: temp file
+    + mv), and a USR1 that arrived earlier is written now."""
+    return [f'STOP_FLAG={run_dir_expr}/{STOP_FLAG_NAME}',
+            f'export {STOP_FLAG_ENV}="$STOP_FLAG"  # a rank that catches USR1/USR2 writes the flag there too',
+            'if [ -n "$STOP_PENDING" ]; then request_stop; fi']
+
+
+def srun_wait_lines(srun_command: str, restart_delay_s: int = DEFAULT_RESTART_DELAY_S) -> list[str]:
     """Batch-script lines that start srun in the background and wait for it, across the trap's interruptions.
 
     The shell runs a trap only between commands, and `wait` returns early when one fires, so srun must not run in the
-    foreground and the wait must be repeated until srun has really exited.
+    foreground and the wait must be repeated until srun has really exited. Then: a step that failed after a stop
+    request is requeued from here, as rank 0 would have done, up to MAX_REQUEUE restarts (0 when the script does not
+    set it). That is a USR1 or USR2 sent to the tasks in their first instant, which kills a rank that has no handler
+    yet: srun exits with 138 or 140, or, when it ended the other ranks with SIGTERM first, a rank that did catch the
+    signal has written this run's stop flag (`flag_from_signal`). A stop flag left when the job finished (the stop
+    came after the last iteration) is removed.
     """
+    job = '"$SLURM_JOB_ID"'
     return [
         f"{srun_command} &",
         "SRUN_PID=$!",
         'while true; do wait "$SRUN_PID"; STATUS=$?; kill -0 "$SRUN_PID" 2>/dev/null || break; done',
+        'STOPPED=""  # asked to stop: the flag of this run exists (written by the trap or by a rank), or USR1/USR2',
+        '[ "$STATUS" -eq 138 ] || [ "$STATUS" -eq 140 ] && STOPPED=1  # killed a rank (srun returns 128 + signal)',
+        '[ -n "${STOP_FLAG:-}" ] && grep -qx "${SLURM_JOB_ID:-} ${SLURM_RESTART_COUNT:-0}" "$STOP_FLAG" 2>/dev/null '
+        '&& STOPPED=1',
+        'if [ "$STATUS" -ne 0 ] && [ -n "$STOPPED" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUE:-0}" ]; then',
+        '  echo "the step failed (exit $STATUS) after a stop request, probably a rank that was still starting: '
+        'requeueing" >&2',
+        "  trap '' TERM  # SLURM answers the requeue with SIGTERM",
+        f"  scontrol requeue {job} && scontrol update JobId={job} StartTime=now+{restart_delay_s}",
+        'elif [ "$STATUS" -eq 0 ] && [ -n "${STOP_FLAG:-}" ]; then',
+        '  rm -f "$STOP_FLAG"  # the stop came after the last iteration: nothing is left to stop',
+        "fi",
         'exit "$STATUS"',
     ]
+
+
+def requeue_limit_lines(max_requeue: int) -> list[str]:
+    """The batch-script line that lets `srun_wait_lines` requeue at most slurm.max_requeue times."""
+    return [f"MAX_REQUEUE={int(max_requeue)}"]
+
+
+# A stop signal that arrives while the per-rank entry is still importing, before `StopRequest.install`: recorded by
+# `install_early_stop_handlers` (the entry's first statement) and handed to the StopRequest that takes over.
+_EARLY_SIGNALS: list[int] = []
+
+
+def _record_early(signum: int, frame: FrameType | None) -> None:
+    _EARLY_SIGNALS.append(signum)
+    if signum in REQUEUE_SIGNALS:
+        flag_from_signal()
+
+
+def flag_from_signal(environ: Mapping[str, str] | None = None) -> bool:
+    """Write this run's stop flag where the batch script said (STOP_FLAG_ENV); True if written.
+
+    A rank that catches USR1/USR2 leaves the word in the run directory, so that the batch shell still requeues the
+    job when another rank, still starting, died of the same signal and srun ended the step. Errors are ignored:
+    this runs in a signal handler and must never raise.
+    """
+    env = os.environ if environ is None else environ
+    path, job_id = env.get(STOP_FLAG_ENV), env.get("SLURM_JOB_ID")
+    restarts = env.get("SLURM_RESTART_COUNT", "0") or "0"
+    if not path or not job_id or not restarts.isdigit():
+        return False
+    try:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as handle:
+            handle.write(stop_flag_tag(job_id, int(restarts)) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
+
+
+def install_early_stop_handlers() -> None:
+    """Record USR1, USR2 and SIGTERM from now on (main thread) until a StopRequest is installed, which adopts them.
+
+    Call it first thing in a rank's process: until a handler exists, USR1/USR2 kill the process.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in REQUEUE_SIGNALS + TERMINATE_SIGNALS:
+            signal.signal(signum, _record_early)
 
 
 class StopRequest:
     """Records stop requests (signals, the stop flag) for the training loop to poll at safe points.
 
-    The signal handlers only store which signal arrived: no I/O, no locks, nothing that can deadlock or interrupt a
-    collective halfway. `should_stop()` also looks at the stop flag of this run, at most every `flag_poll_interval_s`.
+    The signal handlers only store which signal arrived (and, in a batch script's job, write the stop flag for
+    USR1/USR2: `flag_from_signal`): no locks, nothing that can deadlock or interrupt a collective halfway. `should_stop()` also looks at the stop flag of this run, at most every `flag_poll_interval_s`.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str] | None = None, job_id: str | None = None,
@@ -143,6 +230,9 @@ class StopRequest:
             return self
         for signum in REQUEUE_SIGNALS + TERMINATE_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._record)
+        for signum in _EARLY_SIGNALS:  # arrived while the process was starting (install_early_stop_handlers)
+            self._record(signum, None)
+        _EARLY_SIGNALS.clear()
         return self
 
     def uninstall(self) -> None:
@@ -161,6 +251,8 @@ class StopRequest:
         # keep the first "stop now" over any "stop and requeue": termination is the stronger request
         if self._signal_received is None or signum in TERMINATE_SIGNALS:
             self._signal_received = signum
+        if signum in REQUEUE_SIGNALS:
+            flag_from_signal()
 
     def clear_stale_flag(self) -> bool:
         """Delete a stop flag that addresses another job or an earlier run of this one; True if one was deleted.
@@ -256,6 +348,26 @@ def requeue_self(rank: int, max_requeue: int, environ: Mapping[str, str] | None 
     prompt = update.returncode == 0
     return RequeueOutcome(job_id=job_id, restart_count=restarts, prompt_restart=prompt,
                           detail="" if prompt else (update.stderr or update.stdout).strip())
+
+
+def requeue_promptly_and_exit(max_requeue: int, restart_delay_s: int = DEFAULT_RESTART_DELAY_S) -> NoReturn:
+    """submitit's `checkpoint` hook: requeue the way `requeue_self` does (restart in seconds), then end this process.
+
+    submitit's own USR2 handler is in place from the moment a task has loaded its pickle until the per-rank entry
+    installs its StopRequest. A USR2 then makes submitit call the callable's `checkpoint()` (global rank 0 only) and
+    run `scontrol requeue` without moving the begin time, so the job would wait SLURM's 120 s requeue hold. This hook
+    requeues with the begin time moved, and leaves before submitit requeues a second time. Nothing was trained yet,
+    so the next run resumes from the same checkpoint.
+    """
+    try:
+        outcome = requeue_self(0, max_requeue, restart_delay_s=restart_delay_s)
+        print(f"stop signal during start-up: job {outcome.job_id if outcome else '?'} requeued, restarting in "
+              f"{restart_delay_s} s", file=sys.stderr, flush=True)
+        code = 0
+    except RequeueError as error:
+        print(f"stop signal during start-up, not requeued: {error}", file=sys.stderr, flush=True)
+        code = 1
+    os._exit(code)
 
 
 class _sigterm_ignored:

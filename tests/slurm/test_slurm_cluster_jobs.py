@@ -22,6 +22,7 @@ from hpc_rlhf.slurm import (
     requeue_self,
     scontrol_hostnames,
     srun_wait_lines,
+    stop_flag_ready_lines,
     stop_trap_lines,
 )
 
@@ -83,7 +84,8 @@ def requeue_job_script(cluster, tmp_path: Path, run_dir: Path, sbatch_options: l
     return cluster.write_batch_script(
         tmp_path / "requeue_job.sh",
         ["--requeue", "--open-mode=append", f"--output={tmp_path}/job_%j.out", *sbatch_options],
-        [f"RUN_DIR={shlex.quote(str(run_dir))}", *stop_trap_lines(), *srun_wait_lines(srun)])
+        [*stop_trap_lines(), f"RUN_DIR={shlex.quote(str(run_dir))}", *stop_flag_ready_lines(),
+         *srun_wait_lines(srun)])
 
 
 def parse_log(output: str) -> list[dict]:

@@ -21,6 +21,7 @@ from hpc_rlhf.slurm import (
     combine_stop_reasons,
     requeue_self,
     srun_wait_lines,
+    stop_flag_ready_lines,
     stop_flag_path,
     stop_trap_lines,
     write_stop_flag,
@@ -126,7 +127,8 @@ def test_batch_script_trap_writes_the_flag_and_keeps_waiting_for_srun(tmp_path):
     pid_file = tmp_path / "task.pid"
     task = f"bash -c 'echo $$ > {pid_file}; exec sleep 60'"  # stands in for srun
     script = tmp_path / "job.sh"
-    script.write_text("\n".join(["set -u", f"RUN_DIR={tmp_path}", *stop_trap_lines(), *srun_wait_lines(task)]) + "\n")
+    script.write_text("\n".join(["set -u", *stop_trap_lines(), f"RUN_DIR={tmp_path}", *stop_flag_ready_lines(),
+                                  *srun_wait_lines(task)]) + "\n")
     env = {**os.environ, "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}
     shell = subprocess.Popen(["bash", str(script)], env=env)
     try:

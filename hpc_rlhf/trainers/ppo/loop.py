@@ -341,6 +341,10 @@ class PPOTrainer:
                 self.state.weight_version = train_it + 1
             accumulate(metrics, {"max/iteration_s": time.perf_counter() - tick_start})
             stop = self._agree(train_it, metrics, log=train_it >= start)
+            if stop and train_it < start and self.stop_reason.requeue:
+                # An async warm-up tick trains nothing, so there is nothing to checkpoint: stop after the next tick,
+                # which trains and saves (the request stays recorded), instead of losing this tick's generation.
+                stop = False
             # An async warm-up tick's counts and eval results are logged with the first trained iteration; its
             # phase times are not, so that every logged iteration_s is one tick.
             carried = {} if train_it >= start else {k: v for k, v in metrics.items() if not k.endswith("_s")}

@@ -29,3 +29,31 @@ def stop_and_requeue_once(run_dir: str, max_requeue: int) -> str:
     time.sleep(0.5)  # stands in for the checkpoint; the other ranks have seen their signal by now
     requeue_self(env.procid, max_requeue, restart_delay_s=3)
     sys.exit(0)  # leave without a result: submitit then waits for the requeued run
+
+
+class SlowStarter:
+    """A task that takes a while to start (as the real entry does while it imports torch) before installing its
+    StopRequest, with `checkpoint` as hpc_rlhf.submit's entry has it: a USR2 in that window reaches submitit's handler,
+    which calls `checkpoint` on rank 0."""
+
+    def __init__(self, run_dir: str, max_requeue: int, *, prompt: bool) -> None:
+        self.run_dir, self.max_requeue, self.prompt = run_dir, max_requeue, prompt
+
+    def __call__(self) -> str:
+        import os
+
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        procid = os.environ["SLURM_PROCID"]
+        (Path(self.run_dir) / f"starting_{restart}_{procid}").write_text(str(time.time()))
+        if restart == 0:
+            time.sleep(60)  # the start-up window; the stop arrives in it
+        return f"rank {procid} ran after {restart} restart(s)"
+
+    def checkpoint(self):
+        if self.prompt:
+            from hpc_rlhf.slurm.requeue import requeue_promptly_and_exit
+
+            requeue_promptly_and_exit(self.max_requeue, restart_delay_s=3)
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)  # submitit's own requeue
