@@ -1,10 +1,15 @@
 """Cross-field rules of a `Config`: combinations that cannot run, reported before any process starts.
 
 Each rule returns messages that name the keys involved and where their values came from, and show the arithmetic
-when numbers disagree, so a user can fix the YAML without reading code.
+when numbers disagree, so a user can fix the YAML without reading code. `check_machine` adds the checks that need the
+machine the run starts on (device, model folders, dataset files and rows); the entry points run it before any model
+loads, `load_config` does not.
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 from hpc_rlhf.config import GROUP_ESTIMATORS, PAIRWISE_TRAINERS, ROLE_NAMES, SUPERVISED_TRAINERS, Config
 
@@ -269,3 +274,107 @@ def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
             + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources))
+
+
+# ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------
+
+MODEL_KEYS = ("actor.pretrain", "critic.pretrain", "ref.pretrain", "reward.pretrain", "kd.teacher_pretrain")
+PROMPT_TRAINERS = ("ppo", "rejection_sampling", "iterative_dpo")  # the trainers that sample from prompts
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model folder (or a LoRA adapter folder) has one of these
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")  # `name` or `org/name`
+CHECK_ROWS = 10_000  # rows of each dataset read before starting: enough for the usual mistakes, cheap on big files
+
+
+def _value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section, None), name, None)
+
+
+def model_spec_problem(spec: str) -> str | None:
+    """Why a model spec cannot load (None when it can, or when it is a hub name this machine cannot check)."""
+    from hpc_rlhf import tiny_model
+
+    if spec.startswith(tiny_model.BUILTIN_PREFIX):
+        name, _, sub = spec[len(tiny_model.BUILTIN_PREFIX):].partition("/")
+        pretrained = tuple(getattr(tiny_model, "PRETRAINED_MODELS", ()))
+        if (name in tiny_model.BUILTIN_MODELS and sub in ("", tiny_model.REWARD_SUBDIR)) or (name in pretrained
+                                                                                           and not sub):
+            return None
+        known = ", ".join(f"{tiny_model.BUILTIN_PREFIX}{m}" for m in tiny_model.BUILTIN_MODELS + pretrained)
+        return f"unknown built-in model {spec!r}; known: {known}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in MODEL_FILES):
+            return f"{spec} is a folder but not a model folder (it has no {' or '.join(MODEL_FILES)})"
+        return None
+    if path.exists():
+        return f"{spec} is a file; expected a model folder (with config.json) or a hub name like org/name"
+    if spec.startswith(("/", ".", "~")) or not HUB_ID.match(spec):
+        return f"{spec} does not exist (not a folder on this machine, and not a hub name like org/name)"
+    return None
+
+
+def check_model_paths(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Every model the run will load exists: a model folder, a known `builtin:` name, or a hub-style name."""
+    errors = []
+    for key in MODEL_KEYS:
+        if key == "kd.teacher_pretrain" and cfg.train.trainer != "kd":
+            continue
+        spec = _value(cfg, key)
+        problem = model_spec_problem(spec) if spec else None
+        if problem:
+            errors.append(f"{_src(sources, key)}: {problem}")
+    return errors
+
+
+def check_data_files(cfg: Config, sources: dict[str, str], *, limit: int = CHECK_ROWS) -> list[str]:
+    """The datasets the trainer reads exist and their first `limit` rows are readable (with the prompt and label
+    columns for the trainers that sample prompts), so a bad file is reported before any model loads."""
+    from hpc_rlhf.data import DatasetError, check_prompt_rows, check_records
+
+    data = cfg.data
+    prompts = cfg.train.trainer in PROMPT_TRAINERS
+    keys = ["data.prompt_data" if prompts else "data.dataset"] + (["eval.data"] if cfg.eval.data else [])
+    errors = []
+    for key in keys:
+        path = _value(cfg, key)
+        try:
+            if not prompts:
+                check_records(path, limit=limit)
+                continue
+            rows, complete = check_prompt_rows(path, input_key=data.input_key, label_key=data.label_key,
+                                               apply_chat_template=data.apply_chat_template, limit=limit)
+            if key == "data.prompt_data" and complete:
+                usable = min(rows, data.max_samples) if data.max_samples else rows
+                if usable < cfg.rollout.batch_size:
+                    errors.append(f"{_src(sources, key, 'rollout.batch_size')}: {path} has {usable} usable prompts, "
+                                  f"fewer than rollout.batch_size={cfg.rollout.batch_size}")
+        except DatasetError as err:
+            errors.append(f"{_src(sources, key)}: {err}")
+        except OSError as err:
+            errors.append(f"{_src(sources, key)}: cannot read {path}: {err}")
+    return errors
+
+
+def check_device(cfg: Config, sources: dict[str, str], *, ranks_here: int = 1) -> list[str]:
+    """train.device: cuda needs GPUs that torch can use, one per rank on this machine."""
+    if cfg.train.device != "cuda":
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return [f"{_src(sources, 'train.device')}: cuda, but torch sees no GPU on this machine (torch "
+                f"{torch.__version__}, {build}); use --train.device=cpu (or auto)"]
+    count = torch.cuda.device_count()
+    if ranks_here > count:
+        return [f"{_src(sources, 'train.device')}: cuda with {ranks_here} ranks on this machine, but torch sees "
+                f"{count} GPU(s); each rank needs its own"]
+    return []
+
+
+def check_machine(cfg: Config, sources: dict[str, str], *, ranks_here: int = 1) -> list[str]:
+    """The checks that need this machine (device, models, data files); run by the entry points before any rank
+    starts, not by `load_config` (a config may be written on one machine for another)."""
+    return (check_device(cfg, sources, ranks_here=ranks_here) + check_model_paths(cfg, sources)
+            + check_data_files(cfg, sources))

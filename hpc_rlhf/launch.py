@@ -20,7 +20,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from hpc_rlhf.cli import build_parser, parse_config_args  # noqa: E402
+from hpc_rlhf.cli import build_parser, parse_config_args, quiet_libraries, run_entry  # noqa: E402
 from hpc_rlhf.config import Config  # noqa: E402
 from hpc_rlhf.config_io import LoadedConfig, config_to_dict  # noqa: E402
 
@@ -84,23 +84,50 @@ def build_builtin_models(cfg: Config) -> None:
             resolve_model_path(spec)
 
 
-def prepare_run_dir(loaded: LoadedConfig) -> Path:
-    """Create the run directory and record the resolved config there (for provenance and resume checks)."""
-    import yaml
+def check_before_start(loaded: LoadedConfig, *, ranks_here: int = 1) -> None:
+    """The checks that need this machine (device, model and data paths), before the run directory is touched or any
+    model loads; a problem is a UsageError (one line each at the entry point)."""
+    from hpc_rlhf.cli import UsageError
+    from hpc_rlhf.config_checks import check_machine
 
-    run_dir = Path(loaded.config.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(loaded.config), sort_keys=False))
+    problems = check_machine(loaded.config, loaded.sources, ranks_here=ranks_here)
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def prepare_run_dir(loaded: LoadedConfig, *, overwrite: bool = False, write: bool = True) -> Path:
+    """Create the run directory and record the resolved config there (for provenance and resume checks).
+
+    A directory holding another run (a config that differs in keys a resume must keep) is refused with a UsageError
+    before anything is written, unless `overwrite` first moves that run to RUN_DIR/previous/N/ (hpc_rlhf.run_dir).
+    A requeue or resume of the same run passes. `write=False` only checks (the other ranks of a SLURM job).
+    """
+    from hpc_rlhf.cli import UsageError
+    from hpc_rlhf.run_dir import RunDirConflict, check_run_dir, record_run_config
+
+    config = config_to_dict(loaded.config)
+    try:
+        if not write:
+            check_run_dir(loaded.config.train.run_dir, config, overwrite=overwrite)
+            return Path(loaded.config.train.run_dir)
+        run_dir, outcome = record_run_config(loaded.config.train.run_dir, config, overwrite=overwrite)
+    except RunDirConflict as err:
+        raise UsageError(str(err)) from None
+    if outcome.startswith("moved:"):
+        print(f"{run_dir}: the earlier run's files are now in {outcome.removeprefix('moved:')}", file=sys.stderr)
     return run_dir
 
 
-def run_local(loaded: LoadedConfig) -> int:
+def run_local(loaded: LoadedConfig, *, overwrite_run_dir: bool = False) -> int:
     """`python -m hpc_rlhf.train`: one process per rank of the layout on this machine."""
     from hpc_rlhf.distributed import detect_world, spawn_local
 
     cfg = loaded.config
-    prepare_run_dir(loaded)
     world_size = cfg.layout.world_size()
+    quiet_libraries(cpu_only=not _wants_cuda(cfg))
+    prepare_run_dir(loaded, overwrite=overwrite_run_dir, write=False)  # every check before anything is written
+    check_before_start(loaded, ranks_here=world_size)
+    prepare_run_dir(loaded, overwrite=overwrite_run_dir)
     if world_size == 1:
         rank_main(detect_world({}), cfg)
     else:
@@ -114,15 +141,23 @@ def _local_rank_entry(info: Any, cfg: Config) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every rank checks this machine and the run directory (rank 0 records the config), then runs its part; an
+    error before the ranks connect is one line per rank (--debug for tracebacks)."""
     parser = build_parser("python -m hpc_rlhf.launch", __doc__.strip().splitlines()[0])
-    _, loaded = parse_config_args(parser, argv)
-    from hpc_rlhf.distributed import detect_world
 
-    info = detect_world()
-    if info.rank == 0:
-        prepare_run_dir(loaded)
-    rank_main(info, loaded.config)
-    return 0
+    def start() -> int:
+        args, loaded = parse_config_args(parser, argv)
+        from hpc_rlhf.distributed import detect_world
+
+        info = detect_world()
+        quiet_libraries(cpu_only=not _wants_cuda(loaded.config))
+        prepare_run_dir(loaded, overwrite=args.overwrite_run_dir, write=False)  # every check before any write
+        check_before_start(loaded)  # GPUs per task depend on SLURM's binding: only check that there are some
+        prepare_run_dir(loaded, overwrite=args.overwrite_run_dir, write=info.rank == 0)
+        rank_main(info, loaded.config)
+        return 0
+
+    return run_entry(parser.prog, start)
 
 
 if __name__ == "__main__":

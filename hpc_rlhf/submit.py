@@ -14,6 +14,7 @@ run directory must be writable, and it (and the model and data paths) should be 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-from hpc_rlhf.cli import build_parser
+from hpc_rlhf.cli import DEBUG_ENV, build_parser, run_entry
 from hpc_rlhf.config import Config, ConfigError
 from hpc_rlhf.config_io import LoadedConfig, config_to_dict, config_to_yaml, load_config
 from hpc_rlhf.slurm.filesystem import shared_path_problem, writable_dir_problem
@@ -76,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, L
     """Flags and the validated config (YAML <- overrides <- allocation flags); a config error exits with status 2."""
     parser = make_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     try:
         loaded = load_config(args.config, [*rest, *slurm_overrides(args)])
     except ConfigError as err:
@@ -227,14 +230,15 @@ class Submitted:
         return self.folder / f"{self.job_id}_{task}_log.out"
 
 
-def submit(loaded: LoadedConfig) -> Submitted:
-    """Write the run directory, then submit one job whose tasks all run `RankEntry(cfg)`."""
+def submit(loaded: LoadedConfig, *, overwrite_run_dir: bool = False) -> Submitted:
+    """Write the run directory (refused when it holds another run, unless `overwrite_run_dir`), then submit one job
+    whose tasks all run `RankEntry(cfg)`."""
     import submitit
 
     from hpc_rlhf.launch import prepare_run_dir
 
     cfg = loaded.config
-    prepare_run_dir(loaded)
+    prepare_run_dir(loaded, overwrite=overwrite_run_dir)
     folder = submitit_folder(cfg)
     executor = submitit.SlurmExecutor(folder=folder)
     executor.update_parameters(**executor_parameters(cfg))
@@ -265,7 +269,12 @@ def how_to_follow(job: Submitted, cfg: Config) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Check, then submit (or print the script); 0 when submitted or printed cleanly, 2 when a check failed."""
+    """Check, then submit (or print the script); 0 when submitted or printed cleanly, 2 when a check failed; any
+    other error is one line (--debug or HPC_RLHF_DEBUG=1 for its traceback)."""
+    return run_entry("python -m hpc_rlhf.submit", lambda: _checked_submit(argv))
+
+
+def _checked_submit(argv: Sequence[str] | None) -> int:
     args, loaded = parse_args(argv)
     cfg = loaded.config
     if args.print_run_dir:
@@ -292,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     try:
-        job = submit(loaded)
+        job = submit(loaded, overwrite_run_dir=args.overwrite_run_dir)
     except (FailedJobError, FailedSubmissionError, OSError) as err:  # sbatch's refusal, with its message
         print(f"python -m hpc_rlhf.submit: sbatch did not accept the job: {err}", file=sys.stderr)
         return 1

@@ -20,8 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_rlhf.benchmarks.plan import Hardware, plan_job  # noqa: E402
 from hpc_rlhf.benchmarks.report import markdown_table  # noqa: E402
-from hpc_rlhf.benchmarks.task import model_shape  # noqa: E402
+from hpc_rlhf.benchmarks.task import MODEL_SHAPES  # noqa: E402
+from hpc_rlhf.config import ConfigError  # noqa: E402
 from hpc_rlhf.config_io import load_config  # noqa: E402
+
+PROG = "plan_job.py"
+
+
+class PlanError(Exception):
+    """A bad argument, reported as one line."""
 
 
 def parse_efficiency(items: list[str]) -> dict[str, float]:
@@ -29,16 +36,36 @@ def parse_efficiency(items: list[str]) -> dict[str, float]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--efficiency {item!r}: expected PHASE=FRACTION (e.g. generate=0.4)")
-        fraction = float(value)
+            raise PlanError(f"--efficiency {item!r}: expected PHASE=FRACTION (e.g. generate=0.4)")
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise PlanError(f"--efficiency {item!r}: {value!r} is not a number") from None
         if not 0 < fraction <= 1:
-            raise SystemExit(f"--efficiency {item!r}: the fraction must be in (0, 1]")
+            raise PlanError(f"--efficiency {item!r}: the fraction must be in (0, 1]")
         out[name] = fraction
     return out
 
 
+def shape(flag: str, name: str):
+    """The model shape called `name`, or a PlanError naming the flag and the known shapes."""
+    if name not in MODEL_SHAPES:
+        raise PlanError(f"{flag} {name!r} is not a known shape; known: {', '.join(sorted(MODEL_SHAPES))}")
+    return MODEL_SHAPES[name]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Print the plan; a bad argument is one line on stderr and exit status 2."""
+    try:
+        return plan(argv)
+    except (PlanError, ConfigError) as err:
+        message = " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def plan(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--policy-shape", required=True, help="shape of actor, reference and generator")
     p.add_argument("--value-shape", help="shape of critic and reward model (default: the policy's)")
@@ -50,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = load_config(args.config, [f"--{item}" for item in args.set]).config
-    policy = model_shape(args.policy_shape)
-    value = model_shape(args.value_shape) if args.value_shape else policy
+    policy = shape("--policy-shape", args.policy_shape)
+    value = shape("--value-shape", args.value_shape) if args.value_shape else policy
     hw = Hardware(args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12, args.network_gbs * 1e9)
     plan = plan_job(cfg, policy, value, hw, parse_efficiency(args.efficiency) or None)
     rows = [{"phase": ph.phase, "role": ph.role, "gpus": ph.gpus, "work": ph.work, "limit": ph.limit_s,

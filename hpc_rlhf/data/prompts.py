@@ -60,6 +60,29 @@ def load_prompts(
     return examples
 
 
+def check_prompt_rows(path: str | Path, *, input_key: str = "input", label_key: Optional[str] = None,
+                      apply_chat_template: bool = False, limit: Optional[int] = None) -> tuple[int, bool]:
+    """Check the first `limit` rows (all when None) the way `load_prompts` reads them, without a tokenizer, so that a
+    missing file, a bad row or a missing key is reported before any model loads. Raises DatasetError naming the file
+    and row; returns (rows checked, whether that was every row of the dataset)."""
+    columns = [input_key] + ([label_key] if label_key else [])
+    count = 0
+    for where, row in iter_records(path, columns=columns):
+        if limit is not None and count >= limit:
+            return count, False
+        value = _field(row, input_key, where)
+        if apply_chat_template:
+            if not isinstance(value, str):
+                _messages(value, where)
+        elif not isinstance(value, str):
+            raise DatasetError(f"input of {where} is a {type(value).__name__}, not text; chat messages need "
+                               "apply_chat_template")
+        if label_key:
+            _field(row, label_key, where)
+        count += 1
+    return count, True
+
+
 def _field(row: dict, key: str, where: RowRef) -> Any:
     """row[key], or an error naming the key, the row and the file when it is missing or null."""
     if key not in row:

@@ -87,6 +87,18 @@ def load_records(path: str | Path, *, limit: Optional[int] = None) -> list[dict]
     return records
 
 
+def check_records(path: str | Path, *, limit: Optional[int] = None) -> int:
+    """Read the first `limit` rows (all when None) of the file or folder at `path`, so that a missing file or an
+    unreadable row is reported before any model loads; raises DatasetError naming the file and row. Returns the
+    number of rows read."""
+    count = 0
+    for _ in iter_records(path):
+        count += 1
+        if limit is not None and count >= limit:
+            break
+    return count
+
+
 def _check_object(value: object, where: RowRef) -> dict:
     if not isinstance(value, dict):
         raise DatasetError(f"{where} is a JSON {type(value).__name__}, expected an object")
