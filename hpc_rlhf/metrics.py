@@ -18,7 +18,8 @@ import math
 import numbers
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
@@ -34,16 +35,24 @@ BAR_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kl", ("rollout/kl", "train/kl")),
     ("loss", ("train/policy_loss", "train/loss")),
 )
-LINE_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = BAR_KEYS + (
+LINE_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = BAR_KEYS[:1] + (
+    ("score", ("rollout/score_mean",)),  # the reward function's 0/1 score: accuracy on the arithmetic task
+) + BAR_KEYS[1:] + (
     ("eval_reward", ("eval/reward_mean",)),
     ("eval_acc", ("eval/accuracy",)),
     ("len", ("rollout/response_length",)),
     ("gen_tok/s", ("throughput/generate_tokens_per_s",)),
 )
-# (panel title, metric names): a panel draws each of its metrics that was logged; a panel with none is left out.
-PLOT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("reward", ("rollout/reward_mean", "eval/reward_mean", "eval/accuracy")),
-    ("KL", ("rollout/kl", "train/kl")),
+ALWAYS_DRAWN = frozenset({"rollout/reward_mean"})  # drawn even when constant zero: see `informative`
+# Labels whose value 0 means "switched off" (KL without a KL penalty): left out of the line and the bar.
+ZERO_MEANS_OFF = frozenset({"kl"})
+# (panel title, metric names[, y-axis label]): a panel draws each of its metrics that has a point that is not zero
+# (a constant-zero series is a switched-off term, e.g. KL without a KL penalty); a panel with none is left out.
+PLOT_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("reward", ("rollout/reward_mean", "eval/reward_mean"), "mean reward"),
+    ("accuracy", ("rollout/score_mean", "eval/accuracy"), "score / accuracy"),
+    ("KL", ("rollout/kl", "train/kl", "train/approx_kl"), "KL (nats / token)"),
+    ("response length", ("rollout/response_length",), "tokens"),
 )
 
 Series = dict[str, list[tuple[int, float]]]
@@ -57,20 +66,46 @@ def format_value(value: float) -> str:
 
 
 def pick_metrics(metrics: Mapping[str, float], keys: Sequence[tuple[str, Sequence[str]]]) -> dict[str, float]:
-    """{label: value} with, for each (label, names), the value of the first name present in metrics."""
+    """{label: value} with, for each (label, names), the value of the first name present in metrics (labels of
+    ZERO_MEANS_OFF are left out when that value is 0)."""
     picked = {}
     for label, names in keys:
         present = [name for name in names if name in metrics]
-        if present:
+        if present and not (label in ZERO_MEANS_OFF and metrics[present[0]] == 0):
             picked[label] = metrics[present[0]]
     return picked
 
 
+def format_duration(seconds: float) -> str:
+    """`42s`, `3m05s`, `1h02m`: a duration as a progress line shows it."""
+    total = max(0, int(round(seconds)))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def eta_seconds(done: int, start: int, total: Optional[int], elapsed_s: float) -> Optional[float]:
+    """Time left at this run's pace: elapsed / iterations done since `start` x iterations left (None if unknown)."""
+    if total is None or done <= start:
+        return None
+    return elapsed_s / (done - start) * max(total - done, 0)
+
+
 def format_metrics_line(step: int, total: Optional[int], metrics: Mapping[str, float],
-                        keys: Sequence[tuple[str, Sequence[str]]]) -> str:
-    """`iter 12/60 | reward 0.41 | kl 0.002`: for each (label, names) the first name present in metrics is shown."""
+                        keys: Sequence[tuple[str, Sequence[str]]], *, elapsed_s: Optional[float] = None,
+                        eta_s: Optional[float] = None) -> str:
+    """`iter 12/60 | reward 0.41 | kl 0.002 | 35s elapsed | ETA 2m10s`: for each (label, names) the first name
+    present in metrics is shown, then the time so far and the time left when given."""
     parts = [f"iter {step}/{total}" if total is not None else f"iter {step}"]
     parts += [f"{label} {format_value(value)}" for label, value in pick_metrics(metrics, keys).items()]
+    if elapsed_s is not None:
+        parts.append(f"{format_duration(elapsed_s)} elapsed")
+    if eta_s is not None:
+        parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)
 
 
@@ -148,22 +183,58 @@ def read_metrics(run_dir: str | Path) -> Series:
     return {name: sorted(points.items()) for name, points in latest.items()}
 
 
+def informative(name: str, points: Sequence[tuple[int, float]]) -> bool:
+    """Whether a series is worth a line: a finite value that is not 0 (all zeros is a switched-off term such as KL
+    without a penalty); the training reward is drawn whenever it has a finite value, a flat zero reward being news."""
+    if name in ALWAYS_DRAWN:
+        return any(math.isfinite(value) for _, value in points)
+    return any(math.isfinite(value) and value != 0 for _, value in points)
+
+
 def curve_panels(series: Mapping[str, Sequence[tuple[int, float]]],
-                 panels: Sequence[tuple[str, Sequence[str]]] = PLOT_PANELS) -> list[tuple[str, list[str]]]:
-    """The panels to draw: each with the metrics of its list that have points; panels with none are dropped."""
+                 panels: Sequence[tuple] = PLOT_PANELS) -> list[tuple[str, list[str], str]]:
+    """The panels to draw, as (title, metric names, y-axis label): each panel (title, names[, y label]) keeps its
+    metrics that are informative; panels left with none are dropped. The y label defaults to the title."""
     chosen = []
-    for title, names in panels:
-        present = [name for name in names if series.get(name)]
+    for title, names, *rest in panels:
+        present = [name for name in names if informative(name, series.get(name, ()))]
         if present:
-            chosen.append((title, present))
+            chosen.append((title, present, rest[0] if rest else title))
     return chosen
 
 
-def plot_curves(run_dir: str | Path, *, panels: Sequence[tuple[str, Sequence[str]]] = PLOT_PANELS,
+def curves_figure(series: Mapping[str, Sequence[tuple[int, float]]], chosen: Sequence[tuple[str, list[str], str]],
+                  title: str):
+    """A matplotlib Figure (no pyplot) with one panel per entry of `chosen`, two panels a row."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    columns = min(2, len(chosen))
+    rows = math.ceil(len(chosen) / columns)
+    figure = Figure(figsize=(6 * columns, 4 * rows), dpi=100, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (panel_title, names, ylabel) in zip(axes, chosen):
+        for name in names:
+            steps = [step for step, _ in series[name]]
+            values = [value for _, value in series[name]]
+            ax.plot(steps, values, label=name, linewidth=1.5, marker="o" if len(steps) <= 50 else None, markersize=3)
+        ax.set_title(panel_title)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    for ax in axes[len(chosen):]:
+        ax.set_visible(False)  # an odd number of panels leaves the last cell empty
+    figure.suptitle(title)
+    return figure
+
+
+def plot_curves(run_dir: str | Path, *, panels: Sequence[tuple] = PLOT_PANELS,
                 out_path: Optional[str | Path] = None) -> Optional[Path]:
     """Draw the curves of RUN_DIR/metrics.jsonl against step into a PNG (default RUN_DIR/curves.png), one panel per
-    entry of `panels` that has data, titled with the run directory's name. Returns the path, or None when there is
-    nothing to draw (no metrics.jsonl or none of the metrics)."""
+    entry of `panels` that has informative data (`curve_panels`), titled with the run directory's name. Returns the
+    path, or None when there is nothing to draw (no metrics.jsonl or none of the metrics)."""
     run_dir = Path(run_dir)
     try:
         series = read_metrics(run_dir)
@@ -173,22 +244,7 @@ def plot_curves(run_dir: str | Path, *, panels: Sequence[tuple[str, Sequence[str
     if not chosen:
         return None
     # The object API with no pyplot: no display, no global figure state, Agg renders the PNG.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(6 * len(chosen), 4), dpi=100, layout="constrained")
-    axes = figure.subplots(1, len(chosen), squeeze=False)[0]
-    for ax, (title, names) in zip(axes, chosen):
-        for name in names:
-            steps = [step for step, _ in series[name]]
-            values = [value for _, value in series[name]]
-            ax.plot(steps, values, label=name, linewidth=1.5, marker="o" if len(steps) <= 50 else None, markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
-    figure.suptitle(run_dir.resolve().name)
+    figure = curves_figure(series, chosen, run_dir.resolve().name)
     out = Path(out_path) if out_path is not None else run_dir / CURVES_FILE
     partial = out.with_name(out.name + ".partial")
     figure.savefig(partial, format="png", dpi=100)
@@ -234,7 +290,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, use_tensorboard: bool, progress_bar: bool,
                  total_steps: Optional[int], logging_steps: int = 1, start_step: int = 0,
-                 stream: Optional[TextIO] = None) -> None:
+                 stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic) -> None:
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 0):
             raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
@@ -248,6 +304,8 @@ class MetricsLogger:
         self.logging_steps = logging_steps
         self.start_step = start_step
         self.stream: TextIO = stream if stream is not None else sys.stderr
+        self._clock = clock
+        self._started = clock()  # progress lines show the time since here and the time left at this pace
         self._jsonl: Optional[TextIO] = None
         self._writer: Any = None  # torch.utils.tensorboard.SummaryWriter, imported only when used
         self._bar: Optional[tqdm] = None
@@ -300,7 +358,9 @@ class MetricsLogger:
             bar.refresh()
         last = self.total_steps is not None and step + 1 >= self.total_steps
         if values and (step % self.logging_steps == 0 or last):
-            self._print(format_metrics_line(step, self.total_steps, values, LINE_KEYS))
+            elapsed = self._clock() - self._started
+            eta = eta_seconds(done, self.start_step, self.total_steps, elapsed)
+            self._print(format_metrics_line(step, self.total_steps, values, LINE_KEYS, elapsed_s=elapsed, eta_s=eta))
 
     def _print(self, line: str) -> None:
         tqdm.write(line, file=self.stream)

@@ -181,12 +181,23 @@ def resolve_model_path(spec: str) -> str:
 
 
 def _build_builtin(name: str, out_dir: Path) -> None:
-    """`tiny-llama` is random; `tiny-llama-arith` is it after a short SFT warm-up on the arithmetic task."""
+    """`tiny-llama` is random; `tiny-llama-arith` is it after a short SFT warm-up on the arithmetic task.
+
+    Progress lines go to stderr: the first run would otherwise wait a minute or two in silence."""
+    import sys
+    import time
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    say(f"building {BUILTIN_PREFIX}{name} (first use only; cached in {cache_root()})")
     build_tiny_model(out_dir)
     if name == "tiny-llama-arith":
         from hpc_rlhf.tasks.warm_start import warm_start
 
-        warm_start(out_dir, out_dir)
+        warm_start(out_dir, out_dir, report=lambda line: say(f"  {BUILTIN_PREFIX}{name}: {line}"))
+    say(f"built {BUILTIN_PREFIX}{name} in {time.monotonic() - started:.0f} s")
 
 
 def build_once(final_dir: Path, build: Callable[[Path], object]) -> Path:
