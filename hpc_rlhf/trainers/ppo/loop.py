@@ -293,10 +293,13 @@ class PPOTrainer:
     def _eval(self) -> dict[str, float]:
         if not self.roles.has("generator") or not self.parts.eval_prompts or self.roles.tp_rank != 0:
             return {}
+        start = time.perf_counter()
         out = run_eval(self.cfg, executor=self.parts.executor, tokenizer=self.parts.tokenizer,
                        prompts=self.parts.eval_prompts, reward_source=self.parts.reward_source,
                        engine_index=self.roles.generator_engine, num_engines=self.num_engines)
-        return {"sum/eval_count": out["count"], "sum/eval_reward": out["reward_sum"], "sum/eval_score": out["score_sum"]}
+        # eval_s is inside the tick's iteration_s: time-to-accuracy benchmarks subtract it
+        return {"sum/eval_count": out["count"], "sum/eval_reward": out["reward_sum"], "sum/eval_score": out["score_sum"],
+                "max/eval_s": time.perf_counter() - start}
 
     def _eval_due(self, iteration: int) -> bool:
         steps = self.cfg.eval.steps

@@ -1,0 +1,157 @@
+"""Time to accuracy: held-out accuracy against training seconds, for hpc_rlhf runs and peer runs alike.
+
+The figure that counts on a real model is how many seconds of training it takes to reach an accuracy on held-out
+prompts. Evaluation is not training: its seconds are left out of the clock in both systems, and so is start-up
+(model loading, engine building), which is reported on its own. A curve is a list of `CurvePoint`s in the order
+they were measured; everything here is a pure function of such lists or of metrics.jsonl rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Held-out accuracy after `iteration` trained iterations, reached after `train_s` seconds of training."""
+
+    iteration: int
+    train_s: float
+    accuracy: float
+
+
+def curve_from_metrics(rows: Iterable[Mapping[str, Any]]) -> list[CurvePoint]:
+    """The eval points of an hpc_rlhf run from its metrics.jsonl rows.
+
+    Row `step = s` is iteration s; its `time/iteration_s` holds the whole tick, including an evaluation run at the
+    start of that tick (`time/eval_s`), which measured the weights after s trained iterations. So the training
+    seconds behind an eval at step s are the tick times of steps < s less their eval seconds. The row logged after
+    the last iteration (step = total) carries only the final evaluation.
+    """
+    points: list[CurvePoint] = []
+    train_s = 0.0
+    for row in sorted(rows, key=lambda r: r["step"]):
+        step = int(row["step"])
+        if "eval/accuracy" in row:
+            points.append(CurvePoint(iteration=step, train_s=train_s, accuracy=float(row["eval/accuracy"])))
+        tick = float(row.get("time/iteration_s", 0.0))
+        train_s += max(0.0, tick - float(row.get("time/eval_s", 0.0)))
+    return points
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file (blank lines skipped; a later row for the same step replaces an earlier one,
+    as after a resumed run that retrained an iteration)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+        if "step" not in row:
+            raise ValueError(f"{path}:{number}: no 'step' field")
+        by_step[int(row["step"])] = {**by_step.get(int(row["step"]), {}), **row}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def seconds_to_reach(curve: Sequence[CurvePoint], threshold: float) -> float | None:
+    """Training seconds at the first eval point whose accuracy is at least `threshold` (None if never reached).
+
+    Points are taken at eval times only, so the figure is an upper bound by at most one eval interval."""
+    for point in curve:
+        if point.accuracy >= threshold:
+            return point.train_s
+    return None
+
+
+def interpolate_accuracy(curve: Sequence[CurvePoint], train_s: float) -> float | None:
+    """Accuracy at `train_s` training seconds, linear between eval points (None outside the measured span)."""
+    if not curve or train_s < curve[0].train_s or train_s > curve[-1].train_s:
+        return None
+    for left, right in zip(curve, curve[1:]):
+        if left.train_s <= train_s <= right.train_s:
+            span = right.train_s - left.train_s
+            if span == 0:
+                return right.accuracy
+            return left.accuracy + (right.accuracy - left.accuracy) * (train_s - left.train_s) / span
+    return curve[-1].accuracy
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a time-to-accuracy table shows for one run."""
+
+    name: str
+    iterations: int
+    train_s: float
+    median_iteration_s: float
+    start_accuracy: float
+    final_accuracy: float
+    best_accuracy: float
+    seconds_to: dict[str, float | None]
+
+
+def summarize(name: str, curve: Sequence[CurvePoint], iteration_seconds: Sequence[float],
+              thresholds: Sequence[float] = (0.5, 0.8)) -> RunSummary:
+    """Summary of one run: start/final/best accuracy, the seconds to each threshold and the median iteration."""
+    if not curve:
+        raise ValueError(f"{name}: no eval points (was eval.data set and eval.steps > 0?)")
+    ordered = sorted(iteration_seconds)
+    median = ordered[len(ordered) // 2] if ordered else float("nan")
+    return RunSummary(name=name, iterations=curve[-1].iteration, train_s=curve[-1].train_s,
+                      median_iteration_s=median, start_accuracy=curve[0].accuracy,
+                      final_accuracy=curve[-1].accuracy, best_accuracy=max(p.accuracy for p in curve),
+                      seconds_to={f"{t:g}": seconds_to_reach(curve, t) for t in thresholds})
+
+
+def ratio_line(ours: RunSummary, peer: RunSummary, threshold: str) -> str:
+    """`peer seconds / our seconds` to a threshold, in words (a ratio > 1 means we got there sooner)."""
+    a, b = ours.seconds_to.get(threshold), peer.seconds_to.get(threshold)
+    if a is None and b is None:
+        return f"accuracy {threshold}: reached by neither"
+    if a is None:
+        return f"accuracy {threshold}: {peer.name} in {b:.0f} s, {ours.name} did not reach it"
+    if b is None:
+        return f"accuracy {threshold}: {ours.name} in {a:.0f} s, {peer.name} did not reach it"
+    return (f"accuracy {threshold}: {ours.name} {a:.0f} s, {peer.name} {b:.0f} s "
+            f"({b / a:.2f}x {'faster' if b >= a else 'slower'})" if a > 0 else
+            f"accuracy {threshold}: {ours.name} from the start, {peer.name} {b:.0f} s")
+
+
+def plot_curves(curves: Mapping[str, Sequence[CurvePoint]], path: str | Path, *, title: str) -> Path:
+    """Held-out accuracy against training seconds, one line per run, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, curve in curves.items():
+        ax.plot([p.train_s for p in curve], [p.accuracy for p in curve], marker="o", markersize=3, label=name)
+    for level in (0.5, 0.8):
+        ax.axhline(level, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("training seconds (evaluation and start-up excluded)")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def curve_to_json(curve: Sequence[CurvePoint]) -> list[dict[str, Any]]:
+    return [asdict(p) for p in curve]
+
+
+def curve_from_json(items: Iterable[Mapping[str, Any]]) -> list[CurvePoint]:
+    return [CurvePoint(iteration=int(i["iteration"]), train_s=float(i["train_s"]), accuracy=float(i["accuracy"]))
+            for i in items]
