@@ -47,7 +47,8 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
                 tp_group: dist.ProcessGroup | None = None) -> GenerationEngine:
     """The generation engine for `backend`.
 
-    hf: `micro_batch_size` sequences per forward pass, `pad_token_id` pads prompts (default: the model's).
+    hf: `micro_batch_size` sequences per forward pass, `pad_token_id` pads prompts (default: the model's);
+    on CUDA it decodes with CUDA graphs unless `enforce_eager`.
     vllm: `gpu_memory_utilization`, `enable_sleep`, `enable_prefix_caching`, `enforce_eager`, `max_num_seqs`
     go to `vllm.LLM`; `shared_world` and `tp_group` choose the placement (module docstring).
     """
@@ -64,7 +65,7 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
 
         return HFEngine.from_pretrained(model_path, dtype=torch_dtype(dtype), device=device,
                                         pad_token_id=pad_token_id, max_batch_size=micro_batch_size,
-                                        max_model_len=max_model_len, seed=seed)
+                                        max_model_len=max_model_len, seed=seed, cuda_graphs=not enforce_eager)
 
     vllm_kwargs: dict[str, Any] = {
         "dtype": dtype_name(dtype), "tp": tp, "gpu_memory_utilization": gpu_memory_utilization,

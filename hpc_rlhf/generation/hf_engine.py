@@ -7,11 +7,17 @@ than `model.generate`, so that
   * the behaviour log-prob of each sampled token comes from the very logits it was sampled from (`sampling` module).
 Prompts are left-padded; each row stops on its own at a stop/eos token or at its token budget. Rows are processed
 in chunks of `max_batch_size` sequences (a prompt's `n` samples are `n` rows).
+
+On CUDA the decode runs by default through `static_decode.StaticDecoder` (a preallocated KV cache and a decode step
+replayed as a CUDA graph; `cuda_graphs=False` keeps the static cache but runs the step eagerly). It gives the same
+tokens and log-probs as the plain loop; if it cannot run with this model or transformers version, one warning names
+the reason and the engine falls back to the plain loop.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,6 +33,9 @@ from hpc_rlhf.generation.engine import (
     stop_set,
 )
 from hpc_rlhf.generation.sampling import sample_next_tokens
+from hpc_rlhf.generation.static_decode import RowTracker, StaticDecoder, cache_keyword, left_pad, output_cache
+
+logger = logging.getLogger(__name__)
 
 
 class HFEngine:
@@ -34,7 +43,10 @@ class HFEngine:
 
     def __init__(self, model: torch.nn.Module, *, pad_token_id: int | None = None,
                  eos_token_ids: Sequence[int] | None = None, max_batch_size: int = 64,
-                 max_model_len: int | None = None, seed: int = 0) -> None:
+                 max_model_len: int | None = None, seed: int = 0, static_decode: bool | None = None,
+                 cuda_graphs: bool = True) -> None:
+        """`static_decode`: decode into a static KV cache (default: on CUDA only); `cuda_graphs`: replay its step as
+        a CUDA graph (CUDA only; False = `vllm.enforce_eager`)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_model_len is not None and max_model_len < 2:
@@ -55,6 +67,10 @@ class HFEngine:
         self._unseeded_calls = 0  # seeds calls whose params carry no seed, reproducibly per engine
         self._asleep = False
         self._closed = False
+        self.static_decode = self.device.type == "cuda" if static_decode is None else static_decode
+        self.cuda_graphs = cuda_graphs
+        self.static_failure: str | None = None  # why static decoding was given up (then the plain loop runs)
+        self._static: StaticDecoder | None = None
 
     @classmethod
     def from_pretrained(cls, model_path: str, *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
@@ -102,59 +118,54 @@ class HFEngine:
             budgets.append(budget)
         return budgets
 
-    @torch.no_grad()
     def _generate_rows(self, prompts: Sequence[list[int]], budgets: Sequence[int], params: SamplingParams,
                        generator: torch.Generator) -> list[GeneratedSample]:
-        """Prefill the left-padded batch, then decode one token per step until every row has used its budget
-        of new tokens or met a stop token."""
+        """One chunk of rows: through the static decoder when it is on, else (or when it fails) the plain loop."""
         stops = stop_set(params, self.eos_token_ids)
+        if self.static_decode and self.static_failure is None:
+            state = generator.get_state()
+            try:
+                if self._static is None:
+                    self._static = StaticDecoder(self.model, pad_token_id=self.pad_token_id,
+                                                 use_cuda_graphs=self.cuda_graphs)
+                return self._static.generate_rows(prompts, budgets, params, generator, stops)
+            except Exception as exc:  # noqa: BLE001 - never lose a run to the fast path: warn once, decode plainly
+                self.static_failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                logger.warning("static-cache decoding is off for this engine (%s); using the plain decode loop",
+                               self.static_failure)
+                self._static = None
+                generator.set_state(state)
+        return self._generate_rows_dynamic(prompts, budgets, params, generator, stops)
+
+    @torch.no_grad()
+    def _generate_rows_dynamic(self, prompts: Sequence[list[int]], budgets: Sequence[int], params: SamplingParams,
+                               generator: torch.Generator, stops: frozenset[int]) -> list[GeneratedSample]:
+        """Prefill the left-padded batch, then decode one token per step (the cache grows by concatenation) until
+        every row has used its budget of new tokens or met a stop token."""
         batch = len(prompts)
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        cache, logits = output_cache(out), out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1
+        cache_kw = cache_keyword(self.model) or "past_key_values"
 
-        responses: list[list[int]] = [[] for _ in prompts]
-        log_probs: list[list[float]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * batch
+        rows = RowTracker(budgets, stops)
         while True:
             tokens, token_log_probs = sample_next_tokens(logits, temperature=params.temperature, top_k=params.top_k,
                                                          top_p=params.top_p, generator=generator)
-            for row, (token, log_prob) in enumerate(zip(tokens.tolist(), token_log_probs.tolist())):
-                if reasons[row] is not None:
-                    continue
-                responses[row].append(token)
-                log_probs[row].append(log_prob)
-                if token in stops:
-                    reasons[row] = "stop"
-                elif len(responses[row]) >= budgets[row]:
-                    reasons[row] = "length"
-            if all(reason is not None for reason in reasons):
+            if rows.record(tokens, token_log_probs):
                 break
-            finished = torch.tensor([reason is not None for reason in reasons], device=self.device)
+            finished = rows.finished(self.device)
             step_ids = torch.where(finished, torch.full_like(tokens, self.pad_token_id), tokens).unsqueeze(-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
             out = self.model(input_ids=step_ids, attention_mask=attention_mask, position_ids=next_position,
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+                             use_cache=True, **{cache_kw: cache})
+            cache, logits = output_cache(out), out.logits[:, -1, :]
             next_position = next_position + 1
-
-        samples = []
-        for row, ids in enumerate(prompts):
-            response, lps = responses[row], log_probs[row]
-            if reasons[row] == "stop" and not params.include_stop_token:
-                response, lps = response[:-1], lps[:-1]
-            samples.append(GeneratedSample(prompt_ids=list(ids), response_ids=response, log_probs=lps,
-                                           finish_reason=reasons[row]))  # type: ignore[arg-type]
-        return samples
+        return rows.samples(prompts, params.include_stop_token)
 
     # ----- weights and memory -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,6 +194,8 @@ class HFEngine:
         self._check_usable("sleep", allow_asleep=True)
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self._static is not None:
+            self._static.clear()  # its caches hold device memory and its graphs the weights' old addresses
         if self.device.type != "cpu":
             self.model.to("cpu")
             _empty_device_cache(self.device)
@@ -202,6 +215,7 @@ class HFEngine:
         if self._closed:
             return
         self._closed = True
+        self._static = None
         del self.model
         gc.collect()
         _empty_device_cache(self.device)

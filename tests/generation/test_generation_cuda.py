@@ -1,8 +1,10 @@
 """The hf backend and the process-hosted engine on a GPU (skipped without CUDA): device placement of the decode loop,
 seeded sampling with a CUDA generator, sleep/wake memory, and weights handed to a child process as CUDA IPC handles
-(the path a disaggregated vllm generator takes)."""
+(the path a disaggregated vllm generator takes), and decoding with CUDA graphs over a static KV cache."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -61,3 +63,67 @@ def test_hosted_engine_takes_cuda_weights_through_ipc(model_dirs, make_model, pr
         assert [s[0].response_ids for s in engine.generate(prompts, params)] == [s[0].response_ids for s in target]
     finally:
         engine.close()
+
+
+# ----- static-cache decoding with CUDA graphs (hf_engine + static_decode) --------------------------------------
+def _tokens(out):
+    return [[s.response_ids for s in row] for row in out]
+
+
+def test_cuda_graph_decode_matches_eager_static_and_plain_loop(make_model, prompts):
+    model = make_model(0).to(CUDA)
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, n=3, seed=5)
+    plain = HFEngine(model, static_decode=False).generate(prompts, params)
+    eager = HFEngine(model, cuda_graphs=False)
+    eager_out = eager.generate(prompts, params)
+    graphed = HFEngine(model)  # the default on CUDA: static cache + CUDA graphs
+    assert graphed.static_decode and graphed.cuda_graphs
+    graph_out = graphed.generate(prompts, params)
+    stats = graphed._static.stats
+    assert graphed.static_failure is None and graphed._static.graph_failure is None
+    assert stats["captures"] == 1 and stats["replays"] > 0 and stats["eager_steps"] == 0
+    assert eager._static.stats["captures"] == 0 and eager._static.stats["eager_steps"] > 0
+    # replaying the captured step runs the very kernels of the eager static step
+    assert graph_out == eager_out
+    assert _tokens(graph_out) == _tokens(plain)
+    for g_row, p_row in zip(graph_out, plain):
+        for g, p in zip(g_row, p_row):
+            assert g.finish_reason == p.finish_reason
+            assert g.log_probs == pytest.approx(p.log_probs, abs=1e-5, rel=0)
+    # a later call of the same bucket replays the same graph; a larger batch captures a second one
+    assert graphed.generate(prompts, params) == graph_out
+    assert stats["captures"] == 1
+    graphed.generate(prompts * 3, SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert stats["captures"] == 2
+
+
+def test_cuda_graphs_follow_in_place_weight_updates_and_sleep(make_model, prompts):
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    target = HFEngine(make_model(1).to(CUDA), static_decode=False).generate(prompts, params)
+    engine = HFEngine(make_model(0).to(CUDA))
+    before = engine.generate(prompts, params)
+    engine.load_weights(make_model(1).named_parameters())  # copied in place: the captured graph reads them
+    assert _tokens(engine.generate(prompts, params)) == _tokens(target) != _tokens(before)
+    engine.sleep()
+    engine.wake_up()  # the weights come back at new addresses: the graph is captured again
+    assert _tokens(engine.generate(prompts, params)) == _tokens(target)
+    assert engine._static.stats["captures"] == 2 and engine.static_failure is None
+
+
+def test_cuda_graph_capture_failure_warns_once_and_decodes_eagerly(make_model, prompts, caplog):
+    model = make_model(0).to(CUDA)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=2, seed=8)
+    expected = HFEngine(model, cuda_graphs=False).generate(prompts, params)
+    # a host synchronisation inside the step cannot be captured
+    def sync_hook(module, args, output):
+        output.sum().item()
+
+    model.model.norm.register_forward_hook(sync_hook)
+    engine = HFEngine(model)
+    with caplog.at_level(logging.WARNING, logger="hpc_rlhf.generation.static_decode"):
+        first = engine.generate(prompts, params)
+        second = engine.generate(prompts, params)
+    warnings = [r for r in caplog.records if "CUDA-graph capture of the decode step failed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert engine._static.graph_failure and engine.static_failure is None
+    assert first == expected and second == expected
