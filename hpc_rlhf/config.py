@@ -158,6 +158,9 @@ class TrainConfig:
     micro_train_batch_size: int = opt(2, "samples per forward/backward on one rank")
     packing_samples: bool = opt(False, "pack samples into rows with restarting position ids")
     max_tokens_per_microbatch: Optional[int] = opt(None, "dynamic batching: token budget per micro-batch")
+    skip_old_logprobs: bool = opt(False, "when an iteration is a single optimizer step (one epoch, all samples in one "
+                                  "train_batch_size), take the PPO ratio's old log-probs from the update's own forward "
+                                  "(detached: ratio 1, as TRL with num_iterations=1) instead of a separate pass")
     run_dir: str = opt("runs/default", "where rollouts, checkpoints, logs and models go (shared filesystem)")
     device: str = opt("auto", "auto = cuda when available", ("auto", "cpu", "cuda"))
 

@@ -29,7 +29,7 @@ from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.components import Components, bf16_enabled
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
 from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
-from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs
+from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
 
 WAIT_TIMEOUT_S = 6 * 3600.0
 
@@ -219,16 +219,20 @@ class PPOTrainer:
         if kept.reference_log_probs is not None:
             per_token["reference_log_probs"] = kept.reference_log_probs
         samples = exp.to_token_samples(kept, per_token)
-        # The trainer's own log-probs before the update: the PPO ratio's denominator (old policy).
+        # The trainer's own log-probs before the update: the PPO ratio's denominator (old policy). A single-step
+        # update can read them off its own forward instead (train.skip_old_logprobs).
         old_start = time.perf_counter()
-        old = per_token_outputs(actor.infer, samples, cfg.train.micro_train_batch_size, "log_probs", self.pad_id)
+        skip_old = cfg.train.skip_old_logprobs and single_step_iteration(cfg, len(samples), actor)
+        if not skip_old:
+            old = per_token_outputs(actor.infer, samples, cfg.train.micro_train_batch_size, "log_probs", self.pad_id)
+            samples = [dataclasses.replace(s, response_tensors={**s.response_tensors, "old_log_probs": o})
+                       for s, o in zip(samples, old)]
         synchronize(actor.device)
         update_start = time.perf_counter()
-        samples = [dataclasses.replace(s, response_tensors={**s.response_tensors, "old_log_probs": o})
-                   for s, o in zip(samples, old)]
         frozen = iteration < cfg.critic.freezing_actor_steps
         steps = [] if frozen else run_epochs(actor, cfg, samples, actor_loss_fn(cfg),
-                                             filler=zero_filler(rollout, [*per_token, "old_log_probs"]),
+                                             filler=zero_filler(rollout, [*per_token] + ([] if skip_old else
+                                                                                         ["old_log_probs"])),
                                              dp_size=actor.dp_size, pad_token_id=self.pad_id, iteration=iteration,
                                              salt=0)
         synchronize(actor.device)
@@ -249,6 +253,8 @@ class PPOTrainer:
             "max/shard_read_s": read - start, "max/actor_logprob_s": update_start - old_start,
             "max/actor_update_s": end - update_start,
         })
+        if skip_old:  # no log-prob pass ran: no tokens, no rate
+            metrics.pop("sum/actor_logprob_tokens")
         return metrics
 
     def _train_critic(self, iteration: int) -> dict[str, float]:

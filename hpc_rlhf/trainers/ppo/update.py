@@ -41,8 +41,11 @@ def actor_loss_fn(cfg: Config) -> Callable[[MicroBatch, ForwardOutput], tuple[to
 
     def loss_fn(batch: MicroBatch, out: ForwardOutput):
         tensors, mask = batch.response_tensors, batch.action_mask
+        # Without an old log-prob pass (train.skip_old_logprobs) the policy before this single step is the one
+        # computing `out`, so its detached log-probs are the old ones.
+        old_log_probs = tensors["old_log_probs"] if "old_log_probs" in tensors else out.log_probs.detach()
         loss, metrics = policy_loss(
-            out.log_probs, tensors["old_log_probs"], tensors["advantages"], mask,
+            out.log_probs, old_log_probs, tensors["advantages"], mask,
             eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, dual_clip=algo.dual_clip,
             loss_agg_mode=algo.loss_agg_mode, policy_loss_type=algo.policy_loss_type,
             rollout_log_probs=tensors["behaviour_log_probs"], off_policy_correction=algo.off_policy_correction,
@@ -87,6 +90,14 @@ def optimizer_batches(num_samples: int, per_rank_batch: int, *, seed: int, itera
     generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1_009 + epoch)
     order = torch.randperm(num_samples, generator=generator).tolist()
     return [order[i:i + per_rank_batch] for i in range(0, num_samples, per_rank_batch)]
+
+
+def single_step_iteration(cfg: Config, num_samples: int, model) -> bool:
+    """Whether this iteration's update is one optimizer step on every rank (one epoch, every rank's samples within
+    its share of train_batch_size): then the policy before the step is the one the step's forward computes."""
+    per_rank = max(cfg.train.train_batch_size // model.dp_size, 1)
+    (largest,) = all_reduce_in_group([num_samples], dist.ReduceOp.MAX, model.mpu)
+    return cfg.train.max_epochs == 1 and int(largest) <= per_rank
 
 
 def run_epochs(model, cfg: Config, samples: list[TokenSample], loss_fn, *, filler: TokenSample, dp_size: int,
