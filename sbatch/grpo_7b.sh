@@ -45,7 +45,7 @@ STOP_FLAG=""
 STOP_PENDING=""
 request_stop() {
   if [ -z "$STOP_FLAG" ]; then STOP_PENDING=1; return; fi
-  printf "%s %s\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$STOP_FLAG.tmp" && mv -f "$STOP_FLAG.tmp" "$STOP_FLAG"
+  printf "%s %s\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$STOP_FLAG.tmp.$$" && mv -f "$STOP_FLAG.tmp.$$" "$STOP_FLAG"
 }
 trap request_stop USR1
 # Restarts the script itself may ask for (slurm.max_requeue) when a rank died of a stop signal in its first
@@ -76,18 +76,30 @@ STOP_FLAG="$RUN_DIR"/.stop_requested
 export HPC_RLHF_STOP_FLAG="$STOP_FLAG"  # a rank that catches USR1/USR2 writes the flag there too
 if [ -n "$STOP_PENDING" ]; then request_stop; fi
 
+# Every rank runs under rank_guard: a USR1/USR2 sent to the tasks (`scancel --signal=USR1 JOBID`) becomes the
+# stop flag from the task's first instant, before Python could catch it.
+rank_guard() {
+  trap request_stop USR1 USR2
+  trap : TERM
+  "$@" &
+  local pid=$!
+  while true; do wait "$pid"; local status=$?; kill -0 "$pid" 2>/dev/null || return "$status"; done
+}
+export -f request_stop rank_guard
+export STOP_FLAG STOP_PENDING
 # One rank per task. srun runs in the background so that the trap can run; the loop waits for it to really
 # end. --cpus-per-task: some SLURM releases do not hand sbatch's value to srun. --kill-on-bad-exit: one rank
 # failing ends the step instead of leaving the others waiting. --label: lines start with the rank. After it:
-# a rank killed by USR1/USR2 before its handlers existed (exit 138/140) requeues the job from here, and a
-# finished job removes a stop flag that came too late to matter.
-srun --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 --label python -m hpc_rlhf.launch --config configs/grpo_7b.yaml "$@" &
+# a step that failed after a stop request (a rank killed by USR1/USR2 before it could catch it) requeues
+# the job from here, and a finished job removes a stop flag that came too late to matter.
+srun --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 --label bash -c 'rank_guard "$@"' rank python -m hpc_rlhf.launch --config configs/grpo_7b.yaml "$@" &
 SRUN_PID=$!
 while true; do wait "$SRUN_PID"; STATUS=$?; kill -0 "$SRUN_PID" 2>/dev/null || break; done
 STOPPED=""  # asked to stop: the flag of this run exists (written by the trap or by a rank), or USR1/USR2
 [ "$STATUS" -eq 138 ] || [ "$STATUS" -eq 140 ] && STOPPED=1  # killed a rank (srun returns 128 + signal)
 [ -n "${STOP_FLAG:-}" ] && grep -qx "${SLURM_JOB_ID:-} ${SLURM_RESTART_COUNT:-0}" "$STOP_FLAG" 2>/dev/null && STOPPED=1
-if [ "$STATUS" -ne 0 ] && [ -n "$STOPPED" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUE:-0}" ]; then
+# a rank ended by a signal (status > 128, not a Python error) after a stop request: requeue, as rank 0 would
+if [ "$STATUS" -gt 128 ] && [ -n "$STOPPED" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUE:-0}" ]; then
   echo "the step failed (exit $STATUS) after a stop request, probably a rank that was still starting: requeueing" >&2
   trap '' TERM  # SLURM answers the requeue with SIGTERM
   scontrol requeue "$SLURM_JOB_ID" && scontrol update JobId="$SLURM_JOB_ID" StartTime=now+10

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-steps", type=int, default=2, help="ckpt.save_steps (periodic checkpoints)")
     parser.add_argument("--kinds", default=",".join(STOPS), help=f"kinds of stop to draw from ({','.join(STOPS)})")
     parser.add_argument("--max-delay", type=float, default=20.0, help="latest moment of a stop, s after the start")
+    parser.add_argument("--anchor", choices=("start", "training"), default="start",
+                        help="count a stop's delay from the run's start or from its first logged iteration")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per seed, s")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hpc_rlhf_torture"))
     args = parser.parse_args(argv)
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tempfile.mkdtemp(prefix=f"seed{seed}_", dir=args.workdir))
             report = torture(cluster, workdir, seed=seed, stops=args.stops, iterations=args.iterations,
                              async_queue=args.async_queue, save_steps=args.save_steps, kinds=kinds,
-                             max_delay_s=args.max_delay, timeout_s=args.timeout, reference=reference / "run")
+                             max_delay_s=args.max_delay, timeout_s=args.timeout, reference=reference / "run",
+                             anchor=args.anchor)
             print("\n".join(report.lines()) + f"\n  (files in {workdir})", flush=True)
             failed += not report.ok
     return 1 if failed else 0

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from hpc_rlhf.config import Config
 from hpc_rlhf.slurm.job_spec import sbatch_options
 from hpc_rlhf.slurm.requeue import (
+    RANK_GUARD,
     STOP_FLAG_NAME,
+    rank_guard_lines,
     requeue_limit_lines,
     srun_wait_lines,
     stop_flag_ready_lines,
@@ -119,12 +121,15 @@ def render_batch_script(spec: BatchScriptSpec, cfg: Config, header: Sequence[str
         "# From here on the trap writes the flag; a USR1 that came earlier is written now.",
         *stop_flag_ready_lines(),
         "",
+        "# Every rank runs under rank_guard: a USR1/USR2 sent to the tasks (`scancel --signal=USR1 JOBID`) becomes the",
+        "# stop flag from the task's first instant, before Python could catch it.",
+        *rank_guard_lines(),
         "# One rank per task. srun runs in the background so that the trap can run; the loop waits for it to really",
         "# end. --cpus-per-task: some SLURM releases do not hand sbatch's value to srun. --kill-on-bad-exit: one rank",
         "# failing ends the step instead of leaving the others waiting. --label: lines start with the rank. After it:",
-        "# a rank killed by USR1/USR2 before its handlers existed (exit 138/140) requeues the job from here, and a",
-        "# finished job removes a stop flag that came too late to matter.",
+        "# a step that failed after a stop request (a rank killed by USR1/USR2 before it could catch it) requeues",
+        "# the job from here, and a finished job removes a stop flag that came too late to matter.",
         *srun_wait_lines('srun --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 --label '
-                         f'python -m hpc_rlhf.launch --config {config} "$@"'),
+                         f'{RANK_GUARD} python -m hpc_rlhf.launch --config {config} "$@"'),
     ]
     return "\n".join(lines) + "\n"

@@ -99,8 +99,8 @@ def stop_trap_lines() -> list[str]:
         'STOP_PENDING=""',
         "request_stop() {",
         '  if [ -z "$STOP_FLAG" ]; then STOP_PENDING=1; return; fi',
-        '  printf "%s %s\\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$STOP_FLAG.tmp" '
-        '&& mv -f "$STOP_FLAG.tmp" "$STOP_FLAG"',
+        '  printf "%s %s\\n" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$STOP_FLAG.tmp.$$" '
+        '&& mv -f "$STOP_FLAG.tmp.$$" "$STOP_FLAG"',
         "}",
         "trap request_stop USR1",
     ]
@@ -114,13 +114,37 @@ def stop_flag_ready_lines(run_dir_expr: str = '"$RUN_DIR"') -> list[str]:
             'if [ -n "$STOP_PENDING" ]; then request_stop; fi']
 
 
+RANK_GUARD = "bash -c 'rank_guard \"$@\"' rank"  # put before the rank's command in the srun line
+
+
+def rank_guard_lines() -> list[str]:
+    """Batch-script lines defining `rank_guard`, the shell every rank runs under (`srun ... RANK_GUARD python ...`).
+
+    `scancel --signal=USR1 JOBID` (or USR2) reaches every process of the tasks; Python cannot catch it before its
+    first statements run, and a rank without a handler dies of it. The guard catches it from the task's first
+    millisecond and writes the stop flag (the ranks then stop at their next safe point, or the batch shell requeues
+    the job if a rank died of the signal), and waits for the rank through a SIGTERM, which the rank gets itself.
+    """
+    return [
+        "rank_guard() {",
+        "  trap request_stop USR1 USR2",
+        "  trap : TERM",
+        '  "$@" &',
+        "  local pid=$!",
+        '  while true; do wait "$pid"; local status=$?; kill -0 "$pid" 2>/dev/null || return "$status"; done',
+        "}",
+        "export -f request_stop rank_guard",
+        "export STOP_FLAG STOP_PENDING",
+    ]
+
+
 def srun_wait_lines(srun_command: str, restart_delay_s: int = DEFAULT_RESTART_DELAY_S) -> list[str]:
     """Batch-script lines that start srun in the background and wait for it, across the trap's interruptions.
 
     The shell runs a trap only between commands, and `wait` returns early when one fires, so srun must not run in the
-    foreground and the wait must be repeated until srun has really exited. Then: a step that failed after a stop
-    request is requeued from here, as rank 0 would have done, up to MAX_REQUEUE restarts (0 when the script does not
-    set it). That is a USR1 or USR2 sent to the tasks in their first instant, which kills a rank that has no handler
+    foreground and the wait must be repeated until srun has really exited. Then: a step whose ranks were ended by a
+    signal (status > 128; a Python error exits 1 and is left alone) after a stop request is requeued from here, as
+    rank 0 would have done, up to MAX_REQUEUE restarts (0 when the script does not set it). That is a USR1 or USR2 sent to the tasks in their first instant, which kills a rank that has no handler
     yet: srun exits with 138 or 140, or, when it ended the other ranks with SIGTERM first, a rank that did catch the
     signal has written this run's stop flag (`flag_from_signal`). A stop flag left when the job finished (the stop
     came after the last iteration) is removed.
@@ -134,7 +158,9 @@ def srun_wait_lines(srun_command: str, restart_delay_s: int = DEFAULT_RESTART_DE
         '[ "$STATUS" -eq 138 ] || [ "$STATUS" -eq 140 ] && STOPPED=1  # killed a rank (srun returns 128 + signal)',
         '[ -n "${STOP_FLAG:-}" ] && grep -qx "${SLURM_JOB_ID:-} ${SLURM_RESTART_COUNT:-0}" "$STOP_FLAG" 2>/dev/null '
         '&& STOPPED=1',
-        'if [ "$STATUS" -ne 0 ] && [ -n "$STOPPED" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUE:-0}" ]; then',
+        '# a rank ended by a signal (status > 128, not a Python error) after a stop request: requeue, as rank 0 would',
+        'if [ "$STATUS" -gt 128 ] && [ -n "$STOPPED" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUE:-0}" ]; '
+        'then',
         '  echo "the step failed (exit $STATUS) after a stop request, probably a rank that was still starting: '
         'requeueing" >&2',
         "  trap '' TERM  # SLURM answers the requeue with SIGTERM",
@@ -185,20 +211,24 @@ def flag_from_signal(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def install_early_stop_handlers() -> None:
-    """Record USR1, USR2 and SIGTERM from now on (main thread) until a StopRequest is installed, which adopts them.
+    """Record USR1 and USR2 from now on (main thread) until a StopRequest is installed, which adopts them; SIGTERM
+    keeps (or gets back, under submitit) its default action, since a rank that has not started has nothing to save.
 
     Call it first thing in a rank's process: until a handler exists, USR1/USR2 kill the process.
     """
     if threading.current_thread() is threading.main_thread():
-        for signum in REQUEUE_SIGNALS + TERMINATE_SIGNALS:
+        for signum in REQUEUE_SIGNALS:
             signal.signal(signum, _record_early)
+        for signum in TERMINATE_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 class StopRequest:
     """Records stop requests (signals, the stop flag) for the training loop to poll at safe points.
 
     The signal handlers only store which signal arrived (and, in a batch script's job, write the stop flag for
-    USR1/USR2: `flag_from_signal`): no locks, nothing that can deadlock or interrupt a collective halfway. `should_stop()` also looks at the stop flag of this run, at most every `flag_poll_interval_s`.
+    USR1/USR2: `flag_from_signal`): no locks, nothing that can deadlock or interrupt a collective halfway.
+    `should_stop()` also looks at the stop flag of this run, at most every `flag_poll_interval_s`.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str] | None = None, job_id: str | None = None,
@@ -350,15 +380,31 @@ def requeue_self(rank: int, max_requeue: int, environ: Mapping[str, str] | None 
                           detail="" if prompt else (update.stderr or update.stdout).strip())
 
 
-def requeue_promptly_and_exit(max_requeue: int, restart_delay_s: int = DEFAULT_RESTART_DELAY_S) -> NoReturn:
+def kill_wait_s(scontrol: ScontrolRunner = run_scontrol, default: int = 30) -> int:
+    """The cluster's KillWait (seconds between SIGTERM and SIGKILL), from `scontrol show config`."""
+    try:
+        result = scontrol(["show", "config"])
+    except RequeueError:
+        return default
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "KillWait" and value.split() and value.split()[0].isdigit():
+            return int(value.split()[0])
+    return default
+
+
+def requeue_promptly_and_exit(max_requeue: int, restart_delay_s: int | None = None) -> NoReturn:
     """submitit's `checkpoint` hook: requeue the way `requeue_self` does (restart in seconds), then end this process.
 
     submitit's own USR2 handler is in place from the moment a task has loaded its pickle until the per-rank entry
     installs its StopRequest. A USR2 then makes submitit call the callable's `checkpoint()` (global rank 0 only) and
     run `scontrol requeue` without moving the begin time, so the job would wait SLURM's 120 s requeue hold. This hook
     requeues with the begin time moved, and leaves before submitit requeues a second time. Nothing was trained yet,
-    so the next run resumes from the same checkpoint.
+    so the next run resumes from the same checkpoint. The other ranks are still starting and do not leave at once
+    (submitit ignores SIGTERM then), so the job ends only after KillWait: the default delay is KillWait + 10 s.
     """
+    if restart_delay_s is None:
+        restart_delay_s = kill_wait_s() + DEFAULT_RESTART_DELAY_S
     try:
         outcome = requeue_self(0, max_requeue, restart_delay_s=restart_delay_s)
         print(f"stop signal during start-up: job {outcome.job_id if outcome else '?'} requeued, restarting in "

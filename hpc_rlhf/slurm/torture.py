@@ -80,19 +80,20 @@ def wait_running(cluster: LocalCluster, job_id: str, timeout_s: float = 120, res
 
 
 def task_pids(job_id: str) -> dict[int, int]:
-    """{SLURM_PROCID: pid} of the job's Python task processes (found through /proc/PID/environ)."""
+    """{SLURM_PROCID: pid} of the job's Python task processes (found through /proc/PID/environ and exe; the rank
+    guard's shell is left out)."""
     wanted = f"SLURM_JOB_ID={job_id}".encode()
+    python = os.path.realpath(sys.executable)
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             environ = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes().split(b"\0")
+            executable = os.path.realpath(proc / "exe")
         except OSError:
             continue
-        if wanted in environ and any(e.startswith(b"SLURM_STEP_ID=") for e in environ) and command \
-                and command[0] == sys.executable.encode():
+        if wanted in environ and any(e.startswith(b"SLURM_STEP_ID=") for e in environ) and executable == python:
             procid = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"SLURM_PROCID=")), b"")
             if procid.isdigit():
                 found[int(procid)] = int(proc.name)
@@ -127,21 +128,22 @@ def wait_for_batch_shell(job_id: str, timeout_s: float = 120) -> float:
     raise AssertionError(f"the batch shell of job {job_id} did not start within {timeout_s}s")
 
 
-def send_stop(cluster: LocalCluster, job_id: str, stop: str, kill_rank: int = 2) -> None:
-    """Interrupt the job the way `stop` names (see STOPS)."""
-    if stop == "usr1_batch":
-        cluster.run("scancel", "--signal=USR1", "--batch", job_id, check=False)
-    elif stop in ("usr1_tasks", "usr2_tasks"):
-        cluster.run("scancel", f"--signal={stop[:4].upper()}", job_id, check=False)
-    elif stop == "cancel":
-        cluster.run("scancel", job_id, check=False)
-    elif stop in ("kill_rank", "kill_all"):
+def send_stop(cluster: LocalCluster, job_id: str, stop: str, kill_rank: int = 2) -> str:
+    """Interrupt the job the way `stop` names (see STOPS); returns what scancel said, or which pids were killed."""
+    if stop in ("usr1_batch", "usr1_tasks", "usr2_tasks", "cancel"):
+        command = {"usr1_batch": ["--signal=USR1", "--batch"], "usr1_tasks": ["--signal=USR1"],
+                   "usr2_tasks": ["--signal=USR2"], "cancel": []}[stop]
+        result = cluster.run("scancel", *command, job_id, check=False)
+        return f"scancel {' '.join(command)} {job_id}: exit {result.returncode} {result.stdout}{result.stderr}".strip()
+    if stop in ("kill_rank", "kill_all"):
+        killed = []
         for procid, pid in task_pids(job_id).items():
             if stop == "kill_all" or procid == kill_rank:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-    else:
-        raise ValueError(f"unknown stop {stop!r}; one of {STOPS}")
+                    killed.append(procid)
+        return f"SIGKILL to ranks {sorted(killed)}"
+    raise ValueError(f"unknown stop {stop!r}; one of {STOPS}")
 
 
 class ShardWatch:
@@ -188,7 +190,7 @@ def leftovers(run_dir: Path) -> list[str]:
     """Files a finished job should not leave: temp files of shards or checkpoints, and the stop flag."""
     found = [p for p in (run_dir / "rollouts").rglob("*") if ".tmp." in p.name]
     found += [p for p in (run_dir / "checkpoints").glob("*") if "tmp" in p.name]
-    found += [p for p in (run_dir / ".stop_requested", run_dir / ".stop_requested.tmp") if p.exists()]
+    found += list(run_dir.glob(".stop_requested*"))
     return sorted(str(p.relative_to(run_dir)) for p in found)
 
 
@@ -230,6 +232,7 @@ class Interruption:
     after_s: float
     restart_s: float | None = None  # from the stop to RUNNING again (requeued or resubmitted)
     state: str = ""
+    detail: str = ""  # what scancel said, or which ranks were killed
 
 
 @dataclass
@@ -251,7 +254,8 @@ class TortureReport:
         out = [f"seed {self.seed}: {'OK' if self.ok else 'FAILED'} (jobs {' '.join(self.jobs)})"]
         for item in self.interruptions:
             latency = "-" if item.restart_s is None else f"{item.restart_s:.1f}s"
-            out.append(f"  {item.stop:<11} at {item.after_s:5.2f}s  -> {item.state:<10} running again after {latency}")
+            out.append(f"  {item.stop:<11} at {item.after_s:5.2f}s  -> {item.state:<10} running again after {latency}"
+                       f"  ({item.detail})")
         out.append(f"  bitwise equal to the uninterrupted run: {'yes' if not self.differences else 'NO'}"
                    + "".join(f"\n    {d}" for d in self.differences[:10]))
         out.append(f"  shards generated twice: {len(self.generated_twice)} {self.generated_twice[:5]}")
@@ -269,8 +273,13 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 def torture(cluster: LocalCluster, workdir: Path, *, seed: int, stops: int, iterations: int, async_queue: int = 1,
             save_steps: int = 2, kinds: Iterable[str] = STOPS, max_delay_s: float = 20.0,
-            timeout_s: float = 900, reference: Path | None = None) -> TortureReport:
-    """Run the tiny job, interrupting it `stops` times at random moments drawn from `seed`; report the end."""
+            timeout_s: float = 900, reference: Path | None = None, anchor: str = "start") -> TortureReport:
+    """Run the tiny job, interrupting it `stops` times at random moments drawn from `seed`; report the end.
+
+    A stop comes `delay` seconds after the run started (anchor "start": start-up included) or after it logged its
+    first iteration (anchor "training")."""
+    if anchor not in ("start", "training"):
+        raise ValueError(f"anchor must be 'start' or 'training', got {anchor!r}")
     rng = random.Random(seed)
     kinds = tuple(kinds)
     run_dir, report = workdir / "run", TortureReport(seed=seed)
@@ -286,13 +295,15 @@ def torture(cluster: LocalCluster, workdir: Path, *, seed: int, stops: int, iter
         restarts = 0
         for stop, delay in plan:
             started = wait_running(cluster, job_id, restarts=restarts)
+            if anchor == "training":  # count from this run's first logged iteration instead of its start
+                started = _wait_for_new_row(cluster, job_id, run_dir, deadline) or started
             time.sleep(max(0.0, delay - (time.monotonic() - started)))
             state = cluster.job(job_id).get("JobState", "")
             if state != "RUNNING":  # finished before the stop was due
                 break
-            send_stop(cluster, job_id, stop)
+            detail = send_stop(cluster, job_id, stop)
             sent = time.monotonic()
-            item = Interruption(stop, sent - started)
+            item = Interruption(stop, sent - started, detail=detail)
             report.interruptions.append(item)
             job_id, restarts, item.state = _come_back(cluster, job_id, restarts, run_dir, workdir, args, deadline)
             if job_id not in report.jobs:
@@ -310,6 +321,25 @@ def torture(cluster: LocalCluster, workdir: Path, *, seed: int, stops: int, iter
     report.metric_steps_ok = sorted(set(steps)) == list(range(iterations))
     report.repeated_rows = len(steps) - len(set(steps))
     return report
+
+
+def _metric_rows(run_dir: Path) -> int:
+    try:
+        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def _wait_for_new_row(cluster: LocalCluster, job_id: str, run_dir: Path, deadline: float) -> float | None:
+    """Wait until metrics.jsonl gets a row (the running run trained an iteration); None if the job left RUNNING."""
+    rows = _metric_rows(run_dir)
+    while time.monotonic() < deadline:
+        if _metric_rows(run_dir) > rows:
+            return time.monotonic()
+        if cluster.job(job_id).get("JobState") != "RUNNING":
+            return None
+        time.sleep(0.05)
+    return None
 
 
 def _come_back(cluster: LocalCluster, job_id: str, restarts: int, run_dir: Path, workdir: Path,

@@ -43,10 +43,10 @@ def generated_samples(run_dir: Path) -> int:
     return int(sum(row.get("count/generate_samples", 0) for row in rows))
 
 
-def finish_after_one_requeue(cluster, job_id: str, run_dir: Path, log: Path) -> str:
-    record = cluster.wait_for_state(job_id, {"COMPLETED"}, timeout_s=500, min_restarts=1, log=log)
+def finish_after_one_requeue(cluster, job_id: str, run_dir: Path, log: Path, sent: str = "") -> str:
+    record = cluster.wait_for_state(job_id, {"COMPLETED"}, timeout_s=500, log=log)
     output = log.read_text(errors="replace")
-    assert record["Restarts"] == "1", output[-4000:]
+    assert record["Restarts"] == "1", f"{sent}\n{output[-4000:]}"
     assert metric_steps(run_dir) == list(range(ITERATIONS)), output[-4000:]
     assert not (run_dir / ".stop_requested").exists()
     return output
@@ -76,9 +76,11 @@ def test_stop_signal_to_starting_ranks_requeues(slurm_cluster, tiny_model, tmp_p
     job_id = submit_tiny(slurm_cluster, run_dir, log, job_args(run_dir, ITERATIONS, async_queue=0, save_steps=0))
     wait_running(slurm_cluster, job_id)
     wait_for_tasks(job_id, 3)
-    send_stop(slurm_cluster, job_id, stop)
-    output = finish_after_one_requeue(slurm_cluster, job_id, run_dir, log)
-    assert f"stopped after a checkpoint (SIG{stop[:4].upper()})" in output or "before its handlers existed" in output
+    time.sleep(0.5)  # the ranks are importing (SLURM may not deliver a signal to a step it is still launching)
+    sent = send_stop(slurm_cluster, job_id, stop)
+    output = finish_after_one_requeue(slurm_cluster, job_id, run_dir, log, sent)
+    assert (f"stopped after a checkpoint (SIG{stop[:4].upper()})" in output
+            or "probably a rank that was still starting: requeueing" in output)
 
 
 @pytest.mark.timeout(300)
@@ -101,7 +103,7 @@ def test_rank_killed_by_usr1_before_its_handlers_requeues_from_the_batch_shell(s
     log = tmp_path / f"job_{job_id}.out"
     record = slurm_cluster.wait_for_state(job_id, {"COMPLETED"}, timeout_s=200, min_restarts=1, log=log)
     assert record["Restarts"] == "1"
-    assert "before its handlers existed: requeueing" in log.read_text()
+    assert "after a stop request, probably a rank that was still starting: requeueing" in log.read_text()
     assert sorted(p.name for p in tmp_path.glob("ran_*")) == ["ran_0_0", "ran_0_1", "ran_1_0", "ran_1_1"]
 
 

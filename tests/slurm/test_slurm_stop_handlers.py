@@ -106,3 +106,31 @@ def test_the_rank_entry_catches_usr1_while_it_imports(tmp_path):
     assert rank.returncode == 0, output[-4000:]  # it was -10: killed by the signal
     assert "stopped after a checkpoint (SIGUSR1)" in output, output[-4000:]
     assert (run_dir / "checkpoints" / "iter_000001").is_dir()
+
+
+@pytest.mark.timeout(60)
+def test_rank_guard_turns_a_stop_signal_into_the_flag_when_the_rank_dies_of_it(tmp_path):
+    """As SLURM signals every process of a task: the guard shell and a rank that has no handler yet (`sleep` here).
+    The rank dies of USR1; the guard has written this run's flag, which makes the batch shell requeue."""
+    from hpc_rlhf.slurm.requeue import RANK_GUARD, rank_guard_lines
+
+    run_dir, pid_file = tmp_path / "run", tmp_path / "rank.pid"
+    run_dir.mkdir()
+    script = tmp_path / "task.sh"
+    script.write_text("\n".join([*stop_trap_lines(), f"RUN_DIR={run_dir}", *stop_flag_ready_lines(),
+                                 *rank_guard_lines(),
+                                 f"exec {RANK_GUARD} bash -c 'echo $$ > {pid_file}; exec sleep 30'"]) + "\n")
+    guard = subprocess.Popen(["bash", str(script)], env={**os.environ, **SLURM_ENV})
+    try:
+        wait_for(pid_file)
+        while not pid_file.read_text().strip():
+            time.sleep(0.01)
+        time.sleep(0.2)  # the guard is waiting for its rank
+        for pid in (guard.pid, int(pid_file.read_text())):
+            os.kill(pid, signal.SIGUSR1)
+        assert guard.wait(20) == 128 + signal.SIGUSR1  # the rank's status
+        assert stop_flag_path(run_dir).read_text() == "42 0\n"
+    finally:
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait()

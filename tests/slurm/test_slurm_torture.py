@@ -9,7 +9,7 @@ import pytest
 from hpc_rlhf.slurm.torture import run_reference, torture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-ITERATIONS = 6
+ITERATIONS = 12
 
 
 @pytest.mark.timeout(1200)
@@ -19,10 +19,14 @@ def test_torture_short(slurm_cluster, tmp_path):
     resolve_model_path("builtin:tiny-llama-arith")  # once, before the ranks look for it
     run_reference(tmp_path / "reference", ITERATIONS, async_queue=1, save_steps=2, log=tmp_path / "reference.log")
     report = torture(slurm_cluster, tmp_path, seed=4, stops=2, iterations=ITERATIONS, kinds=("usr1_batch",
-                     "kill_rank"), max_delay_s=40.0, timeout_s=1000, reference=tmp_path / "reference")
+                     "kill_rank"), max_delay_s=0.5, timeout_s=1000, reference=tmp_path / "reference",
+                     anchor="training")
     text = "\n".join(report.lines())
     print(text)
     assert report.interruptions, text
     assert report.ok, text
+    assert [(item.stop, item.state) for item in report.interruptions] == [("usr1_batch", "requeued"),
+                                                                          ("kill_rank", "FAILED")], text
+    assert report.interruptions[1].detail == "SIGKILL to ranks [2]", text
     requeued = [item for item in report.interruptions if item.state == "requeued"]
     assert all(item.restart_s is not None and item.restart_s < 90 for item in requeued), text

@@ -53,7 +53,7 @@ class SlowStarter:
         if self.prompt:
             from hpc_rlhf.slurm.requeue import requeue_promptly_and_exit
 
-            requeue_promptly_and_exit(self.max_requeue, restart_delay_s=3)
+            requeue_promptly_and_exit(self.max_requeue)
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)  # submitit's own requeue
