@@ -48,7 +48,7 @@ CACHE_ENV = "HPC_RLHF_CACHE"
 BUILTIN_PREFIX = "builtin:"
 REWARD_SUBDIR = "reward"
 # Bump when the builder's output changes, so that caches built by an older version are not reused.
-BUILTIN_FORMAT_VERSION = 2
+BUILTIN_FORMAT_VERSION = 3
 BUILTIN_MODELS = ("tiny-llama", "tiny-llama-arith")
 # Real pretrained models, converted offline by hpc_rlhf/pretrained.py (no reward sub-folder).
 PRETRAINED_MODELS = ("smollm2-135m-instruct",)

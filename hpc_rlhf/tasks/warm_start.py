@@ -38,7 +38,7 @@ def progress_line(step: int, steps: int, loss: float, elapsed_s: float) -> str:
     return f"warm-up step {step}/{steps}, loss {loss:.3f}, {elapsed_s:.0f} s elapsed, about {left:.0f} s left"
 
 
-def warm_start(model_dir: str | Path, out_dir: str | Path, *, steps: int = 500, batch_size: int = 64,
+def warm_start(model_dir: str | Path, out_dir: str | Path, *, steps: int = 650, batch_size: int = 64,
                learning_rate: float = 3e-3, seed: int = 0, report: Optional[Callable[[str], None]] = None,
                report_every: int = 50) -> Path:
     """Train the model in `model_dir` for `steps` SFT steps on arithmetic problems and save it to `out_dir`.
