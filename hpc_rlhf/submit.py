@@ -210,10 +210,17 @@ class RankEntry:
     cfg: Config
 
     def __call__(self) -> dict[str, float]:
-        from hpc_rlhf.distributed import detect_world
+        # launch first: importing it installs the stop handlers before torch loads (replacing submitit's)
         from hpc_rlhf.launch import rank_main
+        from hpc_rlhf.distributed import detect_world
 
         return rank_main(detect_world(), self.cfg)
+
+    def checkpoint(self) -> None:
+        """submitit's hook for a USR2 that arrives before our handlers exist: requeue with a prompt restart."""
+        from hpc_rlhf.slurm import requeue_promptly_and_exit
+
+        requeue_promptly_and_exit(self.cfg.slurm.max_requeue)
 
 
 @dataclass(frozen=True)
