@@ -23,7 +23,7 @@ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CONFIG=configs/smollm2_grpo_1gpu.yaml
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"  # DeepSpeed's JIT build rejects arch names like 9.0a
+export TORCH_CUDA_ARCH_LIST=9.0  # the image may set arch names like 9.0a, which DeepSpeed's JIT build rejects
 
 step="${1:-}"
 shift || true
