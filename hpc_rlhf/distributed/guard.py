@@ -9,7 +9,7 @@ collective timeout. The mechanism, for torch.distributed worlds:
   C++ collective, so nothing softer works); losing the store means rank 0 died, which ends the process too;
 - rank 0 hosts the store, so before it exits (after a failure or at normal shutdown) it waits, for a bounded grace
   period, until every other rank has read the record or finished.
-`run_guarded(fn, control)` wraps a rank's main function: an exception prints its traceback and calls
+`run_guarded(fn, control)` wraps a rank's main function: an exception (its traceback with --debug) calls
 `control.abort(reason)`. Under MPI, `MPIControlPlane.abort` uses `MPI_Abort`, which ends every rank itself.
 
 A rank that dies without a word (SIGKILL, out of memory, a lost node) publishes nothing; its peers see only a lost
@@ -242,9 +242,18 @@ def run_guarded(fn: Callable[..., T], control: Abortable, *args: Any, **kwargs: 
     except SystemExit as exc:
         if exc.code in (None, 0):
             raise
-        traceback.print_exc()
+        _print_traceback_when_debugging()
         control.abort(f"SystemExit({exc.code!r})")
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
-        traceback.print_exc()
+        _print_traceback_when_debugging()
         message = str(exc).strip().replace("\n", " | ")
         control.abort(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
+DEBUG_ENV = "HPC_RLHF_DEBUG"  # set by the entry points' --debug; spawned and srun-started ranks inherit it
+
+
+def _print_traceback_when_debugging() -> None:
+    """The failing rank's traceback, with --debug only: otherwise the abort line is the one line a user reads."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        traceback.print_exc()

@@ -144,3 +144,19 @@ def test_a_rank_process_that_failed_is_described_as_such():
     assert describe_failure(exited) == "rank 1 ended with exit code 1; the rank's own error is printed above"
     raised = ProcessRaisedException("Traceback ...\nValueError: x", error_index=0, error_pid=4321)
     assert describe_failure(raised) == "rank 0 ended; the rank's own error is printed above"
+
+
+def test_an_error_inside_a_rank_is_one_line_and_its_traceback_needs_debug(tmp_path):
+    """A failure only the rank can see (a reward function that raises) ends the job with the rank's one abort line;
+    --debug adds the rank's traceback."""
+    reward = tmp_path / "bad_reward.py"
+    reward.write_text("def reward_func(queries, prompts, labels, **kw):\n    raise ValueError('label row 3 is not a number')\n")
+    args = ["--config", TINY, f"--reward.reward_func_path={reward}", "--train.max_iterations=1",
+            "--rollout.batch_size=2", "--rollout.n_samples_per_prompt=2", "--train.train_batch_size=4",
+            "--train.micro_train_batch_size=4", "--eval.data=", "--actor.pretrain=builtin:tiny-llama"]
+    quiet = run([*args, f"--train.run_dir={tmp_path / 'quiet'}"], tmp_path, timeout=300)
+    assert quiet.returncode != 0
+    assert "aborting the job: ValueError: label row 3 is not a number" in quiet.stderr + quiet.stdout
+    assert "Traceback" not in quiet.stderr + quiet.stdout
+    loud = run([*args, f"--train.run_dir={tmp_path / 'loud'}", "--debug"], tmp_path, timeout=300)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr + loud.stdout
