@@ -5,9 +5,10 @@ appends one JSON line `{"step": 12, "rollout/reward_mean": 0.41, ...}` to RUN_DI
 bar and, every `logging_steps` steps, prints a plain line `iter 12/60 | reward 0.41 | kl 0.002 | ...` that stays
 readable in SLURM output files.
 
-A resumed run appends to metrics.jsonl, and `read_metrics` keeps the last value logged for each (metric, step), so the
-curves span restarts. The TensorBoard writer of a resumed run purges the events at and after its first step, which
-TensorBoard then shows from the new run only. Non-finite values are written to metrics.jsonl as null (strict JSON, which
+A resumed run appends to metrics.jsonl after moving the rows of the iterations it trains again (those at and after
+its first step, written by the attempt that was stopped) to RUN_DIR/metrics.superseded.jsonl, so every step appears
+once and nothing written is lost; `read_metrics` keeps the last value logged for each (metric, step). The TensorBoard
+writer of a resumed run likewise purges the events at and after its first step. Non-finite values are written to metrics.jsonl as null (strict JSON, which
 pandas, DuckDB and jq all read) and read back as NaN.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, Optional, TextIO
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
 
@@ -275,6 +277,33 @@ def _open_for_append(path: Path) -> tuple[TextIO, bool]:
     return open(path, "a", encoding="utf-8"), cut
 
 
+def supersede_rows_from(run_dir: Path, first_step: int) -> int:
+    """Move the metrics.jsonl rows of steps >= `first_step` (an earlier attempt's, about to be trained again) to the
+    end of metrics.superseded.jsonl, keeping the others in order. Returns how many rows moved. The rewrite goes
+    through a temporary file and a rename, so a crash leaves either the old or the new file."""
+    path = run_dir / METRICS_FILE
+    if first_step <= 0 or not path.exists():
+        return 0
+    kept, moved = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), start=1):
+        if not line.strip():
+            continue
+        step, _ = _parse_record(line, f"{path}:{number}")
+        (moved if step >= first_step else kept).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(run_dir / SUPERSEDED_FILE, "a", encoding="utf-8") as side:
+            side.writelines(moved)
+            side.flush()
+            os.fsync(side.fileno())
+        tmp = path.with_name(f".{METRICS_FILE}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    return len(moved)
+
+
 def _is_tty(stream: TextIO) -> bool:
     try:
         return bool(stream.isatty())
@@ -317,6 +346,13 @@ class MetricsLogger:
         if cut:
             self._print(f"dropped an unfinished last line of {self.run_dir / METRICS_FILE} (a run stopped while "
                         "writing it)")
+        if start_step > 0:
+            self._jsonl.close()
+            moved = supersede_rows_from(self.run_dir, start_step)
+            if moved:
+                self._print(f"resuming at iteration {start_step}: {moved} metrics row(s) of the stopped attempt moved "
+                            f"to {self.run_dir / SUPERSEDED_FILE}")
+            self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import io
 import math
 import tempfile
@@ -46,7 +48,7 @@ def test_non_finite_values_are_null_in_the_file_and_nan_when_read(tmp_path, make
     assert series["rollout/kl"] == [(0, 0.5)]
 
 
-def test_resumed_logger_appends_and_the_last_value_of_a_step_wins(tmp_path, make_logger, jsonl_rows):
+def test_resumed_logger_supersedes_the_retrained_steps_and_keeps_them_aside(tmp_path, make_logger, jsonl_rows):
     first = make_logger(total_steps=6)
     for step in range(5):
         first.log(step, {"rollout/reward_mean": float(step)})
@@ -58,14 +60,16 @@ def test_resumed_logger_appends_and_the_last_value_of_a_step_wins(tmp_path, make
         second.log(step, {"rollout/reward_mean": 10.0 * step})
     second.close(plot=False)
 
+    # every step once: the stopped attempt's steps 3 and 4 were trained again
     rows = jsonl_rows(tmp_path)
-    assert len(rows) == 6 + 3
-    assert rows[:6] == [{"step": s, "rollout/reward_mean": float(s)} for s in range(5)] + [
-        {"step": 4, "eval/accuracy": 0.75}]
-    assert rows[6:] == [{"step": s, "rollout/reward_mean": 10.0 * s} for s in range(3, 6)]
+    assert rows == ([{"step": s, "rollout/reward_mean": float(s)} for s in range(3)]
+                    + [{"step": s, "rollout/reward_mean": 10.0 * s} for s in range(3, 6)])
+    # and nothing written is lost: the superseded rows are kept in order beside it
+    superseded = [json.loads(line) for line in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert superseded == [{"step": 3, "rollout/reward_mean": 3.0}, {"step": 4, "rollout/reward_mean": 4.0},
+                          {"step": 4, "eval/accuracy": 0.75}]
     assert read_metrics(tmp_path) == {
         "rollout/reward_mean": [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)],
-        "eval/accuracy": [(4, 0.75)],
     }
 
 
@@ -139,11 +143,15 @@ _LOG_CALL = st.tuples(st.integers(0, 12), st.dictionaries(_NAMES, st.floats(allo
 @settings(max_examples=40, deadline=None)
 @given(sessions=st.lists(st.lists(_LOG_CALL, max_size=8), min_size=1, max_size=4))
 def test_read_metrics_equals_last_value_per_metric_and_step(sessions):
-    """Any sequence of restarts and log calls reads back as the last value logged for each (metric, step)."""
+    """Any sequence of restarts and log calls reads back as the last value logged for each (metric, step), where a
+    restart at step s first supersedes what earlier attempts logged at steps >= s."""
     with tempfile.TemporaryDirectory() as run_dir:
         expected: dict[str, dict[int, float]] = {}
         for calls in sessions:
             start = min((step for step, _ in calls), default=0)
+            if start > 0:
+                expected = {name: {s: v for s, v in points.items() if s < start} for name, points in expected.items()}
+                expected = {name: points for name, points in expected.items() if points}
             logger = MetricsLogger(run_dir, enabled=True, use_tensorboard=False, progress_bar=False,
                                    total_steps=None, start_step=start, stream=io.StringIO())
             for step, metrics in calls:
