@@ -78,7 +78,7 @@ def test_machine_checks_name_each_problem(monkeypatch):
     few = load_config(REPO / TINY, ["--data.max_samples=4"])
     assert check_machine(few.config, few.sources) == [
         f"data.prompt_data ({REPO / TINY}): data/arithmetic/train.jsonl has 4 usable prompts, fewer than "
-        "rollout.batch_size=16"]
+        f"rollout.batch_size={few.config.rollout.batch_size}"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
