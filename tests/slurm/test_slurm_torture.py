@@ -9,7 +9,7 @@ import pytest
 from hpc_rlhf.slurm.torture import run_reference, torture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-ITERATIONS = 12
+ITERATIONS = 20  # enough iterations after the first logged one that a stop drawn within 0.5 s lands mid-run
 
 
 @pytest.mark.timeout(1200)
