@@ -100,7 +100,7 @@ class VllmConfig:
     gpu_memory_utilization: float = opt(0.85, "fraction of GPU memory vLLM may take (lower it when colocated)")
     enable_sleep: bool = opt(True, "free vLLM memory between generation phases in colocated mode")
     enable_prefix_caching: bool = opt(True, "share the prompt's KV cache across n_samples_per_prompt")
-    enforce_eager: bool = opt(False, "disable CUDA graphs in vLLM")
+    enforce_eager: bool = opt(False, "disable CUDA graphs (vLLM, and the hf backend's decode step)")
     max_num_seqs: int = opt(256, "sequences a vLLM engine decodes at once")
     dtype: str = opt("bfloat16", "generator weights dtype", ("bfloat16", "float16", "float32"))
     weight_sync_bucket_mb: int = opt(512, "bucket size of the actor -> generator weight broadcast")
