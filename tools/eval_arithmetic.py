@@ -22,7 +22,7 @@ def accuracy(model, tokenizer, rows: list[dict], *, temperature: float, samples:
     """Mean 0/1 score over `samples` responses per prompt (one when greedy)."""
     tokenizer.padding_side = "left"
     prompts = [row["input"] for row in rows]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     torch.manual_seed(seed)
     scores = []
     for _ in range(samples if temperature > 0 else 1):

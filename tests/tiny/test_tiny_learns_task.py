@@ -19,7 +19,7 @@ def greedy_accuracy(model, tokenizer, rows: list[dict]) -> float:
     """Share of test prompts whose greedy answer reward_func scores correct."""
     tokenizer.padding_side = "left"
     prompts = [row["input"] for row in rows]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
