@@ -43,8 +43,8 @@ set -e
 if [ "$mode" = lock ] && [ "$status" -eq 0 ]; then
   {
     echo "# The exact versions the test suite passed with (tools/deps.sh lock wrote this; CI installs it)."
-    echo "# Used as a constraint: pip install -c constraints.txt -e \".[test]\". On a GPU cluster install your CUDA"
-    echo "# torch of the same version first (torch==X matches X+cuNNN)."
+    echo "# Used as a constraint: pip install -c constraints.txt -e \".[test]\". With vLLM use setup.cfg's bounds instead"
+    echo "# (README, \"On a GPU cluster\"): this set pins a numpy newer than vLLM accepts."
     python -m pip list --format=freeze 2>/dev/null | grep -viE '^(hpc.rlhf|pip|setuptools|wheel)=' | sort -f
   } > constraints.txt
   echo "deps.sh: constraints.txt rewritten" >&2
