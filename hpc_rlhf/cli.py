@@ -10,18 +10,13 @@ from typing import Callable, Sequence
 
 from hpc_rlhf.config_io import LoadedConfig, config_to_yaml, describe_keys, load_config
 from hpc_rlhf.config import ConfigError
+from hpc_rlhf.debug import DEBUG_ENV, debug_enabled
 
-DEBUG_ENV = "HPC_RLHF_DEBUG"  # "1": tracebacks for every error; set by --debug, inherited by spawned ranks
 DEBUG_HINT = f"--debug or {DEBUG_ENV}=1 shows the traceback"
 
 
 class UsageError(Exception):
     """A problem the user can fix (a path, the run directory, the machine): printed as one line per problem, exit 2."""
-
-
-def debug_enabled() -> bool:
-    """Whether errors should show their tracebacks (--debug, or HPC_RLHF_DEBUG=1 in the environment)."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def one_line(err: BaseException) -> str:

@@ -34,6 +34,8 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import torch.distributed as dist
 
+from hpc_rlhf.debug import debug_enabled
+
 FAILURE_PREFIX = "hpc_rlhf/failure/"
 FAILURE_EXIT_CODE = 1
 STORE_ERRORS = (RuntimeError, OSError)  # what a store call raises once its host (rank 0) is gone
@@ -242,18 +244,12 @@ def run_guarded(fn: Callable[..., T], control: Abortable, *args: Any, **kwargs: 
     except SystemExit as exc:
         if exc.code in (None, 0):
             raise
-        _print_traceback_when_debugging()
+        if debug_enabled():  # otherwise the abort line is the one line a user reads
+            traceback.print_exc()
         control.abort(f"SystemExit({exc.code!r})")
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
-        _print_traceback_when_debugging()
+        if debug_enabled():
+            traceback.print_exc()
         message = str(exc).strip().replace("\n", " | ")
         control.abort(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
-
-DEBUG_ENV = "HPC_RLHF_DEBUG"  # set by the entry points' --debug; spawned and srun-started ranks inherit it
-
-
-def _print_traceback_when_debugging() -> None:
-    """The failing rank's traceback, with --debug only: otherwise the abort line is the one line a user reads."""
-    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        traceback.print_exc()
