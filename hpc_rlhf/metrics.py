@@ -26,6 +26,8 @@ from typing import Any, Optional, TextIO
 
 from tqdm import tqdm
 
+from hpc_rlhf.rollouts.atomic import atomic_write_bytes
+
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -254,9 +256,9 @@ def plot_curves(run_dir: str | Path, *, panels: Sequence[tuple] = PLOT_PANELS,
     return out
 
 
-def _open_for_append(path: Path) -> tuple[TextIO, bool]:
-    """Open metrics.jsonl for appending, first cutting off an unfinished last line left by a run that stopped while
-    writing it, so that the next record starts on its own line. Returns the file and whether a fragment was cut."""
+def _cut_unfinished_line(path: Path) -> bool:
+    """Cut off an unfinished last line of metrics.jsonl left by a run that stopped while writing it, so that the next
+    record starts on its own line. Returns whether a fragment was cut."""
     cut = False
     if path.exists():
         with open(path, "rb+") as handle:
@@ -274,13 +276,13 @@ def _open_for_append(path: Path) -> tuple[TextIO, bool]:
             if end < size:
                 handle.truncate(end)
                 cut = True
-    return open(path, "a", encoding="utf-8"), cut
+    return cut
 
 
 def supersede_rows_from(run_dir: Path, first_step: int) -> int:
     """Move the metrics.jsonl rows of steps >= `first_step` (an earlier attempt's, about to be trained again) to the
-    end of metrics.superseded.jsonl, keeping the others in order. Returns how many rows moved. The rewrite goes
-    through a temporary file and a rename, so a crash leaves either the old or the new file."""
+    end of metrics.superseded.jsonl, keeping the others in order. Returns how many rows moved. The rewrite is atomic:
+    a crash leaves either the old or the new file."""
     path = run_dir / METRICS_FILE
     if first_step <= 0 or not path.exists():
         return 0
@@ -295,12 +297,7 @@ def supersede_rows_from(run_dir: Path, first_step: int) -> int:
             side.writelines(moved)
             side.flush()
             os.fsync(side.fileno())
-        tmp = path.with_name(f".{METRICS_FILE}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
     return len(moved)
 
 
@@ -342,17 +339,14 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl, cut = _open_for_append(self.run_dir / METRICS_FILE)
-        if cut:
+        if _cut_unfinished_line(self.run_dir / METRICS_FILE):
             self._print(f"dropped an unfinished last line of {self.run_dir / METRICS_FILE} (a run stopped while "
                         "writing it)")
-        if start_step > 0:
-            self._jsonl.close()
-            moved = supersede_rows_from(self.run_dir, start_step)
-            if moved:
-                self._print(f"resuming at iteration {start_step}: {moved} metrics row(s) of the stopped attempt moved "
-                            f"to {self.run_dir / SUPERSEDED_FILE}")
-            self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        moved = supersede_rows_from(self.run_dir, start_step)
+        if moved:
+            self._print(f"resuming at iteration {start_step}: {moved} metrics row(s) of the stopped attempt moved "
+                        f"to {self.run_dir / SUPERSEDED_FILE}")
+        self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

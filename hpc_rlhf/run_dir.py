@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from hpc_rlhf.rollouts.atomic import atomic_write_bytes
+
 CONFIG_FILE = "config.yaml"
 PREVIOUS_DIR = "previous"  # earlier runs moved aside by overwrite, one numbered folder each
 HISTORY_DIR = "config_history"  # configs replaced by a continuation that changed volatile keys
@@ -102,13 +104,6 @@ def move_aside(run_dir: Path) -> Path | None:
     return target
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Other ranks may read the file at any moment: they see the old content or the new, never half of it."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def record_run_config(run_dir: str | os.PathLike, config: dict, *, overwrite: bool = False) -> tuple[Path, str]:
     """Create `run_dir` and record `config` there, refusing (RunDirConflict) a directory that holds another run unless
     `overwrite`. Returns (run_dir, what happened: "new", "same", "updated" or "moved:<folder>")."""
@@ -132,5 +127,5 @@ def record_run_config(run_dir: str | os.PathLike, config: dict, *, overwrite: bo
         number = _next_number(history, "config-", ".yaml")
         (history / f"config-{number}.yaml").write_text(path.read_text())
         outcome = "updated"
-    _write_atomically(path, text)
+    atomic_write_bytes(path, text.encode())  # other ranks may read it at any moment: old or new, never half
     return run_dir, outcome
