@@ -46,6 +46,7 @@ from hpc_rlhf.benchmarks.accuracy import (  # noqa: E402
     ratio_line,
     read_metrics,
     summarize,
+    training_seconds,
 )
 from hpc_rlhf.benchmarks.report import markdown_table  # noqa: E402
 
@@ -73,11 +74,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 # ----- hpc_rlhf ---------------------------------------------------------------------------------------------------
-def training_seconds(rows: list[dict[str, Any]]) -> float:
-    """Seconds of training in metrics rows: tick times less their evaluation."""
-    return sum(max(0.0, r.get("time/iteration_s", 0.0) - r.get("time/eval_s", 0.0)) for r in rows)
-
-
 def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     """Run the trainer as a user would, stop it when the training budget is spent, read its curve."""
     out = Path(args.out_dir)
@@ -96,7 +92,7 @@ def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                 rows = read_metrics(metrics_file)
             except ValueError:  # a line being written
                 continue
-            if training_seconds(rows) >= args.budget_s:
+            if sum(training_seconds(r) for r in rows) >= args.budget_s:
                 stopped_at = time.time()
                 print(f"bench: training budget {args.budget_s:.0f} s spent after {len(rows)} iterations; stopping",
                       flush=True)
@@ -106,8 +102,7 @@ def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     rows = read_metrics(metrics_file)
     curve = curve_from_metrics(rows)
     first_end = rows[0].get("time/end_unix_s", started) if rows else started
-    iteration_s = [max(0.0, r.get("time/iteration_s", 0.0) - r.get("time/eval_s", 0.0)) for r in rows
-                   if "time/iteration_s" in r]
+    iteration_s = [training_seconds(r) for r in rows if "time/iteration_s" in r]
     keep = ("time/iteration_s", "time/eval_s", "time/generate_engine_s", "time/actor_update_s",
             "time/actor_logprob_s", "time/weight_sync_s", "rollout/reward_mean", "rollout/response_length_mean",
             "throughput/generate_tokens_per_s", "throughput/train_tokens_per_s", "eval/accuracy")

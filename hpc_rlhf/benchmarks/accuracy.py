@@ -23,6 +23,11 @@ class CurvePoint:
     accuracy: float
 
 
+def training_seconds(row: Mapping[str, Any]) -> float:
+    """Training seconds of one metrics row: its tick (`time/iteration_s`) less the evaluation run inside it."""
+    return max(0.0, float(row.get("time/iteration_s", 0.0)) - float(row.get("time/eval_s", 0.0)))
+
+
 def curve_from_metrics(rows: Iterable[Mapping[str, Any]]) -> list[CurvePoint]:
     """The eval points of an hpc_rlhf run from its metrics.jsonl rows.
 
@@ -37,8 +42,7 @@ def curve_from_metrics(rows: Iterable[Mapping[str, Any]]) -> list[CurvePoint]:
         step = int(row["step"])
         if "eval/accuracy" in row:
             points.append(CurvePoint(iteration=step, train_s=train_s, accuracy=float(row["eval/accuracy"])))
-        tick = float(row.get("time/iteration_s", 0.0))
-        train_s += max(0.0, tick - float(row.get("time/eval_s", 0.0)))
+        train_s += training_seconds(row)
     return points
 
 
