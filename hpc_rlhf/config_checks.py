@@ -295,13 +295,7 @@ def model_spec_problem(spec: str) -> str | None:
     from hpc_rlhf import tiny_model
 
     if spec.startswith(tiny_model.BUILTIN_PREFIX):
-        name, _, sub = spec[len(tiny_model.BUILTIN_PREFIX):].partition("/")
-        pretrained = tuple(getattr(tiny_model, "PRETRAINED_MODELS", ()))
-        if (name in tiny_model.BUILTIN_MODELS and sub in ("", tiny_model.REWARD_SUBDIR)) or (name in pretrained
-                                                                                           and not sub):
-            return None
-        known = ", ".join(f"{tiny_model.BUILTIN_PREFIX}{m}" for m in tiny_model.BUILTIN_MODELS + pretrained)
-        return f"unknown built-in model {spec!r}; known: {known}"
+        return tiny_model.unknown_builtin(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not any((path / name).is_file() for name in MODEL_FILES):

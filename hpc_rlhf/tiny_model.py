@@ -167,17 +167,26 @@ def resolve_model_path(spec: str) -> str:
     """
     if not spec.startswith(BUILTIN_PREFIX):
         return spec
+    problem = unknown_builtin(spec)
+    if problem:
+        raise ValueError(problem)
     name, _, sub = spec[len(BUILTIN_PREFIX):].partition("/")
-    if name in PRETRAINED_MODELS and not sub:
+    if name in PRETRAINED_MODELS:
         from hpc_rlhf.pretrained import resolve_pretrained
 
         return resolve_pretrained(name)
-    if name not in BUILTIN_MODELS or sub not in ("", REWARD_SUBDIR):
-        known = ", ".join([f"{BUILTIN_PREFIX}{m}, {BUILTIN_PREFIX}{m}/{REWARD_SUBDIR}" for m in BUILTIN_MODELS]
-                          + [f"{BUILTIN_PREFIX}{m}" for m in PRETRAINED_MODELS])
-        raise ValueError(f"unknown built-in model {spec!r}; known: {known}")
     folder = build_once(cache_root() / f"{name}-v{BUILTIN_FORMAT_VERSION}", lambda tmp: _build_builtin(name, tmp))
     return str(folder / sub) if sub else str(folder)
+
+
+def unknown_builtin(spec: str) -> str | None:
+    """Why a `builtin:` spec names no built-in model, with the known names (None when it names one)."""
+    name, _, sub = spec[len(BUILTIN_PREFIX):].partition("/")
+    if (name in BUILTIN_MODELS and sub in ("", REWARD_SUBDIR)) or (name in PRETRAINED_MODELS and not sub):
+        return None
+    known = ", ".join([f"{BUILTIN_PREFIX}{m}, {BUILTIN_PREFIX}{m}/{REWARD_SUBDIR}" for m in BUILTIN_MODELS]
+                      + [f"{BUILTIN_PREFIX}{m}" for m in PRETRAINED_MODELS])
+    return f"unknown built-in model {spec!r}; known: {known}"
 
 
 def _build_builtin(name: str, out_dir: Path) -> None:
