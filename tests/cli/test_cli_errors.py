@@ -74,7 +74,8 @@ def test_machine_checks_name_each_problem(monkeypatch):
     assert model_spec_problem("Qwen/Qwen2.5-0.5B") is None  # a hub name: not checkable offline, so let through
     assert model_spec_problem(str(REPO)) == f"{REPO} is a folder but not a model folder (it has no config.json or " \
                                             "adapter_config.json)"
-    assert "not a hub name" in model_spec_problem("runs/tiny_cpu/hf/actor/")
+    # a path that no run creates (runs/tiny_cpu/hf/actor exists once the README's first command has run)
+    assert "not a hub name" in model_spec_problem("runs/no_such_run/hf/actor/")
     few = load_config(REPO / TINY, ["--data.max_samples=4"])
     assert check_machine(few.config, few.sources) == [
         f"data.prompt_data ({REPO / TINY}): data/arithmetic/train.jsonl has 4 usable prompts, fewer than "
@@ -150,7 +151,8 @@ def test_an_error_inside_a_rank_is_one_line_and_its_traceback_needs_debug(tmp_pa
     """A failure only the rank can see (a reward function that raises) ends the job with the rank's one abort line;
     --debug adds the rank's traceback."""
     reward = tmp_path / "bad_reward.py"
-    reward.write_text("def reward_func(queries, prompts, labels, **kw):\n    raise ValueError('label row 3 is not a number')\n")
+    reward.write_text("def reward_func(queries, prompts, labels, **kw):\n"
+                      "    raise ValueError('label row 3 is not a number')\n")
     args = ["--config", TINY, f"--reward.reward_func_path={reward}", "--train.max_iterations=1",
             "--rollout.batch_size=2", "--rollout.n_samples_per_prompt=2", "--train.train_batch_size=4",
             "--train.micro_train_batch_size=4", "--eval.data=", "--actor.pretrain=builtin:tiny-llama"]
