@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", dest="out_dir", help="folder for <system>.json (and the hpc run dir)")
     p.add_argument("--png", help="report: write the curves here (default OUT/curves.png)")
     p.add_argument("--label", default="", help="a word added to the run's name in the report")
+    p.add_argument("--stop-at-accuracy", type=float, default=None,
+                   help="also stop once a held-out evaluation reaches this accuracy (saves machine time)")
     args, overrides = p.parse_known_args(argv)
     if args.system != "report" and (not args.config or not args.out_dir):
         p.error(f"{args.system} needs --config and --out")
@@ -92,10 +94,11 @@ def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                 rows = read_metrics(metrics_file)
             except ValueError:  # a line being written
                 continue
-            if sum(training_seconds(r) for r in rows) >= args.budget_s:
+            reached = reached_target(curve_from_metrics(rows), args.stop_at_accuracy)
+            if sum(training_seconds(r) for r in rows) >= args.budget_s or reached:
                 stopped_at = time.time()
-                print(f"bench: training budget {args.budget_s:.0f} s spent after {len(rows)} iterations; stopping",
-                      flush=True)
+                why = "target accuracy reached" if reached else f"training budget {args.budget_s:.0f} s spent"
+                print(f"bench: {why} after {len(rows)} iterations; stopping", flush=True)
                 process.send_signal(signal.SIGTERM)
     if process.returncode not in (0, None) and stopped_at is None:
         raise SystemExit(f"hpc_rlhf.train exited with {process.returncode}")
@@ -111,6 +114,11 @@ def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             "startup_s": first_end - started - (rows[0].get("time/iteration_s", 0.0) if rows else 0.0),
             "iterations": [{k: r[k] for k in ("step", *keep) if k in r} for r in rows],
             "command": command, "versions": versions()}
+
+
+def reached_target(curve: list[CurvePoint], target: float | None) -> bool:
+    """True once the newest held-out evaluation is at or above `target` (never when no target is set)."""
+    return target is not None and bool(curve) and curve[-1].accuracy >= target
 
 
 # ----- TRL ---------------------------------------------------------------------------------------------------------
@@ -188,6 +196,10 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                                 max_new_tokens=rollout.generate_max_len, batch_size=256)["greedy"]["accuracy"]
             self.curve.append(CurvePoint(iteration=iteration, train_s=self.train_s, accuracy=accuracy))
             print(f"trl eval: iteration {iteration}, {self.train_s:.1f} s, accuracy {accuracy:.3f}", flush=True)
+            # the curve so far, so that a run cut off by a machine's time limit still leaves its result
+            partial = {"system": "trl", "name": f"trl{args.label}", "curve": curve_to_json(self.curve),
+                       "iteration_s": self.iteration_s, "partial": True, "versions": versions()}
+            (Path(args.out_dir) / f"trl{args.label}.json").write_text(json.dumps(partial, indent=1, default=str))
 
         def on_train_begin(self, args_, state, control, model=None, **kwargs):
             self.model = model
@@ -208,6 +220,7 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                 model.eval()
                 self._evaluate(model, iteration)
                 model.train()
+                done = done or reached_target(self.curve, args.stop_at_accuracy)
             if done:
                 control.should_training_stop = True
             sync()

@@ -12,6 +12,9 @@
 #   tools/gpu_smollm2_suite.sh decode OUT          # there: CUDA tests of the hf engine + decode paths timed
 #   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
 #   tools/gpu_smollm2_suite.sh report OUT          # anywhere: table + curves from OUT/*.json
+#   tools/gpu_smollm2_suite.sh all OUT             # there: TRL then hpc_rlhf on 3-digit sums (each until 80% held-out
+#                                                  # or its budget), then hpc_rlhf on multi-step expressions; OUT/all.log
+#                                                  # ends with "all done" (start it detached and poll on a busy machine)
 #
 # Every step after `setup` expects `. tools/gpu_smollm2_suite.sh env` semantics: PYTHONPATH=/tmp/site.
 set -euo pipefail
@@ -71,6 +74,18 @@ case "$step" in
     python tools/bench_accuracy.py "$system" --config "$CONFIG" --budget-s "$budget" --out "$out" "$@" ;;
   report)
     python tools/bench_accuracy.py report "${1:?report needs OUT}" ;;
+  all)
+    out="${1:?all needs OUT}"; mkdir -p "$out"
+    common=(--train.skip_old_logprobs=true --vllm.enable_sleep=false --train.micro_train_batch_size=64
+            --eval.max_samples=300 --eval.steps=10 --train.max_iterations=2000 --logger.use_tensorboard=false
+            --ckpt.save_hf_model=false)
+    multistep=(--data.prompt_data=data/chat_arithmetic/multistep/train.jsonl
+               --eval.data=data/chat_arithmetic/multistep/test.jsonl)
+    run() { python tools/bench_accuracy.py "$@" --config "$CONFIG" --out "$out" "${common[@]}" || echo "FAILED: $*"; }
+    run trl --budget-s 900 --stop-at-accuracy 0.8
+    run hpc --budget-s 450 --stop-at-accuracy 0.8
+    run hpc --budget-s 240 --label _multistep "${multistep[@]}"
+    echo "all done" ;;
   *)
-    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report ..." >&2; exit 2 ;;
+    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report|all ..." >&2; exit 2 ;;
 esac
