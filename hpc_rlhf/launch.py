@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from hpc_rlhf.cli import build_parser, parse_config_args, quiet_libraries, run_entry  # noqa: E402
 from hpc_rlhf.config import Config  # noqa: E402
 from hpc_rlhf.config_io import LoadedConfig, config_to_dict  # noqa: E402
+from hpc_rlhf.trainers.engines import use_cuda  # noqa: E402
 
 
 def rank_main(info: Any, cfg: Config) -> dict[str, float]:
@@ -42,7 +43,7 @@ def rank_main(info: Any, cfg: Config) -> dict[str, float]:
     os.environ.update({"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size), "LOCAL_RANK": str(info.local_rank),
                        "LOCAL_WORLD_SIZE": str(info.local_world_size), "MASTER_ADDR": info.master_addr,
                        "MASTER_PORT": str(info.master_port)})
-    world = init_distributed(info, backend="nccl" if _wants_cuda(cfg) else "gloo")
+    world = init_distributed(info, backend="nccl" if use_cuda(cfg) else "gloo")
     control = TorchControlPlane.from_world(world)
     try:
         return run_guarded(_run_trainer, control, cfg, world, control, stop)
@@ -50,10 +51,6 @@ def rank_main(info: Any, cfg: Config) -> dict[str, float]:
         stop.uninstall()
         control.close()
         world.close()
-
-
-def _wants_cuda(cfg: Config) -> bool:
-    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
 
 def _run_trainer(cfg: Config, world: Any, control: Any, stop: Any) -> dict:
@@ -124,7 +121,7 @@ def run_local(loaded: LoadedConfig, *, overwrite_run_dir: bool = False) -> int:
 
     cfg = loaded.config
     world_size = cfg.layout.world_size()
-    quiet_libraries(cpu_only=not _wants_cuda(cfg))
+    quiet_libraries(cpu_only=not use_cuda(cfg))
     prepare_run_dir(loaded, overwrite=overwrite_run_dir, write=False)  # every check before anything is written
     check_before_start(loaded, ranks_here=world_size)
     prepare_run_dir(loaded, overwrite=overwrite_run_dir)
@@ -150,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hpc_rlhf.distributed import detect_world
 
         info = detect_world()
-        quiet_libraries(cpu_only=not _wants_cuda(loaded.config))
+        quiet_libraries(cpu_only=not use_cuda(loaded.config))
         prepare_run_dir(loaded, overwrite=args.overwrite_run_dir, write=False)  # every check before any write
         check_before_start(loaded)  # GPUs per task depend on SLURM's binding: only check that there are some
         prepare_run_dir(loaded, overwrite=args.overwrite_run_dir, write=info.rank == 0)

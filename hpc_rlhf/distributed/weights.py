@@ -89,6 +89,18 @@ def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int, element_size: i
     return buckets
 
 
+def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter, gathering ZeRO-3 partitions one parameter at a time."""
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.data.to(dtype).clone()
+        else:
+            yield name, param.data.to(dtype)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if not dtype.is_floating_point or getattr(torch, name, None) is not dtype:

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from hpc_rlhf.slurm.env import in_slurm_job
+
 STOP_FLAG_NAME = ".stop_requested"
 STOP_FLAG_ENV = "HPC_RLHF_STOP_FLAG"  # set by the batch scripts: where a rank that catches USR1/USR2 writes the flag
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # "stop, save, and come back": batch-script and submitit signals
@@ -378,6 +380,17 @@ def requeue_self(rank: int, max_requeue: int, environ: Mapping[str, str] | None 
     prompt = update.returncode == 0
     return RequeueOutcome(job_id=job_id, restart_count=restarts, prompt_restart=prompt,
                           detail="" if prompt else (update.stderr or update.stdout).strip())
+
+
+def leave_for_requeue(rank: int, reason: StopReason | None, max_requeue: int) -> NoReturn:
+    """After a stop checkpoint: rank 0 requeues the job when the stop asked for it; every rank then exits.
+
+    SystemExit (not a return) so that submitit records no result and waits for the requeued run.
+    """
+    if reason is not None and reason.requeue and in_slurm_job() and rank == 0:
+        requeue_self(rank, max_requeue)
+    print(f"[rank {rank}] stopped after a checkpoint ({reason.source if reason else 'stop'})", flush=True)
+    raise SystemExit(0)
 
 
 def kill_wait_s(scontrol: ScontrolRunner = run_scontrol, default: int = 30) -> int:

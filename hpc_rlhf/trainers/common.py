@@ -28,7 +28,9 @@ import torch.distributed as dist
 from hpc_rlhf.config import Config
 from hpc_rlhf.data import prompt_indices_for, rank_slice
 from hpc_rlhf.lora import is_lora_model, load_model_for_training, lora_settings, save_adapter
+from hpc_rlhf.slurm.requeue import leave_for_requeue
 from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.trainers.engines import engine_config
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
 
@@ -62,10 +64,10 @@ def run_trainer(cfg: Config, world: Any, groups: Any, control: Any, *, stop: Any
     result = module.run(cfg, world, groups, control, should_stop=should_stop)
     if result.get("stopped") and stop is not None:
         from hpc_rlhf.slurm import combine_stop_reasons
-        from hpc_rlhf.trainers.ppo.recipe import leave_for_requeue
 
         control.barrier()
-        leave_for_requeue(cfg, world.info.rank, combine_stop_reasons(control.allgather_object(stop.request())))
+        leave_for_requeue(world.info.rank, combine_stop_reasons(control.allgather_object(stop.request())),
+                          cfg.slurm.max_requeue)
     return result
 
 
@@ -138,8 +140,6 @@ def build_context(cfg: Config, world: Any, groups: Any, control: Any,
 
 def actor_engine_config(cfg: Config) -> EngineConfig:
     """DeepSpeed settings of the trained model: `ds.*`, `actor.*` and the train batch sizes."""
-    from hpc_rlhf.trainers.ppo.components import engine_config
-
     return engine_config(cfg, cfg.actor)
 
 

@@ -15,13 +15,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import torch
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.data import PromptExample, load_prompts, load_records, prompt_indices_for
 from hpc_rlhf.data.sharding import iterations_per_epoch
 from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.distributed.weights import full_named_parameters
 from hpc_rlhf.trainers.common import TrainerContext
+from hpc_rlhf.trainers.engines import compute_dtype
+from hpc_rlhf.trainers.generation_setup import build_generation, sampling_params, sampling_seed
 
 
 @dataclass(frozen=True)
@@ -81,22 +83,16 @@ def round_prompts(cfg: Config, rows: Sequence[PromptRow], round_index: int, *, r
     return [rows[i] for i in indices]
 
 
-def sampling_seed(seed: int, round_index: int, rank: int) -> int:
-    """Seed of one rank's sampling in one round: distinct per rank and round, the same on resume."""
-    return (seed * 1_000_003 + round_index * 7_919 + rank * 104_729) % (2**31 - 1)
-
-
 class RoundSampler:
     """Generation engine + reward source of one rank: draws and scores responses, evaluates held-out prompts."""
 
     def __init__(self, ctx: TrainerContext) -> None:
         from hpc_rlhf.rewards import reward_source_from_config
-        from hpc_rlhf.trainers.ppo.components import bf16_enabled, build_generation
 
         cfg = ctx.cfg
         self.ctx = ctx
         self.engine, _ = build_generation(cfg, resolve_model_path(cfg.actor.pretrain), ctx.tokenizer, ctx.device)
-        self.dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
+        self.dtype = compute_dtype(cfg)
         reward_cfg = cfg.reward
         if reward_cfg.pretrain:
             reward_cfg = dataclasses.replace(reward_cfg, pretrain=resolve_model_path(reward_cfg.pretrain))
@@ -105,8 +101,6 @@ class RoundSampler:
 
     def sync_weights(self, actor: Any) -> None:
         """Copy the actor's current weights into the engine (all ranks call: ZeRO-3 gathers are collective)."""
-        from hpc_rlhf.trainers.ppo.loop import full_named_parameters
-
         if self.sleeps:
             self.engine.wake_up()
         self.engine.load_weights(full_named_parameters(actor.hf_model(), self.dtype))
@@ -131,8 +125,6 @@ class RoundSampler:
 
     def sample(self, prompts: Sequence[PromptRow], round_index: int) -> tuple[list[ScoredGroup], dict[str, float]]:
         """rollout.n_samples_per_prompt scored responses per prompt, with this rank's generation metrics."""
-        from hpc_rlhf.trainers.ppo.rollout_stage import sampling_params
-
         cfg, tokenizer = self.ctx.cfg, self.ctx.tokenizer
         if not prompts:
             return [], {}
@@ -156,7 +148,6 @@ class RoundSampler:
         """eval/reward_mean and eval/accuracy (mean score) of one eval.temperature answer per held-out prompt, over
         all ranks (`model` names the data-parallel group to sum over). Sync the weights first."""
         from hpc_rlhf.trainers.common import all_reduce_sums, eval_share
-        from hpc_rlhf.trainers.ppo.rollout_stage import sampling_params
 
         cfg = self.ctx.cfg
         mine, weight = eval_share(self.ctx, rows)

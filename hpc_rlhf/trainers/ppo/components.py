@@ -18,27 +18,9 @@ from hpc_rlhf.config import Config
 from hpc_rlhf.data import PromptExample, iterations_per_epoch, load_prompts
 from hpc_rlhf.distributed import RoleGroups
 from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.trainers.engines import bf16_enabled, compute_dtype, engine_config
+from hpc_rlhf.trainers.generation_setup import build_generation
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
-
-
-def use_cuda(cfg: Config) -> bool:
-    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-
-
-def bf16_enabled(cfg: Config) -> bool:
-    return cfg.ds.bf16 if cfg.ds.bf16 is not None else use_cuda(cfg)
-
-
-def engine_config(cfg: Config, section: Any) -> EngineConfig:
-    """DeepSpeed settings of the actor or the critic from the `ds` section and the model's own section."""
-    return EngineConfig(
-        zero_stage=cfg.ds.zero_stage, bf16=bf16_enabled(cfg), adam_offload=cfg.ds.adam_offload,
-        param_offload=cfg.ds.param_offload, gradient_checkpointing=section.gradient_checkpointing,
-        learning_rate=section.learning_rate, adam_betas=tuple(section.adam_betas), weight_decay=section.weight_decay,
-        lr_warmup_ratio=section.lr_warmup_ratio, lr_scheduler=section.lr_scheduler, min_lr_ratio=section.min_lr_ratio,
-        max_norm=section.max_norm, overlap_comm=cfg.ds.overlap_comm,
-        micro_train_batch_size=cfg.train.micro_train_batch_size, train_batch_size=cfg.train.train_batch_size,
-        attn_implementation=section.attn_implementation)
 
 
 def total_iterations(cfg: Config, num_prompts: int) -> int:
@@ -81,34 +63,6 @@ def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[list[PromptExample], 
     return prompts, eval_prompts
 
 
-def build_generation(cfg: Config, model_path: str, tokenizer: Any, device: torch.device,
-                     tp_group: Any = None) -> tuple[Any, Any]:
-    """The generation engine and the executor (single- or multi-turn) that drives it."""
-    from hpc_rlhf.generation import make_engine, make_executor
-
-    backend = cfg.vllm.backend
-    if backend == "auto":
-        backend = "vllm" if use_cuda(cfg) and _vllm_importable() else "hf"
-    dtype = cfg.vllm.dtype if use_cuda(cfg) else "float32"
-    engine = make_engine(backend, model_path, dtype=dtype, device=device, tp=cfg.layout.generator.tp,
-                         gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, enable_sleep=cfg.vllm.enable_sleep,
-                         enable_prefix_caching=cfg.vllm.enable_prefix_caching, enforce_eager=cfg.vllm.enforce_eager,
-                         max_num_seqs=cfg.vllm.max_num_seqs, micro_batch_size=cfg.rollout.micro_batch_size,
-                         max_model_len=cfg.rollout.prompt_max_len + cfg.rollout.generate_max_len, seed=cfg.train.seed,
-                         pad_token_id=tokenizer.pad_token_id, shared_world=cfg.layout.colocate,
-                         tp_group=tp_group)
-    executor = make_executor(engine, tokenizer, agent_func_path=cfg.rollout.agent_func_path,
-                             max_turns=cfg.rollout.max_turns,
-                             max_length=cfg.rollout.prompt_max_len + cfg.rollout.generate_max_len)
-    return engine, executor
-
-
-def _vllm_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
 def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> Components:
     """Construct this rank's pieces. Role groups with DeepSpeed engines are built in the fixed order
     actor, critic, reference so that collectives inside `deepspeed.initialize` line up across ranks."""
@@ -136,7 +90,7 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
                                                     groups.group("reference"),
                                                     temperature=max(cfg.rollout.temperature, 1e-6))
     if roles.has("reward") and cfg.reward.pretrain:
-        dtype = torch.bfloat16 if bf16_enabled(cfg) else torch.float32
+        dtype = compute_dtype(cfg)
         zero3 = None
         if cfg.ds.zero_stage == 3:  # partitioned over the reward ranks, like the reference
             size = len(groups.plan.ranks_of("reward"))

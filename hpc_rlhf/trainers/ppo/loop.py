@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,9 +24,11 @@ import torch.distributed as dist
 from hpc_rlhf.algos import RunningMoments, build_kl_controller
 from hpc_rlhf.config import Config
 from hpc_rlhf.distributed import RoleGroups, broadcast_weights, receive_weight_stream
+from hpc_rlhf.distributed.weights import full_named_parameters
 from hpc_rlhf.rollouts import RolloutReader, commit_iteration, committed_shards, generator_shard_name, load_manifest
 from hpc_rlhf.trainers.ppo import experience as exp
-from hpc_rlhf.trainers.ppo.components import Components, bf16_enabled
+from hpc_rlhf.trainers.engines import compute_dtype
+from hpc_rlhf.trainers.ppo.components import Components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
 from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
@@ -71,18 +73,6 @@ def zero_filler(rollout: exp.RolloutTensors, keys: list[str]):
     """A sample with zero tensors, run with weight 0 by a rank that has run out of samples in an epoch."""
     zeros = torch.zeros_like(rollout.behaviour_log_probs)
     return exp.to_token_samples(rollout, {key: zeros for key in keys})[0]
-
-
-def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every parameter, gathering ZeRO-3 partitions one parameter at a time."""
-    for name, param in model.named_parameters():
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                yield name, param.data.to(dtype).clone()
-        else:
-            yield name, param.data.to(dtype)
 
 
 @dataclass
@@ -281,7 +271,7 @@ class PPOTrainer:
         """Actor -> generator weights of `version`: a local copy when colocated, else a bucketed broadcast."""
         start = time.perf_counter()
         actor, engine = self.parts.actor, self.parts.engine
-        dtype = torch.bfloat16 if bf16_enabled(self.cfg) else torch.float32
+        dtype = compute_dtype(self.cfg)
         src = self.plan.ranks_of("actor")[0]
         if self.plan.colocate:  # every rank is an actor: gather the full weights locally, no broadcast
             engine.load_weights(full_named_parameters(actor.hf_model(), dtype))  # a sleeping engine takes them too

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_rlhf.config import Config
+from hpc_rlhf.slurm.requeue import leave_for_requeue
 from hpc_rlhf.trainers.ppo.components import build_components
 from hpc_rlhf.trainers.ppo.loop import PPOTrainer
 from hpc_rlhf.trainers.ppo.resume import CheckpointHooks
@@ -37,18 +38,5 @@ def run_ppo(cfg: Config, world: Any, groups: Any, control: Any, *, stop: Any = N
         logger.close(plot=cfg.logger.plot)
     control.barrier()
     if last.get("stopped"):
-        leave_for_requeue(cfg, world.info.rank, trainer.stop_reason)
+        leave_for_requeue(world.info.rank, trainer.stop_reason, cfg.slurm.max_requeue)
     return last
-
-
-def leave_for_requeue(cfg: Config, rank: int, reason: Any) -> None:
-    """After a stop checkpoint: rank 0 requeues the job when the stop asked for it; every rank then exits.
-
-    SystemExit (not a return) so that submitit records no result and waits for the requeued run.
-    """
-    from hpc_rlhf.slurm import in_slurm_job, requeue_self
-
-    if reason is not None and reason.requeue and in_slurm_job() and rank == 0:
-        requeue_self(rank, cfg.slurm.max_requeue)
-    print(f"[rank {rank}] stopped after a checkpoint ({reason.source if reason else 'stop'})", flush=True)
-    raise SystemExit(0)

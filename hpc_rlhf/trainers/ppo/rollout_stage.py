@@ -15,8 +15,9 @@ from typing import Any, Optional, Sequence
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
-from hpc_rlhf.generation import SamplingParams, Trajectory
+from hpc_rlhf.generation import Trajectory
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
+from hpc_rlhf.trainers.generation_setup import sampling_params, sampling_seed
 
 
 @dataclass
@@ -32,11 +33,6 @@ class GenerationResult:
     write_seconds: float = 0.0  # the shard's Arrow write and commit
 
 
-def sampling_seed(seed: int, iteration: int, engine: int) -> int:
-    """Seed of one engine's sampling in one iteration (distinct per engine, reproducible on resume)."""
-    return (seed * 1_000_003 + iteration * 7_919 + engine * 104_729) % (2**31 - 1)
-
-
 def encode_prompts(cfg: Config, tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, keeping the last prompt_max_len tokens of long prompts.
 
@@ -45,16 +41,6 @@ def encode_prompts(cfg: Config, tokenizer: Any, texts: Sequence[str]) -> list[li
     max_len = cfg.rollout.prompt_max_len
     ids = tokenizer(list(texts), add_special_tokens=not cfg.data.apply_chat_template)["input_ids"]
     return [list(row[-max_len:]) for row in ids]
-
-
-def sampling_params(cfg: Config, seed: int, *, n: Optional[int] = None, temperature: Optional[float] = None,
-                    eos_token_id: Optional[int] = None) -> SamplingParams:
-    rollout = cfg.rollout
-    return SamplingParams(max_new_tokens=rollout.generate_max_len,
-                          temperature=rollout.temperature if temperature is None else temperature,
-                          top_p=rollout.top_p, top_k=rollout.top_k,
-                          n=rollout.n_samples_per_prompt if n is None else n, seed=seed,
-                          stop_token_ids=[] if eos_token_id is None else [eos_token_id])
 
 
 def score_trajectories(reward_source: Any, tokenizer: Any, prompts: Sequence[PromptExample],

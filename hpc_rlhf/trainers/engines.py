@@ -1,0 +1,38 @@
+"""From the config to the training engines' settings: the device, the precision and DeepSpeed's EngineConfig.
+
+Every trainer (PPO family, supervised, preference) and the launcher read these, so they live here, beside no recipe.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpc_rlhf.config import Config, OptimConfig
+from hpc_rlhf.training.deepspeed_setup import EngineConfig
+
+
+def use_cuda(cfg: Config) -> bool:
+    """True when the run trains on GPUs: `train.device: cuda`, or `auto` on a machine that has one."""
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def bf16_enabled(cfg: Config) -> bool:
+    """`ds.bf16`, whose empty default means bf16 on GPUs and fp32 on the CPU."""
+    return cfg.ds.bf16 if cfg.ds.bf16 is not None else use_cuda(cfg)
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype weights travel in to generators and reward models: bf16 where training runs in bf16, else fp32."""
+    return torch.bfloat16 if bf16_enabled(cfg) else torch.float32
+
+
+def engine_config(cfg: Config, section: OptimConfig) -> EngineConfig:
+    """DeepSpeed settings of the actor or the critic from the `ds` section and the model's own section."""
+    return EngineConfig(
+        zero_stage=cfg.ds.zero_stage, bf16=bf16_enabled(cfg), adam_offload=cfg.ds.adam_offload,
+        param_offload=cfg.ds.param_offload, gradient_checkpointing=section.gradient_checkpointing,
+        learning_rate=section.learning_rate, adam_betas=tuple(section.adam_betas), weight_decay=section.weight_decay,
+        lr_warmup_ratio=section.lr_warmup_ratio, lr_scheduler=section.lr_scheduler, min_lr_ratio=section.min_lr_ratio,
+        max_norm=section.max_norm, overlap_comm=cfg.ds.overlap_comm,
+        micro_train_batch_size=cfg.train.micro_train_batch_size, train_batch_size=cfg.train.train_batch_size,
+        attn_implementation=section.attn_implementation)
