@@ -59,6 +59,27 @@ SCRIPTS = (
                    "--slurm.signal_delay_s=60", "--slurm.job_name=dpo_tiny_2rank",
                    "--train.run_dir=runs/dpo_tiny_2rank"),
         description=("", "sbatch/dpo_tiny_2rank.sh: DPO with two data-parallel CPU ranks on one node.")),
+    BatchScriptSpec(
+        "iterative_dpo_tiny", "configs/iterative_dpo_tiny.yaml",
+        overrides=("--slurm.exclusive=false", "--slurm.signal_delay_s=60", "--slurm.job_name=iterative_dpo_tiny"),
+        description=("", "sbatch/iterative_dpo_tiny.sh: iterative DPO (sample, score, pair, train) on one CPU node.")),
+    BatchScriptSpec(
+        "kto_tiny", "configs/kto_tiny.yaml",
+        overrides=("--slurm.exclusive=false", "--slurm.signal_delay_s=60", "--slurm.job_name=kto_tiny"),
+        description=("", "sbatch/kto_tiny.sh: the KTO job on one CPU node.")),
+    BatchScriptSpec(
+        "prm_tiny", "configs/prm_tiny.yaml",
+        overrides=("--slurm.exclusive=false", "--slurm.signal_delay_s=60", "--slurm.job_name=prm_tiny"),
+        description=("", "sbatch/prm_tiny.sh: the process reward model job on one CPU node.")),
+    BatchScriptSpec(
+        "kd_tiny", "configs/kd_tiny.yaml",
+        overrides=("--slurm.exclusive=false", "--slurm.signal_delay_s=60", "--slurm.job_name=kd_tiny"),
+        description=("", "sbatch/kd_tiny.sh: the distillation job on one CPU node.")),
+    BatchScriptSpec(
+        "rejection_sampling_tiny", "configs/rejection_sampling_tiny.yaml",
+        overrides=("--slurm.exclusive=false", "--slurm.signal_delay_s=60", "--slurm.job_name=rejection_sampling_tiny"),
+        description=("", "sbatch/rejection_sampling_tiny.sh: best-of-N sampling and RAFT fine-tuning on one CPU "
+                         "node.")),
 )
 
 

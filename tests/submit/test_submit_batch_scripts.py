@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hpc_rlhf.config import SUPERVISED_TRAINERS
 from hpc_rlhf.config_io import load_config
 from hpc_rlhf.slurm.batch_script import BatchScriptSpec, config_header, render_batch_script
 from hpc_rlhf.slurm.job_spec import LOG_PATTERN
@@ -114,6 +115,12 @@ def test_script_carries_the_config_allocation_and_the_requeue_mechanism(name):
     assert lines[start:start + len(wait_lines)] == wait_lines
     assert f'--config {config_path} --print-run-dir "$@"' in text  # the trap's RUN_DIR honours the same overrides
     assert all(line in lines for line in cfg.slurm.setup)
+
+
+def test_every_trainer_has_a_script():
+    """Each train.trainer has at least one generated example script, so every trainer's job is shown under SLURM."""
+    trainers = {load_config(REPO / spec.config_path, spec.overrides).config.train.trainer for spec in SCRIPTS.values()}
+    assert trainers == {"ppo", *SUPERVISED_TRAINERS}
 
 
 def test_the_header_is_the_config_description():
