@@ -84,7 +84,9 @@ class RewardConfig:
     pretrain: Optional[str] = opt(None, "reward model (sequence classification head); needs layout.reward.gpus")
     reward_func_path: Optional[str] = opt("hpc_rlhf.tasks.arithmetic",
                                           "Python file (or module:function) defining reward_func(queries, prompts, labels)")
-    remote_url: Optional[str] = opt(None, "HTTP endpoint answering POST {query, prompts, labels} with {rewards}")
+    remote_url: Optional[str | list[str]] = opt(None, "HTTP endpoint(s) answering POST {query, prompts, labels} "
+                                                "with {rewards}: one URL, a list, or comma-separated URLs; each batch "
+                                                "is split over them in parallel")
     remote_timeout_s: float = opt(30.0, "timeout of one remote reward request")
     remote_max_retries: int = opt(3, "retries of a failed remote reward request, with exponential backoff")
     remote_backoff_s: float = opt(1.0, "first retry delay of a remote reward request; doubles on each retry")

@@ -33,10 +33,18 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """Return (inner type, allows None) for Optional[X] / X | None annotations."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
+        args = typing.get_args(tp)
+        rest = tuple(a for a in args if a is not type(None))
+        if len(rest) == 1:
+            return rest[0], True
+        if len(rest) < len(args):
+            return typing.Union[rest], True
     return tp, False
+
+
+def _is_str_or_str_list(tp: Any) -> bool:
+    """True for `str | list[str]`: a key that takes one string or a list of them (e.g. reward.remote_url)."""
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, list[str]}
 
 
 def _type_name(tp: Any) -> str:
@@ -44,6 +52,8 @@ def _type_name(tp: Any) -> str:
     name = getattr(inner, "__name__", str(inner))
     if typing.get_origin(inner) is list:
         name = f"list[{typing.get_args(inner)[0].__name__}]"
+    if _is_str_or_str_list(inner):
+        name = "str or list[str]"
     return f"{name} or empty" if optional else name
 
 
@@ -84,6 +94,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad
         item_tp = typing.get_args(inner)[0]
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if _is_str_or_str_list(inner):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, str, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        raise bad
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 
 
@@ -178,7 +194,7 @@ def parse_override_value(raw: str, tp: Any) -> Any:
     inner, optional = _unwrap_optional(tp) if tp is not None else (None, False)
     if optional and raw.strip().lower() in ("", "null", "none", "~"):
         return None
-    if inner is str:
+    if inner is str or _is_str_or_str_list(inner):  # a comma-separated list stays one string, split by its user
         return raw
     return yaml.safe_load(raw) if raw != "" else None
 

@@ -4,6 +4,10 @@ The payload keys are OpenRLHF's remote reward-model keys, so services written fo
 is read as rewards. Only the standard library is used (urllib), so the service can sit behind any HTTP server,
 including `tools/serve_reward.py`.
 
+Several servers (a list of URLs, or one string of comma-separated URLs, as OpenRLHF's --remote_rm_url): each batch is
+cut into one contiguous part per server, as equal as possible; the parts are sent in parallel and their results joined
+in order. Each server gets the same timeout and retries as a single one, and an error names the URL that failed.
+
 Failures: connection errors, timeouts, 5xx and 429 answers are retried with exponential backoff
 (backoff_s, 2 x backoff_s, 4 x ..., capped at max_backoff_s); other 4xx answers are the caller's fault and fail at once;
 a 2xx answer that is not JSON, or has the wrong number of rewards or non-numbers, fails at once naming the field.
@@ -19,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +44,31 @@ class _Attempt:
     retryable: bool = False
 
 
+def split_urls(urls: str | Sequence[str]) -> list[str]:
+    """The server URLs of a `remote_url` value: a list of URLs, or one string of comma-separated URLs."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    for index, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise RewardError(f"remote reward url {urls!r}: entry {index} is {item!r}; give one URL, a list of URLs "
+                              f"or a comma-separated string of URLs")
+    if not items:
+        raise RewardError("remote reward url list is empty; give at least one URL")
+    return [item.strip() for item in items]
+
+
+def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
+    """(start, end) of `parts` contiguous ranges covering range(count), sizes differing by at most one; empty
+    ranges are left out (a batch smaller than the number of servers uses the first `count` servers)."""
+    base, extra = divmod(count, parts)
+    ranges, start = [], 0
+    for index in range(parts):
+        end = start + base + (1 if index < extra else 0)
+        if end > start:
+            ranges.append((start, end))
+        start = end
+    return ranges
+
+
 def _excerpt(raw: bytes) -> str:
     """The first BODY_EXCERPT_CHARS characters of a response body, for error messages."""
     text = raw.decode("utf-8", errors="replace")
@@ -47,13 +77,14 @@ def _excerpt(raw: bytes) -> str:
 
 @dataclass
 class RemoteReward:
-    """Client of a remote reward service; call it like a reward function.
+    """Client of one or several remote reward servers; call it like a reward function.
 
-    timeout_s bounds each socket operation of one request (connect, send, each read); max_retries is the number of
-    retries after the first attempt; a batch larger than batch_size is sent as several requests, in order.
+    `url` is one URL, a list of URLs or a comma-separated string of URLs (`urls` holds them, in order). timeout_s
+    bounds each socket operation of one request (connect, send, each read); max_retries is the number of retries after
+    the first attempt; a server's part of a batch larger than batch_size is sent as several requests, in order.
     """
 
-    url: str
+    url: str | Sequence[str]
     timeout_s: float = 30.0
     max_retries: int = 3
     backoff_s: float = 1.0
@@ -61,9 +92,13 @@ class RemoteReward:
     max_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
-        parsed = urllib.parse.urlparse(self.url or "")
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise RewardError(f"remote reward url must look like http://host:port/path, got {self.url!r}")
+        self.urls = split_urls("" if self.url is None else self.url)
+        hosts = []
+        for url in self.urls:
+            parsed = urllib.parse.urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise RewardError(f"remote reward url must look like http://host:port/path, got {url!r}")
+            hosts.append(parsed.hostname)
         if not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
             raise RewardError(f"RemoteReward.timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         for name in ("backoff_s", "max_backoff_s"):
@@ -75,52 +110,73 @@ class RemoteReward:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise RewardError(f"RemoteReward.batch_size must be an integer >= 1, got {self.batch_size!r}")
         # Environment proxies apply to real hosts; a service on this machine is always reached directly.
-        proxies = {} if parsed.hostname in LOOPBACK_HOSTS else None
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
+        self._openers = [urllib.request.build_opener(urllib.request.ProxyHandler({} if host in LOOPBACK_HOSTS
+                                                                                 else None)) for host in hosts]
 
     def __call__(self, queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any] | None = None,
                  token_ids: Sequence[Sequence[int]] | None = None) -> RewardResult:
-        """Rewards for one batch, fetched in chunks of batch_size; `token_ids` is not sent."""
-        labels = check_batch(queries, prompts, labels, f"remote reward {self.url}")
+        """Rewards for one batch: one contiguous part per server, in parallel, each fetched in chunks of batch_size;
+        `token_ids` is not sent."""
+        labels = check_batch(queries, prompts, labels, f"remote reward {', '.join(self.urls)}")
         if not queries:
             return empty_result()
+        ranges = split_evenly(len(queries), len(self.urls))
+        if len(ranges) == 1:
+            return self._score_range(0, queries, prompts, labels, *ranges[0])
+        with ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="remote-reward") as pool:
+            futures = [pool.submit(self._score_range, server, queries, prompts, labels, start, end)
+                       for server, (start, end) in enumerate(ranges)]
+            errors = [future.exception() for future in futures]
+        failed = [error for error in errors if error is not None]
+        if len(failed) == 1:
+            raise failed[0]
+        if failed:
+            lines = "\n  ".join(str(error) for error in failed)
+            raise RewardError(f"{len(failed)} of {len(ranges)} remote reward servers failed:\n  {lines}")
+        return RewardResult.concat([future.result() for future in futures])
+
+    def _score_range(self, server: int, queries: Sequence[str], prompts: Sequence[str], labels: list[Any],
+                     first: int, last: int) -> RewardResult:
+        """Samples first..last-1 scored by server `server`, in requests of at most batch_size, in order."""
+        url = self.urls[server]
         parts = []
-        for start in range(0, len(queries), self.batch_size):
-            end = min(start + self.batch_size, len(queries))
+        for start in range(first, last, self.batch_size):
+            end = min(start + self.batch_size, last)
             payload = {"query": list(queries[start:end]), "prompts": list(prompts[start:end]),
                        "labels": labels[start:end]}
-            body = self._post_with_retries(payload)
-            source = f"remote reward {self.url} (samples {start}..{end - 1})"
+            body = self._post_with_retries(server, payload)
+            source = f"remote reward {url} (samples {start}..{end - 1})"
             parts.append(to_reward_result(body, end - start, source))
         return RewardResult.concat(parts)
 
-    def _post_with_retries(self, payload: dict[str, Any]) -> Any:
-        """POST `payload`, retrying transient failures; the decoded JSON body or a RewardError."""
+    def _post_with_retries(self, server: int, payload: dict[str, Any]) -> Any:
+        """POST `payload` to server `server`, retrying transient failures; the decoded JSON body or a RewardError."""
+        url = self.urls[server]
         try:
             data = json.dumps(payload).encode("utf-8")
         except (TypeError, ValueError) as error:
-            raise RewardError(f"remote reward {self.url}: the batch cannot be sent as JSON ({error}); "
+            raise RewardError(f"remote reward {url}: the batch cannot be sent as JSON ({error}); "
                               f"labels must be strings, numbers, lists, dicts or None") from error
         attempts = self.max_retries + 1
         for attempt in range(attempts):
-            outcome = self._post_once(data)
+            outcome = self._post_once(server, data)
             if outcome.error is None:
                 return outcome.body
             if not outcome.retryable:
-                raise RewardError(f"remote reward {self.url}: {outcome.error}")
+                raise RewardError(f"remote reward {url}: {outcome.error}")
             if attempt + 1 < attempts:
                 delay = min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
                 logger.warning("remote reward %s: attempt %d/%d failed (%s); retrying in %.2fs",
-                               self.url, attempt + 1, attempts, outcome.error, delay)
+                               url, attempt + 1, attempts, outcome.error, delay)
                 time.sleep(delay)
-        raise RewardError(f"remote reward {self.url}: failed after {attempts} attempt(s); last error: {outcome.error}")
+        raise RewardError(f"remote reward {url}: failed after {attempts} attempt(s); last error: {outcome.error}")
 
-    def _post_once(self, data: bytes) -> _Attempt:
-        """One POST, classified: success with a JSON body, a retryable failure or a final one."""
-        request = urllib.request.Request(self.url, data=data, method="POST",
+    def _post_once(self, server: int, data: bytes) -> _Attempt:
+        """One POST to server `server`, classified: success with a JSON body, a retryable failure or a final one."""
+        request = urllib.request.Request(self.urls[server], data=data, method="POST",
                                          headers={"Content-Type": "application/json", "Accept": "application/json"})
         try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
+            with self._openers[server].open(request, timeout=self.timeout_s) as response:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as error:
             raw = error.read() if error.fp is not None else b""

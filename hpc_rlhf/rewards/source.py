@@ -29,7 +29,7 @@ class RewardSource(Protocol):
 def make_reward_source(
     *,
     reward_func_path: str | None = None,
-    remote_url: str | None = None,
+    remote_url: str | Sequence[str] | None = None,
     reward_model_path: str | Path | None = None,
     remote_timeout_s: float = 30.0,
     remote_max_retries: int = 3,
@@ -39,7 +39,9 @@ def make_reward_source(
     dtype: str | torch.dtype = torch.float32,
     micro_batch_size: int = 8,
 ) -> RewardSource:
-    """The reward source named by exactly one of reward_func_path, remote_url and reward_model_path."""
+    """The reward source named by exactly one of reward_func_path, remote_url and reward_model_path.
+
+    `remote_url` is one URL, a list of URLs or a comma-separated string of URLs; a batch is spread over them."""
     given = {name: value for name, value in (("reward_func_path", reward_func_path), ("remote_url", remote_url),
                                              ("reward_model_path", reward_model_path)) if value}
     if len(given) != 1:

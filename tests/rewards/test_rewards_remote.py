@@ -1,14 +1,17 @@
-"""RemoteReward against a real ThreadingHTTPServer on 127.0.0.1: success, retries, failures, batching."""
+"""RemoteReward against real ThreadingHTTPServers on 127.0.0.1: success, retries, failures, batching, several
+servers."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
 import torch
 
 from hpc_rlhf.rewards import RemoteReward, RewardError
+from hpc_rlhf.rewards.remote import split_evenly, split_urls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,6 +157,87 @@ def test_labels_that_are_not_json_are_refused_before_sending(scripted_server):
     with pytest.raises(RewardError, match="cannot be sent as JSON"):
         RemoteReward(server.url, **FAST)(["a"], ["a"], [object()])
     assert server.requests == []
+
+
+def _echo(payload: dict, index: int) -> tuple:
+    """Rewards = the queries read as numbers, so the joined result shows the order."""
+    return _reply(200, {"rewards": [float(q) for q in payload["query"]], "extra_logs": {"request": index}})
+
+
+@pytest.mark.parametrize("as_string", [True, False])
+def test_several_servers_get_contiguous_parts_and_results_come_back_in_order(scripted_server, as_string):
+    servers = [scripted_server(_echo) for _ in range(3)]
+    urls = [server.url for server in servers]
+    queries = [str(i) for i in range(10)]
+    remote = RemoteReward(",".join(urls) if as_string else urls, batch_size=2, **FAST)
+    assert remote.urls == urls
+    result = remote(queries, [""] * 10, None)
+    assert result.rewards.tolist() == [float(i) for i in range(10)]
+    # Parts of 4, 3 and 3 samples, each sent in requests of at most batch_size, in order.
+    assert [request["query"] for request in servers[0].requests] == [["0", "1"], ["2", "3"]]
+    assert [request["query"] for request in servers[1].requests] == [["4", "5"], ["6"]]
+    assert [request["query"] for request in servers[2].requests] == [["7", "8"], ["9"]]
+    assert result.extra_logs["request"].tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_several_servers_are_asked_in_parallel(scripted_server):
+    """Every server waits until all three have a request: sequential requests would break the barrier."""
+    barrier = threading.Barrier(3, timeout=10)
+
+    def wait_for_all(payload, index):
+        barrier.wait()
+        return _echo(payload, index)
+
+    servers = [scripted_server(wait_for_all) for _ in range(3)]
+    result = RemoteReward([server.url for server in servers], **FAST)([str(i) for i in range(6)], [""] * 6, None)
+    assert result.rewards.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [len(server.requests) for server in servers] == [1, 1, 1]
+
+
+def test_a_batch_smaller_than_the_server_count_uses_the_first_servers(scripted_server):
+    servers = [scripted_server(_echo) for _ in range(3)]
+    result = RemoteReward([server.url for server in servers], **FAST)(["7", "8"], ["", ""], ["a", "b"])
+    assert result.rewards.tolist() == [7.0, 8.0]
+    assert [server.requests for server in servers] == [[{"query": ["7"], "prompts": [""], "labels": ["a"]}],
+                                                       [{"query": ["8"], "prompts": [""], "labels": ["b"]}], []]
+
+
+def test_a_failing_server_is_named_and_retried_on_its_own(scripted_server):
+    good = scripted_server(_echo)
+    bad = scripted_server(lambda payload, index: _reply(503, "busy"))
+    with pytest.raises(RewardError) as error:
+        RemoteReward([good.url, bad.url], max_retries=2, **FAST)(["1", "2", "3", "4"], [""] * 4, None)
+    message = str(error.value)
+    assert message.startswith(f"remote reward {bad.url}: failed after 3 attempt(s)") and "HTTP 503" in message
+    assert good.url not in message
+    assert len(bad.requests) == 3 and len(good.requests) == 1
+
+
+def test_every_failing_server_is_reported(scripted_server):
+    good = scripted_server(_echo)
+    refused = scripted_server(lambda payload, index: _reply(400, '{"error": "no labels"}'))
+    short = scripted_server(lambda payload, index: _reply(200, [1.0]))
+    with pytest.raises(RewardError) as error:
+        RemoteReward([refused.url, good.url, short.url], **FAST)([str(i) for i in range(6)], [""] * 6, None)
+    message = str(error.value)
+    assert message.startswith("2 of 3 remote reward servers failed:")
+    assert f"remote reward {refused.url}: HTTP 400" in message and "no labels" in message
+    assert f"remote reward {short.url} (samples 4..5): rewards has 1 values, expected 2" in message
+
+
+def test_split_urls_and_split_evenly():
+    assert split_urls("http://a/") == ["http://a/"]
+    assert split_urls(" http://a/ , http://b:8/x ") == ["http://a/", "http://b:8/x"]
+    assert split_urls(["http://a/", "http://b/"]) == ["http://a/", "http://b/"]
+    with pytest.raises(RewardError, match=r"entry 1 is ''"):
+        split_urls("http://a/,,http://b/")
+    with pytest.raises(RewardError, match="list is empty"):
+        RemoteReward([])
+    with pytest.raises(RewardError, match=r"url must look like http://host:port/path, got 'ftp://b/'"):
+        RemoteReward("http://a/,ftp://b/")
+    assert split_evenly(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert split_evenly(2, 3) == [(0, 1), (1, 2)]
+    assert split_evenly(6, 1) == [(0, 6)]
 
 
 def _reply(status: int, body, delay_s: float = 0.0) -> tuple:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_rlhf.config import RewardConfig
+from hpc_rlhf.config import ConfigError, RewardConfig
+from hpc_rlhf.config_io import load_config
 from hpc_rlhf.rewards import (
     RemoteReward,
     RewardError,
@@ -63,3 +64,21 @@ def test_from_config_remote_and_ambiguous():
     assert isinstance(remote, RemoteReward) and (remote.timeout_s, remote.max_retries) == (4.0, 1)
     with pytest.raises(RewardError, match="got reward_func_path, reward_model_path"):
         reward_source_from_config(replace(RewardConfig(), pretrain="/some/model"))
+
+
+def test_several_remote_urls_from_yaml_list_or_command_line_string(tmp_path):
+    urls = ["http://127.0.0.1:9/", "http://127.0.0.1:10/score"]
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("reward:\n  reward_func_path: null\n  remote_url:\n"
+                           + "".join(f"    - {url}\n" for url in urls))
+    from_yaml = load_config(config_file).config.reward
+    from_cli = load_config(None, ["--reward.reward_func_path=", f"--reward.remote_url={','.join(urls)}"]).config.reward
+    assert from_yaml.remote_url == urls and from_cli.remote_url == ",".join(urls)
+    for reward in (from_yaml, from_cli):
+        remote = reward_source_from_config(reward)
+        assert isinstance(remote, RemoteReward) and remote.urls == urls
+    single = load_config(None, ["--reward.reward_func_path=", f"--reward.remote_url={urls[0]}"]).config.reward
+    assert single.remote_url == urls[0] and reward_source_from_config(single).urls == [urls[0]]
+    config_file.write_text("reward:\n  reward_func_path: null\n  remote_url: [http://h/, 8000]\n")
+    with pytest.raises(ConfigError, match=r"reward.remote_url\[1\] .*expected a string, got int 8000"):
+        load_config(config_file)
