@@ -1,8 +1,9 @@
-"""A small HTTP reward service over a reward function, standard library only (`tools/serve_reward.py` runs it).
+"""A small HTTP reward service over a reward function or reward model, standard library only
+(`tools/serve_reward.py` runs it).
 
     POST /        {"query": [...], "prompts": [...], "labels": [...]?}  ->  {"rewards": [...], "scores": [...],
                                                                             "extra_logs": {name: [...]}}
-    GET /health   {"status": "ok"}
+    GET /health   {"status": "ok", "reward": description, ...counters such as "requests" and "batches"}
 
 A malformed request gets 400 with a message naming the field; a reward function that raises gets 500 with its error,
 so `RemoteReward` retries server faults and reports client faults at once.
@@ -10,6 +11,7 @@ so `RemoteReward` retries server faults and reports client faults at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -58,7 +60,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") in ("/health", ""):
-            self._send_json(HTTPStatus.OK, {"status": "ok", "reward": self.server.description})
+            stats = self.server.stats() if self.server.stats is not None else {}
+            self._send_json(HTTPStatus.OK, {"status": "ok", "reward": self.server.description, **stats})
         else:
             self._send_json(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path!r}; POST / or GET /health"})
 
@@ -107,14 +110,18 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
 
 class RewardServer(ThreadingHTTPServer):
     """A threaded HTTP server holding the reward function its handlers call, one call at a time (user reward
-    functions need not be thread-safe; requests still read and write concurrently)."""
+    functions need not be thread-safe; requests still read and write concurrently). A `thread_safe` reward_fn, such
+    as a BatchingScorer that merges concurrent requests, is called by every handler at once; `stats` adds counters
+    to GET /health."""
 
     daemon_threads = True
 
-    def __init__(self, reward_fn: RewardCallable, host: str = "127.0.0.1", port: int = 0, description: str = ""):
+    def __init__(self, reward_fn: RewardCallable, host: str = "127.0.0.1", port: int = 0, description: str = "",
+                 *, thread_safe: bool = False, stats: Callable[[], dict[str, int]] | None = None):
         self.reward_fn = reward_fn
-        self.reward_lock = threading.Lock()
+        self.reward_lock = contextlib.nullcontext() if thread_safe else threading.Lock()
         self.description = description
+        self.stats = stats
         super().__init__((host, port), RewardRequestHandler)
 
     @property

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from hpc_rlhf.tiny_model import build_tiny_tokenizer
+
 
 @dataclass
 class ScriptedServer:
@@ -122,4 +124,24 @@ def tiny_reward_model_dir(tmp_path_factory) -> Path:
         torch.nn.init.normal_(model.score.weight, std=1.0)
     path = tmp_path_factory.mktemp("reward_model")
     model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_reward_model_dir(tmp_path_factory) -> Path:
+    """A random-init LlamaForSequenceClassification saved with the tiny character tokenizer, so it scores text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         num_labels=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = LlamaForSequenceClassification(config)
+        torch.nn.init.normal_(model.score.weight, std=1.0)
+    path = tmp_path_factory.mktemp("text_reward_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
