@@ -2,7 +2,7 @@
 
     python tools/serve_reward.py --reward-func my_reward.py --port 8000            # POST http://127.0.0.1:8000/
     python tools/serve_reward.py --reward-func pkg.rewards:score --host 0.0.0.0 --port 8000
-    python tools/serve_reward.py --reward-pretrain runs/rm/hf/actor --port 8001 --batch-size 32 --max-wait-ms 10
+    python tools/serve_reward.py --reward-pretrain runs/rm_tiny/hf/reward --port 8001 --batch-size 32 --max-wait-ms 10
     curl -s localhost:8000/health
 
 Requests are {"query": [...], "prompts": [...], "labels": [...]}; answers {"rewards", "scores", "extra_logs"}.
