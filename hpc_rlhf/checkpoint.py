@@ -24,7 +24,6 @@ names a folder that is not complete. The checkpoint folder must be on a filesyst
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -38,12 +37,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from hpc_rlhf import __version__
+from hpc_rlhf.durable import atomic_write_bytes, fsync_dir, synced_file
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
@@ -190,34 +190,21 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:06d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (filesystems that refuse to fsync folders are let be)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:
-    """Write `data` (bytes, or a function writing to the open file) to `path` and fsync it."""
-    with open(path, "wb") as handle:
-        handle.write(data) if isinstance(data, bytes) else data(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it (files inside the temporary folder, which is renamed into place whole)."""
+    with synced_file(path) as handle:
+        handle.write(data)
 
 
 def _replace_durable(path: Path, data: bytes) -> None:
     """Write `path` atomically: a temporary file in the same folder, fsync, os.replace, fsync the folder."""
     temporary = path.with_name(f"{path.name}{TMP_MARK}{secrets.token_hex(8)}")
-    _write_durable(temporary, data)
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, data, temporary, strict_dir_sync=False)
 
 
 def _torch_save_durable(obj: Any, path: Path) -> None:
-    _write_durable(path, lambda handle: torch.save(obj, handle))
+    with synced_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def _remove(path: Path) -> None:
@@ -397,7 +384,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, *, rank: int, 
     if rank == 0:
         _write_durable(temporary / STATE_FILE, state_json)
         _write_durable(temporary / COMPLETE_FILE, f"{name}\n".encode())
-        _fsync_dir(temporary)
+        fsync_dir(temporary, strict=False)
         _publish(temporary, final)
         _replace_durable(root / LATEST_FILE, f"{name}\n".encode())
         (root / IN_PROGRESS_FILE).unlink(missing_ok=True)
@@ -446,7 +433,7 @@ def _publish(temporary: Path, final: Path) -> None:
         aside = final.with_name(f"{final.name}{TMP_MARK}replaced-{secrets.token_hex(8)}")
         os.rename(final, aside)
     os.rename(temporary, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent, strict=False)
     if aside is not None:
         _remove(aside)
 

@@ -19,6 +19,7 @@ already in the future then: setting it D seconds ahead while the job is completi
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from hpc_rlhf.durable import atomic_write_bytes
 from hpc_rlhf.slurm.env import in_slurm_job
 
 STOP_FLAG_NAME = ".stop_requested"
@@ -83,10 +85,14 @@ def stop_flag_tag(job_id: str, restart_count: int) -> str:
 def write_stop_flag(run_dir: str | os.PathLike[str], job_id: str, restart_count: int) -> Path:
     """Ask every rank of this run of the job to stop (what the batch script's trap does, in Python)."""
     path = stop_flag_path(run_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(stop_flag_tag(job_id, restart_count) + "\n")
-    os.replace(tmp, path)
+    _write_flag(path, stop_flag_tag(job_id, restart_count))
     return path
+
+
+def _write_flag(path: Path, tag: str) -> None:
+    """Replace the flag file atomically, through a temporary name of this process (folder syncs may be refused)."""
+    temp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    atomic_write_bytes(path, f"{tag}\n".encode(), temp, strict_dir_sync=False)
 
 
 def stop_trap_lines() -> list[str]:
@@ -203,10 +209,7 @@ def flag_from_signal(environ: Mapping[str, str] | None = None) -> bool:
     if not path or not job_id or not restarts.isdigit():
         return False
     try:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as handle:
-            handle.write(stop_flag_tag(job_id, int(restarts)) + "\n")
-        os.replace(tmp, path)
+        _write_flag(Path(path), stop_flag_tag(job_id, int(restarts)))
     except OSError:
         return False
     return True
