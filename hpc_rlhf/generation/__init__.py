@@ -6,8 +6,9 @@
     trajectories = executor.run(prompt_token_ids, params, prompt_texts=texts, labels=labels)
 """
 
-from hpc_rlhf.generation.agents import AgentError, SingleTurnExecutor, Trajectory, load_agent_class, make_executor
+from hpc_rlhf.generation.agents import AgentError, Trajectory, load_agent_class
 from hpc_rlhf.generation.engine import GeneratedSample, GenerationEngine, GenerationError, SamplingParams
+from hpc_rlhf.generation.executors import SingleTurnExecutor, make_executor
 from hpc_rlhf.generation.factory import make_engine
 from hpc_rlhf.generation.hf_engine import HFEngine
 from hpc_rlhf.generation.hosted import EngineSpec, ProcessHostedEngine

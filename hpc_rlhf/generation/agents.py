@@ -1,11 +1,9 @@
-"""Agent executors turn prompts into token trajectories; token in, token out (earlier text is never re-tokenized).
+"""What executors and agent files share: the Trajectory record, AgentError and loading a user's agent class.
 
-    executor = make_executor(engine, tokenizer, agent_func_path=None)        # single-turn
-    executor = make_executor(engine, tokenizer, agent_func_path="env.py", max_turns=4, max_length=2048)
-    trajectories = executor.run(prompt_ids, SamplingParams(n=4, ...), prompt_texts=texts, labels=labels)
-
-`run` returns `params.n` trajectories per prompt, flattened in prompt order (trajectory k answers prompt k // n).
-A single-turn trajectory leaves `reward` None for the reward stage; a multi-turn one carries the environment's.
+Executors (`executors.SingleTurnExecutor`, `multi_turn.MultiTurnExecutor`, chosen by `executors.make_executor`) turn
+prompts into token trajectories. `run` returns `params.n` trajectories per prompt, flattened in prompt order
+(trajectory k answers prompt k // n). A single-turn trajectory leaves `reward` None for the reward stage; a multi-turn
+one carries the environment's.
 
 A multi-turn agent file (`rollout.agent_func_path`, like OpenRLHF's `--agent_func_path`) defines `class AgentInstance`
 with a no-argument constructor and two methods, plain or `async def`:
@@ -28,12 +26,9 @@ import hashlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from hpc_rlhf.generation.engine import GenerationEngine, SamplingParams
 
 AGENT_CLASS_NAME = "AgentInstance"
 
@@ -68,25 +63,6 @@ class Trajectory:
                              f"{len(self.log_probs)} log-probs; all three must match")
 
 
-class SingleTurnExecutor:
-    """One generation per sample; every response token is a policy token."""
-
-    def __init__(self, engine: GenerationEngine) -> None:
-        self.engine = engine
-
-    def run(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
-            prompt_texts: Sequence[str] | None = None, labels: Sequence[Any] | None = None) -> list[Trajectory]:
-        """`params.n` trajectories per prompt, prompt-major; `prompt_texts` and `labels` are not needed here."""
-        trajectories = []
-        for samples in self.engine.generate([list(ids) for ids in prompt_ids], params):
-            for sample in samples:
-                trajectories.append(Trajectory(
-                    prompt_ids=list(sample.prompt_ids), response_ids=list(sample.response_ids),
-                    action_mask=[1] * len(sample.response_ids), log_probs=list(sample.log_probs),
-                    turn_boundaries=[0], finish_reason=sample.finish_reason))
-        return trajectories
-
-
 def load_agent_class(path: str) -> type:
     """Import the Python file at `path` and return its `AgentInstance` class, with clear errors."""
     file = Path(path)
@@ -111,14 +87,3 @@ def load_agent_class(path: str) -> type:
         if not callable(getattr(agent_cls, method, None)):
             raise AgentError(f"rollout.agent_func_path: {AGENT_CLASS_NAME} in {path!r} has no {method}() method")
     return agent_cls
-
-
-def make_executor(engine: GenerationEngine, tokenizer: Any, *, agent_func_path: str | None = None,
-                  max_turns: int = 1, max_length: int | None = None) -> Any:
-    """A `MultiTurnExecutor` when an agent file is given, else a `SingleTurnExecutor`."""
-    if not agent_func_path:
-        return SingleTurnExecutor(engine)
-    from hpc_rlhf.generation.multi_turn import MultiTurnExecutor
-
-    return MultiTurnExecutor(engine, load_agent_class(agent_func_path), tokenizer, max_turns=max_turns,
-                             max_length=max_length)
