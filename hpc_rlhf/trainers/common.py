@@ -30,6 +30,7 @@ from hpc_rlhf.data import prompt_indices_for, rank_slice
 from hpc_rlhf.lora import is_lora_model, load_model_for_training, lora_settings, save_adapter
 from hpc_rlhf.slurm.requeue import leave_for_requeue
 from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.trainers.checkpointing import CheckpointService
 from hpc_rlhf.trainers.engines import engine_config
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
@@ -272,74 +273,79 @@ def all_reduce_sums(model: Any, sums: Mapping[str, float]) -> dict[str, float]:
 
 
 # ----- the step loop ----------------------------------------------------------------------------------------------
+@dataclass
+class StepProgress:
+    """Where a run stands, as its checkpoints record it: the next optimizer step to train."""
+
+    next_step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.next_step = int(state.get("next_step", 0))
+
+
+@dataclass
+class RoundProgress(StepProgress):
+    """Where a run that samples in rounds stands: also the round and the step that round's training started at."""
+
+    round: int = 0
+    round_start: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "round_start": self.round_start, "next_step": self.next_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.round = int(state.get("round", 0))
+        self.round_start = int(state.get("round_start", 0))
+
+
 class StepLoop:
     """Optimizer steps with evaluation, checkpoints, stop agreement and metrics; every rank drives one.
 
-    Checkpoints go to RUN_DIR/checkpoints/iter_<next step> with the engines in `engines` (their weights, optimizer
-    and scheduler states), every rank's RNG state and the trainer's own state; `restore` loads the newest one.
+    Checkpoints (`CheckpointService`) go to RUN_DIR/checkpoints/iter_<next step> with the engines in `engines` (their
+    weights, optimizer and scheduler states), every rank's RNG state and `progress`; `restore` loads the newest one.
     """
 
-    def __init__(self, ctx: TrainerContext, engines: Mapping[str, Any], *, total_steps: Optional[int]) -> None:
-        from hpc_rlhf.checkpoint import config_fingerprint
-        from hpc_rlhf.config_io import config_to_dict
+    def __init__(self, ctx: TrainerContext, engines: Mapping[str, Any], *, total_steps: Optional[int],
+                 progress: Optional[StepProgress] = None) -> None:
         from hpc_rlhf.metrics import MetricsLogger
 
         self.ctx = ctx
-        self.engines = dict(engines)
-        self.root = ctx.run_dir / "checkpoints"
-        self.fingerprint = config_fingerprint(config_to_dict(ctx.cfg))
+        self.progress = progress if progress is not None else StepProgress()
+        self.checkpoint = CheckpointService(ctx.cfg, rank=ctx.rank, world_size=ctx.world.info.world_size,
+                                            control=ctx.control, engines=engines, trainer=self.progress)
         logger_cfg = ctx.cfg.logger
+        start_hint = int(self.checkpoint.resume_state().get("next_step", 0))
         self.logger = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, use_tensorboard=logger_cfg.use_tensorboard,
                                     progress_bar=logger_cfg.progress_bar, total_steps=total_steps,
-                                    logging_steps=logger_cfg.logging_steps, start_step=self._start_hint())
+                                    logging_steps=logger_cfg.logging_steps, start_step=start_hint)
         self.last_metrics: dict[str, float] = {}
         self.evaluated_at: Optional[int] = None  # the step count after which the last evaluation ran
 
-    def _start_hint(self) -> int:
-        """The step a resumed run starts from, for the progress bar; 0 for a fresh run."""
-        from hpc_rlhf.checkpoint import latest_checkpoint, read_trainer_state
+    def restore(self) -> StepProgress:
+        """Load the newest complete checkpoint into the engines, RNG and progress; returns the progress (a fresh
+        one without a checkpoint)."""
+        path = self.checkpoint.restore()
+        if path is not None:
+            self.ctx.info(f"resumed from {path} at step {self.progress.next_step}")
+        return self.progress
 
-        if not self.ctx.cfg.ckpt.load_checkpoint:
-            return 0
-        path = latest_checkpoint(self.root)
-        return int(read_trainer_state(path).get("next_step", 0)) if path is not None else 0
-
-    def restore(self) -> dict[str, Any]:
-        """Load the newest complete checkpoint into the engines (and RNG); returns its trainer state, {} if none."""
-        from hpc_rlhf.checkpoint import latest_checkpoint, load_checkpoint
-
-        if not self.ctx.cfg.ckpt.load_checkpoint:
-            return {}
-        path = latest_checkpoint(self.root)
-        # Rank 0 decides, so all ranks load the same checkpoint even if a shared filesystem lags somewhere.
-        path = self.ctx.control.broadcast_object(str(path) if path is not None else None, src=0)
-        if path is None:
-            return {}
-        state = load_checkpoint(Path(path), rank=self.ctx.rank, engines=self.engines,
-                                config_fingerprint=self.fingerprint)
-        self.ctx.info(f"resumed from {path} at step {state.get('next_step', 0)}")
-        return state
-
-    def save(self, next_step: int, trainer_state: Mapping[str, Any]) -> Path:
+    def save(self, next_step: int) -> Path:
         """A complete checkpoint named after `next_step`, the first step a resumed run will train."""
-        from hpc_rlhf.checkpoint import save_checkpoint
-
-        return save_checkpoint(self.root, next_step, rank=self.ctx.rank, world_size=self.ctx.world.info.world_size,
-                               barrier=self.ctx.control.barrier, engines=self.engines,
-                               trainer_state={**trainer_state, "next_step": next_step},
-                               config_fingerprint=self.fingerprint, keep_last=self.ctx.cfg.ckpt.max_ckpt_num)
+        self.progress.next_step = next_step
+        return self.checkpoint.save(next_step)
 
     def agree_to_stop(self) -> bool:
         """Whether any rank was asked to stop (all ranks call it at the same points)."""
         return any(self.ctx.control.allgather_object(bool(self.ctx.should_stop())))
 
     def run(self, steps: Sequence[int], train_step: Callable[[int], dict[str, float]], *,
-            evaluate: Optional[Callable[[], dict[str, float]]] = None,
-            trainer_state: Callable[[int], dict[str, Any]] = lambda next_step: {}) -> bool:
+            evaluate: Optional[Callable[[], dict[str, float]]] = None) -> bool:
         """Train `steps` (global step numbers); returns True when the run was asked to stop (a checkpoint is saved).
-
-        `trainer_state(next_step)` adds the caller's own JSON state to checkpoints (e.g. the round of iterative DPO).
-        """
+        Checkpoints record `progress` (a round trainer sets its round first)."""
         cfg = self.ctx.cfg
         for step in steps:
             start = time.perf_counter()
@@ -351,9 +357,8 @@ class StepLoop:
             stop = self.agree_to_stop()
             self.logger.log(step, metrics)
             self.last_metrics = metrics
-            every = cfg.ckpt.save_steps
-            if stop or (every > 0 and (step + 1) % every == 0):
-                self.save(step + 1, trainer_state(step + 1))
+            if self.checkpoint.due(step + 1, stop=stop):
+                self.save(step + 1)
             if stop:
                 self.ctx.info(f"stop requested: checkpoint saved after step {step}")
                 return True
@@ -418,9 +423,11 @@ def eval_share(ctx: TrainerContext, items: Sequence[Any]) -> tuple[list[Any], fl
 
 
 def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bool,
-           evaluate: Optional[Callable[[], dict[str, float]]], save: Callable[[], None]) -> dict[str, float]:
+           evaluate: Optional[Callable[[], dict[str, float]]],
+           save: Optional[Callable[[], None]]) -> dict[str, float]:
     """End of a run: on a stop only close the logger; else a final evaluation (unless the last step had one), the
-    Hugging Face models (ckpt.save_hf_model) and the curves. Returns the last metrics."""
+    Hugging Face models (ckpt.save_hf_model; `save` None: nothing was trained) and the curves. Returns the last
+    metrics."""
     cfg = ctx.cfg
     if stopped:
         loop.close()
@@ -428,7 +435,7 @@ def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bo
     if evaluate is not None and loop.evaluated_at != total_steps:
         loop.log(total_steps, evaluate())
         loop.evaluated_at = total_steps
-    if cfg.ckpt.save_hf_model:
+    if cfg.ckpt.save_hf_model and save is not None:
         save()
     loop.close()
     return dict(loop.last_metrics)

@@ -21,7 +21,6 @@ The policy is saved to RUN_DIR/hf/actor.
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -30,6 +29,7 @@ import torch
 from hpc_rlhf.algos import dpo_loss, ipo_loss
 from hpc_rlhf.config import Config
 from hpc_rlhf.trainers.common import (
+    RoundProgress,
     StepLoop,
     StepSchedule,
     TrainerContext,
@@ -48,7 +48,9 @@ from hpc_rlhf.trainers.common import (
     sequence_log_probs,
 )
 from hpc_rlhf.trainers.rm import pair_samples, split_pairs
-from hpc_rlhf.trainers.supervised_data import Encoded, PairExample, load_pairs, write_jsonl
+from hpc_rlhf.trainers.rounds import Rounds, RoundTraining, run_rounds
+from hpc_rlhf.trainers.sampling import RoundSampler, load_prompt_rows, round_prompts
+from hpc_rlhf.trainers.supervised_data import Encoded, PairExample, load_pairs, read_jsonl
 from hpc_rlhf.training.batching import MicroBatch
 from hpc_rlhf.training.models import Actor, ForwardOutput
 
@@ -156,7 +158,7 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         indices = schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
         return dpo_train_step(ctx, actor, pairs, ref_train, indices)
 
-    start = int(loop.restore().get("next_step", 0))
+    start = loop.restore().next_step
     stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=evaluate)
     return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate,
                   save=lambda: save_model(ctx, actor, "actor"))
@@ -191,16 +193,9 @@ def pairs_from_rows(rows: Sequence[dict], max_len: int) -> list[PairExample]:
     return pairs
 
 
-def read_round(path: Any) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def run_iterative(cfg: Config, world: Any, groups: Any, control: Any, *,
                   should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Rounds of sample -> score -> pair -> DPO; see the module docstring."""
-    from hpc_rlhf.trainers.sampling import RoundSampler, load_prompt_rows, mean_over_ranks, round_prompts
-
     ctx = build_context(cfg, world, groups, control, should_stop)
     prompt_rows = load_prompt_rows(cfg, ctx.tokenizer)
     eval_rows = (load_prompt_rows(cfg, ctx.tokenizer, path=cfg.eval.data, max_samples=cfg.eval.max_samples)
@@ -210,56 +205,36 @@ def run_iterative(cfg: Config, world: Any, groups: Any, control: Any, *,
     steps_per_round = cfg.train.max_epochs * (cfg.rollout.batch_size // cfg.train.train_batch_size)
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, cfg.pref.rounds * max(steps_per_round, 1))
     sampler = RoundSampler(ctx)
-    loop = StepLoop(ctx, {"actor": actor}, total_steps=None)
-    rounds_dir = ctx.run_dir / ROUNDS_DIR
+    loop = StepLoop(ctx, {"actor": actor}, total_steps=None, progress=RoundProgress())
 
     def evaluate() -> dict[str, float]:
         sampler.sync_weights(actor)
         return sampler.evaluate(eval_rows, actor)
 
-    state = loop.restore()
-    next_step, first_round = int(state.get("next_step", 0)), int(state.get("round", 0))
-    round_start = int(state.get("round_start", 0))
-    stopped = False
-    if eval_rows and next_step == 0 and first_round == 0:
-        loop.log(0, evaluate())  # the starting point, to compare the rounds with
-    for round_index in range(first_round, cfg.pref.rounds):
-        path = rounds_dir / f"round_{round_index:03d}.jsonl"
-        if not path.is_file():  # sample this round (a resumed run reuses a written round)
-            sampler.sync_weights(actor)
-            mine = round_prompts(cfg, prompt_rows, round_index, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
-            scored, sample_metrics = sampler.sample(mine, round_index)
-            gathered = ctx.control.allgather_object(round_pairs_rows(scored))
-            if ctx.is_main:
-                write_jsonl([row for part in gathered for row in part], path)
-            ctx.control.barrier()
-            loop.log(round_start, {**mean_over_ranks(ctx, sample_metrics), "rollout/round": float(round_index)})
-        pairs = pairs_from_rows(read_round(path), cfg.data.max_len)
-        if len(pairs) >= cfg.train.train_batch_size:
-            schedule = StepSchedule(num_examples=len(pairs), batch_size=cfg.train.train_batch_size,
-                                    epochs=cfg.train.max_epochs, seed=cfg.train.seed + round_index)
-            ref_all = reference_log_probs(ctx, reference, pairs)
+    def sample(round_index: int) -> tuple[list[dict], dict[str, float]]:
+        sampler.sync_weights(actor)
+        mine = round_prompts(cfg, prompt_rows, round_index, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
+        scored, metrics = sampler.sample(mine, round_index)
+        return round_pairs_rows(scored), metrics
 
-            def train_step(step: int, start: int = round_start, schedule: StepSchedule = schedule,
-                           pairs: list = pairs, ref_all: torch.Tensor = ref_all) -> dict[str, float]:
-                indices = schedule.indices(step - start, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
-                return dpo_train_step(ctx, actor, pairs, ref_all, indices)
-
-            end = round_start + schedule.total_steps
-            stopped = loop.run(range(max(next_step, round_start), end), train_step,
-                               trainer_state=lambda n, r=round_index, s=round_start: {"round": r, "round_start": s})
-            if stopped:
-                break
-            next_step = round_start = end
-        else:
+    def training(round_index: int) -> Optional[RoundTraining]:
+        pairs = pairs_from_rows(read_jsonl(rounds.path(round_index)), cfg.data.max_len)
+        if len(pairs) < cfg.train.train_batch_size:
             ctx.info(f"round {round_index}: {len(pairs)} pairs, fewer than train.train_batch_size="
                      f"{cfg.train.train_batch_size}; no training this round")
-        if eval_rows:
-            loop.log(next_step, evaluate())
-            loop.evaluated_at = next_step
-        if round_index + 1 < cfg.pref.rounds and loop.agree_to_stop():  # a stop between rounds: resume at the next
-            loop.save(next_step, {"round": round_index + 1, "round_start": next_step})
-            stopped = True
-            break
-    return finish(ctx, loop, total_steps=next_step, stopped=stopped, evaluate=evaluate if eval_rows else None,
+            return None
+        schedule = StepSchedule(num_examples=len(pairs), batch_size=cfg.train.train_batch_size,
+                                epochs=cfg.train.max_epochs, seed=cfg.train.seed + round_index)
+        ref_all = reference_log_probs(ctx, reference, pairs)
+
+        def train_step(step: int) -> dict[str, float]:
+            indices = schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
+            return dpo_train_step(ctx, actor, pairs, ref_all, indices)
+
+        return RoundTraining(schedule, train_step)
+
+    rounds = Rounds(count=cfg.pref.rounds, directory=ctx.run_dir / ROUNDS_DIR, sample=sample, training=training,
+                    evaluate=evaluate if eval_rows else None)
+    stopped, trained_steps = run_rounds(ctx, loop, rounds)
+    return finish(ctx, loop, total_steps=trained_steps, stopped=stopped, evaluate=rounds.evaluate,
                   save=lambda: save_model(ctx, actor, "actor"))

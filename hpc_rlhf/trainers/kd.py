@@ -119,7 +119,7 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         mine = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
         return finite_metrics(student.train_step(micro_batches(ctx, [e.to_sample() for e in mine]), loss_fn, "token"))
 
-    start = int(loop.restore().get("next_step", 0))
+    start = loop.restore().next_step
     stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=run_eval)
     return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=run_eval,
                   save=lambda: save_model(ctx, student, "actor"))

@@ -136,7 +136,7 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         batches = micro_batches(ctx, [e.encoded.to_sample() for e in mine])
         return finite_metrics(actor.train_step(batches, kto_loss_fn(cfg, desirable, ref, z0), "sample"))
 
-    start = int(loop.restore().get("next_step", 0))
+    start = loop.restore().next_step
     stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=run_eval)
     return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=run_eval,
                   save=lambda: save_model(ctx, actor, "actor"))

@@ -16,12 +16,12 @@ answered and scored before the first and after every round.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.trainers.common import (
+    RoundProgress,
     StepLoop,
     StepSchedule,
     build_context,
@@ -29,8 +29,10 @@ from hpc_rlhf.trainers.common import (
     load_trainable,
     save_model,
 )
-from hpc_rlhf.trainers.sampling import RoundSampler, ScoredGroup, load_prompt_rows, mean_over_ranks, round_prompts
-from hpc_rlhf.trainers.supervised_data import Encoded, write_jsonl
+from hpc_rlhf.trainers.rounds import Rounds, RoundTraining, run_rounds
+from hpc_rlhf.trainers.sampling import RoundSampler, ScoredGroup, load_prompt_rows, round_prompts
+from hpc_rlhf.trainers.sft import sft_step
+from hpc_rlhf.trainers.supervised_data import Encoded, read_jsonl, write_jsonl
 from hpc_rlhf.training.models import Actor
 
 ROUNDS_DIR = "rejection_sampling"
@@ -49,11 +51,6 @@ def best_rows(groups: list[ScoredGroup], min_reward: Optional[float]) -> list[di
                      "reward": group.rewards[best], "prompt_ids": list(group.prompt.prompt_ids),
                      "response_ids": group.response_ids[best]})
     return rows
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def sft_rows(rows: list[dict], cfg: Config) -> list[dict]:
@@ -81,8 +78,6 @@ def examples_from_rows(rows: list[dict], max_len: int) -> list[Encoded]:
 def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Best-of-N rounds (and RAFT fine-tuning with rejection_sampling.train_sft); every rank calls this."""
-    from hpc_rlhf.trainers.sft import train_on_examples
-
     rs = cfg.rejection_sampling
     ctx = build_context(cfg, world, groups, control, should_stop)
     prompt_rows = load_prompt_rows(cfg, ctx.tokenizer)
@@ -93,68 +88,40 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
                 for r in range(rs.rounds))
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, bound) if rs.train_sft else None
     sampler = RoundSampler(ctx)
-    loop = StepLoop(ctx, {"actor": actor} if actor is not None else {}, total_steps=None)
-    rounds_dir = ctx.run_dir / ROUNDS_DIR
+    loop = StepLoop(ctx, {"actor": actor}, total_steps=None, progress=RoundProgress())
 
     def evaluate() -> dict[str, float]:
         sampler.sync_weights(actor)
         return sampler.evaluate(eval_rows, actor)
 
-    state = loop.restore()
-    next_step, first_round = int(state.get("next_step", 0)), int(state.get("round", 0))
-    round_start = int(state.get("round_start", 0))
-    if eval_rows and next_step == 0 and first_round == 0:
-        loop.log(0, evaluate())
-    stopped = False
-    for round_index in range(first_round, rs.rounds):
-        path = rounds_dir / f"round_{round_index:03d}.jsonl"
-        if not path.is_file():
-            if actor is not None:
-                sampler.sync_weights(actor)
-            mine = round_prompts(cfg, prompt_rows, round_index, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
-            scored, metrics = sampler.sample(mine, round_index)
-            kept = best_rows(scored, rs.min_reward)
-            metrics["rollout/kept_fraction"] = len(kept) / max(len(scored), 1)
-            gathered = ctx.control.allgather_object(kept)
-            if ctx.is_main:
-                write_jsonl([row for part in gathered for row in part], path)
-            ctx.control.barrier()
-            # Without fine-tuning there are no optimizer steps: rounds are the steps of the curves.
-            loop.log(round_start if actor is not None else round_index,
-                     {**mean_over_ranks(ctx, metrics), "rollout/round": float(round_index)})
+    def sample(round_index: int) -> tuple[list[dict], dict[str, float]]:
         if actor is not None:
-            examples = examples_from_rows([row for r in range(round_index + 1)
-                                           for row in read_rows(rounds_dir / f"round_{r:03d}.jsonl")],
-                                          cfg.data.max_len)
-            if len(examples) >= cfg.train.train_batch_size:
-                schedule = StepSchedule(num_examples=len(examples), batch_size=cfg.train.train_batch_size,
-                                        epochs=cfg.train.max_epochs, seed=cfg.train.seed + round_index)
-                end = round_start + schedule.total_steps
-                stopped = train_on_examples(
-                    ctx, actor, loop, examples, schedule, range(max(next_step, round_start), end),
-                    step_offset=round_start,
-                    trainer_state=lambda n, r=round_index, s=round_start: {"round": r, "round_start": s})
-                if stopped:
-                    break
-                next_step = round_start = end
-            else:
-                ctx.info(f"round {round_index}: {len(examples)} kept rows, fewer than train.train_batch_size="
-                         f"{cfg.train.train_batch_size}; no fine-tuning this round")
-            if eval_rows:
-                loop.log(next_step, evaluate())
-                loop.evaluated_at = next_step
-        if round_index + 1 < rs.rounds and loop.agree_to_stop():  # a stop between rounds: resume at the next one
-            loop.save(next_step, {"round": round_index + 1, "round_start": next_step})
-            stopped = True
-            break
+            sampler.sync_weights(actor)
+        mine = round_prompts(cfg, prompt_rows, round_index, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
+        scored, metrics = sampler.sample(mine, round_index)
+        kept = best_rows(scored, rs.min_reward)
+        metrics["rollout/kept_fraction"] = len(kept) / max(len(scored), 1)
+        return kept, metrics
 
+    def training(round_index: int) -> Optional[RoundTraining]:
+        """SFT on every row kept so far."""
+        examples = examples_from_rows([row for r in range(round_index + 1) for row in read_jsonl(rounds.path(r))],
+                                      cfg.data.max_len)
+        if len(examples) < cfg.train.train_batch_size:
+            ctx.info(f"round {round_index}: {len(examples)} kept rows, fewer than train.train_batch_size="
+                     f"{cfg.train.train_batch_size}; no fine-tuning this round")
+            return None
+        schedule = StepSchedule(num_examples=len(examples), batch_size=cfg.train.train_batch_size,
+                                epochs=cfg.train.max_epochs, seed=cfg.train.seed + round_index)
+        return RoundTraining(schedule, sft_step(ctx, actor, examples, schedule))
+
+    rounds = Rounds(count=rs.rounds, directory=ctx.run_dir / ROUNDS_DIR, sample=sample,
+                    training=training if actor is not None else None, evaluate=evaluate if eval_rows else None)
+    stopped, trained_steps = run_rounds(ctx, loop, rounds)
     if not stopped and ctx.is_main:
         output = Path(rs.output_path) if rs.output_path else ctx.run_dir / DEFAULT_OUTPUT
-        rows = [row for r in range(rs.rounds) for row in read_rows(rounds_dir / f"round_{r:03d}.jsonl")]
+        rows = [row for r in range(rs.rounds) for row in read_jsonl(rounds.path(r))]
         write_jsonl(sft_rows(rows, cfg), output)
         ctx.info(f"wrote {len(rows)} best-of-{cfg.rollout.n_samples_per_prompt} rows to {output}")
-    if actor is None:
-        loop.close()
-        return {"stopped": 1.0, **loop.last_metrics} if stopped else dict(loop.last_metrics)
-    return finish(ctx, loop, total_steps=next_step, stopped=stopped, evaluate=evaluate if eval_rows else None,
-                  save=lambda: save_model(ctx, actor, "actor"))
+    return finish(ctx, loop, total_steps=trained_steps, stopped=stopped, evaluate=rounds.evaluate,
+                  save=(lambda: save_model(ctx, actor, "actor")) if actor is not None else None)

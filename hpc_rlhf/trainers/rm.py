@@ -170,6 +170,6 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
         stats = reward_statistics(ctx, model, eval_pairs or pairs[:STATS_PAIRS]) if cfg.pref.normalize_reward else {}
         save_model(ctx, model, "reward", config_updates=stats)
 
-    start = int(loop.restore().get("next_step", 0))
+    start = loop.restore().next_step
     stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=evaluate)
     return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate, save=save)

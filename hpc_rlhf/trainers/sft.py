@@ -55,17 +55,15 @@ def evaluate_nll(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded])
     return {"eval/loss": totals["nll"] / max(totals["tokens"], 1.0), "eval/tokens": totals["tokens"]}
 
 
-def train_on_examples(ctx: TrainerContext, actor: Actor, loop: StepLoop, examples: Sequence[Encoded],
-                      schedule: StepSchedule, steps: Sequence[int], *, step_offset: int = 0,
-                      evaluate: Optional[Callable[[], dict[str, float]]] = None,
-                      trainer_state: Callable[[int], dict[str, Any]] = lambda next_step: {}) -> bool:
-    """SFT steps over `examples`: global step s trains schedule step s - step_offset. Returns True on a stop."""
+def sft_step(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded],
+             schedule: StepSchedule) -> Callable[[int], dict[str, float]]:
+    """The SFT optimizer step over `examples`: step s trains the rows of schedule step s."""
     def train_step(step: int) -> dict[str, float]:
-        rows = [examples[i] for i in schedule.indices(step - step_offset, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
+        rows = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
         metrics = actor.train_step(micro_batches(ctx, [row.to_sample() for row in rows]), nll_loss_fn, "token")
         return finite_metrics(metrics)
 
-    return loop.run(steps, train_step, evaluate=evaluate, trainer_state=trainer_state)
+    return train_step
 
 
 def run(cfg: Config, world: Any, groups: Any, control: Any, *,
@@ -77,8 +75,8 @@ def run(cfg: Config, world: Any, groups: Any, control: Any, *,
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, schedule.total_steps)
     loop = StepLoop(ctx, {"actor": actor}, total_steps=schedule.total_steps)
     evaluate = (lambda: evaluate_nll(ctx, actor, eval_examples)) if eval_examples else None
-    start = int(loop.restore().get("next_step", 0))
-    stopped = train_on_examples(ctx, actor, loop, examples, schedule, range(start, schedule.total_steps),
-                                evaluate=evaluate)
+    start = loop.restore().next_step
+    stopped = loop.run(range(start, schedule.total_steps), sft_step(ctx, actor, examples, schedule),
+                       evaluate=evaluate)
     return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate,
                   save=lambda: save_model(ctx, actor, "actor"))

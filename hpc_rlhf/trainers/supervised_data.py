@@ -336,3 +336,9 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     temporary.replace(path)
     return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file written by `write_jsonl` (blank lines skipped)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -16,20 +16,25 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from hpc_rlhf.algos import RunningMoments, build_kl_controller
 from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld
 from hpc_rlhf.distributed import RoleGroups, broadcast_weights, receive_weight_stream
 from hpc_rlhf.distributed.weights import full_named_parameters
+from hpc_rlhf.metrics import MetricsLogger
 from hpc_rlhf.rollouts import RolloutReader, commit_iteration, committed_shards, generator_shard_name, load_manifest
+from hpc_rlhf.slurm.requeue import StopReason, StopRequest, combine_stop_reasons
+from hpc_rlhf.trainers.checkpointing import CheckpointService
 from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.engines import compute_dtype
 from hpc_rlhf.trainers.ppo.components import Components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
+from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
 
@@ -88,26 +93,31 @@ class TrainerState:
 class PPOTrainer:
     """Runs the tick schedule for one rank; every rank of the job constructs one and calls `run`."""
 
-    def __init__(self, cfg: Config, groups: RoleGroups, control: Any, parts: Components, device: torch.device, *,
-                 stop: Any = None,
-                 log: Optional[Callable[[int, dict], None]] = None,
-                 checkpoint: Any = None) -> None:
-        self.cfg, self.groups, self.control, self.parts, self.device = cfg, groups, control, parts, device
+    def __init__(self, cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane,
+                 parts: Components, *, stop: Optional[StopRequest] = None) -> None:
+        self.cfg, self.groups, self.control, self.parts, self.device = cfg, groups, control, parts, world.device
         self.roles = groups.roles
         self.plan = groups.plan
         self.stop = stop
-        self.stop_reason = None
-        self.log = log or (lambda step, metrics: None)
-        self.checkpoint = checkpoint
+        self.stop_reason: Optional[StopReason] = None
+        self.is_main = world.info.rank == 0
         self.run_dir = cfg.train.run_dir
         self.total = parts.total_iterations
         self.q = cfg.rollout.async_queue
+        self.num_engines = len(self.plan.engines)
+        self.pad_id = parts.tokenizer.pad_token_id or 0
+        self.checkpoint = CheckpointService(cfg, rank=world.info.rank, world_size=world.info.world_size,
+                                            control=control, engines={"actor": parts.actor, "critic": parts.critic},
+                                            trainer=self,
+                                            resume_check=RolloutCheck(cfg, self.total, self._expected_shards()))
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main,
+                                    use_tensorboard=cfg.logger.use_tensorboard, progress_bar=cfg.logger.progress_bar,
+                                    total_steps=self.total, logging_steps=cfg.logger.logging_steps,
+                                    start_step=int(self.checkpoint.resume_state().get("next_iteration", 0)))
         self.kl_controller = build_kl_controller(cfg.algo.init_kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.reward_moments = RunningMoments()
         self._moments_iteration: Optional[int] = None
         self.state = TrainerState()
-        self.num_engines = len(self.plan.engines)
-        self.pad_id = parts.tokenizer.pad_token_id or 0
 
     # ----- roles ---------------------------------------------------------------------------------------
     def _index(self, role: str) -> int:
@@ -348,8 +358,8 @@ class PPOTrainer:
             # phase times are not, so that every logged iteration_s is one tick.
             carried = {} if train_it >= start else {k: v for k, v in metrics.items() if not k.endswith("_s")}
             last = metrics
-            if train_it >= start and self._checkpoint_due(train_it, stop):
-                self.save()
+            if train_it >= start and self.checkpoint.due(train_it + 1, stop=stop):
+                self.checkpoint.save(self.state.next_iteration)
             if stop:
                 return {"stopped": 1.0, **last}
         if self.parts.eval_prompts and self.cfg.eval.data:
@@ -399,42 +409,36 @@ class PPOTrainer:
     def _in_weight_path(self) -> bool:
         return self.roles.has("generator") or self.roles.has("actor")
 
-    def _checkpoint_due(self, iteration: int, stop: bool) -> bool:
-        every = self.cfg.ckpt.save_steps
-        return self.checkpoint is not None and (stop or (every > 0 and (iteration + 1) % every == 0))
-
     def _agree(self, step: int, metrics: dict[str, float], *, log: bool = True) -> bool:
         """Exchange metrics and stop requests; rank 0 logs the merged metrics. Returns whether the job stops now."""
-        from hpc_rlhf.slurm import combine_stop_reasons
-
         request = self.stop.request() if self.stop is not None else None
         gathered = self.control.allgather_object((request, metrics))
         if self.control.rank == 0 and log:
-            self.log(step, {**merge_metrics([m for _, m in gathered]), "time/end_unix_s": time.time()})
+            self.logger.log(step, {**merge_metrics([m for _, m in gathered]), "time/end_unix_s": time.time()})
         self.stop_reason = combine_stop_reasons([r for r, _ in gathered])
         return self.stop_reason is not None
 
     # ----- checkpoints ---------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's part of a checkpoint: iteration, weight version, KL controller, reward statistics."""
         self.state.kl_controller = self.kl_controller.state_dict()
         self.state.reward_moments = self.reward_moments.state_dict()
         return self.state.__dict__.copy()
 
-    def resume(self) -> int:
-        """Restore the latest checkpoint when there is one; returns the first iteration to train."""
-        if self.checkpoint is None:
-            return 0
-        state = self.checkpoint.restore(self)
-        if not state:
-            return 0
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         known = {f.name for f in dataclasses.fields(TrainerState)}
         self.state = TrainerState(**{k: v for k, v in state.items() if k in known})
         self.kl_controller.load_state_dict(self.state.kl_controller)
         self.reward_moments.load_state_dict(self.state.reward_moments)
-        return self.state.next_iteration
 
-    def save(self) -> None:
-        self.checkpoint.save(self)
+    def resume(self) -> int:
+        """Restore the latest checkpoint when there is one; returns the first iteration to train."""
+        path = self.checkpoint.restore()
+        if path is None:
+            return 0
+        if self.is_main:
+            print(f"resumed from {path}", flush=True)
+        return self.state.next_iteration
 
 
 def mean_metrics(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:

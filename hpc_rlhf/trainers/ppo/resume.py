@@ -1,4 +1,4 @@
-"""Checkpoint hooks of the PPO loop: what is saved (engines, trainer state, RNG) and how a run resumes.
+"""How a PPO-family run resumes: the rollouts on disk are checked (and repaired where that gives the same samples).
 
 A checkpoint is taken at the end of a tick, after every rank agreed on it, so it records a consistent cut: the next
 iteration to train, the weight version, the KL controller and reward statistics, and each rank's RNG. Rollout shards
@@ -8,14 +8,18 @@ of iterations not yet trained stay on disk and are reused by the resumed run ins
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from hpc_rlhf.checkpoint import complete_checkpoints, read_trainer_state
 from hpc_rlhf.config import Config
-from hpc_rlhf.config_io import config_to_dict
 from hpc_rlhf.rollouts.errors import RolloutError
+from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards
+from hpc_rlhf.rollouts.paths import iteration_dir
+from hpc_rlhf.rollouts.verify import damaged_in_run, set_aside
+from hpc_rlhf.trainers.checkpointing import CHECKPOINTS_DIR, ResumeRefused
 
 
-class RolloutRepairError(RolloutError):
+class RolloutRepairError(RolloutError, ResumeRefused):
     """Rollouts a resumed run needs are missing or damaged, and generating them again would not give the same
     samples (the weights they were generated with are not the checkpoint's); the message says how to proceed."""
 
@@ -42,10 +46,6 @@ def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int
     - files of iterations already trained are checked too and reported in one line (the run does not read them).
     `checkpoints` are the complete checkpoints as (next_iteration, folder name), for the advice.
     """
-    from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards
-    from hpc_rlhf.rollouts.paths import iteration_dir
-    from hpc_rlhf.rollouts.verify import damaged_in_run, set_aside
-
     lines = []
     removed = cleanup_uncommitted(run_dir)
     if removed:
@@ -91,86 +91,19 @@ def _first(items: list[str], shown: int = 3) -> str:
     return "; ".join(items[:shown]) + ("; ..." if len(items) > shown else "")
 
 
-class CheckpointHooks:
-    """Saves and restores the loop's state under RUN_DIR/checkpoints; all ranks call `save` and `restore`."""
+class RolloutCheck:
+    """The PPO family's resume check (`CheckpointService`'s resume_check): `check_rollouts` for the iteration the
+    checkpoint resumes at (0 on a fresh start), printing what it repaired; RolloutRepairError when it cannot."""
 
-    def __init__(self, cfg: Config, world: Any, control: Any) -> None:
-        from hpc_rlhf.checkpoint import config_fingerprint
+    def __init__(self, cfg: Config, total: int, expected_shards: list[str]) -> None:
+        self.run_dir = cfg.train.run_dir
+        self.async_queue = cfg.rollout.async_queue
+        self.total = total
+        self.expected_shards = expected_shards
 
-        self.cfg = cfg
-        self.rank = world.info.rank
-        self.world_size = world.info.world_size
-        self.control = control
-        self.root = Path(cfg.train.run_dir) / "checkpoints"
-        self.fingerprint = config_fingerprint(config_to_dict(cfg))
-
-    def _engines(self, trainer: Any) -> dict[str, Any]:
-        parts = trainer.parts
-        engines = {}
-        if parts.actor is not None:
-            engines["actor"] = parts.actor
-        if parts.critic is not None:
-            engines["critic"] = parts.critic
-        return engines
-
-    def start_hint(self) -> int:
-        """The iteration a resumed run will start from (for the progress bar), 0 for a fresh run."""
-        from hpc_rlhf.checkpoint import latest_checkpoint
-
-        if not self.cfg.ckpt.load_checkpoint:
-            return 0
-        path = latest_checkpoint(self.root)
-        if path is None:
-            return 0
-        import json
-
-        return int(json.loads((path / "trainer_state.json").read_text()).get("next_iteration", 0))
-
-    def _check_rollouts(self, trainer: Any, path: Optional[Path]) -> Optional[str]:
-        """Run `check_rollouts` for a resume from `path` (None: a fresh start); returns its refusal, if any."""
-        import json
-
-        from hpc_rlhf.checkpoint import complete_checkpoints
-
-        start = 0
-        if path is not None:
-            start = int(json.loads((path / "trainer_state.json").read_text()).get("next_iteration", 0))
-        kept = [(iteration, folder.name) for iteration, folder in complete_checkpoints(self.root)]
-        try:
-            lines = check_rollouts(self.cfg.train.run_dir, start, trainer.total, self.cfg.rollout.async_queue,
-                                   trainer._expected_shards(), sorted(kept))
-        except RolloutRepairError as error:
-            return str(error)
-        for line in lines:
+    def __call__(self, path: Optional[Path]) -> None:
+        start = int(read_trainer_state(path).get("next_iteration", 0)) if path is not None else 0
+        root = Path(self.run_dir) / CHECKPOINTS_DIR
+        kept = sorted((iteration, folder.name) for iteration, folder in complete_checkpoints(root))
+        for line in check_rollouts(self.run_dir, start, self.total, self.async_queue, self.expected_shards, kept):
             print(line, flush=True)
-        return None
-
-    def save(self, trainer: Any) -> Path:
-        from hpc_rlhf.checkpoint import save_checkpoint
-
-        return save_checkpoint(self.root, trainer.state.next_iteration, rank=self.rank, world_size=self.world_size,
-                               barrier=self.control.barrier, engines=self._engines(trainer),
-                               trainer_state=trainer.trainer_state(), config_fingerprint=self.fingerprint,
-                               keep_last=self.cfg.ckpt.max_ckpt_num)
-
-    def restore(self, trainer: Any) -> Optional[dict]:
-        """Load the latest complete checkpoint into the engines; returns the trainer state, or None."""
-        from hpc_rlhf.checkpoint import latest_checkpoint, load_checkpoint
-
-        if not self.cfg.ckpt.load_checkpoint:
-            return None
-        path = latest_checkpoint(self.root)
-        problem = None
-        if self.rank == 0:  # check the rollouts the run will read before any rank reads one
-            problem = self._check_rollouts(trainer, path)
-        # Every rank must agree on the checkpoint (rank 0 decides; a shared filesystem may lag on others).
-        path, problem = self.control.broadcast_object((str(path) if path else None, problem), src=0)
-        if problem is not None:
-            raise RolloutRepairError(problem)
-        if path is None:
-            return None
-        state = load_checkpoint(Path(path), rank=self.rank, engines=self._engines(trainer),
-                                config_fingerprint=self.fingerprint)
-        if self.rank == 0:
-            print(f"resumed from {path}", flush=True)
-        return state
