@@ -16,14 +16,17 @@ from hpc_rlhf.distributed.guard import FailureBoard, FailureReport, FailureWatch
 from hpc_rlhf.distributed.layout import ROLE_ORDER, LayoutError, LayoutPlan, RankRoles, plan_layout
 from hpc_rlhf.distributed.weights import (
     TensorSpec,
+    WeightLoader,
     WeightManifest,
     WeightSyncError,
     apply_named_tensor,
     broadcast_weights,
+    full_named_parameters,
     load_named_tensors,
     plan_buckets,
     receive_weight_stream,
     receive_weights,
+    sync_weights,
 )
 from hpc_rlhf.distributed.world import (
     DistributedWorld,
@@ -50,6 +53,7 @@ __all__ = [
     "RoleGroups",
     "TensorSpec",
     "TorchControlPlane",
+    "WeightLoader",
     "WeightManifest",
     "WeightSyncError",
     "WorldError",
@@ -59,6 +63,7 @@ __all__ = [
     "build_role_groups",
     "detect_world",
     "free_port",
+    "full_named_parameters",
     "init_distributed",
     "load_named_tensors",
     "plan_buckets",
@@ -69,4 +74,5 @@ __all__ = [
     "slurm_port",
     "spawn_local",
     "stop_job",
+    "sync_weights",
 ]

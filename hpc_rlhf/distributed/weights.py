@@ -10,15 +10,20 @@ first as one small object broadcast, so receivers can allocate each bucket's buf
 Receiver side: `receive_weight_stream` yields (name, tensor) pairs bucket by bucket, which is what vLLM's
 `model.load_weights` consumes; `receive_weights` applies them in place to a Hugging Face model with `load_named_tensors`,
 which maps names explicitly, handles tied weights and checks that every parameter was written.
+
+`sync_weights` is the one entry the trainers call: a rank holding both the actor and an engine (colocated layout)
+loads `full_named_parameters` into its engine, an actor rank broadcasts, a generator rank receives into its engine.
+`full_named_parameters` is also what the Hugging Face checkpoint writer gathers with (training/models.py).
 Ranks (`src`) are global ranks, as everywhere in torch.distributed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,6 +31,14 @@ import torch.distributed as dist
 
 class WeightSyncError(RuntimeError):
     """Weights could not be applied; the message names the parameters."""
+
+
+class WeightLoader(Protocol):
+    """What the weight plane needs of a generation engine (every `hpc_rlhf.generation` engine has it)."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy (HF parameter name, full tensor) pairs into the model in place; returns how many were applied."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -89,18 +102,6 @@ def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int, element_size: i
     return buckets
 
 
-def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every parameter, gathering ZeRO-3 partitions one parameter at a time."""
-    for name, param in model.named_parameters():
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                yield name, param.data.to(dtype).clone()
-        else:
-            yield name, param.data.to(dtype)
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if not dtype.is_floating_point or getattr(torch, name, None) is not dtype:
@@ -108,13 +109,34 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-def _gathered(params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
-    """Gather ZeRO-3 partitions for the duration of the block (all actor ranks); a no-op for whole tensors."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+def gathered(params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Make ZeRO-3 partitions whole for the duration of the block: a collective over their group, so every rank of it
+    enters with the same parameters. Whole tensors, ZeRO-3 ones already available (persistent) too, stay as they are.
+    """
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-    return contextlib.nullcontext()
+    partitioned = [p for p in params if hasattr(p, "ds_id") and p.ds_status != ZeroParamStatus.AVAILABLE]
+    if not partitioned:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None, *,
+                          copy_gathered: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter in `named_parameters` order (tied ones once), as `dtype` (None keeps
+    each parameter's dtype); ZeRO-3 partitions are gathered one parameter at a time.
+
+    Every rank of a ZeRO-3 group iterates to the end (each gather is a collective). A gathered tensor is freed when the
+    iterator moves on, so it comes as a copy; with `copy_gathered=False` it is the gathered tensor itself, valid until
+    the next item (for a consumer that copies it at once). A whole parameter in its own dtype is not copied.
+    """
+    for name, param in model.named_parameters():
+        with gathered([param]):
+            full = param.data if dtype is None else param.data.to(dtype)
+            yield name, full.clone() if copy_gathered and hasattr(param, "ds_id") else full
 
 
 def _wire_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -146,7 +168,7 @@ def broadcast_weights(named_params: Iterable[tuple[str, torch.Tensor]], group: d
         return manifest  # nothing to gather and nothing to send
     for bucket in bucket_indices:
         bucket_params = [params[i][1] for i in bucket]
-        with _gathered(bucket_params):
+        with gathered(bucket_params):
             if not is_src:
                 continue
             flat = torch.empty(sum(specs[i].numel for i in bucket), dtype=dtype, device=device)
@@ -240,3 +262,41 @@ def receive_weights(model: torch.nn.Module, group: dist.ProcessGroup, src: int, 
     manifest, stream = receive_weight_stream(group, src)
     load_named_tensors(model, stream, name_map=name_map)
     return manifest.version
+
+
+def _wait_for(device: torch.device | None) -> None:
+    """Wait for queued GPU work, so that the sync's wall time includes its kernels (no-op on CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sync_weights(model: torch.nn.Module | None, engine: WeightLoader | None, *, dtype: torch.dtype,
+                 group: dist.ProcessGroup | None = None, src: int = 0, version: int = 0,
+                 bucket_mb: float | None = None, device: torch.device | None = None) -> dict[str, float]:
+    """Actor -> generator weights of `version`, as `dtype`; returns {"max/weight_sync_s": seconds}.
+
+    Every rank of the weight path calls it; what it holds decides its part:
+    - `model` (the actor's unwrapped Hugging Face model) and `engine`: the colocated layout, where every rank holds
+      both. The full parameters go into the local engine (a sleeping engine takes them too); no broadcast.
+    - `model` only, an actor rank: `broadcast_weights` from global rank `src` over `group` in `bucket_mb` buckets
+      (actor ranks other than `src` pass the group they are in, or None, and take part in the ZeRO-3 gathers).
+    - `engine` only, a generator rank: the broadcast from `src` over `group` is received into the engine.
+    The time includes the queued device work of the engine's device, else of `device` (the actor's).
+    """
+    start = time.perf_counter()
+    if model is not None and engine is not None:
+        engine.load_weights(full_named_parameters(model, dtype))
+    elif model is not None:
+        if bucket_mb is None:
+            raise ValueError("an actor rank broadcasts the weights and needs bucket_mb")
+        broadcast_weights(model.named_parameters(), group, src, bucket_mb, dtype, version)
+    elif engine is not None:
+        if group is None:
+            raise ValueError(f"a generator rank receives the weights from rank {src} but was given no weight-sync "
+                             "group")
+        _, stream = receive_weight_stream(group, src)
+        engine.load_weights(stream)
+    else:
+        raise ValueError("sync_weights needs the actor model, a generation engine or both; this rank has neither")
+    _wait_for(getattr(engine, "device", None) if engine is not None else device)
+    return {"max/weight_sync_s": time.perf_counter() - start}

@@ -20,7 +20,7 @@ from hpc_rlhf.config import Config
 from hpc_rlhf.data import PromptExample, load_prompts, load_records, prompt_indices_for
 from hpc_rlhf.data.sharding import iterations_per_epoch
 from hpc_rlhf.tiny_model import resolve_model_path
-from hpc_rlhf.distributed.weights import full_named_parameters
+from hpc_rlhf.distributed.weights import sync_weights
 from hpc_rlhf.trainers.common import TrainerContext
 from hpc_rlhf.trainers.engines import compute_dtype
 from hpc_rlhf.trainers.generation_setup import build_generation, sampling_params, sampling_seed
@@ -103,7 +103,7 @@ class RoundSampler:
         """Copy the actor's current weights into the engine (all ranks call: ZeRO-3 gathers are collective)."""
         if self.sleeps:
             self.engine.wake_up()
-        self.engine.load_weights(full_named_parameters(actor.hf_model(), self.dtype))
+        sync_weights(actor.hf_model(), self.engine, dtype=self.dtype)  # every rank holds both: a local copy
         if self.sleeps:
             self.engine.sleep()
 

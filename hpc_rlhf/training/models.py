@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpc_rlhf.distributed.weights import full_named_parameters
 from hpc_rlhf.training.batching import (
     LOSS_WEIGHTINGS,
     MicroBatch,
@@ -146,27 +147,22 @@ def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str, torch.Tensor] | None:
-    """Full CPU state dict on data-parallel rank 0 (None elsewhere); ZeRO-3 shards are gathered one by one."""
-    from deepspeed import zero
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    """Full CPU state dict on data-parallel rank 0 (None elsewhere), tied parameters under each of their names.
 
+    ZeRO-3 shards are gathered one by one by `full_named_parameters` (every rank of the group takes part); only the
+    writer copies each one to host memory, the other ranks keep nothing.
+    """
     is_writer = mpu.get_data_parallel_rank() == 0
-    params: dict[int, nn.Parameter] = {}
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        params[id(param)] = param
         names_of.setdefault(id(param), []).append(name)
+    tied_names = {names[0]: names for names in names_of.values()}  # first name (the one named_parameters gives) -> all
     state: dict[str, torch.Tensor] = {}
-    for param_id, names in names_of.items():
-        param = params[param_id]
-        if hasattr(param, "ds_id") and param.ds_status != ZeroParamStatus.AVAILABLE:
-            with zero.GatheredParameters([param], modifier_rank=None):
-                full = param.data.detach().cpu().clone() if is_writer else None
-        else:
-            full = param.data.detach().cpu().clone() if is_writer else None
+    for first_name, full in full_named_parameters(model, copy_gathered=False):
         if is_writer:
-            for name in names:
-                state[name] = full
+            copy = full.detach().cpu().clone()
+            for name in tied_names[first_name]:
+                state[name] = copy
     if not is_writer:
         return None
     parameter_names = {name for names in names_of.values() for name in names}

@@ -30,6 +30,7 @@ from hpc_rlhf.distributed import (
     receive_weights,
     run_guarded,
     spawn_local,
+    sync_weights,
 )
 
 
@@ -174,12 +175,12 @@ def spawn_scenario(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- weight plane
-def tiny_llama(seed: int, dtype: torch.dtype = torch.float32):
+def tiny_llama(seed: int, dtype: torch.dtype = torch.float32, *, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
+                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tied)
     return LlamaForCausalLM(config).to(dtype)
 
 
@@ -228,25 +229,89 @@ def weights_scenario(out: Path) -> None:
             engine.step()
             manifests = [broadcast_weights(named, groups.weight_sync_group, src, bucket_mb, dtype, version)
                          for dtype, version in ((torch.float32, 3), (torch.bfloat16, 4))]
+            sync = sync_weights(engine.module, None, dtype=torch.bfloat16, group=groups.weight_sync_group, src=src,
+                                version=5, bucket_mb=bucket_mb)  # the sender's case of the one entry point
             with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
                 trained = {name: p.data.clone() for name, p in named}
         if info.rank == src:
             torch.save({"initial": initial, "trained": trained}, out / "actor.pt")
         write(out, info.rank, {"buckets": [len(m.buckets) for m in manifests],
-                               "versions": [m.version for m in manifests],
+                               "versions": [m.version for m in manifests], "sync_metrics": sorted(sync),
                                "local_numel": sum(p.numel() for _, p in named)})
 
     def generator() -> None:
+        from hpc_rlhf.generation import HFEngine
+
         model = tiny_llama(seed=1)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         version_fp32 = receive_weights(model, groups.weight_sync_group, src)
         after_fp32 = {k: v.clone() for k, v in model.state_dict().items()}
         model.to(torch.bfloat16)
         version_bf16 = receive_weights(model, groups.weight_sync_group, src)
-        torch.save({"before": before, "fp32": after_fp32, "bf16": model.state_dict()}, out / "generator.pt")
-        write(out, info.rank, {"versions": [version_fp32, version_bf16]})
+        after_bf16 = {k: v.clone() for k, v in model.state_dict().items()}
+        fresh = tiny_llama(seed=2, dtype=torch.bfloat16)  # the receiver's case: into a generation engine
+        sync = sync_weights(None, HFEngine(fresh), dtype=torch.bfloat16, group=groups.weight_sync_group, src=src,
+                            version=5)
+        torch.save({"before": before, "fp32": after_fp32, "bf16": after_bf16, "synced": fresh.state_dict()},
+                   out / "generator.pt")
+        write(out, info.rank, {"versions": [version_fp32, version_bf16], "sync_metrics": sorted(sync)})
 
     run_guarded(generator if groups.roles.has("generator") else actor, control)
+    control.barrier()
+    control.close()
+    world.close()
+
+
+def colocated_sync_scenario(out: Path) -> None:
+    """2 ranks, each holding a ZeRO-3 actor (tied embeddings) and an HF engine: the colocated case of sync_weights
+    before and after one training step, and the Hugging Face save gather (gather_full_state_dict)."""
+    import deepspeed
+
+    from hpc_rlhf.distributed.weights import full_named_parameters
+    from hpc_rlhf.generation import HFEngine
+    from hpc_rlhf.training.deepspeed_setup import EngineConfig, engine_scope, init_engine
+    from hpc_rlhf.training.models import gather_full_state_dict
+
+    info = detect_world()
+    world = init_distributed(info, timeout_s=300)
+    control = TorchControlPlane.from_world(world)
+    plan = plan_layout(layout(generator=(2, 1), actor=2, colocate=True), info.world_size, info.world_size)
+    groups = build_role_groups(plan, info.rank)
+
+    def main() -> None:
+        from deepspeed.runtime.zero import partitioned_param_coordinator
+
+        partitioned_param_coordinator.assert_ints_same_as_other_ranks = check_trace_within(groups.group("actor"))
+        actor = tiny_llama(seed=0, tied=True)
+        initial = {k: v.clone() for k, v in actor.state_dict().items()}
+        engine, mpu = init_engine(actor, EngineConfig(
+            zero_stage=3, learning_rate=1e-2, micro_train_batch_size=1, train_batch_size=2),
+            groups.group("actor"), num_training_steps=4)
+        model = engine.module
+        local_numel = sum(p.numel() for p in model.parameters())
+        generator = tiny_llama(seed=1, tied=True)
+        hf_engine = HFEngine(generator)
+        names = [name for name, _ in full_named_parameters(model)]  # partitioned here: real gathers
+        before = sync_weights(model, hf_engine, dtype=torch.float32)
+        synced_initial = {k: v.clone() for k, v in generator.state_dict().items()}
+        with engine_scope(mpu):
+            ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(info.rank))
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+        after = sync_weights(model, hf_engine, dtype=torch.float32)
+        with engine_scope(mpu):
+            saved = gather_full_state_dict(model, mpu)
+        params = [p for _, p in model.named_parameters()]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            trained = {name: p.data.clone() for name, p in model.named_parameters(remove_duplicate=False)}
+        torch.save({"initial": initial, "initial_synced": synced_initial, "synced": generator.state_dict(),
+                    "trained": trained, "saved": saved}, out / f"colocated{info.rank}.pt")
+        write(out, info.rank, {"local_numel": local_numel, "names": names, "metrics": sorted({**before, **after}),
+                               "saved_is_none": saved is None,
+                               "model_names": [n for n, _ in model.named_parameters(remove_duplicate=False)]})
+
+    run_guarded(main, control)
     control.barrier()
     control.close()
     world.close()
@@ -260,6 +325,7 @@ SCENARIOS = {
     "groups": groups_scenario,
     "spawn": spawn_scenario,
     "weights": weights_scenario,
+    "colocated_sync": colocated_sync_scenario,
 }
 
 if __name__ == "__main__":

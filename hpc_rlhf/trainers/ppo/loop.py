@@ -24,8 +24,7 @@ import torch.distributed as dist
 from hpc_rlhf.algos import RunningMoments, build_kl_controller
 from hpc_rlhf.config import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld
-from hpc_rlhf.distributed import RoleGroups, broadcast_weights, receive_weight_stream
-from hpc_rlhf.distributed.weights import full_named_parameters
+from hpc_rlhf.distributed import RoleGroups, sync_weights
 from hpc_rlhf.metrics import MetricsLogger
 from hpc_rlhf.rollouts import RolloutReader, commit_iteration, committed_shards, generator_shard_name, load_manifest
 from hpc_rlhf.slurm.requeue import StopReason, StopRequest, combine_stop_reasons
@@ -279,21 +278,14 @@ class PPOTrainer:
     # ----- weights -------------------------------------------------------------------------------------
     def _sync_weights(self, version: int) -> dict[str, float]:
         """Actor -> generator weights of `version`: a local copy when colocated, else a bucketed broadcast."""
-        start = time.perf_counter()
-        actor, engine = self.parts.actor, self.parts.engine
-        dtype = compute_dtype(self.cfg)
-        src = self.plan.ranks_of("actor")[0]
-        if self.plan.colocate:  # every rank is an actor: gather the full weights locally, no broadcast
-            engine.load_weights(full_named_parameters(actor.hf_model(), dtype))  # a sleeping engine takes them too
-        elif actor is not None:
-            broadcast_weights(actor.hf_model().named_parameters(), self.groups.weight_sync_group, src,
-                              self.cfg.vllm.weight_sync_bucket_mb, dtype, version)
-        elif engine is not None:
-            _, stream = receive_weight_stream(self.groups.weight_sync_group, src)
-            engine.load_weights(stream)
-        synchronize(getattr(engine, "device", None) if engine is not None else actor.device)
+        actor = self.parts.actor
+        metrics = sync_weights(actor.hf_model() if actor is not None else None, self.parts.engine,
+                               dtype=compute_dtype(self.cfg), group=self.groups.weight_sync_group,
+                               src=self.plan.ranks_of("actor")[0], version=version,
+                               bucket_mb=self.cfg.vllm.weight_sync_bucket_mb,
+                               device=actor.device if actor is not None else None)
         self.state.weight_version = version
-        return {"max/weight_sync_s": time.perf_counter() - start}
+        return metrics
 
     # ----- eval ----------------------------------------------------------------------------------------
     def _eval(self) -> dict[str, float]:
