@@ -32,7 +32,7 @@ def rank_main(info: Any, cfg: Config) -> dict[str, float]:
     Stop requests (the batch script's stop flag, USR1/USR2 from SLURM or submitit, SIGTERM) are only recorded by the
     handlers; the loop polls them at tick boundaries, checkpoints, and rank 0 requeues the job when asked to.
     """
-    from hpc_rlhf.distributed import TorchControlPlane, init_distributed, run_guarded
+    from hpc_rlhf.distributed import build_control_plane, init_distributed, run_guarded
     from hpc_rlhf.slurm import StopRequest
 
     stop = StopRequest.for_slurm_job(cfg.train.run_dir).install()
@@ -44,7 +44,7 @@ def rank_main(info: Any, cfg: Config) -> dict[str, float]:
                        "LOCAL_WORLD_SIZE": str(info.local_world_size), "MASTER_ADDR": info.master_addr,
                        "MASTER_PORT": str(info.master_port)})
     world = init_distributed(info, backend="nccl" if use_cuda(cfg) else "gloo")
-    control = TorchControlPlane.from_world(world)
+    control = build_control_plane(world)  # MPI under mpiexec / srun --mpi=pmix, else torch (HPC_RLHF_CONTROL_PLANE)
     try:
         return run_guarded(_run_trainer, control, cfg, world, control, stop)
     finally:

@@ -6,17 +6,26 @@ group spanning the world (CPU sockets, also in NCCL jobs) and, when built with `
 that a failing rank ends the others (see guard.py). `MPIControlPlane` runs on an mpi4py communicator (jobs started by
 mpiexec/mpirun); its abort is MPI_Abort, which ends every rank of the job.
 Ranks given to these methods are ranks within the plane's group (equal to global ranks for world-spanning planes).
+
+`build_control_plane` picks one at start-up (`choose_control_plane`, a pure function of the environment): the MPI plane
+when an MPI launcher (mpiexec/mpirun, `srun --mpi=pmix` or `--mpi=pmi2`) started exactly the job's ranks and mpi4py is
+installed, else the torch one. HPC_RLHF_CONTROL_PLANE=torch|mpi|auto (default auto) overrides the choice.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from typing import Any, NoReturn, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Literal, NoReturn, Protocol, runtime_checkable
 
 import torch.distributed as dist
 
 from hpc_rlhf.distributed.guard import FailureBoard, FailureWatchdog, announce, stop_job
-from hpc_rlhf.distributed.world import DistributedWorld
+from hpc_rlhf.distributed.world import DistributedWorld, WorldError
+
+ControlPlaneKind = Literal["torch", "mpi"]
+CONTROL_PLANE_ENV = "HPC_RLHF_CONTROL_PLANE"
 
 
 @runtime_checkable
@@ -150,3 +159,70 @@ class MPIControlPlane:
 
     def close(self) -> None:
         """Nothing to release: MPI finalises at interpreter exit."""
+
+
+# ---------------------------------------------------------------------------------------------------------- selection
+def mpi_launch_size(env: Mapping[str, str]) -> int | None:
+    """How many processes an MPI launcher started, read from its environment; None when none started this one.
+
+    Open MPI's mpiexec/mpirun: OMPI_COMM_WORLD_SIZE. MPICH / Intel MPI (Hydra) and `srun --mpi=pmi2`: PMI_SIZE.
+    `srun --mpi=pmix` sets PMIX_RANK but no size: its MPI world is the job step (SLURM_STEP_NUM_TASKS).
+    """
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if name in env:
+            return _count(env, name)
+    if "PMIX_RANK" in env:
+        for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+            if name in env:
+                return _count(env, name)
+    return None
+
+
+def _count(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise WorldError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def choose_control_plane(env: Mapping[str, str], world_size: int, *, mpi_importable: bool) -> ControlPlaneKind:
+    """'mpi' when an MPI launcher started exactly the job's `world_size` ranks and mpi4py can be imported, else 'torch'.
+
+    HPC_RLHF_CONTROL_PLANE=torch or =mpi in `env` overrides that; =mpi raises a WorldError when the MPI plane cannot
+    span the job (no mpi4py, or an MPI world of another size; without a launcher MPI is one process).
+    """
+    value = env.get(CONTROL_PLANE_ENV, "").strip().lower() or "auto"
+    if value not in ("auto", "torch", "mpi"):
+        raise WorldError(f"{CONTROL_PLANE_ENV}={env[CONTROL_PLANE_ENV]!r}: expected torch, mpi or auto")
+    if value == "torch":
+        return "torch"
+    size = mpi_launch_size(env)
+    if value == "auto":
+        return "mpi" if mpi_importable and size == world_size else "torch"
+    if not mpi_importable:
+        raise WorldError(f"{CONTROL_PLANE_ENV}=mpi but mpi4py cannot be imported (pip install mpi4py)")
+    launched = 1 if size is None else size
+    if launched != world_size:
+        started = "no MPI launcher started this process" if size is None else f"the MPI launcher started {size}"
+        raise WorldError(f"{CONTROL_PLANE_ENV}=mpi but {started} and the job has {world_size} ranks; start it with "
+                         f"mpiexec -n {world_size} or srun --mpi=pmix, or set {CONTROL_PLANE_ENV}=torch")
+    return "mpi"
+
+
+def build_control_plane(world: DistributedWorld, env: Mapping[str, str] | None = None) -> ControlPlane:
+    """The control plane `choose_control_plane` picks for this job (`env` defaults to `os.environ`); every rank calls.
+
+    The MPI plane must number the ranks as the world does: a launcher whose MPI ranks differ from the torch ranks is a
+    WorldError on every rank.
+    """
+    env = os.environ if env is None else env
+    info = world.info
+    kind = choose_control_plane(env, info.world_size, mpi_importable=importlib.util.find_spec("mpi4py") is not None)
+    if kind == "torch":
+        return TorchControlPlane.from_world(world)
+    control = MPIControlPlane()
+    ranks = control.allgather_object(info.rank)
+    if ranks != list(range(info.world_size)):
+        raise WorldError(f"MPI ranks 0..{control.world_size - 1} are torch ranks {ranks}; start the job with one "
+                         f"launcher or set {CONTROL_PLANE_ENV}=torch")
+    return control

@@ -88,6 +88,28 @@ def mpi_control_scenario(out: Path) -> None:
     world.close()
 
 
+def launch_plane_scenario(out: Path) -> None:
+    """`hpc_rlhf.launch.rank_main` up to the trainer: the trainer is replaced by one that records which control plane
+    the launcher built and runs a barrier and an allgather on it."""
+    import hpc_rlhf.launch as launch
+    from hpc_rlhf.config import Config
+
+    cfg = Config()
+    cfg.train.run_dir = str(out / "run")
+    cfg.train.device = "cpu"
+
+    def trainer(cfg: Config, world, control, stop) -> dict:
+        control.barrier()
+        write(out, world.info.rank, {"plane": type(control).__name__, "launcher": world.info.launcher,
+                                     "rank": control.rank, "world_size": control.world_size,
+                                     "allgather": control.allgather_object(world.info.rank * 10)})
+        control.barrier()
+        return {}
+
+    launch._run_trainer = trainer
+    launch.rank_main(detect_world(), cfg)
+
+
 # ------------------------------------------------------------------------------------------------ failure guard
 def guard_scenario(out: Path) -> None:
     """FAIL_RANK raises after a moment while the other ranks wait in a barrier."""
@@ -320,6 +342,7 @@ def colocated_sync_scenario(out: Path) -> None:
 SCENARIOS = {
     "control": control_scenario,
     "mpi_control": mpi_control_scenario,
+    "launch_plane": launch_plane_scenario,
     "guard": guard_scenario,
     "mpi_guard": mpi_guard_scenario,
     "groups": groups_scenario,
