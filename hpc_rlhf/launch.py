@@ -63,12 +63,9 @@ def _run_trainer(cfg: Config, world: Any, control: Any, stop: Any) -> dict:
     plan = plan_layout(cfg.layout, info.world_size, info.local_world_size)
     groups = build_role_groups(plan, info.rank)
     torch.manual_seed(cfg.train.seed)
-    if cfg.train.trainer != "ppo":
-        from hpc_rlhf.trainers.common import run_trainer
-        return run_trainer(cfg, world, groups, control, stop=stop)
-    from hpc_rlhf.trainers.ppo.recipe import run_ppo
+    from hpc_rlhf.trainers.registry import trainer_entry
 
-    return run_ppo(cfg, world, groups, control, stop=stop)
+    return trainer_entry(cfg.train.trainer)(cfg, world, groups, control, stop=stop)
 
 
 def build_builtin_models(cfg: Config) -> None:

@@ -3,43 +3,48 @@ rejection_sampling.
 
 These trainers run every rank as a data-parallel actor (layout.colocate: true); `launch` hands them the same world,
 role groups and control plane as the PPO loop. What they share lives here:
-- `run_trainer`: the dispatch on `train.trainer`;
-- `TrainerContext`: config, world, the actor (data-parallel) group, control plane, tokenizer;
+- `TrainerContext`: config, world, the actor (data-parallel) group, control plane, stop request, tokenizer;
 - `StepSchedule`: which dataset rows each rank trains on at each optimizer step, a pure function of (seed, step), so a
   resumed run sees exactly the rows the interrupted one would have seen;
 - `StepLoop`: the optimizer steps with evaluation every `eval.steps`, checkpoints every `ckpt.save_steps` and on a stop
   request (SLURM time limit, preemption), stop agreement over the control plane, and metrics (TensorBoard, JSONL);
+- `finish`: the end of a run (final evaluation, Hugging Face models), or after a stop checkpoint the requeue;
 - model loading (with LoRA), micro-batching, per-sequence log-probs, and saving Hugging Face models at the end.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.data import prompt_indices_for, rank_slice
-from hpc_rlhf.lora import is_lora_model, load_model_for_training, lora_settings, save_adapter
-from hpc_rlhf.slurm.requeue import leave_for_requeue
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
+from hpc_rlhf.lora import REWARD_STATS_FILE, is_lora_model, load_model_for_training, lora_settings, save_adapter, unwrap
+from hpc_rlhf.metrics import MetricsLogger, plot_curves
+from hpc_rlhf.slurm.requeue import StopRequest, combine_stop_reasons, leave_for_requeue
 from hpc_rlhf.tiny_model import resolve_model_path
 from hpc_rlhf.trainers.checkpointing import CheckpointService
 from hpc_rlhf.trainers.engines import engine_config
-from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches
+from hpc_rlhf.trainers.supervised_data import LoadReport
+from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, response_token_index
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
+from hpc_rlhf.training.models import Reference
+from hpc_rlhf.training.models import _TrainedModel as TrainedModel
 
-# train.trainer -> module of hpc_rlhf.trainers whose `run(cfg, world, groups, control, should_stop=...)` runs it.
-TRAINER_MODULES: dict[str, str] = {
-    "sft": "sft", "rm": "rm", "dpo": "dpo", "iterative_dpo": "dpo", "kto": "kto", "prm": "prm", "kd": "kd",
-    "rejection_sampling": "rejection_sampling",
-}
+T = TypeVar("T")
+Trained = TypeVar("Trained", bound=TrainedModel)
+
 # Curves drawn into RUN_DIR/curves.png by these trainers.
 PLOT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss", ("train/loss", "eval/loss")),
@@ -48,41 +53,18 @@ PLOT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def run_trainer(cfg: Config, world: Any, groups: Any, control: Any, *, stop: Any = None,
-                should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
-    """Run the supervised or preference trainer named by `train.trainer` on this rank (all ranks call it).
-
-    `stop` is the job's `hpc_rlhf.slurm.StopRequest` (or pass a bare `should_stop` callable): after a stop checkpoint
-    the job is requeued when the stop asked for it, exactly as the PPO recipe does.
-    """
-    name = cfg.train.trainer
-    if name not in TRAINER_MODULES:
-        raise ValueError(f"train.trainer {name!r} is not a supervised or preference trainer; "
-                         f"known: {', '.join(TRAINER_MODULES)}")
-    module = importlib.import_module(f"hpc_rlhf.trainers.{TRAINER_MODULES[name]}")
-    if should_stop is None and stop is not None:
-        should_stop = stop.should_stop
-    result = module.run(cfg, world, groups, control, should_stop=should_stop)
-    if result.get("stopped") and stop is not None:
-        from hpc_rlhf.slurm import combine_stop_reasons
-
-        control.barrier()
-        leave_for_requeue(world.info.rank, combine_stop_reasons(control.allgather_object(stop.request())),
-                          cfg.slurm.max_requeue)
-    return result
-
-
 # ----- context ----------------------------------------------------------------------------------------------------
 @dataclass
 class TrainerContext:
     """What every supervised trainer works with on one rank."""
 
     cfg: Config
-    world: Any
-    groups: Any
-    control: Any
+    world: DistributedWorld
+    groups: RoleGroups
+    control: ControlPlane
+    stop: Optional[StopRequest]  # the job's stop request: after a stop checkpoint the job is requeued when it asks
     should_stop: Callable[[], bool]
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
 
     @property
     def rank(self) -> int:
@@ -123,19 +105,19 @@ class TrainerContext:
             print(message, file=sys.stderr, flush=True)
 
 
-def build_context(cfg: Config, world: Any, groups: Any, control: Any,
-                  should_stop: Optional[Callable[[], bool]]) -> TrainerContext:
-    """The context with the actor's tokenizer (pad = eos when the tokenizer has no pad token)."""
-    import os
-
-    from transformers import AutoTokenizer
-
+def build_context(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+                  stop: Optional[StopRequest] = None,
+                  should_stop: Optional[Callable[[], bool]] = None) -> TrainerContext:
+    """The context with the actor's tokenizer (pad = eos when the tokenizer has no pad token). Stop requests come
+    from `stop` (the job's StopRequest) or, without one, from a bare `should_stop` (a stop that is not requeued)."""
+    if should_stop is None and stop is not None:
+        should_stop = stop.should_stop
     # DeepSpeed insists on LOCAL_RANK in the environment; a single local process has no launcher that sets it.
     os.environ.setdefault("LOCAL_RANK", str(world.info.local_rank))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.actor.pretrain))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return TrainerContext(cfg=cfg, world=world, groups=groups, control=control,
+    return TrainerContext(cfg=cfg, world=world, groups=groups, control=control, stop=stop,
                           should_stop=should_stop or (lambda: False), tokenizer=tokenizer)
 
 
@@ -144,8 +126,8 @@ def actor_engine_config(cfg: Config) -> EngineConfig:
     return engine_config(cfg, cfg.actor)
 
 
-def load_trainable(ctx: TrainerContext, path: str, kind: str, wrapper: Callable[..., Any], total_steps: int,
-                   **kwargs: Any) -> Any:
+def load_trainable(ctx: TrainerContext, path: str, kind: str, wrapper: Callable[..., Trained], total_steps: int,
+                   **kwargs: Any) -> Trained:
     """Load `path` as a causal LM or a sequence classifier (LoRA-wrapped when lora.rank > 0) and put it on a training
     engine over the actor group with `wrapper(model, engine_config, group, total_steps, **kwargs)`."""
     engine_cfg = actor_engine_config(ctx.cfg)
@@ -154,10 +136,8 @@ def load_trainable(ctx: TrainerContext, path: str, kind: str, wrapper: Callable[
     return wrapper(model, engine_cfg, ctx.dp_group, max(total_steps, 1), **kwargs)
 
 
-def load_frozen(ctx: TrainerContext, path: str) -> Any:
+def load_frozen(ctx: TrainerContext, path: str) -> Reference:
     """A frozen causal LM (reference, teacher) over the actor group: ZeRO-3 partitioned when ds.zero_stage is 3."""
-    from hpc_rlhf.training.models import Reference
-
     return Reference.from_pretrained(resolve_model_path(path), actor_engine_config(ctx.cfg), ctx.dp_group)
 
 
@@ -196,14 +176,15 @@ class StepSchedule:
                                   rollout_batch_size=self.batch_size, rank=rank, num_ranks=num_ranks)
 
 
-def load_train_and_eval(ctx: Any, cfg: Config, loader: Callable[..., Any]) -> tuple[list, list]:
+def load_train_and_eval(ctx: TrainerContext, cfg: Config,
+                        loader: Callable[..., tuple[list[T], LoadReport]]) -> tuple[list[T], list[T]]:
     """Training rows from data.dataset and held-out rows from eval.data (empty without it), each reported once.
 
     `loader(path, cfg, tokenizer, max_samples=...)` returns (examples, report), like `load_sft_examples`.
     """
     examples, report = loader(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
     ctx.info(report.summary())
-    eval_examples: list = []
+    eval_examples: list[T] = []
     if cfg.eval.data:
         eval_examples, eval_report = loader(cfg.eval.data, cfg, ctx.tokenizer, max_samples=cfg.eval.max_samples)
         ctx.info(eval_report.summary())
@@ -216,7 +197,7 @@ def schedule_for(cfg: Config, num_examples: int) -> StepSchedule:
                         epochs=cfg.train.max_epochs, seed=cfg.train.seed, max_steps=cfg.train.max_iterations)
 
 
-def shard(items: Sequence[Any], rank: int, num_ranks: int) -> list[Any]:
+def shard(items: Sequence[T], rank: int, num_ranks: int) -> list[T]:
     """This rank's contiguous share of `items` (the first ranks take one more when they do not divide evenly)."""
     start, stop = rank_slice(len(items), rank=rank, num_ranks=num_ranks)
     return list(items[start:stop])
@@ -244,7 +225,7 @@ def per_sample(values: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
     return values[batch.sample_indices.to(values.device)]
 
 
-def frozen_sequence_log_probs(ctx: TrainerContext, model: Any, samples: Sequence[TokenSample]) -> torch.Tensor:
+def frozen_sequence_log_probs(ctx: TrainerContext, model: Reference, samples: Sequence[TokenSample]) -> torch.Tensor:
     """[N] summed log-probs of this rank's `samples` (at least one) under a frozen model; all ranks call together."""
     if not samples:
         raise ValueError("frozen_sequence_log_probs needs at least one sample on every rank")
@@ -255,7 +236,7 @@ def frozen_sequence_log_probs(ctx: TrainerContext, model: Any, samples: Sequence
     return result
 
 
-def all_ranks_sequence_log_probs(ctx: TrainerContext, model: Any, samples: Sequence[TokenSample]) -> torch.Tensor:
+def all_ranks_sequence_log_probs(ctx: TrainerContext, model: Reference, samples: Sequence[TokenSample]) -> torch.Tensor:
     """[N] summed log-probs of every sample under a frozen model: each rank computes a slice, then all share them.
     (With fewer samples than ranks every rank computes them all.)"""
     if len(samples) < ctx.dp_size:
@@ -265,7 +246,7 @@ def all_ranks_sequence_log_probs(ctx: TrainerContext, model: Any, samples: Seque
     return torch.tensor([value for part in gathered for value in part], dtype=torch.float32)
 
 
-def all_reduce_sums(model: Any, sums: Mapping[str, float]) -> dict[str, float]:
+def all_reduce_sums(model: TrainedModel, sums: Mapping[str, float]) -> dict[str, float]:
     """Sum a few named floats over the model's data-parallel group (all ranks call with the same keys)."""
     keys = sorted(sums)
     totals = all_reduce_in_group([float(sums[k]) for k in keys], dist.ReduceOp.SUM, model.mpu)
@@ -309,10 +290,8 @@ class StepLoop:
     weights, optimizer and scheduler states), every rank's RNG state and `progress`; `restore` loads the newest one.
     """
 
-    def __init__(self, ctx: TrainerContext, engines: Mapping[str, Any], *, total_steps: Optional[int],
-                 progress: Optional[StepProgress] = None) -> None:
-        from hpc_rlhf.metrics import MetricsLogger
-
+    def __init__(self, ctx: TrainerContext, engines: Mapping[str, Optional[TrainedModel]], *,
+                 total_steps: Optional[int], progress: Optional[StepProgress] = None) -> None:
         self.ctx = ctx
         self.progress = progress if progress is not None else StepProgress()
         self.checkpoint = CheckpointService(ctx.cfg, rank=ctx.rank, world_size=ctx.world.info.world_size,
@@ -370,15 +349,13 @@ class StepLoop:
 
     def close(self) -> None:
         """Close the logger and draw RUN_DIR/curves.png from the logged loss/accuracy/reward."""
-        from hpc_rlhf.metrics import plot_curves
-
         self.logger.close(plot=False)
         if self.ctx.is_main and self.ctx.cfg.logger.plot:
             plot_curves(self.ctx.run_dir, panels=PLOT_PANELS)
 
 
 # ----- saving -----------------------------------------------------------------------------------------------------
-def save_model(ctx: TrainerContext, model: Any, name: str, *,
+def save_model(ctx: TrainerContext, model: TrainedModel, name: str, *,
                config_updates: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the trained model to RUN_DIR/hf/<name> with the tokenizer; all ranks call.
 
@@ -386,10 +363,6 @@ def save_model(ctx: TrainerContext, model: Any, name: str, *,
     (tools/merge_lora.py folds it into the base). `config_updates` are set on the model config before saving (for a
     LoRA model they go to reward_stats.json beside the adapter).
     """
-    import json
-
-    from hpc_rlhf.lora import REWARD_STATS_FILE, unwrap
-
     out = ctx.run_dir / "hf" / name
     hf_model = model.hf_model()
     updates = dict(config_updates or {})
@@ -412,7 +385,7 @@ def save_model(ctx: TrainerContext, model: Any, name: str, *,
     return out
 
 
-def eval_share(ctx: TrainerContext, items: Sequence[Any]) -> tuple[list[Any], float]:
+def eval_share(ctx: TrainerContext, items: Sequence[T]) -> tuple[list[T], float]:
     """This rank's evaluation items and the weight of its results (0 or 1). Every rank needs at least one item to run
     the model in step with the others; with fewer items than ranks rank 0 takes them all and the rest run a copy."""
     if not items:
@@ -431,6 +404,8 @@ def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bo
     cfg = ctx.cfg
     if stopped:
         loop.close()
+        if ctx.stop is not None:
+            leave_after_stop(ctx)
         return {"stopped": 1.0, **loop.last_metrics}
     if evaluate is not None and loop.evaluated_at != total_steps:
         loop.log(total_steps, evaluate())
@@ -439,6 +414,14 @@ def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bo
         save()
     loop.close()
     return dict(loop.last_metrics)
+
+
+def leave_after_stop(ctx: TrainerContext) -> NoReturn:
+    """After a stop checkpoint: every rank leaves, and rank 0 requeues the job when a rank's stop asked for it (as the
+    PPO recipe does); all ranks call."""
+    ctx.control.barrier()
+    reason = combine_stop_reasons(ctx.control.allgather_object(ctx.stop.request()))
+    leave_for_requeue(ctx.rank, reason, ctx.cfg.slurm.max_requeue)
 
 
 # ----- model inputs and per-token logits --------------------------------------------------------------------------
@@ -453,8 +436,6 @@ def response_logits(model: Callable[..., Any], batch: MicroBatch, device: torch.
                     shift: int = 1) -> torch.Tensor:
     """[S, A, V] logits in the response layout: for response token j, the logits at its column minus `shift`
     (1: the position that predicts it; 0: the token's own position). Zero on padding."""
-    from hpc_rlhf.training.batching import response_token_index
-
     rows, columns, sample, offset = response_token_index(batch)
     logits = model(**model_inputs(batch, device)).logits
     flat = logits[rows.to(device), (columns - shift).to(device)]

@@ -28,6 +28,8 @@ import torch
 
 from hpc_rlhf.algos import dpo_loss, ipo_loss
 from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
+from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     RoundProgress,
     StepLoop,
@@ -129,12 +131,11 @@ def evaluate_pairs(ctx: TrainerContext, actor: Actor, pairs: Sequence[PairExampl
             "eval/reward_margin": totals["margin"] / totals["count"]}
 
 
-def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+        stop: Optional[StopRequest] = None,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
-    """dpo or iterative_dpo, as train.trainer says; every rank calls this."""
-    if cfg.train.trainer == "iterative_dpo":
-        return run_iterative(cfg, world, groups, control, should_stop=should_stop)
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    """DPO (IPO, cDPO) on the preference pairs of data.dataset; every rank calls this."""
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     pairs, report = load_pairs(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
     ctx.info(report.summary())
     eval_pairs: list[PairExample] = []
@@ -193,10 +194,11 @@ def pairs_from_rows(rows: Sequence[dict], max_len: int) -> list[PairExample]:
     return pairs
 
 
-def run_iterative(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run_iterative(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+                  stop: Optional[StopRequest] = None,
                   should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Rounds of sample -> score -> pair -> DPO; see the module docstring."""
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     prompt_rows = load_prompt_rows(cfg, ctx.tokenizer)
     eval_rows = (load_prompt_rows(cfg, ctx.tokenizer, path=cfg.eval.data, max_samples=cfg.eval.max_samples)
                  if cfg.eval.data else [])

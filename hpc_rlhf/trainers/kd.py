@@ -20,6 +20,8 @@ import torch
 
 from hpc_rlhf.algos import kd_loss, sft_loss
 from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
+from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     StepLoop,
     TrainerContext,
@@ -100,10 +102,11 @@ def evaluate(ctx: TrainerContext, student: Student, teacher: Any, examples: Sequ
     return {"eval/kd_loss": totals["kd"] / totals["tokens"], "eval/loss": totals["nll"] / totals["tokens"]}
 
 
-def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+        stop: Optional[StopRequest] = None,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Distil kd.teacher_pretrain into actor.pretrain on data.dataset; every rank calls this."""
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     examples, eval_examples = load_train_and_eval(ctx, cfg, load_sft_examples)
     schedule = schedule_for(cfg, len(examples))
     teacher = load_frozen(ctx, cfg.kd.teacher_pretrain)

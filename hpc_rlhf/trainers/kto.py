@@ -21,6 +21,8 @@ import torch
 
 from hpc_rlhf.algos import kto_loss, kto_reference_kl, mismatched_completion_indices
 from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
+from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     StepLoop,
     TrainerContext,
@@ -117,10 +119,11 @@ def evaluate(ctx: TrainerContext, actor: Actor, reference: Any,
     return {"eval/loss": totals["loss"] / totals["count"], "eval/reward_margin": margin, "eval/kl": z0}
 
 
-def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+        stop: Optional[StopRequest] = None,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Train the policy with KTO on data.dataset; every rank calls this."""
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     examples, eval_examples = load_train_and_eval(ctx, cfg, load_unpaired)
     schedule = schedule_for(cfg, len(examples))
     reference = load_frozen(ctx, cfg.ref.pretrain or cfg.actor.pretrain)

@@ -21,6 +21,8 @@ import torch
 from hpc_rlhf.algos import IGNORE_INDEX, prm_loss
 from hpc_rlhf.config import Config
 from hpc_rlhf.data import DatasetError, RowRef, iter_records
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
+from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     StepLoop,
     TrainerContext,
@@ -159,10 +161,11 @@ def evaluate(ctx: TrainerContext, model: StepRewardModel, examples: Sequence[Ste
     return {"eval/loss": totals["loss"] / totals["steps"], "eval/accuracy": totals["correct"] / totals["steps"]}
 
 
-def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+        stop: Optional[StopRequest] = None,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Train a process reward model on data.dataset; every rank calls this."""
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     examples, eval_examples = load_train_and_eval(ctx, cfg, load_step_examples)
     reward_ids = [single_token_id(ctx.tokenizer, token, "prm.reward_tokens") for token in cfg.prm.reward_tokens]
     schedule = schedule_for(cfg, len(examples))

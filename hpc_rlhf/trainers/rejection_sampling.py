@@ -17,9 +17,11 @@ answered and scored before the first and after every round.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
+from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     RoundProgress,
     StepLoop,
@@ -75,11 +77,12 @@ def examples_from_rows(rows: list[dict], max_len: int) -> list[Encoded]:
     return examples
 
 
-def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+        stop: Optional[StopRequest] = None,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Best-of-N rounds (and RAFT fine-tuning with rejection_sampling.train_sft); every rank calls this."""
     rs = cfg.rejection_sampling
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     prompt_rows = load_prompt_rows(cfg, ctx.tokenizer)
     eval_rows = (load_prompt_rows(cfg, ctx.tokenizer, path=cfg.eval.data, max_samples=cfg.eval.max_samples)
                  if cfg.eval.data and rs.train_sft else [])

@@ -21,7 +21,9 @@ from torch import nn
 
 from hpc_rlhf.algos import pairwise_rm_loss
 from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.lora import unwrap
+from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     StepLoop,
     TrainerContext,
@@ -143,10 +145,11 @@ def reward_statistics(ctx: TrainerContext, model: RewardModelEngine,
     return {"reward_mean": mean, "reward_std": std if std > 0 else 1.0}
 
 
-def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+        stop: Optional[StopRequest] = None,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Train a reward model on the preference pairs of data.dataset; every rank calls this."""
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     pairs, report = load_pairs(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
     ctx.info(report.summary())
     eval_pairs: list[PairExample] = []

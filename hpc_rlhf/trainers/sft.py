@@ -11,12 +11,14 @@ rows (`eval.data`) give `eval/loss`, the same token-mean NLL without gradients. 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from hpc_rlhf.algos import sft_loss
 from hpc_rlhf.config import Config
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
+from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     StepLoop,
     StepSchedule,
@@ -66,10 +68,11 @@ def sft_step(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded],
     return train_step
 
 
-def run(cfg: Config, world: Any, groups: Any, control: Any, *,
+def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+        stop: Optional[StopRequest] = None,
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Fine-tune actor.pretrain on data.dataset; every rank calls this."""
-    ctx = build_context(cfg, world, groups, control, should_stop)
+    ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     examples, eval_examples = load_train_and_eval(ctx, cfg, load_sft_examples)
     schedule = schedule_for(cfg, len(examples))
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, schedule.total_steps)

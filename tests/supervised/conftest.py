@@ -108,12 +108,13 @@ def single_rank_world():
 def run_trainer(cfg: Any, should_stop: Optional[Callable[[], bool]] = None, stop: Any = None) -> dict[str, float]:
     """Run cfg's trainer on a one-rank world in this process (as `python -m hpc_rlhf.train` would)."""
     from hpc_rlhf.distributed import build_role_groups, plan_layout
-    from hpc_rlhf.trainers.common import run_trainer as dispatch
+    from hpc_rlhf.trainers.registry import trainer_entry
 
     with single_rank_world() as (world, control):
         groups = build_role_groups(plan_layout(cfg.layout, 1, 1), 0)
         torch.manual_seed(cfg.train.seed)
-        return dispatch(cfg, world, groups, control, should_stop=should_stop, stop=stop)
+        # The supervised entries also take a bare `should_stop` (a stop that is not requeued).
+        return trainer_entry(cfg.train.trainer)(cfg, world, groups, control, stop=stop, should_stop=should_stop)
 
 
 def run_cli(config: Path, run_dir: Path, ranks: int, *overrides: str, timeout_s: float = 200) -> None:

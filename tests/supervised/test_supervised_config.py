@@ -3,14 +3,13 @@ settings are refused before any process starts, with messages that name the keys
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import pytest
 
 from hpc_rlhf.config import SUPERVISED_TRAINERS, ConfigError
 from hpc_rlhf.config_io import load_config
-from hpc_rlhf.trainers.common import TRAINER_MODULES
+from hpc_rlhf.trainers.registry import TRAINERS, trainer_entry
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIGS = {name: REPO / "configs" / f"{name}_tiny.yaml"
@@ -24,10 +23,13 @@ def test_tiny_configs_load_and_name_their_trainer(name):
     assert cfg.layout.colocate and cfg.train.device == "cpu"
 
 
-def test_every_trainer_name_has_a_run_function():
-    assert set(TRAINER_MODULES) == set(SUPERVISED_TRAINERS)
-    for name, module in TRAINER_MODULES.items():
-        assert callable(importlib.import_module(f"hpc_rlhf.trainers.{module}").run), name
+def test_every_trainer_name_has_an_entry_function():
+    assert set(TRAINERS) == {"ppo", *SUPERVISED_TRAINERS}
+    for name, entry in TRAINERS.items():
+        assert callable(entry), name
+    assert trainer_entry("iterative_dpo") is TRAINERS["iterative_dpo"]
+    with pytest.raises(ValueError, match="train.trainer 'sdf' names no trainer; known: ppo, sft"):
+        trainer_entry("sdf")
 
 
 def test_supervised_batches_need_not_match_the_rollout_batch():

@@ -9,18 +9,21 @@ pieces of each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Optional
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.data import PromptExample, iterations_per_epoch, load_prompts
 from hpc_rlhf.distributed import RoleGroups
+from hpc_rlhf.generation import GenerationEngine, MultiTurnExecutor, SingleTurnExecutor
+from hpc_rlhf.rewards import RewardModel, RewardSource, reward_source_from_config
 from hpc_rlhf.tiny_model import resolve_model_path
 from hpc_rlhf.trainers.engines import bf16_enabled, compute_dtype, engine_config
 from hpc_rlhf.trainers.generation_setup import build_generation
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
+from hpc_rlhf.training.models import Actor, Critic, Reference
 
 
 def total_iterations(cfg: Config, num_prompts: int) -> int:
@@ -41,20 +44,21 @@ def optimizer_steps(cfg: Config, iterations: int) -> int:
 class Components:
     """The pieces a rank holds; None for roles it does not have."""
 
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     prompts: list[PromptExample]
     eval_prompts: list[PromptExample]
     total_iterations: int
-    engine: Any = None
-    executor: Any = None
-    reward_source: Any = None  # function / remote source, on generator ranks
-    reward_model: Any = None  # reward-model scorer, on reward ranks
-    actor: Any = None
-    critic: Any = None
-    reference: Any = None
+    engine: Optional[GenerationEngine] = None  # on generator ranks
+    executor: Optional[SingleTurnExecutor | MultiTurnExecutor] = None  # drives the engine, on generator ranks
+    reward_source: Optional[RewardSource] = None  # function / remote source, on generator ranks
+    reward_model: Optional[RewardModel] = None  # reward-model scorer, on reward ranks
+    actor: Optional[Actor] = None
+    critic: Optional[Critic] = None
+    reference: Optional[Reference] = None
 
 
-def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[list[PromptExample], list[PromptExample]]:
+def load_prompt_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase
+                     ) -> tuple[list[PromptExample], list[PromptExample]]:
     data = cfg.data
     common = dict(input_key=data.input_key, label_key=data.label_key, apply_chat_template=data.apply_chat_template,
                   input_template=data.input_template, tokenizer=tokenizer)
@@ -66,9 +70,6 @@ def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[list[PromptExample], 
 def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> Components:
     """Construct this rank's pieces. Role groups with DeepSpeed engines are built in the fixed order
     actor, critic, reference so that collectives inside `deepspeed.initialize` line up across ranks."""
-    from hpc_rlhf.rewards import RewardModel, reward_source_from_config
-    from hpc_rlhf.training.models import Actor, Critic, Reference
-
     roles = groups.roles
     actor_path = resolve_model_path(cfg.actor.pretrain)
     tokenizer = AutoTokenizer.from_pretrained(actor_path)

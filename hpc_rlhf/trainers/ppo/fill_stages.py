@@ -13,10 +13,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hpc_rlhf.config import Config
+from hpc_rlhf.rewards import RewardModel
 from hpc_rlhf.rollouts import RolloutReader, ShardWriter
 from hpc_rlhf.rollouts.manifest import find_record
 from hpc_rlhf.rollouts.paths import iteration_dir
-from hpc_rlhf.training.batching import TokenSample, make_micro_batches, scatter_to_samples
+from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, scatter_to_samples
+from hpc_rlhf.training.models import ForwardOutput
+
+Infer = Callable[[Sequence[MicroBatch]], list[ForwardOutput]]  # a model's forward pass without gradients
 
 FILLER = TokenSample(prompt_ids=torch.tensor([0]), response_ids=torch.tensor([0]))
 
@@ -43,7 +47,7 @@ def shard_samples(cfg: Config, iteration: int, shards: Sequence[str]) -> tuple[l
     return samples, counts
 
 
-def per_token_outputs(infer: Callable, samples: list[TokenSample], micro_batch_size: int, field: str,
+def per_token_outputs(infer: Infer, samples: list[TokenSample], micro_batch_size: int, field: str,
                       pad_token_id: int) -> list[torch.Tensor]:
     """Run `infer` over micro-batches and return one per-token tensor per sample (`field` of ForwardOutput).
 
@@ -71,7 +75,7 @@ def commit_columns(cfg: Config, iteration: int, shards: Sequence[str], counts: S
             writer.write_columns(iteration, shard, stage, part)
 
 
-def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, stage: str, column: str, infer: Callable,
+def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, stage: str, column: str, infer: Infer,
                    field: str, micro_batch_size: int, pad_token_id: int) -> dict[str, float]:
     """Reference log-probs or critic values for this member's shards, with the time of each part."""
     start = time.perf_counter()
@@ -87,7 +91,7 @@ def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, stage:
             "compute_seconds": computed - read, "write_seconds": end - computed}
 
 
-def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: Any) -> dict[str, float]:
+def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: RewardModel) -> dict[str, float]:
     """Reward-model scores (reward and score columns) for this member's shards, with the time of each part."""
     start = time.perf_counter()
     shards = my_shards(cfg, iteration, index, size)

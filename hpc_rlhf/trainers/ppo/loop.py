@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from hpc_rlhf.algos import RunningMoments, build_kl_controller
+from hpc_rlhf.algos import KLController, RunningMoments, build_kl_controller
 from hpc_rlhf.config import Config
-from hpc_rlhf.distributed import ControlPlane, DistributedWorld
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, LayoutPlan, RankRoles
 from hpc_rlhf.distributed import RoleGroups, sync_weights
 from hpc_rlhf.metrics import MetricsLogger
 from hpc_rlhf.rollouts import RolloutReader, commit_iteration, committed_shards, generator_shard_name, load_manifest
@@ -31,7 +31,7 @@ from hpc_rlhf.slurm.requeue import StopReason, StopRequest, combine_stop_reasons
 from hpc_rlhf.trainers.checkpointing import CheckpointService
 from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.engines import compute_dtype
-from hpc_rlhf.trainers.ppo.components import Components
+from hpc_rlhf.trainers.ppo.components import Components, build_components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
@@ -90,30 +90,37 @@ class TrainerState:
 
 
 class PPOTrainer:
-    """Runs the tick schedule for one rank; every rank of the job constructs one and calls `run`."""
+    """Runs the tick schedule for one rank; every rank of the job constructs one and calls `run`.
 
-    def __init__(self, cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane,
-                 parts: Components, *, stop: Optional[StopRequest] = None) -> None:
-        self.cfg, self.groups, self.control, self.parts, self.device = cfg, groups, control, parts, world.device
-        self.roles = groups.roles
-        self.plan = groups.plan
-        self.stop = stop
+    Everything the rank needs is built here, in this order: its role pieces (tokenizer, prompts, models, generation
+    engine, reward source: `build_components`), the checkpoint service, the metrics logger (which starts where a
+    resume will), and the algorithm's state (KL controller, reward statistics, iteration and weight version).
+    """
+
+    def __init__(self, cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
+                 stop: Optional[StopRequest] = None) -> None:
+        self.cfg, self.groups, self.control, self.stop = cfg, groups, control, stop
         self.stop_reason: Optional[StopReason] = None
+        self.device: torch.device = world.device
         self.is_main = world.info.rank == 0
+        self.roles: RankRoles = groups.roles
+        self.plan: LayoutPlan = groups.plan
         self.run_dir = cfg.train.run_dir
-        self.total = parts.total_iterations
         self.q = cfg.rollout.async_queue
         self.num_engines = len(self.plan.engines)
-        self.pad_id = parts.tokenizer.pad_token_id or 0
-        self.checkpoint = CheckpointService(cfg, rank=world.info.rank, world_size=world.info.world_size,
-                                            control=control, engines={"actor": parts.actor, "critic": parts.critic},
-                                            trainer=self,
-                                            resume_check=RolloutCheck(cfg, self.total, self._expected_shards()))
+        self.parts: Components = build_components(cfg, groups, world.device)
+        self.total = self.parts.total_iterations
+        self.pad_id = self.parts.tokenizer.pad_token_id or 0
+        self.checkpoint = CheckpointService(
+            cfg, rank=world.info.rank, world_size=world.info.world_size, control=control,
+            engines={"actor": self.parts.actor, "critic": self.parts.critic}, trainer=self,
+            resume_check=RolloutCheck(cfg, self.total, self._expected_shards()))
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main,
                                     use_tensorboard=cfg.logger.use_tensorboard, progress_bar=cfg.logger.progress_bar,
                                     total_steps=self.total, logging_steps=cfg.logger.logging_steps,
                                     start_step=int(self.checkpoint.resume_state().get("next_iteration", 0)))
-        self.kl_controller = build_kl_controller(cfg.algo.init_kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
+        self.kl_controller: KLController = build_kl_controller(cfg.algo.init_kl_coef, cfg.algo.kl_target,
+                                                               cfg.algo.kl_horizon)
         self.reward_moments = RunningMoments()
         self._moments_iteration: Optional[int] = None
         self.state = TrainerState()

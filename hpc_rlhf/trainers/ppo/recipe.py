@@ -1,4 +1,7 @@
-"""The PPO-family recipe: build this rank's components, resume, run the tick schedule, save models and curves."""
+"""The PPO-family recipe: build this rank's trainer, resume and run the tick schedule, save the models, leave.
+
+Every rank of the job calls `run_ppo`; the trainer (`PPOTrainer`) builds what the rank's roles need, in order.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +11,29 @@ from typing import Optional
 from hpc_rlhf.config import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.slurm.requeue import StopRequest, leave_for_requeue
-from hpc_rlhf.trainers.ppo.components import build_components
+from hpc_rlhf.trainers.ppo.components import Components
 from hpc_rlhf.trainers.ppo.loop import PPOTrainer
+
+
+def save_models(parts: Components, run_dir: Path) -> None:
+    """The trained actor (with its tokenizer) and critic as Hugging Face models under RUN_DIR/hf/; all ranks call."""
+    if parts.actor is not None:
+        parts.actor.save_hf(run_dir / "hf" / "actor")
+        if parts.actor.dp_rank == 0:
+            parts.tokenizer.save_pretrained(run_dir / "hf" / "actor")
+    if parts.critic is not None:
+        parts.critic.save_hf(run_dir / "hf" / "critic")
 
 
 def run_ppo(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
             stop: Optional[StopRequest] = None) -> dict[str, float]:
-    """Train with cfg on this rank; every rank of the job calls this."""
-    parts = build_components(cfg, groups, world.device)
-    run_dir = Path(cfg.train.run_dir)
-    trainer = PPOTrainer(cfg, world, groups, control, parts, stop=stop)
+    """Train with cfg on this rank; every rank of the job calls this. After a stop checkpoint the job leaves (and
+    is requeued when the stop asked for it)."""
+    trainer = PPOTrainer(cfg, world, groups, control, stop=stop)
     try:
         last = trainer.run()
         if not last.get("stopped") and cfg.ckpt.save_hf_model:
-            if parts.actor is not None:
-                parts.actor.save_hf(run_dir / "hf" / "actor")
-                if parts.actor.dp_rank == 0:
-                    parts.tokenizer.save_pretrained(run_dir / "hf" / "actor")
-            if parts.critic is not None:
-                parts.critic.save_hf(run_dir / "hf" / "critic")
+            save_models(trainer.parts, Path(cfg.train.run_dir))
     finally:
         trainer.logger.close(plot=cfg.logger.plot)
     control.barrier()

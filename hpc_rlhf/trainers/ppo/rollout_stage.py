@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
+
+from transformers import PreTrainedTokenizerBase
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
-from hpc_rlhf.generation import Trajectory
+from hpc_rlhf.generation import MultiTurnExecutor, SingleTurnExecutor, Trajectory
+from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
 from hpc_rlhf.trainers.generation_setup import sampling_params, sampling_seed
 
@@ -33,7 +36,7 @@ class GenerationResult:
     write_seconds: float = 0.0  # the shard's Arrow write and commit
 
 
-def encode_prompts(cfg: Config, tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, keeping the last prompt_max_len tokens of long prompts.
 
     A chat template already renders the special tokens (bos), so they are only added to plain prompts.
@@ -43,8 +46,9 @@ def encode_prompts(cfg: Config, tokenizer: Any, texts: Sequence[str]) -> list[li
     return [list(row[-max_len:]) for row in ids]
 
 
-def score_trajectories(reward_source: Any, tokenizer: Any, prompts: Sequence[PromptExample],
-                       prompt_texts: Sequence[str], trajectories: Sequence[Trajectory]) -> tuple[list, list, dict]:
+def score_trajectories(reward_source: RewardSource, tokenizer: PreTrainedTokenizerBase,
+                       prompts: Sequence[PromptExample], prompt_texts: Sequence[str],
+                       trajectories: Sequence[Trajectory]) -> tuple[list, list, dict]:
     """Rewards and scores of trajectories from a function / remote source (queries are prompt + response text)."""
     queries = [tokenizer.decode(list(t.prompt_ids) + list(t.response_ids), skip_special_tokens=False)
                for t in trajectories]
@@ -74,7 +78,8 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
 
 
 def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engines: int, writes: bool,
-                   executor: Any, tokenizer: Any, prompts: Sequence[PromptExample], reward_source: Any,
+                   executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
+                   prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
                    weight_version: int) -> GenerationResult:
     """Generate this engine's slice of `iteration` and commit its shard (TP rank 0 writes); skip if committed."""
     shard = generator_shard_name(engine_index)
@@ -110,7 +115,8 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
                             write_seconds=end - scored)
 
 
-def run_eval(cfg: Config, *, executor: Any, tokenizer: Any, prompts: Sequence[PromptExample], reward_source: Any,
+def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
+             prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
              engine_index: int, num_engines: int) -> dict[str, float]:
     """Score this engine's share of the held-out prompts with eval sampling; returns sums for a global mean."""
     share = list(prompts)[engine_index::num_engines]

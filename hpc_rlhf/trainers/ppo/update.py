@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from hpc_rlhf.algos import kl_loss, policy_loss, value_loss
 from hpc_rlhf.config import Config
-from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches
+from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group
 from hpc_rlhf.training.models import ForwardOutput
 
 
