@@ -14,7 +14,8 @@ Typical use:
     writer.write(42, generator_shard_name(rank), rows)            # each generator rank
     commit_iteration(run_dir, 42, [generator_shard_name(r) for r in range(num_generators)])  # one rank
     writer.write_columns(42, "generator_0003", "rewards", {"reward": rewards})               # reward stage
-    table = RolloutReader(run_dir).read(42, rank=r, world_size=w, require_filled=["reward"])  # trainers
+    wait_for_iteration(run_dir, 42, stages=["rewards"])                                     # trainers
+    table = RolloutReader(run_dir).read(42, rank=r, world_size=w, require_filled=["reward"])
 """
 
 from hpc_rlhf.rollouts.errors import (
@@ -52,6 +53,7 @@ from hpc_rlhf.rollouts.schema import (
     validate_rollout_table,
 )
 from hpc_rlhf.rollouts.summary import IterationSummary, summarize_run, summarize_table
+from hpc_rlhf.rollouts.waiting import WAIT_TIMEOUT_S, iteration_ready, wait_for_iteration, wait_for_shards, wait_until
 from hpc_rlhf.rollouts.writer import ShardWriter
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "ROLLOUT_SCHEMA",
     "SCHEMA_VERSION",
+    "WAIT_TIMEOUT_S",
     "CorruptShardError",
     "IncompleteIterationError",
     "IterationSummary",
@@ -79,6 +82,7 @@ __all__ = [
     "empty_rollout_table",
     "generator_shard_name",
     "iteration_dir",
+    "iteration_ready",
     "iterations_completed",
     "iterations_started",
     "latest_complete_iteration",
@@ -91,4 +95,7 @@ __all__ = [
     "summarize_table",
     "to_rollout_table",
     "validate_rollout_table",
+    "wait_for_iteration",
+    "wait_for_shards",
+    "wait_until",
 ]

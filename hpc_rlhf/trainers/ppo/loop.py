@@ -26,7 +26,13 @@ from hpc_rlhf.config import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, LayoutPlan, RankRoles
 from hpc_rlhf.distributed import RoleGroups, sync_weights
 from hpc_rlhf.metrics import MetricsLogger
-from hpc_rlhf.rollouts import RolloutReader, commit_iteration, committed_shards, generator_shard_name, load_manifest
+from hpc_rlhf.rollouts import (
+    RolloutReader,
+    commit_iteration,
+    generator_shard_name,
+    wait_for_iteration,
+    wait_for_shards,
+)
 from hpc_rlhf.slurm.requeue import StopReason, StopRequest, combine_stop_reasons
 from hpc_rlhf.trainers.checkpointing import CheckpointService
 from hpc_rlhf.trainers.ppo import experience as exp
@@ -36,20 +42,6 @@ from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
-
-WAIT_TIMEOUT_S = 6 * 3600.0
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
-    """Poll `condition` (cheap filesystem checks) until it holds; a clear error after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.01
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
-
 
 def synchronize(device: Optional[torch.device]) -> None:
     """Wait for queued GPU work, so that a phase's wall time includes its kernels (no-op on CPU)."""
@@ -149,24 +141,13 @@ class PPOTrainer:
                                 weight_version=self.state.weight_version)
         if self.roles.role_index["generator"] == 0:  # the first generator rank completes the iteration
             expected = self._expected_shards()
-            wait_until(lambda: set(expected) <= set(committed_shards(self.run_dir, iteration)),
-                       f"the generator shards of iteration {iteration}")
+            wait_for_shards(self.run_dir, iteration, expected)
             commit_iteration(self.run_dir, iteration, expected)
         if not self.writes_shards or result.reused:
             return {}
         return {"sum/generate_tokens": result.response_tokens, "max/generate_s": result.seconds,
                 "sum/generate_samples": result.samples, "max/generate_engine_s": result.engine_seconds,
                 "max/reward_fn_s": result.reward_seconds, "max/shard_write_s": result.write_seconds}
-
-    def _wait_complete(self, iteration: int) -> None:
-        wait_until(lambda: load_manifest(self.run_dir, iteration).complete, f"iteration {iteration} to complete")
-
-    def _wait_filled(self, iteration: int, stages: list[str]) -> None:
-        def filled() -> bool:
-            manifest = load_manifest(self.run_dir, iteration)
-            have = {(r.shard, r.stage) for r in manifest.column_shards}
-            return all((s, stage) in have for s in manifest.shard_names for stage in stages)
-        wait_until(filled, f"stages {stages} of iteration {iteration}")
 
     def _fill(self, iteration: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -330,12 +311,12 @@ class PPOTrainer:
                 accumulate(metrics, self._sleep_generator())
             if train_it >= start:
                 waited = time.perf_counter()
-                self._wait_complete(train_it)
+                wait_for_iteration(self.run_dir, train_it)
                 waited = time.perf_counter() - waited
                 accumulate(metrics, self._fill(train_it))
                 if self.parts.actor is not None or self.parts.critic is not None:
                     start_wait = time.perf_counter()
-                    self._wait_filled(train_it, self._required_stages())
+                    wait_for_iteration(self.run_dir, train_it, self._required_stages())
                     waited += time.perf_counter() - start_wait
                 accumulate(metrics, {"max/wait_data_s": waited})  # idle: other ranks' generation or fill stages
                 if self.parts.critic is not None:
