@@ -14,20 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.multiproc import run_ranks
+
 WORLD_SIZE = 2
 STAGES = (2, 3)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run both jobs once for the module; returns the folder holding their per-rank records."""
+    from tests.checkpoint.workers.deepspeed_resume import run_tasks  # imports DeepSpeed: only when these tests run
+
     out = tmp_path_factory.mktemp("deepspeed_resume")
-    launch = request.getfixturevalue("launch_ranks")
     for tasks in ([f"first:{s}" for s in STAGES], [f"resume:{s}" for s in STAGES] + ["resume_no_rng:2"]):
-        results = launch("deepspeed_resume.py", [str(out), *tasks], WORLD_SIZE, timeout_s=75)
-        for result in results:
-            assert result.returncode == 0, f"rank {result.rank} ({tasks}) ended with {result.returncode}:\n" \
-                                           f"{result.log[-4000:]}"
+        run_ranks(run_tasks, WORLD_SIZE, str(out), tasks, timeout_s=75, init_process_group=False)
     return out
 
 

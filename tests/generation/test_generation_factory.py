@@ -4,16 +4,17 @@ what the child saw; vLLM itself needs a GPU)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
-from hpc_rlhf.distributed.world import free_port
+from hpc_rlhf.generation import GenerationError, ProcessHostedEngine, SamplingParams, make_engine
+from hpc_rlhf.generation.factory import engine_rendezvous, vllm_placement
+from tests.multiproc import run_ranks
 
 FAKE_VLLM = '''
 """A stand-in for vllm whose generate() answers with what the engine process saw in its environment."""
@@ -64,14 +65,10 @@ class LLM:
                         [_Completion(seen, [{t: _Logprob(0.0)} for t in seen], "length")]) for item in inputs]
 '''
 
-RANK_SCRIPT = '''
-import json, os, sys
-import torch.distributed as dist
-from hpc_rlhf.generation import GenerationError, ProcessHostedEngine, SamplingParams, make_engine
-from hpc_rlhf.generation.factory import engine_rendezvous, vllm_placement
 
-def main():
-    dist.init_process_group("gloo")
+def host_tp2_engine(fake_root: str) -> dict:
+    """One rank of the job: place a tp=2 vllm engine (the stand-in on `fake_root`) and generate once."""
+    sys.path.insert(0, fake_root)  # this rank's engine process is spawned with this path, so it imports the stand-in
     world = dist.group.WORLD
     out = {"job_port": int(os.environ["MASTER_PORT"])}
     out["placement"] = vllm_placement(tp=2, shared_world=False)
@@ -93,12 +90,7 @@ def main():
     out["parent_pid"] = os.getpid()
     engine.close()
     dist.barrier()
-    dist.destroy_process_group()
-    print("RESULT " + json.dumps(out), flush=True)
-
-if __name__ == "__main__":
-    main()
-'''
+    return out
 
 
 @pytest.mark.timeout(180)
@@ -106,27 +98,7 @@ def test_two_ranks_host_one_tp2_engine_in_child_processes(tmp_path: Path):
     fake_root = tmp_path / "fake"
     (fake_root / "vllm").mkdir(parents=True)
     (fake_root / "vllm" / "__init__.py").write_text(textwrap.dedent(FAKE_VLLM))
-    script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent(RANK_SCRIPT))
-    job_port = free_port()
-    python_path = os.pathsep.join([str(fake_root), str(Path(__file__).resolve().parents[2]),
-                                   os.environ.get("PYTHONPATH", "")])
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(job_port), "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    results = []
-    for proc in procs:
-        try:
-            output, _ = proc.communicate(timeout=150)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 0, output
-        line = next(line for line in output.splitlines() if line.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
+    results = run_ranks(host_tp2_engine, 2, str(fake_root), timeout_s=150)
 
     for rank, res in enumerate(results):
         assert res["placement"] == "child_process" and res["shared"] == "shared_world" and res["hosted"]

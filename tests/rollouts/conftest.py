@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,13 +77,6 @@ def python() -> str:
 def workers_dir() -> Path:
     """Folder of the scripts that tests run as separate processes."""
     return Path(__file__).resolve().parent / "workers"
-
-
-@pytest.fixture
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

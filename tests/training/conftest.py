@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-import torch
 
-WORKER_PATH = Path(__file__).with_name("distributed_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.multiproc import run_ranks
+from tests.training import distributed_worker
+
 RUN_TIMEOUT_S = 240
-
-
-def _load_worker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("training_distributed_worker", WORKER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
 def worker() -> ModuleType:
-    """The worker script as a module: `tiny_llama`, `make_samples`, the loss functions."""
-    return _load_worker()
+    """The rank module: `tiny_llama`, `make_samples`, the loss functions."""
+    return distributed_worker
 
 
 @pytest.fixture(scope="session")
@@ -41,43 +28,13 @@ def tiny_model_dir(tmp_path_factory, worker) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_world(world_size: int, trainer_ranks: list[int], work_dir: Path, model_dir: Path,
               scenario: str = "roles") -> list[dict[str, Any]]:
-    """Run `world_size` worker processes (one gloo world) and return the results of each data-parallel rank."""
+    """Run `world_size` ranks (one gloo world) and return the results of each data-parallel rank."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    processes = []
-    with contextlib.ExitStack() as logs:
-        for rank in range(world_size):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-            log = logs.enter_context(open(work_dir / f"rank{rank}.log", "w"))
-            processes.append(subprocess.Popen(
-                [sys.executable, str(WORKER_PATH), "--scenario", scenario,
-                 "--trainer-ranks", ",".join(map(str, trainer_ranks)), "--out", str(work_dir / "result"),
-                 "--work-dir", str(work_dir), "--model-dir", str(model_dir)],
-                env=env, stdout=log, stderr=subprocess.STDOUT))
-        try:
-            for process in processes:
-                process.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for process in processes:
-                process.kill()
-            for process in processes:
-                process.wait()
-    codes = [process.returncode for process in processes]
-    if any(code != 0 for code in codes):
-        tails = "\n".join(f"--- rank {r} ---\n" + (work_dir / f"rank{r}.log").read_text()[-3000:]
-                          for r in range(world_size))
-        pytest.fail(f"worker processes exited with {codes} (timeout {RUN_TIMEOUT_S}s)\n{tails}")
-    return [torch.load(f"{work_dir / 'result'}.dp{dp}", weights_only=False) for dp in range(len(trainer_ranks))]
+    results = run_ranks(distributed_worker.run_rank, world_size, scenario, trainer_ranks, str(work_dir),
+                        str(model_dir), timeout_s=RUN_TIMEOUT_S)
+    return [results[rank] for rank in trainer_ranks]
 
 
 @pytest.fixture(scope="session")

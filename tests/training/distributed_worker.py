@@ -1,22 +1,22 @@
-"""One rank of the multi-process DeepSpeed tests; run as a script by tests/training (see conftest.run_world).
+"""One rank of the multi-process DeepSpeed tests: `run_rank`, run on every rank by conftest.run_world.
 
-World layout: every rank joins one gloo world; `--trainer-ranks` form the role group that trains. Other
-ranks take no part: they note the time and wait at the final world barrier. Rank 0 of the role group
-writes what the tests compare (losses, gradients, weights, log-probs) to `--out`.
+World layout: every rank joins one gloo world; `trainer_ranks` form the role group that trains. Other
+ranks take no part: they note the time and wait at the final world barrier. Each rank of the role group
+returns what the tests compare (losses, gradients, weights, log-probs).
 
 Also imported by conftest for the tiny model and the data, so both sides build exactly the same ones.
 """
 
 from __future__ import annotations
 
-import argparse
+import faulthandler
 import json
-import os
-import sys
+import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 VOCAB = 128
 
@@ -84,7 +84,7 @@ def _full_grads(actor):
                 for name, param in actor.module.named_parameters()}
 
 
-def run_roles(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+def run_roles(work_dir: Path, model_dir: str, group, dp_rank: int, dp_size: int, result: dict) -> None:
     """Actor ZeRO-3 + critic ZeRO-2 on the role group, resume, dynamic batching (ZeRO 0-2), reference ZeRO-3.
 
     Each data-parallel rank draws its own samples (seeded by step and dp rank), so a run depends on the
@@ -92,7 +92,6 @@ def run_roles(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
     """
     from hpc_rlhf.training import Actor, Critic, EngineConfig, Reference, make_micro_batches
 
-    work = Path(args.work_dir)
     steps = 3
     data = [make_samples(1000 * step + dp_rank, 4) for step in range(steps)]
 
@@ -104,11 +103,11 @@ def run_roles(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
                               train_batch_size=4 * dp_size)
     actor = Actor(tiny_llama(0), actor_cfg, group, num_training_steps=steps, with_entropy=True)
     torch.manual_seed(1)  # the new value head's initialisation
-    critic = Critic.from_pretrained(args.model_dir, critic_cfg, group, num_training_steps=steps)
+    critic = Critic.from_pretrained(model_dir, critic_cfg, group, num_training_steps=steps)
     actor_metrics, critic_metrics = [], []
     for step in range(steps):
         if step == steps - 1:
-            actor.save_state(work / "actor_state", tag="before_last")
+            actor.save_state(work_dir / "actor_state", tag="before_last")
         batches = make_micro_batches(data[step], micro_batch_size=2, packing=step % 2 == 1)
         actor_metrics.append(actor.train_step(batches, policy_loss))
         critic_metrics.append(critic.train_step(batches, value_loss))
@@ -116,12 +115,12 @@ def run_roles(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
     result["critic_metrics"] = critic_metrics
     result["actor_state"] = actor.full_state_dict()
     result["critic_state"] = critic.full_state_dict()
-    actor.save_hf(work / "actor_hf")
-    critic.save_hf(work / "critic_hf")
+    actor.save_hf(work_dir / "actor_hf")
+    critic.save_hf(work_dir / "critic_hf")
 
     # 2. Resume: a fresh ZeRO-3 engine loads the saved state and repeats the last step exactly.
     resumed = Actor(tiny_llama(123), actor_cfg, group, num_training_steps=steps, with_entropy=True)
-    resumed.load_state(work / "actor_state", tag="before_last")
+    resumed.load_state(work_dir / "actor_state", tag="before_last")
     batches = make_micro_batches(data[steps - 1], micro_batch_size=2, packing=(steps - 1) % 2 == 1)
     result["resumed_metrics"] = resumed.train_step(batches, policy_loss)
     result["resumed_state"] = resumed.full_state_dict()
@@ -142,14 +141,14 @@ def run_roles(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
         del dyn
 
     # 4. Reference (ZeRO-3 inference) log-probs of this rank's samples, padded micro-batches of 3.
-    reference = Reference.from_pretrained(args.model_dir, EngineConfig(zero_stage=3, train_batch_size=dp_size),
+    reference = Reference.from_pretrained(model_dir, EngineConfig(zero_stage=3, train_batch_size=dp_size),
                                           group)
     ref_batches = make_micro_batches(samples, micro_batch_size=3, packing=False)
     result["ref_log_probs"] = [out.log_probs for out in reference.infer(ref_batches)]
     result["ref_sample_indices"] = [b.sample_indices for b in ref_batches]
 
 
-def run_offload(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+def run_offload(work_dir: Path, model_dir: str, group, dp_rank: int, dp_size: int, result: dict) -> None:
     """Two steps with CPU Adam offload (ZeRO-2), CPU Adam + parameter offload (ZeRO-3) and bf16, against plain."""
     from hpc_rlhf.training import Actor, EngineConfig, make_micro_batches
 
@@ -168,7 +167,7 @@ def run_offload(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
         del actor
 
 
-def run_zero3_load(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+def run_zero3_load(work_dir: Path, model_dir: str, group, dp_rank: int, dp_size: int, result: dict) -> None:
     """Checkpoint -> ZeRO-3 partitions without a full copy: partition sizes, gathered weights, a training step."""
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -177,7 +176,7 @@ def run_zero3_load(args, group, dp_rank: int, dp_size: int, result: dict) -> Non
     from hpc_rlhf.training.zero3_loading import load_partitioned
 
     cfg = EngineConfig(zero_stage=3, learning_rate=1e-2, micro_train_batch_size=2, train_batch_size=4 * dp_size)
-    model = load_partitioned(AutoModelForCausalLM, args.model_dir, cfg, group)
+    model = load_partitioned(AutoModelForCausalLM, model_dir, cfg, group)
     result["partition_numels"] = {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in model.named_parameters()}
     gathered = {}
     for name, param in model.named_parameters():
@@ -187,27 +186,26 @@ def run_zero3_load(args, group, dp_rank: int, dp_size: int, result: dict) -> Non
     batches = make_micro_batches(make_samples(9 + dp_rank, 4), micro_batch_size=2)
     result["partitioned_step"] = Actor(model, cfg, group, num_training_steps=1).train_step(batches, policy_loss)
     result["whole_step"] = Actor(tiny_llama(0), cfg, group, num_training_steps=1).train_step(batches, policy_loss)
-    critic = Critic.from_pretrained(args.model_dir, cfg, group, num_training_steps=1)
+    critic = Critic.from_pretrained(model_dir, cfg, group, num_training_steps=1)
     result["critic_step"] = critic.train_step(batches, value_loss)
     try:
-        load_partitioned(AutoModelForSequenceClassification, args.model_dir, cfg, group, num_labels=1)
+        load_partitioned(AutoModelForSequenceClassification, model_dir, cfg, group, num_labels=1)
     except ValueError as error:  # the new head is not allowed to be missing unless named
         result["missing_head_error"] = str(error)
 
 
-def run_zero3_reward(args, group, dp_rank: int, dp_size: int, result: dict) -> None:
+def run_zero3_reward(work_dir: Path, model_dir: str, group, dp_rank: int, dp_size: int, result: dict) -> None:
     """A reward model partitioned over the group scores each rank's own sequences (a different count per rank,
     one rank none) as the same model held whole does."""
-    import torch.distributed as dist
     from transformers import AutoModelForSequenceClassification
 
     from hpc_rlhf.rewards import RewardModel
     from hpc_rlhf.training import EngineConfig
 
-    reward_dir = Path(args.work_dir) / "reward_model"
+    reward_dir = work_dir / "reward_model"
     if dp_rank == 0:
         torch.manual_seed(5)
-        AutoModelForSequenceClassification.from_pretrained(args.model_dir, num_labels=1).save_pretrained(reward_dir)
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(reward_dir)
     dist.barrier(group=group)
     generator = torch.Generator().manual_seed(dp_rank)
     count = [5, 0, 2][dp_rank]
@@ -223,40 +221,22 @@ SCENARIOS = {"roles": run_roles, "offload": run_offload, "zero3_load": run_zero3
              "zero3_reward": run_zero3_reward}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
-    parser.add_argument("--trainer-ranks", required=True, help="comma-separated global ranks of the role group")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--work-dir", required=True)
-    parser.add_argument("--model-dir", required=True)
-    args = parser.parse_args()
-
-    import faulthandler
-    import signal
-
-    import torch.distributed as dist
-
+def run_rank(scenario: str, trainer_ranks: list[int], work_dir: str, model_dir: str) -> dict | None:
+    """This rank's part of `scenario` in the gloo world: the result of a trainer rank, None for an idle one."""
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack if a rank hangs
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    trainer_ranks = [int(r) for r in args.trainer_ranks.split(",")]
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     # A role group spanning the whole world is passed as None (the world), as colocated layouts do.
     group = None if trainer_ranks == list(range(world_size)) else dist.new_group(trainer_ranks)
-    marker = Path(args.work_dir) / f"idle_rank_{rank}.json"
+    marker = Path(work_dir) / f"idle_rank_{rank}.json"
+    result: dict | None = None
     if rank not in trainer_ranks:
         marker.write_text(json.dumps({"finished_at": time.time()}))
     else:
         dp_rank, dp_size = trainer_ranks.index(rank), len(trainer_ranks)
-        result: dict = {"dp_rank": dp_rank}
-        SCENARIOS[args.scenario](args, group, dp_rank, dp_size, result)
+        result = {"dp_rank": dp_rank}
+        SCENARIOS[scenario](Path(work_dir), model_dir, group, dp_rank, dp_size, result)
         idle = [r for r in range(world_size) if r not in trainer_ranks]
         result["idle_ranks_done_before_trainers"] = all(
-            (Path(args.work_dir) / f"idle_rank_{r}.json").exists() for r in idle)
-        torch.save(result, f"{args.out}.dp{dp_rank}")
+            (Path(work_dir) / f"idle_rank_{r}.json").exists() for r in idle)
     dist.barrier()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result

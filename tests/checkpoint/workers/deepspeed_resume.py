@@ -1,7 +1,7 @@
 """One rank of a real DeepSpeed job (gloo, CPU) that trains a tiny Llama, checkpoints and resumes.
 
-Usage: deepspeed_resume.py OUT_DIR MODE:STAGE [MODE:STAGE ...], with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set.
-`first` trains 3 steps, saves a checkpoint, trains 3 more; `resume` loads that checkpoint into a freshly built engine
+`run_tasks(OUT_DIR, ["MODE:STAGE", ...])` runs on every rank (tests/multiproc.py's run_ranks, which sets RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT). `first` trains 3 steps, saves a checkpoint, trains 3 more; `resume` loads that checkpoint into a freshly built engine
 (after seeding every generator differently) and trains the same 3 steps; `resume_no_rng` does the same without
 restoring the generator states (a control: it must not match). Each dumps, per rank and ZeRO stage, the full
 parameters (also at the save, for `first`), the optimizer and scheduler states, the losses and a few random draws
@@ -10,9 +10,7 @@ taken after training.
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 from pathlib import Path
 
 import deepspeed
@@ -131,15 +129,10 @@ def run_stage(mode: str, stage: int, out: Path) -> None:
     dist.barrier()
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
+def run_tasks(out: str, tasks: list[str]) -> None:
+    """This rank's part of each MODE:STAGE task in turn, in a gloo world DeepSpeed sets up from the environment."""
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    for task in sys.argv[2:]:
+    for task in tasks:
         mode, stage = task.split(":")
-        run_stage(mode, int(stage), out)
+        run_stage(mode, int(stage), Path(out))
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
