@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from hpc_rlhf.data import prompt_indices_for, rank_slice
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.lora import REWARD_STATS_FILE, is_lora_model, load_model_for_training, lora_settings, save_adapter, unwrap
 from hpc_rlhf.metrics import MetricsLogger, plot_curves
+from hpc_rlhf.rank_metrics import timed
 from hpc_rlhf.slurm.requeue import StopRequest, combine_stop_reasons, leave_for_requeue
 from hpc_rlhf.tiny_model import resolve_model_path
 from hpc_rlhf.trainers.checkpointing import CheckpointService
@@ -327,9 +327,9 @@ class StepLoop:
         Checkpoints record `progress` (a round trainer sets its round first)."""
         cfg = self.ctx.cfg
         for step in steps:
-            start = time.perf_counter()
-            metrics = dict(train_step(step))
-            metrics["time/step_s"] = time.perf_counter() - start
+            metrics: dict[str, float] = {}
+            with timed(metrics, "step", prefix="time/"):  # one rank's time: the trainers log rank 0's metrics
+                metrics.update(train_step(step))
             if evaluate is not None and cfg.eval.steps > 0 and (step + 1) % cfg.eval.steps == 0:
                 metrics.update(evaluate())
                 self.evaluated_at = step + 1

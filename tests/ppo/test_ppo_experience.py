@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hpc_rlhf.config_io import load_config
+from hpc_rlhf.rank_metrics import merge_metrics
 from hpc_rlhf.rollouts import to_rollout_table
 from hpc_rlhf.trainers.ppo import experience as exp
-from hpc_rlhf.trainers.ppo.loop import merge_metrics  # noqa: E402
 from hpc_rlhf.trainers.ppo.update import loss_weighting, optimizer_batches
 
 

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from hpc_rlhf.algos import KLController, RunningMoments, build_kl_controller
 from hpc_rlhf.config import Config
-from hpc_rlhf.distributed import ControlPlane, DistributedWorld, LayoutPlan, RankRoles
-from hpc_rlhf.distributed import RoleGroups, sync_weights
+from hpc_rlhf.distributed import ControlPlane, DistributedWorld, LayoutPlan, RankRoles, RoleGroups, sync_weights
 from hpc_rlhf.metrics import MetricsLogger
+from hpc_rlhf.rank_metrics import accumulate, is_phase_time, mean_metrics, merge_metrics, timed
 from hpc_rlhf.rollouts import (
     RolloutReader,
     commit_iteration,
@@ -35,25 +35,13 @@ from hpc_rlhf.rollouts import (
 )
 from hpc_rlhf.slurm.requeue import StopReason, StopRequest, combine_stop_reasons
 from hpc_rlhf.trainers.checkpointing import CheckpointService
-from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.engines import compute_dtype
+from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.components import Components, build_components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
-
-def synchronize(device: Optional[torch.device]) -> None:
-    """Wait for queued GPU work, so that a phase's wall time includes its kernels (no-op on CPU)."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def accumulate(metrics: dict[str, float], new: dict[str, float]) -> None:
-    """Add `new` into one rank's tick metrics: counts (`sum/`) and phase times (`*_s`) add up, others replace."""
-    for key, value in new.items():
-        adds = key.startswith("sum/") or key.endswith("_s")
-        metrics[key] = metrics.get(key, 0.0) + value if adds else value
 
 
 def group_sum(group: dist.ProcessGroup, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -198,32 +186,30 @@ class PPOTrainer:
 
     def _train_actor(self, iteration: int) -> dict[str, float]:
         actor, cfg = self.parts.actor, self.cfg
-        start = time.perf_counter()
-        rollout = self._read_rollout(iteration, "actor")
-        read = time.perf_counter()
-        kept, shaped, adv, mean_kl = self._shaped(iteration, rollout, self.groups.group("actor"), actor.device)
-        per_token = {"behaviour_log_probs": kept.behaviour_log_probs, "advantages": adv.advantages}
-        if kept.reference_log_probs is not None:
-            per_token["reference_log_probs"] = kept.reference_log_probs
-        samples = exp.to_token_samples(kept, per_token)
-        # The trainer's own log-probs before the update: the PPO ratio's denominator (old policy). A single-step
-        # update can read them off its own forward instead (train.skip_old_logprobs).
-        old_start = time.perf_counter()
-        skip_old = cfg.train.skip_old_logprobs and single_step_iteration(cfg, len(samples), actor)
-        if not skip_old:
-            old = per_token_outputs(actor.infer, samples, cfg.train.micro_train_batch_size, "log_probs", self.pad_id)
-            samples = [dataclasses.replace(s, response_tensors={**s.response_tensors, "old_log_probs": o})
-                       for s, o in zip(samples, old)]
-        synchronize(actor.device)
-        update_start = time.perf_counter()
-        frozen = iteration < cfg.critic.freezing_actor_steps
-        steps = [] if frozen else run_epochs(actor, cfg, samples, actor_loss_fn(cfg),
-                                             filler=zero_filler(rollout, [*per_token] + ([] if skip_old else
-                                                                                         ["old_log_probs"])),
-                                             dp_size=actor.dp_size, pad_token_id=self.pad_id, iteration=iteration,
-                                             salt=0)
-        synchronize(actor.device)
-        end = time.perf_counter()
+        times: dict[str, float] = {}
+        with timed(times, "train"):
+            with timed(times, "shard_read"):
+                rollout = self._read_rollout(iteration, "actor")
+            kept, shaped, adv, mean_kl = self._shaped(iteration, rollout, self.groups.group("actor"), actor.device)
+            per_token = {"behaviour_log_probs": kept.behaviour_log_probs, "advantages": adv.advantages}
+            if kept.reference_log_probs is not None:
+                per_token["reference_log_probs"] = kept.reference_log_probs
+            samples = exp.to_token_samples(kept, per_token)
+            # The trainer's own log-probs before the update: the PPO ratio's denominator (old policy). A single-step
+            # update can read them off its own forward instead (train.skip_old_logprobs).
+            with timed(times, "actor_logprob", sync=actor.device):
+                skip_old = cfg.train.skip_old_logprobs and single_step_iteration(cfg, len(samples), actor)
+                if not skip_old:
+                    old = per_token_outputs(actor.infer, samples, cfg.train.micro_train_batch_size, "log_probs",
+                                            self.pad_id)
+                    samples = [dataclasses.replace(s, response_tensors={**s.response_tensors, "old_log_probs": o})
+                               for s, o in zip(samples, old)]
+            frozen = iteration < cfg.critic.freezing_actor_steps
+            with timed(times, "actor_update", sync=actor.device):
+                steps = [] if frozen else run_epochs(
+                    actor, cfg, samples, actor_loss_fn(cfg),
+                    filler=zero_filler(rollout, [*per_token] + ([] if skip_old else ["old_log_probs"])),
+                    dp_size=actor.dp_size, pad_token_id=self.pad_id, iteration=iteration, salt=0)
         self.kl_controller.update(mean_kl, len(rollout.rewards))
         tokens = sum(s.num_tokens for s in samples)
         metrics = mean_metrics(steps, prefix="train/")
@@ -236,9 +222,7 @@ class PPOTrainer:
             "rollout/staleness": iteration - rollout.weight_versions.float().mean().item(),
             "train/optimizer_steps": float(len(steps)),
             "sum/train_tokens": float(tokens) * (0 if frozen else cfg.train.max_epochs),
-            "sum/actor_logprob_tokens": float(tokens), "max/train_s": end - start,
-            "max/shard_read_s": read - start, "max/actor_logprob_s": update_start - old_start,
-            "max/actor_update_s": end - update_start,
+            "sum/actor_logprob_tokens": float(tokens), **times,
         })
         if skip_old:  # no log-prob pass ran: no tokens, no rate
             metrics.pop("sum/actor_logprob_tokens")
@@ -246,21 +230,21 @@ class PPOTrainer:
 
     def _train_critic(self, iteration: int) -> dict[str, float]:
         critic, cfg = self.parts.critic, self.cfg
-        start = time.perf_counter()
-        rollout = self._read_rollout(iteration, "critic")
-        read = time.perf_counter()
-        kept, _, adv, _ = self._shaped(iteration, rollout, self.groups.group("critic"), critic.device)
-        samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
-        steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg), filler=zero_filler(rollout, ["returns", "old_values"]),
-                           dp_size=critic.dp_size,
-                           pad_token_id=self.pad_id, iteration=iteration, salt=1)
-        synchronize(critic.device)
-        if not self.roles.has("actor"):
-            self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
-                                      len(rollout.rewards))
+        times: dict[str, float] = {}
+        with timed(times, "shard_read"):
+            rollout = self._read_rollout(iteration, "critic")
+        with timed(times, "critic_train", sync=critic.device):
+            kept, _, adv, _ = self._shaped(iteration, rollout, self.groups.group("critic"), critic.device)
+            samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
+            steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg),
+                               filler=zero_filler(rollout, ["returns", "old_values"]), dp_size=critic.dp_size,
+                               pad_token_id=self.pad_id, iteration=iteration, salt=1)
+            if not self.roles.has("actor"):
+                self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
+                                          len(rollout.rewards))
         metrics = mean_metrics(steps, prefix="critic/")
         metrics.update({"sum/critic_train_tokens": float(sum(s.num_tokens for s in samples) * cfg.train.max_epochs),
-                        "max/shard_read_s": read - start, "max/critic_train_s": time.perf_counter() - read})
+                        **times})
         return metrics
 
     # ----- weights -------------------------------------------------------------------------------------
@@ -279,13 +263,13 @@ class PPOTrainer:
     def _eval(self) -> dict[str, float]:
         if not self.roles.has("generator") or not self.parts.eval_prompts or self.roles.tp_rank != 0:
             return {}
-        start = time.perf_counter()
-        out = run_eval(self.cfg, executor=self.parts.executor, tokenizer=self.parts.tokenizer,
-                       prompts=self.parts.eval_prompts, reward_source=self.parts.reward_source,
-                       engine_index=self.roles.generator_engine, num_engines=self.num_engines)
-        # eval_s is inside the tick's iteration_s: time-to-accuracy benchmarks subtract it
-        return {"sum/eval_count": out["count"], "sum/eval_reward": out["reward_sum"], "sum/eval_score": out["score_sum"],
-                "max/eval_s": time.perf_counter() - start}
+        times: dict[str, float] = {}
+        with timed(times, "eval"):  # inside the tick's iteration_s: time-to-accuracy benchmarks subtract it
+            out = run_eval(self.cfg, executor=self.parts.executor, tokenizer=self.parts.tokenizer,
+                           prompts=self.parts.eval_prompts, reward_source=self.parts.reward_source,
+                           engine_index=self.roles.generator_engine, num_engines=self.num_engines)
+        return {"sum/eval_count": out["count"], "sum/eval_reward": out["reward_sum"],
+                "sum/eval_score": out["score_sum"], **times}
 
     def _eval_due(self, iteration: int) -> bool:
         steps = self.cfg.eval.steps
@@ -301,34 +285,31 @@ class PPOTrainer:
         carried: dict[str, float] = {}  # metrics of async warm-up ticks, logged with the first trained iteration
         for tick in range(start, self.total + self.q):
             gen_it, train_it = tick, tick - self.q
-            tick_start = time.perf_counter()
             metrics: dict[str, float] = dict(carried)
-            if self.roles.has("generator") and gen_it < self.total:
-                accumulate(metrics, self._wake_generator())
-                if self._eval_due(gen_it):
-                    metrics.update(self._eval())
-                accumulate(metrics, self._generate(gen_it))
-                accumulate(metrics, self._sleep_generator())
-            if train_it >= start:
-                waited = time.perf_counter()
-                wait_for_iteration(self.run_dir, train_it)
-                waited = time.perf_counter() - waited
-                accumulate(metrics, self._fill(train_it))
-                if self.parts.actor is not None or self.parts.critic is not None:
-                    start_wait = time.perf_counter()
-                    wait_for_iteration(self.run_dir, train_it, self._required_stages())
-                    waited += time.perf_counter() - start_wait
-                accumulate(metrics, {"max/wait_data_s": waited})  # idle: other ranks' generation or fill stages
-                if self.parts.critic is not None:
-                    accumulate(metrics, self._train_critic(train_it))
-                if self.parts.actor is not None:
-                    accumulate(metrics, self._train_actor(train_it))
-                self.state.next_iteration = train_it + 1
-            if train_it >= start and tick + 1 < self.total and self._in_weight_path():
-                accumulate(metrics, self._sync_weights(train_it + 1))
-            elif train_it >= start:
-                self.state.weight_version = train_it + 1
-            accumulate(metrics, {"max/iteration_s": time.perf_counter() - tick_start})
+            with timed(metrics, "iteration"):
+                if self.roles.has("generator") and gen_it < self.total:
+                    accumulate(metrics, self._wake_generator())
+                    if self._eval_due(gen_it):
+                        metrics.update(self._eval())
+                    accumulate(metrics, self._generate(gen_it))
+                    accumulate(metrics, self._sleep_generator())
+                if train_it >= start:
+                    # wait_data_s: idle, while other ranks generate or fill
+                    with timed(metrics, "wait_data"):
+                        wait_for_iteration(self.run_dir, train_it)
+                    accumulate(metrics, self._fill(train_it))
+                    if self.parts.actor is not None or self.parts.critic is not None:
+                        with timed(metrics, "wait_data"):
+                            wait_for_iteration(self.run_dir, train_it, self._required_stages())
+                    if self.parts.critic is not None:
+                        accumulate(metrics, self._train_critic(train_it))
+                    if self.parts.actor is not None:
+                        accumulate(metrics, self._train_actor(train_it))
+                    self.state.next_iteration = train_it + 1
+                if train_it >= start and tick + 1 < self.total and self._in_weight_path():
+                    accumulate(metrics, self._sync_weights(train_it + 1))
+                elif train_it >= start:
+                    self.state.weight_version = train_it + 1
             stop = self._agree(train_it, metrics, log=train_it >= start)
             if stop and train_it < start and self.stop_reason.requeue:
                 # An async warm-up tick trains nothing, so there is nothing to checkpoint: stop after the next tick,
@@ -336,7 +317,7 @@ class PPOTrainer:
                 stop = False
             # An async warm-up tick's counts and eval results are logged with the first trained iteration; its
             # phase times are not, so that every logged iteration_s is one tick.
-            carried = {} if train_it >= start else {k: v for k, v in metrics.items() if not k.endswith("_s")}
+            carried = {} if train_it >= start else {k: v for k, v in metrics.items() if not is_phase_time(k)}
             last = metrics
             if train_it >= start and self.checkpoint.due(train_it + 1, stop=stop):
                 self.checkpoint.save(self.state.next_iteration)
@@ -352,32 +333,28 @@ class PPOTrainer:
     def _sleep_generator(self) -> dict[str, float]:
         """After generating, colocated ranks free the engine's memory (vllm.enable_sleep) and bring the trainers'
         optimizer states back (ds.enable_sleep)."""
-        metrics = {}
+        metrics: dict[str, float] = {}
         if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
-            start = time.perf_counter()
-            self.parts.engine.sleep()
-            metrics["max/generator_sleep_s"] = time.perf_counter() - start
+            with timed(metrics, "generator_sleep"):
+                self.parts.engine.sleep()
         if self._trainers_sleep():
-            start = time.perf_counter()
-            for model in self._trained_models():
-                model.reload_states()
-            metrics["max/trainer_reload_s"] = time.perf_counter() - start
+            with timed(metrics, "trainer_reload"):
+                for model in self._trained_models():
+                    model.reload_states()
         return metrics
 
     def _wake_generator(self) -> dict[str, float]:
         """Before generating, colocated ranks move the trainers' optimizer states to host memory (ds.enable_sleep)
         and wake the engine (vllm.enable_sleep)."""
-        metrics = {}
+        metrics: dict[str, float] = {}
         if self._trainers_sleep():
-            start = time.perf_counter()
-            for model in self._trained_models():
-                model.offload_states()
-            synchronize(self.parts.actor.device if self.parts.actor is not None else None)
-            metrics["max/trainer_offload_s"] = time.perf_counter() - start
+            actor = self.parts.actor
+            with timed(metrics, "trainer_offload", sync=actor.device if actor is not None else None):
+                for model in self._trained_models():
+                    model.offload_states()
         if self.plan.colocate and self.cfg.vllm.enable_sleep and self.parts.engine is not None:
-            start = time.perf_counter()
-            self.parts.engine.wake_up()
-            metrics["max/generator_wake_s"] = time.perf_counter() - start
+            with timed(metrics, "generator_wake"):
+                self.parts.engine.wake_up()
         return metrics
 
     def _trainers_sleep(self) -> bool:
@@ -419,38 +396,3 @@ class PPOTrainer:
         if self.is_main:
             print(f"resumed from {path}", flush=True)
         return self.state.next_iteration
-
-
-def mean_metrics(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:
-    """Average optimizer-step metrics; bare names (loss, grad_norm, lr) get the role's prefix."""
-    if not steps:
-        return {}
-    return {(key if "/" in key else prefix + key): sum(m[key] for m in steps) / len(steps) for key in steps[0]}
-
-
-def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Combine rank metrics: `sum/` keys add up, `max/` keys take the maximum, others average; derive rates."""
-    sums: dict[str, float] = {}
-    maxes: dict[str, float] = {}
-    means: dict[str, list[float]] = {}
-    for metrics in per_rank:
-        for key, value in metrics.items():
-            if key.startswith("sum/"):
-                sums[key[4:]] = sums.get(key[4:], 0.0) + value
-            elif key.startswith("max/"):
-                maxes[key[4:]] = max(maxes.get(key[4:], 0.0), value)
-            else:
-                means.setdefault(key, []).append(value)
-    merged = {key: sum(values) / len(values) for key, values in means.items()}
-    merged.update({f"time/{k}": v for k, v in maxes.items()})
-    for name, seconds_key in (("generate_tokens", "generate_engine_s"), ("train_tokens", "actor_update_s"),
-                              ("actor_logprob_tokens", "actor_logprob_s"), ("reference_tokens", "reference_s"),
-                              ("critic_forward_tokens", "critic_forward_s"), ("critic_train_tokens", "critic_train_s"),
-                              ("reward_model_tokens", "reward_model_s")):
-        if name in sums and maxes.get(seconds_key):
-            merged[f"throughput/{name}_per_s"] = sums[name] / maxes[seconds_key]
-    if sums.get("eval_count"):
-        merged["eval/reward_mean"] = sums["eval_reward"] / sums["eval_count"]
-        merged["eval/accuracy"] = sums["eval_score"] / sums["eval_count"]
-    merged.update({f"count/{k}": v for k, v in sums.items() if k.endswith("samples")})
-    return merged
