@@ -39,7 +39,7 @@ from hpc_rlhf.trainers.engines import engine_config
 from hpc_rlhf.trainers.supervised_data import LoadReport
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, response_token_index
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
-from hpc_rlhf.training.models import Reference
+from hpc_rlhf.training.models import Reference, model_inputs
 from hpc_rlhf.training.models import _TrainedModel as TrainedModel
 
 T = TypeVar("T")
@@ -204,15 +204,17 @@ def shard(items: Sequence[T], rank: int, num_ranks: int) -> list[T]:
 
 
 # ----- micro-batches and per-sequence values ----------------------------------------------------------------------
-def micro_batches(ctx: TrainerContext, samples: Sequence[TokenSample], *, group: int = 1) -> list[MicroBatch]:
-    """Micro-batches as train.* asks: `micro_train_batch_size` rows (x `group` samples per row, kept together, e.g.
-    2 for a chosen/rejected pair) or the `max_tokens_per_microbatch` budget; packed when `packing_samples`."""
-    train = ctx.cfg.train
+def micro_batches(cfg: Config, samples: Sequence[TokenSample], pad_token_id: int, *,
+                  group: int = 1) -> list[MicroBatch]:
+    """Training micro-batches as train.* asks, for every trainer: `micro_train_batch_size` samples (x `group` samples
+    kept together, e.g. 2 for a chosen/rejected pair) or the `max_tokens_per_microbatch` budget; packed when
+    `packing_samples`."""
+    train = cfg.train
     if train.max_tokens_per_microbatch is not None and group == 1:
         return make_micro_batches(samples, max_tokens_per_microbatch=train.max_tokens_per_microbatch,
-                                  packing=train.packing_samples, pad_token_id=ctx.pad_token_id)
+                                  packing=train.packing_samples, pad_token_id=pad_token_id)
     return make_micro_batches(samples, micro_batch_size=train.micro_train_batch_size * group,
-                              packing=train.packing_samples, pad_token_id=ctx.pad_token_id)
+                              packing=train.packing_samples, pad_token_id=pad_token_id)
 
 
 def sequence_log_probs(log_probs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
@@ -229,7 +231,7 @@ def frozen_sequence_log_probs(ctx: TrainerContext, model: Reference, samples: Se
     """[N] summed log-probs of this rank's `samples` (at least one) under a frozen model; all ranks call together."""
     if not samples:
         raise ValueError("frozen_sequence_log_probs needs at least one sample on every rank")
-    batches = micro_batches(ctx, samples)
+    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id)
     result = torch.zeros(len(samples), dtype=torch.float32)
     for batch, output in zip(batches, model.infer(batches)):
         result[batch.sample_indices] = sequence_log_probs(output.log_probs, batch.action_mask).float().cpu()
@@ -425,13 +427,6 @@ def leave_after_stop(ctx: TrainerContext) -> NoReturn:
 
 
 # ----- model inputs and per-token logits --------------------------------------------------------------------------
-def model_inputs(batch: MicroBatch, device: torch.device) -> dict[str, Any]:
-    """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed)."""
-    return {"input_ids": batch.input_ids.to(device),
-            "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
-            "position_ids": batch.position_ids.to(device), "use_cache": False}
-
-
 def response_logits(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
                     shift: int = 1) -> torch.Tensor:
     """[S, A, V] logits in the response layout: for response token j, the logits at its column minus `shift`

@@ -105,7 +105,7 @@ def dpo_train_step(ctx: TrainerContext, actor: Actor, pairs: Sequence[PairExampl
                    indices: Sequence[int]) -> dict[str, float]:
     """One optimizer step on the pairs `indices` (this rank's share of the step)."""
     mine = [pairs[i] for i in indices]
-    batches = micro_batches(ctx, pair_samples(mine), group=2)
+    batches = micro_batches(ctx.cfg, pair_samples(mine), ctx.pad_token_id, group=2)
     metrics = actor.train_step(batches, dpo_loss_fn(ctx.cfg, step_reference(ref_all, indices)), "sample")
     return finite_metrics(metrics)
 
@@ -115,7 +115,7 @@ def evaluate_pairs(ctx: TrainerContext, actor: Actor, pairs: Sequence[PairExampl
     """eval/loss, eval/accuracy and eval/reward_margin over the held-out pairs of all ranks."""
     indices, weight = eval_share(ctx, list(range(len(pairs))))
     samples = pair_samples([pairs[i] for i in indices])
-    batches = micro_batches(ctx, samples, group=2)
+    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id, group=2)
     log_probs = torch.zeros(len(samples))
     for batch, output in zip(batches, actor.infer(batches)):
         log_probs[batch.sample_indices] = sequence_log_probs(output.log_probs, batch.action_mask).float().cpu()

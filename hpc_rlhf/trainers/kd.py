@@ -89,7 +89,7 @@ def teacher_vocab_size(teacher: Any) -> int:
 def evaluate(ctx: TrainerContext, student: Student, teacher: Any, examples: Sequence[Encoded]) -> dict[str, float]:
     """eval/kd_loss and eval/loss (NLL), token means over the held-out responses of all ranks."""
     mine, weight = eval_share(ctx, examples)
-    batches = micro_batches(ctx, [e.to_sample() for e in mine])
+    batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
     sums = {"kd": 0.0, "nll": 0.0, "tokens": 0.0}
     for batch, output in zip(batches, student.infer(batches)):
         mask = batch.action_mask.to(output.logits.device)
@@ -120,7 +120,8 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
 
     def train_step(step: int) -> dict[str, float]:
         mine = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
-        return finite_metrics(student.train_step(micro_batches(ctx, [e.to_sample() for e in mine]), loss_fn, "token"))
+        batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
+        return finite_metrics(student.train_step(batches, loss_fn, "token"))
 
     start = loop.restore().next_step
     stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=run_eval)

@@ -59,7 +59,7 @@ def mismatched_samples(examples: Sequence[LabelledExample], max_len: int) -> lis
 
 def policy_log_probs(ctx: TrainerContext, actor: Actor, samples: Sequence[TokenSample]) -> torch.Tensor:
     """[N] summed log-probs of `samples` under the current policy, without gradients."""
-    batches = micro_batches(ctx, samples)
+    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id)
     result = torch.zeros(len(samples))
     for batch, output in zip(batches, actor.infer(batches)):
         result[batch.sample_indices] = sequence_log_probs(output.log_probs, batch.action_mask).float().cpu()
@@ -136,7 +136,7 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
         ref, ref_mismatched = reference_log_probs(ctx, reference, mine)
         z0 = reference_point(ctx, actor, reference, mine, ref_mismatched)
         desirable = torch.tensor([e.desirable for e in mine])
-        batches = micro_batches(ctx, [e.encoded.to_sample() for e in mine])
+        batches = micro_batches(ctx.cfg, [e.encoded.to_sample() for e in mine], ctx.pad_token_id)
         return finite_metrics(actor.train_step(batches, kto_loss_fn(cfg, desirable, ref, z0), "sample"))
 
     start = loop.restore().next_step

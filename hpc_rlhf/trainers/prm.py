@@ -149,7 +149,7 @@ def prm_loss_fn(batch: MicroBatch, output: StepOutput):
 def evaluate(ctx: TrainerContext, model: StepRewardModel, examples: Sequence[StepExample]) -> dict[str, float]:
     """eval/loss and eval/accuracy over every labelled held-out step of all ranks."""
     mine, weight = eval_share(ctx, examples)
-    batches = micro_batches(ctx, [e.to_sample() for e in mine])
+    batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
     loss_sum = correct = steps = 0.0
     for batch, output in zip(batches, model.infer(batches)):
         loss, accuracy = step_loss(batch, output)
@@ -176,8 +176,8 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
 
     def train_step(step: int) -> dict[str, float]:
         mine = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
-        return finite_metrics(model.train_step(micro_batches(ctx, [e.to_sample() for e in mine]), prm_loss_fn,
-                                               "token"))
+        batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
+        return finite_metrics(model.train_step(batches, prm_loss_fn, "token"))
 
     start = loop.restore().next_step
     stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=run_eval)

@@ -34,14 +34,13 @@ from hpc_rlhf.trainers.common import (
     finite_metrics,
     load_trainable,
     micro_batches,
-    model_inputs,
     per_sample,
     save_model,
     schedule_for,
 )
 from hpc_rlhf.trainers.supervised_data import PairExample, load_pairs
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
-from hpc_rlhf.training.models import ForwardOutput, _TrainedModel
+from hpc_rlhf.training.models import ForwardOutput, _TrainedModel, model_inputs
 
 STATS_PAIRS = 1024
 
@@ -115,7 +114,7 @@ def score_pairs(ctx: TrainerContext, model: RewardModelEngine,
                 pairs: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores of `pairs` on this rank."""
     samples = pair_samples(pairs)
-    batches = micro_batches(ctx, samples, group=2)
+    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id, group=2)
     scores = torch.zeros(len(samples))
     for batch, output in zip(batches, model.infer(batches)):
         scores[batch.sample_indices] = output.values[:, 0].float().cpu()
@@ -165,7 +164,7 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     def train_step(step: int) -> dict[str, float]:
         mine = [pairs[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
         margins = torch.tensor([p.margin for p in mine for _ in range(2)], dtype=torch.float32)
-        batches = micro_batches(ctx, pair_samples(mine), group=2)
+        batches = micro_batches(ctx.cfg, pair_samples(mine), ctx.pad_token_id, group=2)
         return finite_metrics(model.train_step(batches, rm_loss_fn(margins, cfg.pref.rm_loss), "sample"))
 
     def save() -> None:

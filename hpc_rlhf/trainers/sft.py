@@ -48,7 +48,7 @@ def nll_loss_fn(batch: MicroBatch, output: ForwardOutput) -> torch.Tensor:
 def evaluate_nll(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded]) -> dict[str, float]:
     """eval/loss: the token-mean NLL of the held-out examples over all ranks."""
     mine, weight = eval_share(ctx, examples)
-    batches = micro_batches(ctx, [e.to_sample() for e in mine])
+    batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
     nll = tokens = 0.0
     for batch, output in zip(batches, actor.infer(batches)):
         nll -= float(sequence_log_probs(output.log_probs, batch.action_mask).sum()) * weight
@@ -62,7 +62,8 @@ def sft_step(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded],
     """The SFT optimizer step over `examples`: step s trains the rows of schedule step s."""
     def train_step(step: int) -> dict[str, float]:
         rows = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
-        metrics = actor.train_step(micro_batches(ctx, [row.to_sample() for row in rows]), nll_loss_fn, "token")
+        batches = micro_batches(ctx.cfg, [row.to_sample() for row in rows], ctx.pad_token_id)
+        metrics = actor.train_step(batches, nll_loss_fn, "token")
         return finite_metrics(metrics)
 
     return train_step

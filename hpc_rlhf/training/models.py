@@ -68,7 +68,8 @@ def _to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Ten
     return out.index_put((sample.to(flat.device), offset.to(flat.device)), flat)
 
 
-def _model_inputs(batch: MicroBatch, device: torch.device) -> dict[str, Any]:
+def model_inputs(batch: MicroBatch, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed)."""
     return {
         "input_ids": batch.input_ids.to(device),
         "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
@@ -87,7 +88,7 @@ def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: to
     """
     rows, columns, sample, offset = response_token_index(batch)
     predicting = columns - 1
-    kwargs = _model_inputs(batch, device)
+    kwargs = model_inputs(batch, device)
     if supports_logits_to_keep:
         kept_columns = torch.unique(predicting)  # sorted
         logits = model(**kwargs, logits_to_keep=kept_columns.to(device)).logits  # [rows, kept, V]
@@ -410,7 +411,7 @@ class Critic(_TrainedModel):
     def forward(self, batch: MicroBatch) -> ForwardOutput:
         """Values of the states before each response token (read one position earlier, like log-probs)."""
         rows, columns, sample, offset = response_token_index(batch)
-        values = self.engine(**_model_inputs(batch, self.device))
+        values = self.engine(**model_inputs(batch, self.device))
         flat = values[rows.to(self.device), (columns - 1).to(self.device)].float()
         return ForwardOutput(values=_to_response_layout(flat, batch, sample, offset))
 

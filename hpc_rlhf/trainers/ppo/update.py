@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from hpc_rlhf.algos import kl_loss, policy_loss, value_loss
 from hpc_rlhf.config import Config
-from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches
+from hpc_rlhf.trainers.common import micro_batches
+from hpc_rlhf.training.batching import MicroBatch, TokenSample
 from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group
 from hpc_rlhf.training.models import ForwardOutput
 
@@ -23,15 +24,6 @@ from hpc_rlhf.training.models import ForwardOutput
 def loss_weighting(loss_agg_mode: str) -> str:
     """How micro-batch losses combine: per token for token_mean, per sequence for the seq_* modes."""
     return "token" if loss_agg_mode == "token_mean" else "sample"
-
-
-def micro_batches_for(cfg: Config, samples: list[TokenSample], pad_token_id: int) -> list[MicroBatch]:
-    """Training micro-batches: fixed size, or by token budget when `max_tokens_per_microbatch` is set."""
-    if cfg.train.max_tokens_per_microbatch:
-        return make_micro_batches(samples, max_tokens_per_microbatch=cfg.train.max_tokens_per_microbatch,
-                                  packing=cfg.train.packing_samples, pad_token_id=pad_token_id)
-    return make_micro_batches(samples, micro_batch_size=cfg.train.micro_train_batch_size,
-                              packing=cfg.train.packing_samples, pad_token_id=pad_token_id)
 
 
 def actor_loss_fn(cfg: Config) -> Callable[[MicroBatch, ForwardOutput], tuple[torch.Tensor, dict]]:
@@ -115,9 +107,9 @@ def run_epochs(model, cfg: Config, samples: list[TokenSample], loss_fn, *, fille
         (steps,) = all_reduce_in_group([len(chunks)], dist.ReduceOp.MAX, model.mpu)
         for step in range(int(steps)):
             if step < len(chunks):
-                batches = micro_batches_for(cfg, [samples[i] for i in chunks[step]], pad_token_id)
+                batches = micro_batches(cfg, [samples[i] for i in chunks[step]], pad_token_id)
             else:
                 batches = [dataclasses.replace(mb, is_padding=True)
-                           for mb in micro_batches_for(cfg, [filler], pad_token_id)]
+                           for mb in micro_batches(cfg, [filler], pad_token_id)]
             metrics.append(model.train_step(batches, loss_fn, loss_weighting(cfg.algo.loss_agg_mode)))
     return metrics
