@@ -7,12 +7,12 @@ already committed (a resumed job) is computed again only to keep collective call
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Sequence
 
 import torch
 
 from hpc_rlhf.config import Config
+from hpc_rlhf.rank_metrics import timed
 from hpc_rlhf.rewards import RewardModel
 from hpc_rlhf.rollouts import RolloutReader, ShardWriter
 from hpc_rlhf.rollouts.manifest import find_record
@@ -75,32 +75,32 @@ def commit_columns(cfg: Config, iteration: int, shards: Sequence[str], counts: S
             writer.write_columns(iteration, shard, stage, part)
 
 
-def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, stage: str, column: str, infer: Infer,
-                   field: str, micro_batch_size: int, pad_token_id: int) -> dict[str, float]:
-    """Reference log-probs or critic values for this member's shards, with the time of each part."""
-    start = time.perf_counter()
-    shards = my_shards(cfg, iteration, index, size)
-    samples, counts = shard_samples(cfg, iteration, shards)
-    read = time.perf_counter()
-    outputs = [o.float().tolist() for o in per_token_outputs(infer, samples, micro_batch_size, field, pad_token_id)]
-    computed = time.perf_counter()
-    commit_columns(cfg, iteration, shards, counts, stage, {column: outputs})
-    end = time.perf_counter()
-    tokens = sum(s.num_tokens for s in samples)
-    return {"tokens": float(tokens), "seconds": end - start, "read_seconds": read - start,
-            "compute_seconds": computed - read, "write_seconds": end - computed}
+def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, name: str, stage: str, column: str,
+                   infer: Infer, field: str, micro_batch_size: int, pad_token_id: int) -> dict[str, float]:
+    """Reference log-probs or critic values for this member's shards. Returns this rank's metrics: the tokens run
+    (sum/<name>_tokens) and the times of reading, computing (max/<name>_s) and writing."""
+    metrics: dict[str, float] = {}
+    with timed(metrics, "shard_read"):
+        shards = my_shards(cfg, iteration, index, size)
+        samples, counts = shard_samples(cfg, iteration, shards)
+    with timed(metrics, name):
+        outputs = [o.float().tolist()
+                   for o in per_token_outputs(infer, samples, micro_batch_size, field, pad_token_id)]
+    with timed(metrics, "shard_write"):
+        commit_columns(cfg, iteration, shards, counts, stage, {column: outputs})
+    return {f"sum/{name}_tokens": float(sum(s.num_tokens for s in samples)), **metrics}
 
 
 def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: RewardModel) -> dict[str, float]:
-    """Reward-model scores (reward and score columns) for this member's shards, with the time of each part."""
-    start = time.perf_counter()
-    shards = my_shards(cfg, iteration, index, size)
-    samples, counts = shard_samples(cfg, iteration, shards)
-    read = time.perf_counter()
-    sequences = [torch.cat([s.prompt_ids, s.response_ids]).tolist() for s in samples]
-    scores = reward_model.score_sequences(sequences).tolist()  # every member calls: ZeRO-3 forwards are collective
-    computed = time.perf_counter()
-    commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
-    end = time.perf_counter()
-    return {"tokens": float(sum(len(s) for s in sequences)), "seconds": end - start, "read_seconds": read - start,
-            "compute_seconds": computed - read, "write_seconds": end - computed}
+    """Reward-model scores (reward and score columns) for this member's shards. Returns this rank's metrics: the
+    tokens scored (sum/reward_model_tokens) and the times of reading, scoring (max/reward_model_s) and writing."""
+    metrics: dict[str, float] = {}
+    with timed(metrics, "shard_read"):
+        shards = my_shards(cfg, iteration, index, size)
+        samples, counts = shard_samples(cfg, iteration, shards)
+    with timed(metrics, "reward_model"):
+        sequences = [torch.cat([s.prompt_ids, s.response_ids]).tolist() for s in samples]
+        scores = reward_model.score_sequences(sequences).tolist()  # every member calls: ZeRO-3 forwards are collective
+    with timed(metrics, "shard_write"):
+        commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
+    return {"sum/reward_model_tokens": float(sum(len(s) for s in sequences)), **metrics}

@@ -140,24 +140,19 @@ class PPOTrainer:
     def _fill(self, iteration: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         parts, cfg = self.parts, self.cfg
-
-        def record(name: str, out: dict[str, float]) -> None:
-            accumulate(metrics, {f"sum/{name}_tokens": out["tokens"], f"max/{name}_s": out["compute_seconds"],
-                                 "max/shard_read_s": out["read_seconds"], "max/shard_write_s": out["write_seconds"]})
-
         if parts.reward_model is not None:
-            record("reward_model", fill_rewards(cfg, iteration, self._index("reward"), self._size("reward"),
-                                                parts.reward_model))
+            accumulate(metrics, fill_rewards(cfg, iteration, self._index("reward"), self._size("reward"),
+                                             parts.reward_model))
         if parts.reference is not None:
-            record("reference", fill_per_token(
-                cfg, iteration, self._index("reference"), self._size("reference"), stage="reference",
-                column="reference_log_probs", infer=parts.reference.infer, field="log_probs",
+            accumulate(metrics, fill_per_token(
+                cfg, iteration, self._index("reference"), self._size("reference"), name="reference",
+                stage="reference", column="reference_log_probs", infer=parts.reference.infer, field="log_probs",
                 micro_batch_size=cfg.ref.micro_batch_size, pad_token_id=self.pad_id))
         if parts.critic is not None:
-            record("critic_forward", fill_per_token(
-                cfg, iteration, self._index("critic"), self._size("critic"), stage="values", column="values",
-                infer=parts.critic.infer, field="values", micro_batch_size=cfg.train.micro_train_batch_size,
-                pad_token_id=self.pad_id))
+            accumulate(metrics, fill_per_token(
+                cfg, iteration, self._index("critic"), self._size("critic"), name="critic_forward", stage="values",
+                column="values", infer=parts.critic.infer, field="values",
+                micro_batch_size=cfg.train.micro_train_batch_size, pad_token_id=self.pad_id))
         return metrics
 
     def _required_stages(self) -> list[str]:
