@@ -42,6 +42,8 @@ from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
+from hpc_rlhf.training.batching import TokenSample
+from hpc_rlhf.training.models import Actor, Critic
 
 
 def group_sum(group: dist.ProcessGroup, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -53,7 +55,7 @@ def group_sum(group: dist.ProcessGroup, device: torch.device) -> Callable[[torch
     return all_reduce
 
 
-def zero_filler(rollout: exp.RolloutTensors, keys: list[str]):
+def zero_filler(rollout: exp.RolloutTensors, keys: list[str]) -> TokenSample:
     """A sample with zero tensors, run with weight 0 by a rank that has run out of samples in an epoch."""
     zeros = torch.zeros_like(rollout.behaviour_log_probs)
     return exp.to_token_samples(rollout, {key: zeros for key in keys})[0]
@@ -355,7 +357,7 @@ class PPOTrainer:
     def _trainers_sleep(self) -> bool:
         return self.plan.colocate and self.cfg.ds.enable_sleep and bool(self._trained_models())
 
-    def _trained_models(self) -> list:
+    def _trained_models(self) -> list[Actor | Critic]:
         return [m for m in (self.parts.actor, self.parts.critic) if m is not None]
 
     def _in_weight_path(self) -> bool:
