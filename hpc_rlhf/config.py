@@ -186,7 +186,7 @@ class AlgoConfig:
     use_kl_loss: bool = opt(False, "put KL in the loss instead of the reward (GRPO style)")
     kl_loss_coef: float = opt(0.001, "weight of the KL loss term")
     kl_estimator: str = opt("k1", "KL estimator", KL_ESTIMATORS)
-    entropy_loss_coef: float = opt(0.0, "entropy bonus weight (0 = off)")
+    entropy_loss_coef: float = opt(0.0, "entropy bonus weight (0 = off); the entropy is aggregated by loss_agg_mode")
     off_policy_correction: str = opt("none", "importance correction between generator and trainer log-probs",
                                      OFF_POLICY_CORRECTIONS)
     is_low: float = opt(0.0, "importance-ratio interval lower bound for the correction")
@@ -194,6 +194,12 @@ class AlgoConfig:
     group_std_eps: float = opt(1e-6, "epsilon added to the group std in group_norm")
     normalize_reward: bool = opt(False, "normalise rewards with running mean/std")
     reward_clip_range: list[float] = opt([-10.0, 10.0], "clip rewards into [low, high]")
+    reward_clip_stage: str = opt("before_baseline", "where reward_clip_range applies: to raw rewards, or to the "
+                                 "rewards after the group baseline (OpenRLHF's order)",
+                                 ("before_baseline", "after_baseline"))
+    log_ratio_clamp: Optional[float] = opt(20.0, "bound the policy loss's log-ratio to [-c, c] before exp "
+                                           "(OpenRLHF: 20; empty = off)")
+    kl_clamp: Optional[float] = opt(10.0, "bound each token's KL estimate to [-c, c] (OpenRLHF: 10; empty = off)")
     overlong_buffer_len: Optional[int] = opt(None, "DAPO soft overlong penalty buffer in tokens (empty = off)")
     overlong_penalty_factor: float = opt(1.0, "maximum overlong penalty")
 

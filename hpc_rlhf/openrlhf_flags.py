@@ -360,7 +360,7 @@ FLAGS: tuple[Flag, ...] = (
 _TEMPLATE = "User: {}\nAssistant: "
 OPENRLHF_DEFAULTS: dict[str, dict[str, Any]] = {
     "ppo": {"algo.advantage_estimator": "gae", "algo.init_kl_coef": 0.01, "algo.value_clip": 0.5,
-            "algo.group_std_eps": 1e-9, "rollout.n_samples_per_prompt": 1, "rollout.batch_size": 1024,
+            "algo.group_std_eps": 1e-9, "algo.reward_clip_stage": "after_baseline", "rollout.n_samples_per_prompt": 1, "rollout.batch_size": 1024,
             "train.train_batch_size": 128, "data.label_key": None, "reward.reward_func_path": None,
             "eval.data": None, "eval.steps": 0, "eval.temperature": 0.6, "eval.n_samples_per_prompt": 4},
     "sft": {"actor.learning_rate": 5e-6, "train.max_epochs": 2, "train.train_batch_size": 128,

@@ -13,6 +13,8 @@ Pipeline (OpenRLHF's `compute_advantages_and_returns`):
        reinforce_baseline: r_i - m
        dr_grpo:            r_i - m
        group_norm (GRPO):  (r_i - m) / (s + group_std_eps)
+   then, with `clip_after_baseline`, the results are clamped into [low, high] (OpenRLHF clips here; hpc_rlhf's
+   default clips the raw rewards before step 1, see `algo.reward_clip_stage`).
 2. per-token rewards: rho_t = -kl_coef * kl_t on action tokens, plus the sequence reward on the last action token.
 3. gae:        delta_t = rho_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},  returns R_t = A_t + V_t
    all others: G_t = rho_t + gamma G_{t+1} (token-level discounted return), A_t = G_t; group estimators need gamma = 1.
@@ -185,13 +187,16 @@ def compute_advantages(
     group_std_eps: float = 1e-6,
     advantage_std_norm: bool = True,
     all_reduce: Optional[AllReduceFn] = None,
+    clip_after_baseline: Optional[tuple[float, float]] = None,
 ) -> AdvantagesAndReturns:
     """Advantages and returns for one batch by `advantage_estimator` (pipeline in the module docstring).
 
     `kl` is the per-token KL estimate (kl.compute_kl) used as a reward penalty with weight `kl_coef`; pass kl_coef=0
     when KL is a loss term instead. `values` (the critic's, [B, T]) are required by gae. `advantage_std_norm=False`
     only centres in step 4. `all_reduce` sums whitening statistics over the ranks that share the global batch
-    (masked.masked_whiten); group baselines never cross ranks.
+    (masked.masked_whiten); group baselines never cross ranks. `clip_after_baseline` = (low, high) clamps the
+    sequence rewards after step 1 (OpenRLHF's order, `algo.reward_clip_stage: after_baseline`); by default the
+    caller clips raw rewards before the baseline (reward_shaping.clip_reward).
     """
     if advantage_estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {advantage_estimator!r}")
@@ -219,6 +224,11 @@ def compute_advantages(
         sequence_rewards = group_normalized_rewards(rewards, n_samples_per_prompt, group_std_eps)
     else:
         sequence_rewards = as_compute_dtype(rewards)
+    if clip_after_baseline is not None:
+        low, high = clip_after_baseline
+        if low > high:
+            raise ValueError(f"clip_after_baseline must be (low, high) with low <= high, got {clip_after_baseline}")
+        sequence_rewards = sequence_rewards.clamp(min=low, max=high)
 
     token_rewards = kl_shaped_token_rewards(sequence_rewards, action_mask, kl, kl_coef)
     if advantage_estimator == "gae":

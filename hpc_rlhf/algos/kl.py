@@ -30,10 +30,13 @@ def compute_kl(
     kl_estimator: str = "k1",
     *,
     log_ratio_clamp: Optional[float] = None,
+    kl_clamp: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-token KL estimate (k1, k2 or k3, see the module docstring) from log pi and log pi_ref, same shape.
 
-    `log_ratio_clamp` bounds log r to [-c, c] before the estimator (guards k3's exp against overflow); None = off.
+    `log_ratio_clamp` bounds log r to [-c, c] before the estimator (guards k3's exp against overflow); `kl_clamp`
+    bounds the estimate itself to [-c, c] (`algo.kl_clamp`, 10 as in OpenRLHF: k3 of log r = -3 is already 16.1, and
+    one such token would dominate a KL penalty or loss). None = off.
     Values under padding are whatever the inputs hold there: mask them downstream.
     """
     check_same_shape("log_probs", log_probs, "ref_log_probs", ref_log_probs)
@@ -41,12 +44,14 @@ def compute_kl(
     if log_ratio_clamp is not None:
         log_ratio = log_ratio.clamp(min=-log_ratio_clamp, max=log_ratio_clamp)
     if kl_estimator == "k1":
-        return log_ratio
-    if kl_estimator == "k2":
-        return log_ratio**2 / 2.0
-    if kl_estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+        kl = log_ratio
+    elif kl_estimator == "k2":
+        kl = log_ratio**2 / 2.0
+    elif kl_estimator == "k3":
+        kl = torch.expm1(-log_ratio) + log_ratio
+    else:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    return kl if kl_clamp is None else kl.clamp(min=-kl_clamp, max=kl_clamp)
 
 
 def kl_loss(
@@ -59,12 +64,14 @@ def kl_loss(
     norm_length: Optional[int] = None,
     num_tokens: Optional[float | torch.Tensor] = None,
     num_seqs: Optional[float | torch.Tensor] = None,
+    kl_clamp: Optional[float] = None,
 ) -> torch.Tensor:
     """KL as a loss term (`use_kl_loss`): agg_{loss_agg_mode}(k(log pi, log pi_ref)) over action tokens.
 
-    The trainer adds kl_loss_coef * kl_loss(...) to the policy loss. The gradient flows through `log_probs` only.
+    The trainer adds kl_loss_coef * kl_loss(...) to the policy loss. The gradient flows through `log_probs` only
+    (and not through tokens whose estimate `kl_clamp` cut).
     """
-    kl = compute_kl(log_probs, ref_log_probs.detach(), kl_estimator)
+    kl = compute_kl(log_probs, ref_log_probs.detach(), kl_estimator, kl_clamp=kl_clamp)
     return aggregate_loss(
         kl, action_mask, loss_agg_mode, norm_length=norm_length, num_tokens=num_tokens, num_seqs=num_seqs
     )

@@ -58,8 +58,13 @@ def policy_loss(
     norm_length: Optional[int] = None,
     num_tokens: Optional[float | torch.Tensor] = None,
     num_seqs: Optional[float | torch.Tensor] = None,
+    log_ratio_clamp: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss over [B, T] action tokens (formulas in the module docstring) and detached metrics.
+
+    log_ratio_clamp: bound the log-ratio (token or sequence) to [-c, c] before exponentiating (`algo.log_ratio_clamp`,
+    20 as in OpenRLHF): a stale token with log-ratio 24 would otherwise have rho = 2.6e10 and, under a negative
+    advantage, a gradient of that size; clamped, its ratio is e^20 and its gradient 0. None = off.
 
     log_probs: the trainer's current log pi (with grad); old_log_probs: log pi_old, the trainer's log-probs of the
     same tokens when the rollout was made; rollout_log_probs: the generator's log-probs (needed by a correction).
@@ -80,6 +85,8 @@ def policy_loss(
         raise ValueError(f"eps_clip_low and eps_clip_high must be >= 0, got {eps_clip_low} and {eps_clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+    if log_ratio_clamp is not None and log_ratio_clamp <= 0:
+        raise ValueError(f"log_ratio_clamp must be > 0, got {log_ratio_clamp}")
     correcting = off_policy_correction != "none"
     if correcting:
         if rollout_log_probs is None:
@@ -99,10 +106,10 @@ def policy_loss(
     if policy_loss_type == "gspo":
         base = as_compute_dtype(rollout_log_probs).to(log_probs.dtype) if correcting else old_log_probs
         sequence_log_ratio = masked_mean(torch.where(mask, log_probs - base, zeros), mask, dim=-1)
-        ratio = sequence_log_ratio.exp().unsqueeze(-1).expand_as(log_probs)
+        ratio = _bounded(sequence_log_ratio, log_ratio_clamp).exp().unsqueeze(-1).expand_as(log_probs)
         loss_agg_mode = "seq_mean_token_mean"
     else:
-        ratio = log_ratio.exp()
+        ratio = _bounded(log_ratio, log_ratio_clamp).exp()
 
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - eps_clip_low, 1.0 + eps_clip_high) * advantages
@@ -131,6 +138,10 @@ def policy_loss(
     metrics["clip_ratio"] = masked_mean((clipped < unclipped).float(), mask).detach()
     metrics["approx_kl"] = masked_mean(-log_ratio, mask).detach()
     return loss, metrics
+
+
+def _bounded(log_ratio: torch.Tensor, clamp: Optional[float]) -> torch.Tensor:
+    return log_ratio if clamp is None else log_ratio.clamp(min=-clamp, max=clamp)
 
 
 def off_policy_weights(

@@ -246,3 +246,16 @@ def test_bad_input_is_named():
         compute_advantages("reinforce", torch.zeros(3), mask)
     with pytest.raises(ValueError, match="kl_coef"):
         compute_advantages("reinforce", rewards, mask, kl=torch.zeros(4, 3), kl_coef=-1.0)
+
+
+def test_reward_clip_after_the_baseline_follows_openrlhf_order():
+    # rewards [0, 0, 0, 100], one group of 4, reinforce_baseline (r - mean):
+    #   clipped before the baseline into [-10, 10]: [0, 0, 0, 10] - 2.5 = [-2.5, -2.5, -2.5, 7.5]
+    #   clipped after it:                          [-25, -25, -25, 75] -> [-10, -10, -10, 10]
+    rewards = torch.tensor([0.0, 0.0, 0.0, 100.0])
+    mask = torch.ones(4, 1)
+    before = compute_advantages("reinforce_baseline", rewards.clamp(-10.0, 10.0), mask, n_samples_per_prompt=4)
+    after = compute_advantages("reinforce_baseline", rewards, mask, n_samples_per_prompt=4,
+                               clip_after_baseline=(-10.0, 10.0))
+    assert before.sequence_rewards.tolist() == [-2.5, -2.5, -2.5, 7.5]
+    assert after.sequence_rewards.tolist() == [-10.0, -10.0, -10.0, 10.0]

@@ -76,3 +76,14 @@ def test_fixed_controller_and_builder():
         build_kl_controller(-0.1)
     with pytest.raises(ValueError, match="kl_target"):
         build_kl_controller(0.1, kl_target=0.0)
+
+
+def test_kl_clamp_bounds_the_estimate():
+    # k3 of log r = -3 is e^3 - 1 - 3 = 16.0855; kl_clamp=10 caps it; k1 of -12 is floored at -10
+    log_probs = torch.tensor([[-3.0, -12.0, 0.5]])
+    ref = torch.zeros(1, 3)
+    k3 = compute_kl(log_probs, ref, "k3")
+    assert k3[0, 0].item() == pytest.approx(math.exp(3.0) - 4.0, rel=1e-6)
+    assert compute_kl(log_probs, ref, "k3", kl_clamp=10.0)[0, 0].item() == 10.0
+    k1 = compute_kl(log_probs, ref, "k1", kl_clamp=10.0)
+    assert k1.tolist() == [[-3.0, -10.0, 0.5]]

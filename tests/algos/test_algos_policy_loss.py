@@ -263,3 +263,33 @@ def test_low_precision_inputs_are_computed_in_float32():
     assert loss.dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in metrics.values())
     assert loss.item() == pytest.approx(exact.item(), abs=0.05)
+
+
+def test_log_ratio_clamp_bounds_a_stale_token_and_stops_its_gradient():
+    # log-ratio 24 under advantage -1: unclamped rho = e^24 = 2.6e10 is the loss (min picks the unclipped term), with a
+    # gradient of the same size; clamped at 20 the loss is e^20 and the clamp passes no gradient back.
+    old = torch.zeros(1, 2)
+    advantages = torch.full((1, 2), -1.0)
+    mask = torch.tensor([[1.0, 0.0]])
+    for clamp, expected_loss, expected_grad in ((None, math.exp(24.0), math.exp(24.0)), (20.0, math.exp(20.0), 0.0)):
+        log_probs = torch.tensor([[24.0, 0.0]], requires_grad=True)
+        loss, _ = policy_loss(log_probs, old, advantages, mask, log_ratio_clamp=clamp)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+        assert log_probs.grad[0, 0].item() == pytest.approx(expected_grad, rel=1e-5)
+
+
+def test_log_ratio_clamp_changes_nothing_inside_its_range():
+    log_probs = torch.tensor([[0.3, -0.2, 1.5]], requires_grad=True)
+    old = torch.tensor([[0.1, 0.1, 0.1]])
+    advantages = torch.tensor([[1.0, -2.0, 0.5]])
+    mask = torch.ones(1, 3)
+    plain, _ = policy_loss(log_probs, old, advantages, mask)
+    clamped, _ = policy_loss(log_probs, old, advantages, mask, log_ratio_clamp=20.0)
+    assert torch.equal(plain, clamped)
+
+
+def test_log_ratio_clamp_must_be_positive():
+    ones = torch.ones(1, 1)
+    with pytest.raises(ValueError, match="log_ratio_clamp must be > 0"):
+        policy_loss(ones, ones, ones, ones, log_ratio_clamp=0.0)

@@ -62,7 +62,8 @@ GRPO_EXPECTED = {
               "packing_samples": True, "run_dir": "/checkpoints/qwen2.5-7b-grpo"},
     # KL as a loss weighted by init_kl_coef, as OpenRLHF does; the group std epsilon is OpenRLHF's
     "algo": {"advantage_estimator": "group_norm", "init_kl_coef": 0.0, "use_kl_loss": True, "kl_loss_coef": 0.001,
-             "kl_estimator": "k3", "group_std_eps": 1e-9, "normalize_reward": True},
+             "kl_estimator": "k3", "group_std_eps": 1e-9, "normalize_reward": True,
+             "reward_clip_stage": "after_baseline"},
     "eval": {"data": None},
     "ds": {"zero_stage": 3, "bf16": True, "enable_sleep": True},
     # hybrid engine: every role on the actor's 8 GPUs, 4 vLLM engines of TP 2; no critic (group_norm), no reward model

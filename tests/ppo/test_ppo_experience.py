@@ -11,7 +11,9 @@ from hpc_rlhf.config_io import load_config
 from hpc_rlhf.rank_metrics import merge_metrics
 from hpc_rlhf.rollouts import to_rollout_table
 from hpc_rlhf.trainers.ppo import experience as exp
-from hpc_rlhf.trainers.ppo.update import loss_weighting, optimizer_batches
+from hpc_rlhf.trainers.ppo.update import actor_loss_fn, loss_weighting, optimizer_batches
+from hpc_rlhf.training.batching import MicroBatch
+from hpc_rlhf.training.models import ForwardOutput
 
 
 def rows(rewards, scores, lengths, n):
@@ -81,3 +83,66 @@ def test_optimizer_batches_are_a_pure_partition():
     assert sorted(i for chunk in a for i in chunk) == list(range(10)) and [len(c) for c in a] == [4, 4, 2]
     assert a != optimizer_batches(10, 4, seed=1, iteration=3, epoch=0)
     assert loss_weighting("token_mean") == "token" and loss_weighting("seq_mean_token_mean") == "sample"
+
+
+@pytest.mark.parametrize("stage, expected", [("before_baseline", [-2.5, -2.5, -2.5, 7.5]),
+                                             ("after_baseline", [-10.0, -10.0, -10.0, 10.0])])
+def test_reward_clip_stage_from_the_config(stage, expected):
+    # rewards [0, 0, 0, 100] in one group of 4 under reinforce_baseline (r - group mean), range [-10, 10]:
+    # clipped raw -> [0, 0, 0, 10] - 2.5; clipped after the baseline -> clamp([-25, -25, -25, 75])
+    cfg = load_config(None, ["--rollout.n_samples_per_prompt=4", "--algo.advantage_estimator=reinforce_baseline",
+                             f"--algo.reward_clip_stage={stage}", "--train.train_batch_size=16"]).config
+    t = exp.table_to_tensors(to_rollout_table(rows([0.0, 0.0, 0.0, 100.0], [0, 0, 0, 1], [1, 1, 1, 1], n=4)))
+    shaped = exp.shape_rewards(cfg, t, None)
+    result, _ = exp.advantages_and_returns(cfg, t, shaped.rewards, 0.0, None)
+    assert result.sequence_rewards.tolist() == expected
+
+
+def test_kl_penalty_is_clamped_per_token_by_the_config():
+    # behaviour log-prob -0.5 against a reference of 2.5: k3 of log r = -3 is e^3 - 4 = 16.09 unclamped, 10 clamped
+    cfg = load_config(None, ["--rollout.n_samples_per_prompt=2", "--algo.kl_estimator=k3",
+                             "--algo.advantage_estimator=reinforce", "--train.train_batch_size=16"]).config
+    t = exp.table_to_tensors(to_rollout_table(rows([1.0, 0.0], [1, 0], [1, 1], n=2)))
+    t.reference_log_probs = torch.full_like(t.behaviour_log_probs, 2.5)
+    _, mean_kl = exp.advantages_and_returns(cfg, t, t.rewards, 0.1, None)
+    assert mean_kl == pytest.approx(10.0)
+    off = load_config(None, ["--rollout.n_samples_per_prompt=2", "--algo.kl_estimator=k3", "--algo.kl_clamp=",
+                             "--algo.advantage_estimator=reinforce", "--train.train_batch_size=16"]).config
+    _, mean_kl = exp.advantages_and_returns(off, t, t.rewards, 0.1, None)
+    assert mean_kl == pytest.approx(math.exp(3.0) - 4.0, rel=1e-5)
+
+
+def _micro_batch(action_mask: torch.Tensor, **tensors: torch.Tensor) -> MicroBatch:
+    """Only the response-layout fields the loss functions read."""
+    samples = action_mask.shape[0]
+    empty = torch.zeros(samples, 1, dtype=torch.long)
+    return MicroBatch(input_ids=empty, attention_mask=None, position_ids=empty, response_rows=torch.arange(samples),
+                      response_starts=torch.zeros(samples, dtype=torch.long),
+                      response_lengths=action_mask.sum(1), action_mask=action_mask, response_tensors=tensors,
+                      sample_indices=torch.arange(samples))
+
+
+@pytest.mark.parametrize("mode, expected_bonus", [("token_mean", -(1.0 + 1.0 + 4.0) / 3),
+                                                  ("seq_mean_token_mean", -(1.0 + 4.0) / 2)])
+def test_entropy_bonus_is_aggregated_like_the_loss(mode, expected_bonus):
+    # zero advantages make the policy loss 0, so the loss is the bonus: -coef * agg(H) with coef 1;
+    # sample 0 has entropies (1, 1), sample 1 has (4): token mean 2, mean of sequence means 2.5
+    cfg = load_config(None, [f"--algo.loss_agg_mode={mode}", "--algo.entropy_loss_coef=1.0"]).config
+    mask = torch.tensor([[True, True], [True, False]])
+    zeros = torch.zeros(2, 2)
+    batch = _micro_batch(mask, advantages=zeros, old_log_probs=zeros, behaviour_log_probs=zeros)
+    out = ForwardOutput(log_probs=zeros.clone(), entropy=torch.tensor([[1.0, 1.0], [4.0, 0.0]]))
+    loss, metrics = actor_loss_fn(cfg)(batch, out)
+    assert loss.item() == pytest.approx(expected_bonus)
+    assert metrics["train/entropy"] == pytest.approx(2.0)  # the logged entropy stays a token mean
+
+
+def test_log_ratio_clamp_from_the_config_reaches_the_policy_loss():
+    # one token with log-ratio 24 under advantage -1: the loss is e^20 with the default clamp, e^24 without it
+    mask = torch.tensor([[True]])
+    zeros = torch.zeros(1, 1)
+    batch = _micro_batch(mask, advantages=-torch.ones(1, 1), old_log_probs=zeros, behaviour_log_probs=zeros)
+    out = ForwardOutput(log_probs=torch.full((1, 1), 24.0))
+    for overrides, expected in (([], math.exp(20.0)), (["--algo.log_ratio_clamp="], math.exp(24.0))):
+        loss, _ = actor_loss_fn(load_config(None, overrides).config)(batch, out)
+        assert loss.item() == pytest.approx(expected, rel=1e-5)

@@ -121,7 +121,8 @@ class ShapedRewards:
 
 
 def shape_rewards(cfg: Config, rollout: RolloutTensors, moments: Optional[object]) -> ShapedRewards:
-    """Overlong penalty (DAPO), clipping into reward_clip_range, and running mean/std normalisation."""
+    """Overlong penalty (DAPO), clipping into reward_clip_range (unless algo.reward_clip_stage clips after the group
+    baseline), and running mean/std normalisation."""
     algo = cfg.algo
     rewards = rollout.rewards.clone()
     penalty = torch.zeros_like(rewards)
@@ -129,7 +130,8 @@ def shape_rewards(cfg: Config, rollout: RolloutTensors, moments: Optional[object
         penalty = overlong_penalty(rollout.response_lengths(), cfg.rollout.generate_max_len,
                                    algo.overlong_buffer_len, algo.overlong_penalty_factor)
         rewards = rewards + penalty
-    rewards = clip_reward(rewards, algo.reward_clip_range)
+    if algo.reward_clip_stage == "before_baseline":  # else compute_advantages clips after the group baseline
+        rewards = clip_reward(rewards, algo.reward_clip_range)
     if algo.normalize_reward and moments is not None:
         rewards = normalize_reward(rewards, moments.mean, moments.std)
     return ShapedRewards(rewards=rewards, overlong_penalty=penalty)
@@ -145,12 +147,15 @@ def advantages_and_returns(cfg: Config, rollout: RolloutTensors, rewards: torch.
     """Run the configured advantage estimator; KL in the reward is estimated from behaviour vs reference log-probs."""
     kl = None
     if rollout.reference_log_probs is not None:
-        kl = compute_kl(rollout.behaviour_log_probs, rollout.reference_log_probs, cfg.algo.kl_estimator)
+        kl = compute_kl(rollout.behaviour_log_probs, rollout.reference_log_probs, cfg.algo.kl_estimator,
+                        kl_clamp=cfg.algo.kl_clamp)
         kl = torch.where(rollout.action_mask, kl, torch.zeros_like(kl))
     result = compute_advantages(
         cfg.algo.advantage_estimator, rewards, rollout.action_mask, values=rollout.values, kl=kl,
         kl_coef=kl_coefficient(cfg, kl_coef), gamma=cfg.algo.gamma, lambd=cfg.algo.lambd,
         n_samples_per_prompt=cfg.rollout.n_samples_per_prompt, group_std_eps=cfg.algo.group_std_eps,
-        all_reduce=all_reduce)
+        all_reduce=all_reduce,
+        clip_after_baseline=(tuple(cfg.algo.reward_clip_range) if cfg.algo.reward_clip_stage == "after_baseline"
+                             else None))
     mean_kl = masked_mean(kl, rollout.action_mask).item() if kl is not None else 0.0
     return result, mean_kl

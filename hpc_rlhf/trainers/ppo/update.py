@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from hpc_rlhf.algos import kl_loss, policy_loss, value_loss
+from hpc_rlhf.algos import entropy_bonus, kl_loss, policy_loss, value_loss
 from hpc_rlhf.config import Config
 from hpc_rlhf.trainers.common import micro_batches
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
@@ -41,19 +41,19 @@ def actor_loss_fn(cfg: Config) -> Callable[[MicroBatch, ForwardOutput], tuple[to
             eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, dual_clip=algo.dual_clip,
             loss_agg_mode=algo.loss_agg_mode, policy_loss_type=algo.policy_loss_type,
             rollout_log_probs=tensors["behaviour_log_probs"], off_policy_correction=algo.off_policy_correction,
-            is_low=algo.is_low, is_high=algo.is_high, norm_length=norm_length)
+            is_low=algo.is_low, is_high=algo.is_high, norm_length=norm_length, log_ratio_clamp=algo.log_ratio_clamp)
         metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
         metrics["train/policy_loss"] = float(loss.detach())
         if algo.use_kl_loss:
             kl = kl_loss(out.log_probs, tensors["reference_log_probs"], mask, kl_estimator=algo.kl_estimator,
-                         loss_agg_mode=algo.loss_agg_mode, norm_length=norm_length)
+                         loss_agg_mode=algo.loss_agg_mode, norm_length=norm_length, kl_clamp=algo.kl_clamp)
             loss = loss + algo.kl_loss_coef * kl
             metrics["train/kl_loss"] = float(kl.detach())
-        if out.entropy is not None:
-            entropy = (out.entropy * mask).sum() / mask.sum().clamp(min=1)
-            metrics["train/entropy"] = float(entropy.detach())
+        if out.entropy is not None:  # logged as a token mean; the bonus is aggregated like the loss
+            metrics["train/entropy"] = float(((out.entropy * mask).sum() / mask.sum().clamp(min=1)).detach())
             if algo.entropy_loss_coef:
-                loss = loss - algo.entropy_loss_coef * entropy
+                loss = loss + entropy_bonus(out.entropy, mask, entropy_loss_coef=algo.entropy_loss_coef,
+                                            loss_agg_mode=algo.loss_agg_mode, norm_length=norm_length)
         return loss, metrics
 
     return loss_fn
