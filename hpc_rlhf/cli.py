@@ -8,15 +8,11 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from hpc_rlhf.config_io import LoadedConfig, config_to_yaml, describe_keys, load_config
-from hpc_rlhf.config import ConfigError
-from hpc_rlhf.debug import DEBUG_ENV, debug_enabled
+from hpc_rlhf.config.loading import LoadedConfig, config_to_yaml, describe_keys, load_config
+from hpc_rlhf.config.schema import ConfigError
+from hpc_rlhf.errors import DEBUG_ENV, UsageError, debug_enabled
 
 DEBUG_HINT = f"--debug or {DEBUG_ENV}=1 shows the traceback"
-
-
-class UsageError(Exception):
-    """A problem the user can fix (a path, the run directory, the machine): printed as one line per problem, exit 2."""
 
 
 def one_line(err: BaseException) -> str:

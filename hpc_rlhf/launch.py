@@ -21,8 +21,8 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from hpc_rlhf.cli import build_parser, parse_config_args, quiet_libraries, run_entry  # noqa: E402
-from hpc_rlhf.config import Config  # noqa: E402
-from hpc_rlhf.config_io import LoadedConfig, config_to_dict  # noqa: E402
+from hpc_rlhf.config.schema import Config  # noqa: E402
+from hpc_rlhf.config.loading import LoadedConfig, config_to_dict  # noqa: E402
 from hpc_rlhf.trainers.engines import use_cuda  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def _run_trainer(cfg: Config, world: Any, control: Any, stop: Any) -> dict:
 
 def build_builtin_models(cfg: Config) -> None:
     """Resolve every `builtin:` model spec of the config (building it into the cache on first use)."""
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     teacher = getattr(getattr(cfg, "kd", None), "teacher_pretrain", None)
     for spec in (cfg.actor.pretrain, cfg.critic.pretrain, cfg.ref.pretrain, cfg.reward.pretrain, teacher):
@@ -81,8 +81,8 @@ def build_builtin_models(cfg: Config) -> None:
 def check_before_start(loaded: LoadedConfig, *, ranks_here: int = 1) -> None:
     """The checks that need this machine (device, model and data paths), before the run directory is touched or any
     model loads; a problem is a UsageError (one line each at the entry point)."""
-    from hpc_rlhf.cli import UsageError
-    from hpc_rlhf.config_checks import check_machine
+    from hpc_rlhf.errors import UsageError
+    from hpc_rlhf.config.checks import check_machine
 
     problems = check_machine(loaded.config, loaded.sources, ranks_here=ranks_here)
     if problems:
@@ -93,11 +93,11 @@ def prepare_run_dir(loaded: LoadedConfig, *, overwrite: bool = False, write: boo
     """Create the run directory and record the resolved config there (for provenance and resume checks).
 
     A directory holding another run (a config that differs in keys a resume must keep) is refused with a UsageError
-    before anything is written, unless `overwrite` first moves that run to RUN_DIR/previous/N/ (hpc_rlhf.run_dir).
+    before anything is written, unless `overwrite` first moves that run to RUN_DIR/previous/N/ (hpc_rlhf.run.directory).
     A requeue or resume of the same run passes. `write=False` only checks (the other ranks of a SLURM job).
     """
-    from hpc_rlhf.cli import UsageError
-    from hpc_rlhf.run_dir import RunDirConflict, check_run_dir, record_run_config
+    from hpc_rlhf.errors import UsageError
+    from hpc_rlhf.run.directory import RunDirConflict, check_run_dir, record_run_config
 
     config = config_to_dict(loaded.config)
     try:

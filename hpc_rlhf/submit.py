@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpc_rlhf.cli import DEBUG_ENV, build_parser, run_entry
-from hpc_rlhf.config import Config, ConfigError
-from hpc_rlhf.config_io import LoadedConfig, config_to_dict, config_to_yaml, load_config
+from hpc_rlhf.config.schema import Config, ConfigError
+from hpc_rlhf.config.loading import LoadedConfig, config_to_dict, config_to_yaml, load_config
 from hpc_rlhf.slurm.filesystem import shared_path_problem, writable_dir_problem
 from hpc_rlhf.slurm.job_spec import allocation_problems, parse_time_limit, time_limit_minutes, uses_gpus
 
@@ -139,7 +139,7 @@ def resume_check(cfg: Config) -> tuple[Path | None, str | None]:
     root = Path(cfg.train.run_dir) / CHECKPOINTS_FOLDER
     if not cfg.ckpt.load_checkpoint or not root.is_dir():
         return None, None
-    from hpc_rlhf.checkpoint import IncompatibleCheckpointError, config_fingerprint, latest_checkpoint, read_metadata
+    from hpc_rlhf.run.checkpoint import IncompatibleCheckpointError, config_fingerprint, latest_checkpoint, read_metadata
 
     path = latest_checkpoint(root)
     if path is None:

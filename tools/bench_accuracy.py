@@ -129,12 +129,12 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from hpc_rlhf.config_io import load_config
+    from hpc_rlhf.config.loading import load_config
     from hpc_rlhf.data.prompts import load_prompts
     from hpc_rlhf.data.records import iter_records
     from hpc_rlhf.rewards.reward_func import load_reward_func
     from hpc_rlhf.tasks.evaluation import evaluate
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     started = time.time()
     cfg = load_config(args.config, overrides).config

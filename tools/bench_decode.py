@@ -23,7 +23,7 @@ import torch
 
 from hpc_rlhf.generation import HFEngine, SamplingParams
 from hpc_rlhf.generation.factory import DTYPES
-from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
 MODES = {"dynamic": {"static_decode": False}, "static_eager": {"static_decode": True, "cuda_graphs": False},
          "static_graph": {"static_decode": True, "cuda_graphs": True}}

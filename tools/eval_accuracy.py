@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hpc_rlhf.data.prompts import load_prompts
-    from hpc_rlhf.pretrained import PretrainedUnavailable
+    from hpc_rlhf.builtin_models.pretrained import PretrainedUnavailable
     from hpc_rlhf.tasks.evaluation import evaluate, stderr_log
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     try:
         reward_func = importlib.import_module(args.reward).reward_func

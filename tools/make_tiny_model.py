@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from hpc_rlhf.tiny_model import REWARD_SUBDIR, build_tiny_model
+from hpc_rlhf.builtin_models.tiny import REWARD_SUBDIR, build_tiny_model
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,8 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from hpc_rlhf.lora import LoraError, merge_adapter
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.training.lora import LoraError, merge_adapter
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     base = resolve_model_path(args.base) if args.base else None
     try:

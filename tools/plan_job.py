@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpc_rlhf.benchmarks.plan import Hardware, plan_job  # noqa: E402
 from hpc_rlhf.benchmarks.report import markdown_table  # noqa: E402
 from hpc_rlhf.benchmarks.task import MODEL_SHAPES  # noqa: E402
-from hpc_rlhf.config import ConfigError  # noqa: E402
-from hpc_rlhf.config_io import load_config  # noqa: E402
+from hpc_rlhf.config.schema import ConfigError  # noqa: E402
+from hpc_rlhf.config.loading import load_config  # noqa: E402
 
 PROG = "plan_job.py"
 

@@ -25,7 +25,7 @@ from hpc_rlhf.rewards.result import RewardError
 from hpc_rlhf.rewards.reward_func import RewardFunction
 from hpc_rlhf.rewards.reward_model import DTYPES, RewardModel
 from hpc_rlhf.rewards.server import RewardServer
-from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_WAIT_MS = 10.0

@@ -34,7 +34,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import torch.distributed as dist
 
-from hpc_rlhf.debug import debug_enabled
+from hpc_rlhf.errors import debug_enabled
 
 FAILURE_PREFIX = "hpc_rlhf/failure/"
 FAILURE_EXIT_CODE = 1

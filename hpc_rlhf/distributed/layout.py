@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpc_rlhf.config import layout_share_problems
+from hpc_rlhf.config.schema import layout_share_problems
 
 ROLE_ORDER: tuple[str, ...] = ("generator", "actor", "critic", "reward", "reference")
 
@@ -144,7 +144,7 @@ def _check(sizes: dict[str, tuple[int, int]], shares: dict[str, str], colocate: 
 def plan_layout(layout: Any, world_size: int, ranks_per_node: int) -> LayoutPlan:
     """Assign roles to the ranks of a `world_size`-rank job with `ranks_per_node` ranks per node.
 
-    `layout` is a `hpc_rlhf.config.LayoutConfig` (or any object with the same attributes). Raises `LayoutError`.
+    `layout` is a `hpc_rlhf.config.schema.LayoutConfig` (or any object with the same attributes). Raises `LayoutError`.
     """
     sizes, shares = _role_sizes(layout)
     colocate = bool(getattr(layout, "colocate", False))

@@ -1,5 +1,5 @@
 """Durable, atomic file creation for rollout files: the shared temp-file + fsync + rename + folder fsync
-(`hpc_rlhf.durable`) under the hidden temporary names that rollout readers and cleanup recognise (`paths.temp_path`).
+(`hpc_rlhf.run.durable`) under the hidden temporary names that rollout readers and cleanup recognise (`paths.temp_path`).
 
 A reader sees either no file or the complete file under its final name, also after a crash of the writer
 or the machine.
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from hpc_rlhf import durable
+from hpc_rlhf.run import durable
 from hpc_rlhf.rollouts.paths import temp_path
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hpc_rlhf.durable import make_dirs_durable
+from hpc_rlhf.run.durable import make_dirs_durable
 from hpc_rlhf.rollouts.atomic import atomic_file
 from hpc_rlhf.rollouts.errors import CorruptShardError, RolloutError, RolloutValidationError, ShardExistsError
 from hpc_rlhf.rollouts.manifest import ShardRecord, find_record, write_record

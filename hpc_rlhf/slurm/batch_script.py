@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.slurm.job_spec import sbatch_options
 from hpc_rlhf.slurm.requeue import (
     RANK_GUARD,

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from hpc_rlhf.config import Config, SlurmConfig
+from hpc_rlhf.config.schema import Config, SlurmConfig
 
 LOG_PATTERN = "logs/%x_%j.out"  # %x = job name, %j = job id; relative to the directory sbatch was run in
 _TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from hpc_rlhf.durable import atomic_write_bytes
+from hpc_rlhf.run.durable import atomic_write_bytes
 from hpc_rlhf.slurm.env import in_slurm_job
 
 STOP_FLAG_NAME = ".stop_requested"

@@ -1,6 +1,6 @@
 """The checkpoint service every trainer uses: what a checkpoint holds, when one is due, and how a run resumes.
 
-A checkpoint (the layout of `hpc_rlhf.checkpoint`, under RUN_DIR/checkpoints) holds the training engines (weights,
+A checkpoint (the layout of `hpc_rlhf.run.checkpoint`, under RUN_DIR/checkpoints) holds the training engines (weights,
 optimizer and scheduler states), every rank's RNG state and the trainer's own state: what the trainer object's
 `state_dict()` returns (JSON-serialisable), given back to its `load_state_dict()` on resume. Global rank 0 picks the
 checkpoint and runs the trainer's resume check (the PPO family checks its rollouts on disk) before any rank loads,
@@ -13,15 +13,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from hpc_rlhf.checkpoint import (
+from hpc_rlhf.run.checkpoint import (
     config_fingerprint,
     latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
 )
-from hpc_rlhf.config import Config
-from hpc_rlhf.config_io import config_to_dict
+from hpc_rlhf.config.schema import Config
+from hpc_rlhf.config.loading import config_to_dict
 from hpc_rlhf.distributed import ControlPlane
 from hpc_rlhf.training.models import _TrainedModel as TrainedModel
 

@@ -26,16 +26,16 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import prompt_indices_for, rank_slice
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
-from hpc_rlhf.lora import REWARD_STATS_FILE, is_lora_model, load_model_for_training, lora_settings, save_adapter, unwrap
-from hpc_rlhf.metrics import MetricsLogger, plot_curves
-from hpc_rlhf.rank_metrics import timed
+from hpc_rlhf.training.lora import REWARD_STATS_FILE, is_lora_model, load_model_for_training, save_adapter, unwrap
+from hpc_rlhf.run.metrics import MetricsLogger, plot_curves
+from hpc_rlhf.run.rank_metrics import timed
 from hpc_rlhf.slurm.requeue import StopRequest, combine_stop_reasons, leave_for_requeue
-from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 from hpc_rlhf.trainers.checkpointing import CheckpointService
-from hpc_rlhf.trainers.engines import engine_config
+from hpc_rlhf.trainers.engines import engine_config, lora_settings
 from hpc_rlhf.trainers.supervised_data import LoadReport
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, response_token_index
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group

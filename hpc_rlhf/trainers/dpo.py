@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from hpc_rlhf.algos import dpo_loss, ipo_loss
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (

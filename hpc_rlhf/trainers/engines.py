@@ -1,4 +1,4 @@
-"""From the config to the training engines' settings: the device, the precision and DeepSpeed's EngineConfig.
+"""From the config to the training engines' settings: the device, the precision, DeepSpeed's EngineConfig and LoRA.
 
 Every trainer (PPO family, supervised, preference) and the launcher read these, so they live here, beside no recipe.
 """
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from hpc_rlhf.config import Config, OptimConfig
+from hpc_rlhf.config.schema import Config, OptimConfig
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
+from hpc_rlhf.training.lora import LoraSettings
 
 
 def use_cuda(cfg: Config) -> bool:
@@ -36,3 +37,12 @@ def engine_config(cfg: Config, section: OptimConfig) -> EngineConfig:
         max_norm=section.max_norm, overlap_comm=cfg.ds.overlap_comm,
         micro_train_batch_size=cfg.train.micro_train_batch_size, train_batch_size=cfg.train.train_batch_size,
         attn_implementation=section.attn_implementation)
+
+
+def lora_settings(cfg: Config) -> LoraSettings | None:
+    """LoraSettings from the `lora` section, or None when LoRA is off (lora.rank == 0)."""
+    section = cfg.lora
+    if section.rank == 0:
+        return None
+    return LoraSettings(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                        target_modules=tuple(section.target_modules), load_in_4bit=section.load_in_4bit)

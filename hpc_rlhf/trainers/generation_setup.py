@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.generation import (GenerationEngine, MultiTurnExecutor, SamplingParams, SingleTurnExecutor, make_engine,
                                  make_executor)
 from hpc_rlhf.trainers.engines import use_cuda

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from hpc_rlhf.algos import pairwise_rm_loss
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
-from hpc_rlhf.lora import unwrap
+from hpc_rlhf.training.lora import unwrap
 from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     StepLoop,

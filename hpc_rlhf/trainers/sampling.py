@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import PromptExample, load_prompts, load_records, prompt_indices_for
 from hpc_rlhf.data.sharding import iterations_per_epoch
-from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 from hpc_rlhf.distributed.weights import sync_weights
 from hpc_rlhf.trainers.common import TrainerContext
 from hpc_rlhf.trainers.engines import compute_dtype

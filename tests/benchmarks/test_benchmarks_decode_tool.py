@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hpc_rlhf.tiny_model import build_tiny_model
+from hpc_rlhf.builtin_models.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from hpc_rlhf.benchmarks.plan import (
     training_memory_gib,
 )
 from hpc_rlhf.benchmarks.task import ModelShape, model_shape
-from hpc_rlhf.config_io import load_config
+from hpc_rlhf.config.loading import load_config
 
 HW = Hardware(peak_flops=1e15, memory_bandwidth=2e12, network_bandwidth=1e10)
 PPO_8 = ["--layout.colocate=false", "--layout.generator.gpus=4", "--layout.generator.tp=2", "--layout.actor.gpus=2",

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpc_rlhf.checkpoint import (
+from hpc_rlhf.run.checkpoint import (
     VOLATILE_KEYS,
     VOLATILE_SECTIONS,
     IncompatibleCheckpointError,
@@ -21,8 +21,8 @@ from hpc_rlhf.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from hpc_rlhf.config import Config
-from hpc_rlhf.config_io import config_to_dict
+from hpc_rlhf.config.schema import Config
+from hpc_rlhf.config.loading import config_to_dict
 
 DEFAULT = config_to_dict(Config())
 

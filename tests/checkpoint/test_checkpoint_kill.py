@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_rlhf.checkpoint import (
+from hpc_rlhf.run.checkpoint import (
     config_fingerprint,
     is_complete,
     latest_checkpoint,

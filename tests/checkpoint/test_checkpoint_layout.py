@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpc_rlhf import __version__
-from hpc_rlhf.checkpoint import (
+from hpc_rlhf.run.checkpoint import (
     config_fingerprint,
     is_complete,
     latest_checkpoint,

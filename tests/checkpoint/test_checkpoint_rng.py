@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc_rlhf.checkpoint import (
+from hpc_rlhf.run.checkpoint import (
     ModelAndOptimizer,
     capture_rng_state,
     config_fingerprint,

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import pytest
 import torch
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.trainers.checkpointing import CheckpointService, ResumeRefused
 from hpc_rlhf.trainers.common import RoundProgress, StepProgress
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hpc_rlhf.cli import UsageError, describe_failure, run_entry
-from hpc_rlhf.config_checks import check_machine, model_spec_problem
-from hpc_rlhf.config_io import load_config
+from hpc_rlhf.config.checks import check_machine, model_spec_problem
+from hpc_rlhf.config.loading import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny_cpu.yaml"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from hpc_rlhf.tasks.warm_start import progress_line, warm_start
-from hpc_rlhf.tiny_model import _build_builtin, build_tiny_model
+from hpc_rlhf.builtin_models.resolve import build_builtin
+from hpc_rlhf.builtin_models.tiny import build_tiny_model
 
 
 def test_progress_line_estimates_the_rest_at_the_pace_so_far():
@@ -24,7 +25,7 @@ def test_warm_up_reports_every_n_steps_and_the_last(tmp_path):
 
 
 def test_building_a_builtin_says_so_on_stderr(tmp_path, capsys):
-    _build_builtin("tiny-llama", tmp_path)
+    build_builtin("tiny-llama", tmp_path)
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("building builtin:tiny-llama (first use only; cached in ")
     assert err[-1].startswith("built builtin:tiny-llama in ") and err[-1].endswith(" s")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpc_rlhf.config_io import config_to_dict, load_config
-from hpc_rlhf.run_dir import CONFIG_FILE, RunDirConflict, check_run_dir, record_run_config
+from hpc_rlhf.config.loading import config_to_dict, load_config
+from hpc_rlhf.run.directory import CONFIG_FILE, RunDirConflict, check_run_dir, record_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"

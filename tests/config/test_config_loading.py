@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpc_rlhf.config import Config, ConfigError
-from hpc_rlhf.config_io import config_to_dict, config_to_yaml, describe_keys, load_config
+from hpc_rlhf.config.schema import Config, ConfigError
+from hpc_rlhf.config.loading import config_to_dict, config_to_yaml, describe_keys, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""OpenRLHF command lines -> hpc_rlhf configs (hpc_rlhf.migrate_openrlhf, tools/from_openrlhf.py): both flag namings
+"""OpenRLHF command lines -> hpc_rlhf configs (hpc_rlhf.config.openrlhf, tools/from_openrlhf.py): both flag namings
 give the hand-checked config, the YAML loads with hpc_rlhf's loader, and untranslated or bad flags are named."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpc_rlhf.config import Config
-from hpc_rlhf.config_io import apply_mapping, load_config
-from hpc_rlhf.migrate_openrlhf import MigrationError, migrate
-from hpc_rlhf.openrlhf_flags import ALL, ENTRY_TRAINERS, FLAGS, OPENRLHF_DEFAULTS
+from hpc_rlhf.config.schema import Config
+from hpc_rlhf.config.loading import apply_mapping, load_config
+from hpc_rlhf.config.openrlhf import MigrationError, migrate
+from hpc_rlhf.config.openrlhf_flags import ALL, ENTRY_TRAINERS, FLAGS, OPENRLHF_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "from_openrlhf.py"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpc_rlhf.tiny_model import build_tiny_tokenizer
+from hpc_rlhf.builtin_models.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

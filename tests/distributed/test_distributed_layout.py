@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpc_rlhf.config import LayoutConfig, RoleConfig
+from hpc_rlhf.config.schema import LayoutConfig, RoleConfig
 from hpc_rlhf.distributed.layout import ROLE_ORDER, LayoutError, plan_layout
 from hpc_rlhf.distributed.world import free_port
 
@@ -275,7 +275,7 @@ def test_sharing_plan_invariants(case):
 
 
 def test_the_8_gpu_ppo_config_places_reward_and_reference_on_one_gpu():
-    from hpc_rlhf.config_io import load_config
+    from hpc_rlhf.config.loading import load_config
     from hpc_rlhf.slurm.job_spec import layout_summary
 
     cfg = load_config(str(REPO_ROOT / "configs" / "ppo_7b_8gpu.yaml"), []).config
@@ -286,8 +286,8 @@ def test_the_8_gpu_ppo_config_places_reward_and_reference_on_one_gpu():
 
 
 def test_config_check_names_the_sharing_field_and_its_source():
-    from hpc_rlhf.config import ConfigError
-    from hpc_rlhf.config_io import load_config
+    from hpc_rlhf.config.schema import ConfigError
+    from hpc_rlhf.config.loading import load_config
 
     config = str(REPO_ROOT / "configs" / "ppo_7b_8gpu.yaml")
     with pytest.raises(ConfigError) as err:
@@ -309,7 +309,7 @@ def test_config_check_names_the_sharing_field_and_its_source():
 GROUPS_WORKER = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
-    from hpc_rlhf.config import LayoutConfig, RoleConfig
+    from hpc_rlhf.config.schema import LayoutConfig, RoleConfig
     from hpc_rlhf.distributed import build_role_groups, detect_world, init_distributed, plan_layout
 
     info = detect_world()

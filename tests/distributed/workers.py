@@ -92,7 +92,7 @@ def launch_plane_scenario(out: Path) -> None:
     """`hpc_rlhf.launch.rank_main` up to the trainer: the trainer is replaced by one that records which control plane
     the launcher built and runs a barrier and an allgather on it."""
     import hpc_rlhf.launch as launch
-    from hpc_rlhf.config import Config
+    from hpc_rlhf.config.schema import Config
 
     cfg = Config()
     cfg.train.run_dir = str(out / "run")

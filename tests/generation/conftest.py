@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hpc_rlhf.tiny_model import build_tiny_tokenizer
+from hpc_rlhf.builtin_models.tiny import build_tiny_tokenizer
 
 
 def tiny_llama(seed: int, tokenizer: Any) -> LlamaForCausalLM:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from hpc_rlhf.metrics import METRICS_FILE, MetricsLogger
+from hpc_rlhf.run.metrics import METRICS_FILE, MetricsLogger
 
 
 class FakeTerminal(io.StringIO):

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpc_rlhf.metrics import METRICS_FILE, MetricsLogger, read_metrics
+from hpc_rlhf.run.metrics import METRICS_FILE, MetricsLogger, read_metrics
 
 
 def test_each_log_call_is_one_json_line(tmp_path, make_logger, jsonl_rows):

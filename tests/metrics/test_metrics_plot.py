@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpc_rlhf.metrics import CURVES_FILE, curve_panels, curves_figure, plot_curves, read_metrics
+from hpc_rlhf.run.metrics import CURVES_FILE, curve_panels, curves_figure, plot_curves, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIRST_LINE_COLOUR = np.array([31, 119, 180])  # matplotlib's default first line colour, #1f77b4

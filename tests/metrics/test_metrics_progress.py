@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from hpc_rlhf.metrics import BAR_KEYS, LINE_KEYS, eta_seconds, format_duration, format_metrics_line
+from hpc_rlhf.run.metrics import BAR_KEYS, LINE_KEYS, eta_seconds, format_duration, format_metrics_line
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Per-rank step metrics (hpc_rlhf/rank_metrics.py): phase timing with `timed`, how a rank's reports add up, and how
+"""Per-rank step metrics (hpc_rlhf/run/rank_metrics.py): phase timing with `timed`, how a rank's reports add up, and how
 rank 0 merges every rank's metrics by key family into the logged row."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hpc_rlhf.rank_metrics import KEY_FAMILIES, accumulate, family_of, is_phase_time, mean_metrics, merge_metrics, timed
+from hpc_rlhf.run.rank_metrics import KEY_FAMILIES, accumulate, family_of, is_phase_time, mean_metrics, merge_metrics, timed
 
 
 def test_timed_adds_the_block_time_under_the_phase_key():

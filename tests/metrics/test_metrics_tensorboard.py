@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hpc_rlhf.metrics import TENSORBOARD_DIR
+from hpc_rlhf.run.metrics import TENSORBOARD_DIR
 
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hpc_rlhf.config_io import load_config
-from hpc_rlhf.rank_metrics import merge_metrics
+from hpc_rlhf.config.loading import load_config
+from hpc_rlhf.run.rank_metrics import merge_metrics
 from hpc_rlhf.rollouts import to_rollout_table
 from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, loss_weighting, optimizer_batches

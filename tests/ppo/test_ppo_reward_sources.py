@@ -68,7 +68,7 @@ def test_multi_turn_environment_tokens_are_masked(tmp_path, jobs):
     jobs.run(run_dir, "--reward.reward_func_path=", f"--rollout.agent_func_path={agent}", "--rollout.max_turns=2",
              "--train.max_iterations=2", "--rollout.batch_size=4")
     from transformers import AutoTokenizer
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama-arith"))
     feedback = tokenizer("no. again: ", add_special_tokens=False)["input_ids"]

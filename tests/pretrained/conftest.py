@@ -14,8 +14,8 @@ from unittest import mock
 
 import pytest
 
-from hpc_rlhf.pretrained import SMOLLM2_NAME, WHEEL_ENV, WHEEL_NAME, PretrainedUnavailable, resolve_pretrained
-from hpc_rlhf.tiny_model import CACHE_ENV
+from hpc_rlhf.builtin_models.pretrained import SMOLLM2_NAME, WHEEL_ENV, WHEEL_NAME, PretrainedUnavailable, resolve_pretrained
+from hpc_rlhf.builtin_models.cache import CACHE_ENV
 
 
 class Built:

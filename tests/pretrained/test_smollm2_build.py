@@ -14,11 +14,12 @@ from unittest import mock
 import pytest
 import torch
 
-from hpc_rlhf import pretrained
-from hpc_rlhf.cli import UsageError
-from hpc_rlhf.pretrained import (OFFLINE_ENV, SMOLLM2_NAME, WHEEL_ENV, WHEEL_NAME, PretrainedUnavailable, find_wheel,
+from hpc_rlhf.builtin_models import pretrained
+from hpc_rlhf.errors import UsageError
+from hpc_rlhf.builtin_models.pretrained import (OFFLINE_ENV, SMOLLM2_NAME, WHEEL_ENV, WHEEL_NAME, PretrainedUnavailable, find_wheel,
                                  resolve_pretrained)
-from hpc_rlhf.tiny_model import CACHE_ENV, resolve_model_path
+from hpc_rlhf.builtin_models.cache import CACHE_ENV
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What is 345+278? Put the final number after 'Answer:'."

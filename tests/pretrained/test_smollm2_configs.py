@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_rlhf.config_io import load_config
+from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.rewards.reward_func import load_reward_func
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from hpc_rlhf.pretrained import OFFLINE_ENV, SMOLLM2_NAME
+from hpc_rlhf.builtin_models.pretrained import OFFLINE_ENV, SMOLLM2_NAME
 from hpc_rlhf.rollouts.reader import RolloutReader
 from hpc_rlhf.tasks import chat_arithmetic
-from hpc_rlhf.tiny_model import CACHE_ENV
+from hpc_rlhf.builtin_models.cache import CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_NEW = 24

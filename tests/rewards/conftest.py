@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hpc_rlhf.tiny_model import build_tiny_tokenizer
+from hpc_rlhf.builtin_models.tiny import build_tiny_tokenizer
 
 
 @dataclass

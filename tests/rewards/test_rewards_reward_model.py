@@ -83,7 +83,7 @@ def test_call_interface_and_normalisation_from_config(tiny_reward_model_dir, tmp
 def test_text_queries_use_the_saved_tokenizer(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from hpc_rlhf.tiny_model import build_tiny_tokenizer
+    from hpc_rlhf.builtin_models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_rlhf.config import ConfigError, RewardConfig
-from hpc_rlhf.config_io import load_config
+from hpc_rlhf.config.schema import ConfigError, RewardConfig
+from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.rewards import (
     RemoteReward,
     RewardError,

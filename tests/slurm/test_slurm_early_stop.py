@@ -18,7 +18,6 @@ from hpc_rlhf.slurm.torture import (
     metric_steps,
     send_stop,
     submit_tiny,
-    task_pids,
     wait_for_batch_shell,
     wait_for_tasks,
     wait_running,
@@ -31,7 +30,7 @@ ITERATIONS = 3
 @pytest.fixture(scope="module")
 def tiny_model() -> str:
     """Build the tiny starting model once, here, so that the ranks find it instead of each building it."""
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     return resolve_model_path("builtin:tiny-llama-arith")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpc_rlhf.rollouts import RolloutReader
-from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
 pytestmark = pytest.mark.slurm
 

@@ -14,7 +14,7 @@ ITERATIONS = 20  # enough iterations after the first logged one that a stop draw
 
 @pytest.mark.timeout(1200)
 def test_torture_short(slurm_cluster, tmp_path):
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     resolve_model_path("builtin:tiny-llama-arith")  # once, before the ranks look for it
     run_reference(tmp_path / "reference", ITERATIONS, async_queue=1, save_steps=2, log=tmp_path / "reference.log")

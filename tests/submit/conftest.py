@@ -63,7 +63,7 @@ def six_node_cluster(slurm_cluster) -> Iterator[LocalCluster]:
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """Build the tiny starting model once, here, so that the ranks of the jobs find it instead of each building it."""
-    from hpc_rlhf.tiny_model import resolve_model_path
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
     return resolve_model_path("builtin:tiny-llama-arith")
 

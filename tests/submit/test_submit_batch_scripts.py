@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpc_rlhf.config import SUPERVISED_TRAINERS
-from hpc_rlhf.config_io import load_config
+from hpc_rlhf.config.schema import SUPERVISED_TRAINERS
+from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.slurm.batch_script import BatchScriptSpec, config_header, render_batch_script
 from hpc_rlhf.slurm.job_spec import LOG_PATTERN
 from hpc_rlhf.slurm.requeue import srun_wait_lines, stop_trap_lines

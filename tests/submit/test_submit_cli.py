@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hpc_rlhf.config_io import load_config
+from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.slurm.job_spec import SlurmTimeError, allocation_problems, parse_time_limit, time_limit_minutes
 from hpc_rlhf.submit import (
     RankEntry,
@@ -171,8 +171,8 @@ def test_a_checkpoint_of_another_config_is_refused_before_submitting(tmp_path, c
     """The run dir holds a checkpoint saved under another seed: the job would fail at start-up, so submit says so now."""
     import torch
 
-    from hpc_rlhf.checkpoint import ModelAndOptimizer, config_fingerprint, save_checkpoint
-    from hpc_rlhf.config_io import config_to_dict
+    from hpc_rlhf.run.checkpoint import ModelAndOptimizer, config_fingerprint, save_checkpoint
+    from hpc_rlhf.config.loading import config_to_dict
 
     run_dir = tmp_path / "run"
     args = [*CPU_3NODE, "--nodes", "3", f"--train.run_dir={run_dir}"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import hpc_rlhf.slurm as slurm
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.submit import RankEntry
 
 REPO = Path(__file__).resolve().parents[2]

@@ -49,7 +49,7 @@ def data_tool() -> Any:
 def models(tmp_path_factory) -> dict[str, Path]:
     """The tiny random policy (+ reward/ beside it) and a copy warmed up on arithmetic (KD teacher, sampling)."""
     from hpc_rlhf.tasks.warm_start import warm_start
-    from hpc_rlhf.tiny_model import build_tiny_model
+    from hpc_rlhf.builtin_models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     with torch_threads(1):
@@ -71,7 +71,7 @@ def data_dir(tmp_path_factory, data_tool) -> Path:
 def make_config(models, data_dir, tmp_path) -> Callable[..., Any]:
     """make_config(name, overrides...) -> Config: configs/<name>_tiny.yaml pointed at the test's models, data and a
     fresh run dir; `**overrides` are `section__key=value` pairs."""
-    from hpc_rlhf.config_io import load_config
+    from hpc_rlhf.config.loading import load_config
 
     def make(name: str, *extra: str, run_dir: Optional[Path] = None, **overrides: Any) -> Any:
         text = (REPO / "configs" / f"{name}_tiny.yaml").read_text()
@@ -147,7 +147,7 @@ def train() -> Callable[..., dict[str, float]]:
 
 def metric(run_dir: Path, name: str) -> list[tuple[int, float]]:
     """(step, value) points of one metric of a run."""
-    from hpc_rlhf.metrics import read_metrics
+    from hpc_rlhf.run.metrics import read_metrics
 
     return read_metrics(run_dir).get(name, [])
 

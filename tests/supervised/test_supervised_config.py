@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc_rlhf.config import SUPERVISED_TRAINERS, ConfigError
-from hpc_rlhf.config_io import load_config
+from hpc_rlhf.config.schema import SUPERVISED_TRAINERS, ConfigError
+from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.trainers.registry import TRAINERS, trainer_entry
 
 REPO = Path(__file__).resolve().parents[2]

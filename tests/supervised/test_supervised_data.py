@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import DatasetError
-from hpc_rlhf.tiny_model import build_tiny_tokenizer
+from hpc_rlhf.builtin_models.tiny import build_tiny_tokenizer
 from hpc_rlhf.trainers.common import StepSchedule
 from hpc_rlhf.trainers.supervised_data import (
     TextEncoder,

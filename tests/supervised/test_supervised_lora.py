@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_rlhf.lora import LoraError
+from hpc_rlhf.training.lora import LoraError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import torch
 from hpc_rlhf.data.prompts import PromptExample, load_prompts
 from hpc_rlhf.tasks import chat_arithmetic
 from hpc_rlhf.tasks.evaluation import evaluate, generate_responses
-from hpc_rlhf.tiny_model import build_tiny_model
+from hpc_rlhf.builtin_models.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_NEW = 6

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_rlhf.tiny_model import build_tiny_model, build_tiny_tokenizer
+from hpc_rlhf.builtin_models.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

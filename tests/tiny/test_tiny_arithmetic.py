@@ -152,7 +152,7 @@ def test_reward_func_rejects_bad_inputs():
 
 def test_reward_func_loads_from_its_file_and_scores_decoded_generations():
     """As `reward.reward_func_path` would use it, on text decoded by the tiny tokenizer with special tokens kept."""
-    from hpc_rlhf.tiny_model import build_tiny_tokenizer
+    from hpc_rlhf.builtin_models.tiny import build_tiny_tokenizer
 
     spec = importlib.util.spec_from_file_location("user_reward", REPO / "hpc_rlhf" / "tasks" / "arithmetic.py")
     module = importlib.util.module_from_spec(spec)

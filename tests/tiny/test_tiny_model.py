@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 
-from hpc_rlhf.tiny_model import build_tiny_model
+from hpc_rlhf.builtin_models.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 

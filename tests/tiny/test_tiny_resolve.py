@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from hpc_rlhf.tiny_model import BUILTIN_FORMAT_VERSION, CACHE_ENV, build_once, cache_root, resolve_model_path
+from hpc_rlhf.builtin_models.cache import CACHE_ENV, build_once, cache_root
+from hpc_rlhf.builtin_models.resolve import BUILTIN_FORMAT_VERSION, resolve_model_path
 
 
 @pytest.mark.parametrize("spec", ["/models/llama-3-8b", "relative/dir", "Qwen/Qwen2.5-0.5B-Instruct", ""])
@@ -93,7 +94,7 @@ def test_build_once_failure_leaves_nothing_behind(tmp_path):
 @pytest.mark.timeout(180)
 def test_processes_resolving_at_once_share_one_folder(tmp_path):
     env = {**os.environ, CACHE_ENV: str(tmp_path)}
-    code = "from hpc_rlhf.tiny_model import resolve_model_path; print(resolve_model_path('builtin:tiny-llama'))"
+    code = "from hpc_rlhf.builtin_models.resolve import resolve_model_path; print(resolve_model_path('builtin:tiny-llama'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
     outputs = []

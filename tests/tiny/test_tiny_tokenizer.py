@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from hpc_rlhf.tiny_model import CHARACTERS
+from hpc_rlhf.builtin_models.tiny import CHARACTERS
 
 REPO = Path(__file__).resolve().parents[2]
 

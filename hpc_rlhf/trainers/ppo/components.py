@@ -14,12 +14,12 @@ from typing import Optional
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import PromptExample, iterations_per_epoch, load_prompts
 from hpc_rlhf.distributed import RoleGroups
 from hpc_rlhf.generation import GenerationEngine, MultiTurnExecutor, SingleTurnExecutor
 from hpc_rlhf.rewards import RewardModel, RewardSource, reward_source_from_config
-from hpc_rlhf.tiny_model import resolve_model_path
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
 from hpc_rlhf.trainers.engines import bf16_enabled, compute_dtype, engine_config
 from hpc_rlhf.trainers.generation_setup import build_generation
 from hpc_rlhf.training.deepspeed_setup import EngineConfig

@@ -16,7 +16,7 @@ import torch
 
 from hpc_rlhf.algos import compute_advantages, compute_kl, masked_mean
 from hpc_rlhf.algos.reward_shaping import clip_reward, dynamic_filter_mask, normalize_reward, overlong_penalty
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.training.batching import TokenSample
 
 

@@ -11,8 +11,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hpc_rlhf.config import Config
-from hpc_rlhf.rank_metrics import timed
+from hpc_rlhf.config.schema import Config
+from hpc_rlhf.run.rank_metrics import timed
 from hpc_rlhf.rewards import RewardModel
 from hpc_rlhf.rollouts import RolloutReader, ShardWriter
 from hpc_rlhf.rollouts.manifest import find_record

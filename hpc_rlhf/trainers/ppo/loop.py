@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.algos import KLController, RunningMoments, build_kl_controller
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, LayoutPlan, RankRoles, RoleGroups, sync_weights
-from hpc_rlhf.metrics import MetricsLogger
-from hpc_rlhf.rank_metrics import accumulate, is_phase_time, mean_metrics, merge_metrics, timed
+from hpc_rlhf.run.metrics import MetricsLogger
+from hpc_rlhf.run.rank_metrics import accumulate, is_phase_time, mean_metrics, merge_metrics, timed
 from hpc_rlhf.rollouts import (
     RolloutReader,
     commit_iteration,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from hpc_rlhf.checkpoint import complete_checkpoints, read_trainer_state
-from hpc_rlhf.config import Config
+from hpc_rlhf.run.checkpoint import complete_checkpoints, read_trainer_state
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.rollouts.errors import RolloutError
 from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards
 from hpc_rlhf.rollouts.paths import iteration_dir

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
 from hpc_rlhf.generation import MultiTurnExecutor, SingleTurnExecutor, Trajectory
 from hpc_rlhf.rewards import RewardSource

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.algos import entropy_bonus, kl_loss, policy_loss, value_loss
-from hpc_rlhf.config import Config
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.trainers.common import micro_batches
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
 from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hpc_rlhf.checkpoint import config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
+from hpc_rlhf.run.checkpoint import config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 
 STEPS_BEFORE_SAVE = 3
 STEPS_AFTER_SAVE = 3

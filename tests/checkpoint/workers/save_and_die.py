@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf import checkpoint
-from hpc_rlhf.checkpoint import config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
+from hpc_rlhf.run import checkpoint
+from hpc_rlhf.run.checkpoint import config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 
 FINGERPRINT = config_fingerprint({"train": {"seed": 0}})
 WEIGHTS = 1 << 20  # 4 MiB of float32, so that a save takes a while

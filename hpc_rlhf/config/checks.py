@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hpc_rlhf.config import GROUP_ESTIMATORS, PAIRWISE_TRAINERS, ROLE_NAMES, SUPERVISED_TRAINERS, Config
+from hpc_rlhf.config.schema import GROUP_ESTIMATORS, PAIRWISE_TRAINERS, ROLE_NAMES, SUPERVISED_TRAINERS, Config
 
 
 def _src(sources: dict[str, str], *keys: str) -> str:
@@ -292,10 +292,10 @@ def _value(cfg: Config, key: str):
 
 def model_spec_problem(spec: str) -> str | None:
     """Why a model spec cannot load (None when it can, or when it is a hub name this machine cannot check)."""
-    from hpc_rlhf import tiny_model
+    from hpc_rlhf.builtin_models import resolve as builtin_models
 
-    if spec.startswith(tiny_model.BUILTIN_PREFIX):
-        return tiny_model.unknown_builtin(spec)
+    if spec.startswith(builtin_models.BUILTIN_PREFIX):
+        return builtin_models.unknown_builtin(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not any((path / name).is_file() for name in MODEL_FILES):

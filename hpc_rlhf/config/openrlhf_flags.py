@@ -1,6 +1,6 @@
 """The table of OpenRLHF's flags: for each, its spellings (the older flat `--actor_learning_rate` and the current
 nested `--actor.adam.lr`), the hpc_rlhf config keys it sets, or why it has no equivalent; and OpenRLHF's defaults that
-differ from hpc_rlhf's. `hpc_rlhf.migrate_openrlhf` translates command lines with it; `tools/gen_config_docs.py`
+differ from hpc_rlhf's. `hpc_rlhf.config.openrlhf` translates command lines with it; `tools/gen_config_docs.py`
 renders it into docs/migrating_from_openrlhf.md.
 
 The flags are those of `openrlhf.cli.*` in OpenRLHF 0.8 to 0.11 (flat names up to 0.9, nested groups from 0.10).

@@ -1,6 +1,6 @@
 """LoRA / QLoRA adapters through peft: wrap a model before training, save the adapter, merge it into the base.
 
-    model = load_model_for_training(path, "causal_lm", lora_settings(cfg), dtype=..., attn_implementation=...)
+    model = load_model_for_training(path, "causal_lm", settings, dtype=..., attn_implementation=...)
     save_adapter(model, full_state_dict, out_dir)          # adapter_config.json + adapter_model.safetensors
     merge_adapter(base_path, adapter_dir, out_dir)         # a plain HF model that `from_pretrained` loads
 
@@ -51,15 +51,6 @@ class LoraSettings:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ValueError("lora.target_modules must name at least one module (or all-linear)")
-
-
-def lora_settings(cfg: Any) -> Optional[LoraSettings]:
-    """LoraSettings from a Config's `lora` section, or None when LoRA is off (lora.rank == 0)."""
-    section = cfg.lora
-    if section.rank == 0:
-        return None
-    return LoraSettings(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
-                        target_modules=tuple(section.target_modules), load_in_4bit=section.load_in_4bit)
 
 
 def require_peft() -> None:

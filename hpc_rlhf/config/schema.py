@@ -3,7 +3,7 @@
 A config is built from the dataclass defaults, then a YAML file (`--config configs/x.yaml`), then command-line overrides
 (`--actor.learning_rate=1e-6` or `--actor.learning_rate 1e-6`). Every step is checked: unknown keys, wrong types and
 impossible combinations raise one `ConfigError` whose lines each name the key and where the value came from. Cross-field
-rules live in `hpc_rlhf.config_checks`; loading, overrides and help text live in `hpc_rlhf.config_io`.
+rules live in `hpc_rlhf.config.checks`; loading, overrides and help text live in `hpc_rlhf.config.loading`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 OpenRLHF spells its flags two ways: the older flat names (`--actor_learning_rate`, `--advantage_estimator`) and the
 nested groups of its current releases (`--actor.adam.lr`, `--algo.advantage.estimator`). The table in
-`hpc_rlhf.openrlhf_flags` lists every flag we know in both spellings with the config keys it sets; a flag with a
+`hpc_rlhf.config.openrlhf_flags` lists every flag we know in both spellings with the config keys it sets; a flag with a
 `note` has no equivalent here and is reported, with the reason, instead of being translated; an unknown flag is
 reported too. Flags left out of the command take OpenRLHF's default where it differs from hpc_rlhf's and changes what
 is trained (`OPENRLHF_DEFAULTS`: `advantage_estimator gae`, `init_kl_coef 0.01`, ...). A few settings follow from
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from hpc_rlhf.config import Config
-from hpc_rlhf.config_checks import HUB_ID
-from hpc_rlhf.config_io import apply_mapping
+from hpc_rlhf.config.schema import Config
+from hpc_rlhf.config.checks import HUB_ID
+from hpc_rlhf.config.loading import apply_mapping
 from hpc_rlhf.data.records import FILE_SUFFIXES
-from hpc_rlhf.openrlhf_flags import (ENTRY_TRAINERS, FLAG, FLOAT, FLOATS, INT, OPENRLHF_DEFAULTS,
+from hpc_rlhf.config.openrlhf_flags import (ENTRY_TRAINERS, FLAG, FLOAT, FLOATS, INT, OPENRLHF_DEFAULTS,
                                      OPENRLHF_GPUS_PER_NODE, OTHER_ENTRIES, REQUIRED, STR, STRS, Flag, flags_for)
 
 

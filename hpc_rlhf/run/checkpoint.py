@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from hpc_rlhf import __version__
-from hpc_rlhf.durable import atomic_write_bytes, fsync_dir, synced_file
+from hpc_rlhf.run.durable import atomic_write_bytes, fsync_dir, synced_file
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"

@@ -1,7 +1,7 @@
 """Loading a `Config`: YAML file, `--section.key=value` overrides, type checks, help text and printing.
 
 Values are checked against the dataclass annotations as they arrive, so an error names the exact key and its source
-(the YAML file or the command line). Cross-field rules run afterwards (`hpc_rlhf.config_checks`).
+(the YAML file or the command line). Cross-field rules run afterwards (`hpc_rlhf.config.checks`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from hpc_rlhf.config import Config, ConfigError
+from hpc_rlhf.config.schema import Config, ConfigError
 
 DEFAULT_SOURCE = "default"
 CLI_SOURCE = "command line"
@@ -223,7 +223,7 @@ def split_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> LoadedConfig:
     """Defaults <- YAML file <- overrides, then type and cross-field checks. Raises ConfigError listing every problem."""
-    from hpc_rlhf.config_checks import check_config
+    from hpc_rlhf.config.checks import check_config
 
     cfg = Config()
     sources: dict[str, str] = {}

@@ -3,7 +3,7 @@
 RUN_DIR/config.yaml records the resolved config of the run whose metrics, rollouts, checkpoints and models sit beside
 it. A start on a directory that already holds a run is allowed when it continues that run: a SLURM requeue, a resume,
 or a restart that changes only keys a checkpoint may differ in (run length, eval, logging, the allocation; see
-`hpc_rlhf.checkpoint.VOLATILE_KEYS`). Any other difference is refused before anything is written, with the keys that
+`hpc_rlhf.run.checkpoint.VOLATILE_KEYS`). Any other difference is refused before anything is written, with the keys that
 differ; `overwrite=True` moves the earlier run's files to RUN_DIR/previous/N/ first, so nothing is ever deleted.
 When a continuation changes a volatile key, the config it replaces is kept as RUN_DIR/config_history/config-N.yaml.
 """
@@ -30,7 +30,7 @@ class RunDirConflict(Exception):
 
 def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, current value)} for the fingerprinted keys (those a resume must keep) that differ."""
-    from hpc_rlhf.checkpoint import fingerprinted_fields
+    from hpc_rlhf.run.checkpoint import fingerprinted_fields
 
     absent = "<absent>"
     old, new = fingerprinted_fields(saved), fingerprinted_fields(current)

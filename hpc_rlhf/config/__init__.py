@@ -1,0 +1,7 @@
+"""The one typed config tree and everything around it.
+
+    schema.py          the dataclasses (`Config` and its sections), each field with its default and meaning
+    loading.py         YAML + `--section.key=value` overrides -> a checked `Config` (`load_config`), and back to YAML
+    checks.py          cross-field checks (at load) and the machine checks (paths, devices) before a run starts
+    openrlhf.py        an OpenRLHF command line -> a config, with `openrlhf_flags.py` as the table of flags
+"""
