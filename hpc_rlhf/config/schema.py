@@ -306,6 +306,14 @@ class LoggerConfig:
     logging_steps: int = opt(1, "print metrics every this many iterations")
     progress_bar: bool = opt(True, "show a progress bar on rank 0")
     plot: bool = opt(True, "write RUN_DIR/curves.png (reward and KL) at the end")
+    use_wandb: bool = opt(False, "also log to Weights & Biases (pip install wandb; key from WANDB_API_KEY or "
+                                 "`wandb login`)")
+    wandb_project: str = opt("hpc_rlhf", "W&B project")
+    wandb_group: Optional[str] = opt(None, "W&B run group")
+    wandb_run_name: Optional[str] = opt(None, "W&B run name; empty = the run directory's name")
+    wandb_org: Optional[str] = opt(None, "W&B entity (team or user); empty = the key's default entity")
+    wandb_mode: str = opt("online", "online, or offline: write RUN_DIR/wandb for `wandb sync` later (no network; "
+                                    "WANDB_MODE=offline does the same)", ("online", "offline"))
 
 
 @dataclass

@@ -10,6 +10,10 @@ its first step, written by the attempt that was stopped) to RUN_DIR/metrics.supe
 once and nothing written is lost; `read_metrics` keeps the last value logged for each (metric, step). The TensorBoard
 writer of a resumed run likewise purges the events at and after its first step. Non-finite values are written to metrics.jsonl as null (strict JSON, which
 pandas, DuckDB and jq all read) and read back as NaN.
+
+With `logger.use_wandb` the same metrics also go to Weights & Biases at the same step (`WandbSettings`, `start_wandb`):
+the run's config is the W&B config, the run id is kept in RUN_DIR/wandb_run_id so that a requeued job continues the
+same W&B run, and offline mode writes RUN_DIR/wandb/offline-run-* for `wandb sync` later. wandb is imported only then.
 """
 
 from __future__ import annotations
@@ -18,20 +22,26 @@ import json
 import math
 import numbers
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from tqdm import tqdm
 
+from hpc_rlhf.config.schema import Config
+from hpc_rlhf.errors import UsageError
 from hpc_rlhf.rollouts.atomic import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
+WANDB_DIR = "wandb"  # W&B's own folder: RUN_DIR/wandb/run-<time>-<id> (offline-run-... in offline mode)
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run id of this run directory, read again by a resumed run
 
 # (label, metric names): the first name present in a step's metrics is shown under the label.
 BAR_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -308,15 +318,73 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
+# ----- Weights & Biases ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """The W&B run a MetricsLogger also logs to (the logger.wandb_* keys) and the config recorded as its W&B config."""
+
+    project: str
+    group: Optional[str] = None
+    run_name: Optional[str] = None
+    org: Optional[str] = None  # the W&B entity; None = the API key's default entity
+    mode: str = "online"  # "offline": no network, RUN_DIR/wandb is synced later with `wandb sync`
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def wandb_settings(cfg: Config) -> Optional[WandbSettings]:
+    """The W&B settings of a run config, None when logger.use_wandb is off; the run name defaults to the name of the
+    run directory."""
+    log = cfg.logger
+    if not log.use_wandb:
+        return None
+    return WandbSettings(project=log.wandb_project, group=log.wandb_group or None,
+                         run_name=log.wandb_run_name or Path(cfg.train.run_dir).resolve().name,
+                         org=log.wandb_org or None, mode=log.wandb_mode, config=asdict(cfg))
+
+
+def import_wandb() -> Any:
+    """The wandb module, imported only when a run asks for it; a one-line UsageError when it is not installed."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise UsageError("logger.use_wandb is on but wandb is not installed: pip install wandb "
+                         "(or pip install -e \".[wandb]\"), or set logger.use_wandb=false") from err
+    return wandb
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run directory: the one stored in RUN_DIR/wandb_run_id, or a new one stored there, so that
+    every attempt of a requeued job logs to the same W&B run."""
+    path = run_dir / WANDB_ID_FILE
+    stored = path.read_text(encoding="utf-8").strip() if path.exists() else ""
+    if stored:
+        return stored
+    run_id = secrets.token_hex(4)  # 8 lowercase hex characters, as W&B's own ids
+    atomic_write_bytes(path, (run_id + "\n").encode("utf-8"))
+    return run_id
+
+
+def start_wandb(run_dir: Path, settings: WandbSettings) -> Any:
+    """Start (or, with the stored run id and resume="allow", continue) the W&B run of `run_dir`; returns the
+    wandb Run. Offline mode is settings.mode "offline" or WANDB_MODE=offline (W&B reads it when mode is not given)."""
+    wandb = import_wandb()
+    return wandb.init(project=settings.project, entity=settings.org, group=settings.group, name=settings.run_name,
+                      config=dict(settings.config), dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow",
+                      mode="offline" if settings.mode == "offline" else None)
+
+
 # ----- the logger ---------------------------------------------------------------------------------------------------
 
 class MetricsLogger:
     """Logs a run's metrics on global rank 0; on other ranks (enabled=False) every method does nothing and no file is
-    opened. A logged step s means iteration s is done: the bar then stands at s + 1 of total_steps."""
+    opened. A logged step s means iteration s is done: the bar then stands at s + 1 of total_steps. With `wandb`
+    settings the metrics also go to that W&B run."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, use_tensorboard: bool, progress_bar: bool,
                  total_steps: Optional[int], logging_steps: int = 1, start_step: int = 0,
-                 stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
+                 wandb: Optional[WandbSettings] = None) -> None:
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 0):
             raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
@@ -334,6 +402,7 @@ class MetricsLogger:
         self._started = clock()  # progress lines show the time since here and the time left at this pace
         self._jsonl: Optional[TextIO] = None
         self._writer: Any = None  # torch.utils.tensorboard.SummaryWriter, imported only when used
+        self._wandb: Any = None  # wandb Run, imported only when used
         self._bar: Optional[tqdm] = None
         self._closed = False
         if not enabled:
@@ -353,13 +422,19 @@ class MetricsLogger:
             # purge_step: TensorBoard hides the previous run's events from this step on, so a resumed curve is clean.
             self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR),
                                          purge_step=start_step if start_step > 0 else None)
+        if wandb is not None:
+            self._wandb = start_wandb(self.run_dir, wandb)
+            if self._wandb.step > start_step:  # W&B keeps steps increasing: it drops values for steps it already has
+                self._print(f"W&B run {self._wandb.id} has steps up to {self._wandb.step - 1}: it keeps the stopped "
+                            f"attempt's values of iterations {start_step}..{self._wandb.step - 1} ({METRICS_FILE} "
+                            "has the new ones)")
         initial = min(start_step, total_steps) if total_steps is not None else start_step
         # Without a TTY (SLURM output files) the animated bar is off; the plain text lines carry the progress.
         self._bar = tqdm(total=total_steps, initial=initial, file=self.stream, unit="it", desc="iter",
                          dynamic_ncols=True, disable=not (progress_bar and _is_tty(self.stream)))
 
     def log(self, step: int, metrics: Mapping[str, float], *, prefix: str = "") -> None:
-        """Record `metrics` (names joined to `prefix` with '/') at `step`: TensorBoard, metrics.jsonl, progress."""
+        """Record `metrics` (names joined to `prefix` with '/') at `step`: TensorBoard, W&B, metrics.jsonl, progress."""
         if not self.enabled:
             return
         if self._closed:
@@ -373,6 +448,8 @@ class MetricsLogger:
                 for name, value in values.items():
                     self._writer.add_scalar(name, value, global_step=step)
                 self._writer.flush()  # steps are seconds apart: a preempted job keeps everything it logged
+            if self._wandb is not None:
+                self._wandb.log(values, step=step)
         self._advance(step, values)
 
     def _advance(self, step: int, values: Mapping[str, float]) -> None:
@@ -405,6 +482,8 @@ class MetricsLogger:
             self._bar.close()
             if self._writer is not None:
                 self._writer.close()
+            if self._wandb is not None:
+                self._wandb.finish()
             self._jsonl.close()
         if not plot:
             return None
