@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hpc_rlhf import algos
-from hpc_rlhf.config.schema import schema as config
+from hpc_rlhf.config import schema as config
 
 
 def test_config_choices_match_the_library():
