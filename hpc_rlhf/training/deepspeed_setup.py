@@ -34,6 +34,8 @@ import torch.distributed as dist
 
 LrSchedulerName = Literal["constant_with_warmup", "cosine_with_min_lr"]
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine_with_min_lr")
+OptimizerName = Literal["adam", "muon"]
+OPTIMIZERS: tuple[str, ...] = ("adam", "muon")
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -59,6 +61,10 @@ class EngineConfig:
     micro_train_batch_size: int = 1
     train_batch_size: int = 8
     attn_implementation: str = "sdpa"
+    optim: OptimizerName = "adam"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    ema_beta: float | None = None  # None: no EMA of the weights (`training/ema.py`)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -79,6 +85,10 @@ class EngineConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
+        if self.ema_beta is not None and not 0.0 <= self.ema_beta <= 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1], got {self.ema_beta}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -234,6 +244,39 @@ def make_optimizer(model: torch.nn.Module, cfg: EngineConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, **kwargs)
 
 
+# DeepSpeed's Muon takes every parameter of >= 2 dimensions whose name has no "embed" or "lm_head"; value and score
+# heads (a [1, hidden] matrix) are output layers too and stay with the auxiliary AdamW.
+MUON_EXCLUDED_NAMES: tuple[str, ...] = ("embed", "lm_head")
+MUON_EXCLUDED_MODULES: tuple[str, ...] = ("score", "classifier", "v_head", "value_head")
+
+
+def uses_muon(name: str, shape: Sequence[int]) -> bool:
+    """Whether Muon updates the parameter `name` of layer shape `shape`: 2-D hidden weights yes; embeddings, output
+    heads, norms and biases no (they take AdamW)."""
+    lowered = name.lower()
+    if len(shape) < 2 or any(word in lowered for word in MUON_EXCLUDED_NAMES):
+        return False
+    return not any(part in MUON_EXCLUDED_MODULES for part in lowered.split("."))
+
+
+def muon_optimizer_config(cfg: EngineConfig) -> dict[str, Any]:
+    """DeepSpeed's `optimizer` section for Muon with its auxiliary AdamW: `muon_lr` / `momentum` for the Muon half,
+    `learning_rate` / betas / eps for the AdamW half (the per-group weight decay comes from `param_groups_for`)."""
+    return {"type": "Muon", "params": {
+        "lr": cfg.muon_lr, "muon_lr": cfg.muon_lr, "adam_lr": cfg.learning_rate, "momentum": cfg.muon_momentum,
+        "betas": list(cfg.adam_betas), "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}}
+
+
+def _tag_muon_parameters(tag_with_deepspeed_rule: Any) -> Any:
+    """DeepSpeed's `set_optimizer_flags` followed by `uses_muon`, which also keeps value heads on AdamW."""
+    def tag(config_class: Any, model: torch.nn.Module) -> None:
+        tag_with_deepspeed_rule(config_class, model)
+        for name, param in model.named_parameters():
+            if getattr(param, "use_muon", False):
+                param.use_muon = uses_muon(name, tuple(getattr(param, "ds_shape", None) or param.shape))
+    return tag
+
+
 @contextlib.contextmanager
 def _patched_attribute(owner: Any, name: str, value: Any) -> Iterator[None]:
     """Set `owner.name = value` for the duration of the block, then put back what was there."""
@@ -301,7 +344,8 @@ def _ensure_deepspeed_comm() -> None:
 
 def init_engine(model: torch.nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
                 num_training_steps: int) -> tuple[Any, DataParallelUnit]:
-    """Wrap `model` in a training DeepSpeed engine over `dp_group` (None = world) with AdamW and warmup schedule.
+    """Wrap `model` in a training DeepSpeed engine over `dp_group` (None = world) with AdamW (or DeepSpeed's Muon,
+    `cfg.optim`) and the warmup schedule.
 
     Called by the members of `dp_group` only. Returns the engine and its `DataParallelUnit`, which every
     later engine call must run under (`engine_scope`).
@@ -315,15 +359,27 @@ def init_engine(model: torch.nn.Module, cfg: EngineConfig, dp_group: dist.Proces
     ds_config = make_ds_config(cfg, mpu.get_data_parallel_world_size(), training=True)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
-    optimizer = make_optimizer(model, cfg)
     warmup = warmup_steps_for(cfg, num_training_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_multiplier(step, warmup_steps=warmup, total_steps=num_training_steps,
-                                   scheduler=cfg.lr_scheduler, min_lr_ratio=cfg.min_lr_ratio))
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(step, warmup_steps=warmup, total_steps=num_training_steps,
+                                       scheduler=cfg.lr_scheduler, min_lr_ratio=cfg.min_lr_ratio))
+
     with engine_scope(mpu):
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=ds_config, mpu=mpu, dist_init_required=False)
+        if cfg.optim == "muon":
+            # DeepSpeed builds Muon itself (it splits each group into a Muon and an AdamW half by `use_muon`).
+            ds_config["optimizer"] = muon_optimizer_config(cfg)
+            groups = [g for g in param_groups_for(model, cfg.weight_decay) if g["params"]]
+            with _patched_attribute(deepspeed, "set_optimizer_flags",
+                                    _tag_muon_parameters(deepspeed.set_optimizer_flags)):
+                engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=schedule,
+                                                  config=ds_config, mpu=mpu, dist_init_required=False)
+        else:
+            optimizer = make_optimizer(model, cfg)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule(optimizer),
+                                              config=ds_config, mpu=mpu, dist_init_required=False)
     return engine, mpu
 
 

@@ -44,9 +44,11 @@ from hpc_rlhf.training.deepspeed_setup import (
     init_engine,
     init_inference_engine,
 )
+from hpc_rlhf.training.ema import EmaWeights
 from hpc_rlhf.training.logprobs import token_log_probs
 
 VALUE_HEAD_NAMES: tuple[str, ...] = ("score", "classifier", "v_head", "value_head")
+EMA_FILE = "ema.pt"  # beside the engine's DeepSpeed files in its checkpoint folder
 
 
 @dataclass
@@ -199,6 +201,11 @@ class _TrainedModel(abc.ABC):
                  num_training_steps: int) -> None:
         self.cfg = cfg
         self.engine, self.mpu = init_engine(module, cfg, dp_group, num_training_steps)
+        self.ema: EmaWeights | None = None
+        if cfg.ema_beta is not None:
+            self.ema = EmaWeights(cfg.ema_beta, is_writer=self.dp_rank == 0)
+            with engine_scope(self.mpu):
+                self.ema.init(self.hf_model())
 
     # ----- group ---------------------------------------------------------------------------------------
     @property
@@ -300,6 +307,8 @@ class _TrainedModel(abc.ABC):
         lr = float(self.engine.get_lr()[0])
         with engine_scope(self.mpu):
             self.engine.step()
+            if self.ema is not None:
+                self.ema.update(self.hf_model())
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         return {"grad_norm": grad_norm, "lr": lr}
@@ -323,11 +332,23 @@ class _TrainedModel(abc.ABC):
             write_hf_checkpoint(self.hf_model(), state, out_dir)
         dist.barrier(group=self.mpu.get_data_parallel_group())
 
+    def save_ema_hf(self, out_dir: str | os.PathLike) -> None:
+        """Write the EMA of the weights (`cfg.ema_beta`) as a Hugging Face checkpoint from data-parallel rank 0; all
+        ranks call."""
+        if self.ema is None:
+            raise RuntimeError("this model keeps no EMA of its weights (ema_beta is not set)")
+        state = self.full_state_dict()
+        if state is not None:
+            write_hf_checkpoint(self.hf_model(), self.ema.full_state_dict(state), out_dir)
+        dist.barrier(group=self.mpu.get_data_parallel_group())
+
     def save_state(self, checkpoint_dir: str | os.PathLike, tag: str,
                    client_state: Mapping[str, Any] | None = None) -> None:
-        """Full training state (weights, optimizer, scheduler) for resume; all ranks of the group call."""
+        """Full training state (weights, optimizer, scheduler, EMA) for resume; all ranks of the group call."""
         with engine_scope(self.mpu):
             self.engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=dict(client_state or {}))
+        if self.ema is not None and self.dp_rank == 0:
+            torch.save(self.ema.state_dict(), os.path.join(checkpoint_dir, tag, EMA_FILE))
 
     def load_state(self, checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
         """Restore what `save_state` wrote (into a freshly built engine); returns the client state."""
@@ -335,6 +356,12 @@ class _TrainedModel(abc.ABC):
             path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"no checkpoint with tag {tag!r} under {checkpoint_dir}")
+        if self.ema is not None and self.dp_rank == 0:
+            ema_path = os.path.join(checkpoint_dir, tag, EMA_FILE)
+            if not os.path.isfile(ema_path):
+                raise FileNotFoundError(f"{ema_path} is missing: the checkpoint was saved without an EMA "
+                                        "(actor.enable_ema was off)")
+            self.ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=True))
         return client_state
 
 
