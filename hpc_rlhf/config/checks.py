@@ -12,6 +12,17 @@ import re
 from pathlib import Path
 
 from hpc_rlhf.config.schema import GROUP_ESTIMATORS, PAIRWISE_TRAINERS, ROLE_NAMES, SUPERVISED_TRAINERS, Config
+from hpc_rlhf.data import (
+    DatasetError,
+    check_prompt_rows,
+    check_records,
+    dataset_paths,
+    interleave_order,
+    probability_problems,
+)
+
+# The trainers that mix the datasets of a data key by its probabilities; the others read them one after another.
+MIXING_TRAINERS = {"data.prompt_data": ("ppo",), "data.dataset": ("sft", "rm", "dpo", "kto", "kd")}
 
 
 def _src(sources: dict[str, str], *keys: str) -> str:
@@ -113,6 +124,31 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
     if not low < high:
         errors.append(f"{_src(sources, 'algo.reward_clip_range')}: must be [low, high] with low < high")
     return errors
+
+
+def data_key(trainer: str) -> str:
+    """The data key a trainer reads its training rows from."""
+    return "data.prompt_data" if trainer in PROMPT_TRAINERS else "data.dataset"
+
+
+def check_data(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """The trainer's datasets are named properly and its mixing probabilities fit them: one per dataset, each > 0,
+    summing to 1, and only for a trainer that mixes."""
+    trainer = cfg.train.trainer
+    key = data_key(trainer)
+    probabilities_key = f"{key}_probs"
+    try:
+        count = len(dataset_paths(_value(cfg, key)))
+    except DatasetError as err:
+        return [f"{_src(sources, key)}: {err}"]
+    probabilities = _value(cfg, probabilities_key)
+    if probabilities is None:
+        return []
+    if trainer not in MIXING_TRAINERS[key]:
+        return [f"{_src(sources, probabilities_key)}: train.trainer {trainer} reads the datasets of {key} one after "
+                f"another; mixing them is wired for {', '.join(MIXING_TRAINERS[key])} (leave it empty)"]
+    return [f"{_src(sources, probabilities_key, key)}: {problem}" for problem in probability_problems(count,
+                                                                                                      probabilities)]
 
 
 def check_rewards(cfg: Config, sources: dict[str, str]) -> list[str]:
@@ -273,7 +309,8 @@ def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
 def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
-            + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources))
+            + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources)
+            + check_data(cfg, sources))
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------
@@ -324,30 +361,40 @@ def check_model_paths(cfg: Config, sources: dict[str, str]) -> list[str]:
 def check_data_files(cfg: Config, sources: dict[str, str], *, limit: int = CHECK_ROWS) -> list[str]:
     """The datasets the trainer reads exist and their first `limit` rows are readable (with the prompt and label
     columns for the trainers that sample prompts), so a bad file is reported before any model loads."""
-    from hpc_rlhf.data import DatasetError, check_prompt_rows, check_records
-
     data = cfg.data
     prompts = cfg.train.trainer in PROMPT_TRAINERS
-    keys = ["data.prompt_data" if prompts else "data.dataset"] + (["eval.data"] if cfg.eval.data else [])
+    keys = [data_key(cfg.train.trainer)] + (["eval.data"] if cfg.eval.data else [])
     errors = []
     for key in keys:
-        path = _value(cfg, key)
+        value = _value(cfg, key)
         try:
-            if not prompts:
-                check_records(path, limit=limit)
-                continue
-            rows, complete = check_prompt_rows(path, input_key=data.input_key, label_key=data.label_key,
-                                               apply_chat_template=data.apply_chat_template, limit=limit)
+            lengths, complete = [], True
+            for path in dataset_paths(value):
+                if not prompts:
+                    check_records(path, limit=limit)
+                    continue
+                rows, whole = check_prompt_rows(path, input_key=data.input_key, label_key=data.label_key,
+                                                apply_chat_template=data.apply_chat_template, limit=limit)
+                lengths.append(min(rows, data.max_samples) if data.max_samples else rows)
+                complete = complete and whole
             if key == "data.prompt_data" and complete:
-                usable = min(rows, data.max_samples) if data.max_samples else rows
+                usable = _mixed_size(lengths, data.prompt_data_probs if cfg.train.trainer == "ppo" else None,
+                                     cfg.train.seed, data.max_samples)
                 if usable < cfg.rollout.batch_size:
-                    errors.append(f"{_src(sources, key, 'rollout.batch_size')}: {path} has {usable} usable prompts, "
+                    errors.append(f"{_src(sources, key, 'rollout.batch_size')}: {value} has {usable} usable prompts, "
                                   f"fewer than rollout.batch_size={cfg.rollout.batch_size}")
         except DatasetError as err:
             errors.append(f"{_src(sources, key)}: {err}")
         except OSError as err:
-            errors.append(f"{_src(sources, key)}: cannot read {path}: {err}")
+            errors.append(f"{_src(sources, key)}: cannot read {value}: {err}")
     return errors
+
+
+def _mixed_size(lengths: list[int], probabilities: list[float] | None, seed: int, max_samples: int | None) -> int:
+    """Rows of the datasets' mix (hpc_rlhf.data.mixing) or concatenation, capped at max_samples."""
+    mixes = probabilities and all(lengths) and not probability_problems(len(lengths), probabilities)
+    size = len(interleave_order(lengths, probabilities, seed)) if mixes else sum(lengths)
+    return min(size, max_samples) if max_samples else size
 
 
 def check_device(cfg: Config, sources: dict[str, str], *, ranks_here: int = 1) -> list[str]:

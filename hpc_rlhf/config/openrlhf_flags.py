@@ -17,6 +17,7 @@ ALL = ("ppo", *SUPERVISED, "rejection_sampling")
 PPO = ("ppo",)
 SAMPLING = ("ppo", "rejection_sampling")  # the trainers that generate from prompts
 LORA_TRAINERS = ("sft", "rm", "dpo", "kto", "kd")
+MIXING_SUPERVISED = ("sft", "rm", "dpo", "kto", "kd")  # the supervised trainers that mix data.dataset by probability
 NO_LORA = tuple(t for t in ALL if t not in LORA_TRAINERS)
 
 # OpenRLHF entry module (openrlhf.cli.NAME) -> train.trainer
@@ -66,6 +67,14 @@ def _whole(value: float) -> int:
     if not float(value).is_integer():
         raise ValueError(f"expected a whole number of tokens, got {value}")
     return int(value)
+
+
+def _probabilities(value: str) -> list[float]:
+    """OpenRLHF's comma-separated sampling probabilities ("0.7,0.3") as a list of numbers."""
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
 
 
 def _optim(flat: str, field: str, kind: str, nested: str = "") -> list[Flag]:
@@ -124,6 +133,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("apply_chat_template", "data.apply_chat_template"), FLAG, ("data.apply_chat_template",)),
     Flag(("max_samples", "data.max_samples"), INT, ("data.max_samples",)),
     Flag(("dataset", "data.dataset"), STR, ("data.dataset",), SUPERVISED),
+    Flag(("dataset_probs", "data.dataset_probs"), STR, ("data.dataset_probs",), MIXING_SUPERVISED,
+         convert=_probabilities, how="0.7,0.3 -> [0.7, 0.3]"),
     Flag(("dataset", "data.dataset"), STR, ("data.prompt_data",), ("rejection_sampling",)),
     Flag(("max_len", "data.max_len"), INT, ("data.max_len",), SUPERVISED),
     Flag(("eval_dataset", "eval.dataset"), STR, ("eval.data",)),
@@ -156,6 +167,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("kd_coef",), FLOAT, ("kd.kd_coef",), ("kd",)),
     # ----- PPO family: prompts, sampling, algorithm ---------------------------------------------------------------
     Flag(("prompt_data", "data.prompt_dataset"), STR, ("data.prompt_data",), PPO),
+    Flag(("prompt_data_probs", "data.prompt_probs"), STR, ("data.prompt_data_probs",), PPO, convert=_probabilities,
+         how="0.7,0.3 -> [0.7, 0.3]"),
     Flag(("rollout_batch_size", "rollout.batch_size"), INT, ("rollout.batch_size",), SAMPLING),
     Flag(("n_samples_per_prompt", "rollout.n_samples_per_prompt"), INT, ("rollout.n_samples_per_prompt",), PPO),
     Flag(("micro_rollout_batch_size", "rollout.micro_batch_size"), INT, ("ref.micro_batch_size",
@@ -298,8 +311,9 @@ FLAGS: tuple[Flag, ...] = (
     _no(("use_ms",), FLAG, "models load from local folders or the Hugging Face Hub, not ModelScope"),
     _no(("tokenizer_chat_template", "data.tokenizer_chat_template"), STR, "the tokenizer's own chat template is "
         "used"),
-    _no(("dataset_probs", "data.dataset_probs", "prompt_data_probs", "data.prompt_probs"), STR, "one dataset per "
-        "run; mix datasets into one file first"),
+    _no(("dataset_probs", "data.dataset_probs"), STR, "prm and batch_inference read their datasets one after "
+        "another; mixing with probabilities is wired for ppo, sft, rm, dpo, kto and kd",
+        tuple(t for t in ALL if t not in MIXING_SUPERVISED and t != "ppo")),
     _no(("dataset_split", "data.dataset_split", "prompt_split", "data.prompt_split", "train_split"), STR,
         "whole files are read: point the data keys at the split's files", inert=("train",)),
     _no(("eval_split", "eval.split"), STR, "whole files are read: point eval.data at the split's files"),

@@ -131,14 +131,23 @@ class RolloutConfig:
 class DataConfig:
     """The prompt dataset (`--data.*`)."""
 
-    prompt_data: str = opt("data/arithmetic/train.jsonl", "JSONL, Parquet or Arrow file or folder of prompts")
+    prompt_data: str | list[str] = opt("data/arithmetic/train.jsonl", "JSONL, Parquet or Arrow file or folder of "
+                                       "prompts; several: a list or comma-separated paths, read one after another "
+                                       "unless prompt_data_probs mixes them")
+    prompt_data_probs: Optional[list[float]] = opt(None, "mix the datasets of prompt_data with these probabilities "
+                                                   "(one each, summing to 1), interleaved with train.seed until every "
+                                                   "dataset is used up (OpenRLHF prompt_data_probs); empty = no mix")
     input_key: str = opt("input", "column holding the prompt text or chat messages")
     label_key: Optional[str] = opt("label", "column holding the reference answer passed to the reward")
     apply_chat_template: bool = opt(False, "render prompts with the tokenizer's chat template")
     input_template: Optional[str] = opt(None, "format string with one {} for the prompt, when no chat template")
     max_samples: Optional[int] = opt(None, "use at most this many prompts")
-    dataset: str = opt("data/arithmetic/sft.jsonl", "rows of the supervised and preference trainers (sft, rm, dpo, "
-                       "kto, prm, kd): JSONL, Parquet or Arrow file or folder; eval.data holds held-out rows")
+    dataset: str | list[str] = opt("data/arithmetic/sft.jsonl", "rows of the supervised and preference trainers "
+                                   "(sft, rm, dpo, kto, prm, kd): JSONL, Parquet or Arrow file or folder, or several "
+                                   "(a list or comma-separated paths); eval.data holds held-out rows")
+    dataset_probs: Optional[list[float]] = opt(None, "mix the datasets of dataset with these probabilities, as "
+                                               "prompt_data_probs does (OpenRLHF dataset_probs; not prm); empty = "
+                                               "no mix")
     output_key: str = opt("response", "column holding the response (sft, kto, kd)")
     chosen_key: str = opt("chosen", "column holding the preferred response (rm, dpo)")
     rejected_key: str = opt("rejected", "column holding the dispreferred response (rm, dpo)")

@@ -1,7 +1,18 @@
-"""Datasets: reading local JSONL/Parquet/Arrow rows, building prompts, and sharding prompts over ranks."""
+"""Datasets: reading local JSONL/Parquet/Arrow rows, mixing datasets, building prompts, and sharding prompts over
+ranks."""
 
+from hpc_rlhf.data.mixing import interleave_order, mix, mixed_records, probability_problems
 from hpc_rlhf.data.prompts import PromptExample, check_prompt_rows, load_prompts
-from hpc_rlhf.data.records import DatasetError, RowRef, check_records, data_files, iter_records, load_records
+from hpc_rlhf.data.records import (
+    DataPaths,
+    DatasetError,
+    RowRef,
+    check_records,
+    data_files,
+    dataset_paths,
+    iter_records,
+    load_records,
+)
 from hpc_rlhf.data.sharding import (
     block_indices,
     epoch_and_iteration,
@@ -12,6 +23,7 @@ from hpc_rlhf.data.sharding import (
 )
 
 __all__ = [
+    "DataPaths",
     "DatasetError",
     "PromptExample",
     "RowRef",
@@ -19,12 +31,17 @@ __all__ = [
     "check_prompt_rows",
     "check_records",
     "data_files",
+    "dataset_paths",
     "epoch_and_iteration",
     "epoch_permutation",
+    "interleave_order",
     "iter_records",
     "iterations_per_epoch",
     "load_prompts",
     "load_records",
+    "mix",
+    "mixed_records",
+    "probability_problems",
     "prompt_indices_for",
     "rank_slice",
 ]

@@ -6,16 +6,18 @@ and `add_generation_prompt=True`; otherwise a string input is used as is, or for
 (e.g. "Q: {}\\nA: "), which is ignored when the chat template is applied, as in OpenRLHF.
 `label_key` names the column passed to the reward as the reference answer; non-string labels are turned into text
 (numbers with str(), lists and dicts as JSON). `max_samples` keeps the first rows of the dataset.
+Several datasets are read one after another, or mixed with `probabilities` (see `mixing`); `index` then numbers the
+prompts of the mix.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from hpc_rlhf.data.records import DatasetError, RowRef, iter_records
+from hpc_rlhf.data.mixing import mixed_records
+from hpc_rlhf.data.records import DataPaths, DatasetError, RowRef, iter_records
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class PromptExample:
 
 
 def load_prompts(
-    path: str | Path,
+    path: DataPaths,
     *,
     input_key: str = "input",
     label_key: Optional[str] = None,
@@ -36,8 +38,11 @@ def load_prompts(
     input_template: Optional[str] = None,
     max_samples: Optional[int] = None,
     tokenizer: Any = None,
+    probabilities: Optional[Sequence[float]] = None,
+    seed: int = 0,
 ) -> list[PromptExample]:
-    """Read the JSONL/JSON/Parquet/Arrow file or folder at `path` into PromptExamples, numbered from 0 in file order.
+    """Read the JSONL/JSON/Parquet/Arrow file or folder at `path` (or several) into PromptExamples, numbered from 0 in
+    file order, or in the order of their mix with `probabilities` (drawn with `seed`, see `mixing.mixed_records`).
 
     `tokenizer` is needed only with `apply_chat_template`.
     """
@@ -50,9 +55,8 @@ def load_prompts(
 
     columns = [input_key] + ([label_key] if label_key else [])
     examples: list[PromptExample] = []
-    for where, row in iter_records(path, columns=columns):
-        if max_samples is not None and len(examples) >= max_samples:
-            break
+    for where, row in mixed_records(path, probabilities=probabilities, seed=seed, max_samples=max_samples,
+                                    columns=columns):
         prompt = _render_prompt(_field(row, input_key, where), where, apply_chat_template=apply_chat_template,
                                 input_template=input_template, tokenizer=tokenizer)
         label = _label_text(_field(row, label_key, where)) if label_key else None
@@ -60,7 +64,7 @@ def load_prompts(
     return examples
 
 
-def check_prompt_rows(path: str | Path, *, input_key: str = "input", label_key: Optional[str] = None,
+def check_prompt_rows(path: DataPaths, *, input_key: str = "input", label_key: Optional[str] = None,
                       apply_chat_template: bool = False, limit: Optional[int] = None) -> tuple[int, bool]:
     """Check the first `limit` rows (all when None) the way `load_prompts` reads them, without a tokenizer, so that a
     missing file, a bad row or a missing key is reported before any model loads. Raises DatasetError naming the file

@@ -7,6 +7,8 @@ Supported files, chosen by extension:
   .arrow / .feather / .ipc  Arrow IPC, file or stream format (`datasets.save_to_disk` shards are the stream format)
 A folder yields the rows of its .jsonl, .ndjson, .parquet, .arrow, .feather and .ipc files in name order, without
 descending into sub-folders; other files (README, metadata .json) are ignored.
+Several datasets (a list, or one string of comma-separated paths as in OpenRLHF's `--prompt_data a,b`) yield their rows
+one dataset after another; `mixing` interleaves them with probabilities instead.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 FOLDER_SUFFIXES = JSON_LINES_SUFFIXES + (".parquet",) + ARROW_SUFFIXES
 FILE_SUFFIXES = FOLDER_SUFFIXES + (".json",)
+
+
+# What a data key names: one file or folder, a list of them, or one string of comma-separated paths.
+DataPaths = Union[str, Path, Sequence[Union[str, Path]]]
 
 
 class DatasetError(ValueError):
@@ -39,6 +45,18 @@ class RowRef:
         return f"{where} of {self.file}"
 
 
+def dataset_paths(paths: DataPaths) -> list[Path]:
+    """The datasets `paths` names, in order: a list as it is; a string split at its commas (OpenRLHF's rule, so a path
+    in a string cannot hold a comma; a Path object is never split)."""
+    if isinstance(paths, Path):
+        return [paths]
+    parts = paths.split(",") if isinstance(paths, str) else list(paths)
+    names = [part.strip() if isinstance(part, str) else part for part in parts]
+    if not names or any(name in ("", None) for name in names):
+        raise DatasetError(f"expected one dataset path or several, got {paths!r}")
+    return [Path(name) for name in names]
+
+
 def data_files(path: str | Path) -> list[Path]:
     """The data files behind `path`: the file itself, or a folder's data files in name order."""
     path = Path(path)
@@ -56,12 +74,12 @@ def data_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def iter_records(path: str | Path, columns: Optional[Sequence[str]] = None) -> Iterator[tuple[RowRef, dict]]:
-    """Yield (where, row) for every row of the file or folder at `path`.
+def iter_records(path: DataPaths, columns: Optional[Sequence[str]] = None) -> Iterator[tuple[RowRef, dict]]:
+    """Yield (where, row) for every row of the file or folder at `path` (of each dataset in turn when it names several).
 
     `columns` only narrows what columnar files (Parquet, Arrow) read; columns they lack are simply absent from rows.
     """
-    for file in data_files(path):
+    for file in (file for dataset in dataset_paths(path) for file in data_files(dataset)):
         suffix = file.suffix.lower()
         if suffix in JSON_LINES_SUFFIXES:
             yield from _iter_json_lines(file)
@@ -73,7 +91,7 @@ def iter_records(path: str | Path, columns: Optional[Sequence[str]] = None) -> I
             yield from _iter_table_rows(file, _read_arrow(file, columns))
 
 
-def load_records(path: str | Path, *, limit: Optional[int] = None) -> list[dict]:
+def load_records(path: DataPaths, *, limit: Optional[int] = None) -> list[dict]:
     """All rows of the file or folder at `path` as dicts (the first `limit` rows when given)."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be non-negative, got {limit}")
@@ -87,7 +105,7 @@ def load_records(path: str | Path, *, limit: Optional[int] = None) -> list[dict]
     return records
 
 
-def check_records(path: str | Path, *, limit: Optional[int] = None) -> int:
+def check_records(path: DataPaths, *, limit: Optional[int] = None) -> int:
     """Read the first `limit` rows (all when None) of the file or folder at `path`, so that a missing file or an
     unreadable row is reported before any model loads; raises DatasetError naming the file and row. Returns the
     number of rows read."""

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from hpc_rlhf.data import DatasetError, RowRef, iter_records
+from hpc_rlhf.data import DatasetError, RowRef, mixed_records
 from hpc_rlhf.training.batching import TokenSample
 
 
@@ -185,13 +185,10 @@ def field_of(row: dict, key: str, where: RowRef) -> Any:
     return row[key]
 
 
-def _rows(path: str | Path, max_samples: Optional[int]):
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1 or empty, got {max_samples}")
-    for count, (where, row) in enumerate(iter_records(path)):
-        if max_samples is not None and count >= max_samples:
-            return
-        yield where, row
+def _rows(path: str | Path, max_samples: Optional[int], cfg: Any):
+    """The first max_samples rows of `path`; the datasets of data.dataset mixed by data.dataset_probs (train.seed)."""
+    probabilities = cfg.data.dataset_probs if path == cfg.data.dataset else None
+    return mixed_records(path, probabilities=probabilities, seed=cfg.train.seed, max_samples=max_samples)
 
 
 # ----- SFT --------------------------------------------------------------------------------------------------------
@@ -260,7 +257,7 @@ def load_sft_examples(path: str | Path, cfg: Any, tokenizer: Any, *,
     encoder = TextEncoder.from_config(cfg, tokenizer)
     report = LoadReport(str(path))
     examples = []
-    for where, row in _rows(path, max_samples):
+    for where, row in _rows(path, max_samples, cfg):
         report.rows += 1
         encoded = encode_sft_row(row, where, encoder, cfg)
         if encoded is None:
@@ -285,7 +282,7 @@ def load_pairs(path: str | Path, cfg: Any, tokenizer: Any, *,
     encoder = TextEncoder.from_config(cfg, tokenizer)
     report = LoadReport(str(path))
     pairs = []
-    for where, row in _rows(path, max_samples):
+    for where, row in _rows(path, max_samples, cfg):
         report.rows += 1
         prompt = field_of(row, data.input_key, where)
         chosen = encoder.encode(prompt, field_of(row, data.chosen_key, where), where)
@@ -312,7 +309,7 @@ def load_unpaired(path: str | Path, cfg: Any, tokenizer: Any, *,
     encoder = TextEncoder.from_config(cfg, tokenizer)
     report = LoadReport(str(path))
     examples = []
-    for where, row in _rows(path, max_samples):
+    for where, row in _rows(path, max_samples, cfg):
         report.rows += 1
         label = field_of(row, data.label_key, where)
         if not isinstance(label, bool):

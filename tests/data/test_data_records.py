@@ -11,7 +11,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from hpc_rlhf.data.records import DatasetError, iter_records, load_records
+from hpc_rlhf.data.records import DatasetError, dataset_paths, iter_records, load_records
 
 ROWS = [
     {"input": "12+7=", "label": "19", "weight": 1.5},
@@ -127,3 +127,21 @@ def test_unknown_missing_and_empty_inputs_are_named(tmp_path):
     broken_parquet.write_bytes(b"definitely not parquet")
     with pytest.raises(DatasetError, match=rf"cannot read Parquet file {re.escape(str(broken_parquet))}"):
         load_records(broken_parquet)
+
+
+def test_several_datasets_are_read_one_after_another(tmp_path):
+    """A list, or one string of comma-separated paths (OpenRLHF's --prompt_data a,b), names several datasets; a Path
+    object is one dataset whatever its name."""
+    paths = write_all_formats(tmp_path, ROWS)
+    jsonl, parquet = paths["jsonl"], paths["parquet"]
+    assert dataset_paths(f"{jsonl}, {parquet}") == [jsonl, parquet]
+    assert dataset_paths([str(jsonl), parquet]) == [jsonl, parquet] == dataset_paths((jsonl, parquet))
+    assert dataset_paths(tmp_path / "a,b.jsonl") == [tmp_path / "a,b.jsonl"]
+    both = list(iter_records(f"{jsonl},{parquet}"))
+    assert [row for _, row in both] == ROWS + ROWS
+    assert [(where.file, where.row) for where, _ in both] == [(jsonl, i) for i in range(3)] + [(parquet, i)
+                                                                                               for i in range(3)]
+    assert load_records([jsonl, parquet], limit=4) == ROWS + ROWS[:1]
+    for bad in ("", "a.jsonl,,b.jsonl", []):
+        with pytest.raises(DatasetError, match="expected one dataset path or several"):
+            dataset_paths(bad)

@@ -62,7 +62,8 @@ def load_prompt_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase
     data = cfg.data
     common = dict(input_key=data.input_key, label_key=data.label_key, apply_chat_template=data.apply_chat_template,
                   input_template=data.input_template, tokenizer=tokenizer)
-    prompts = load_prompts(data.prompt_data, max_samples=data.max_samples, **common)
+    prompts = load_prompts(data.prompt_data, max_samples=data.max_samples, probabilities=data.prompt_data_probs,
+                           seed=cfg.train.seed, **common)
     eval_prompts = load_prompts(cfg.eval.data, max_samples=cfg.eval.max_samples, **common) if cfg.eval.data else []
     return prompts, eval_prompts
 

@@ -1,0 +1,86 @@
+"""Config keys of OpenRLHF's training-loop options (dataset mixing, the stop-properly penalty, advantage std
+normalisation): how they load, what the checks refuse, and how the OpenRLHF flags translate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpc_rlhf.config.checks import check_data_files
+from hpc_rlhf.config.loading import load_config
+from hpc_rlhf.config.openrlhf import migrate
+from hpc_rlhf.config.schema import ConfigError
+from hpc_rlhf.data import interleave_order
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    path.write_text("".join(json.dumps({"input": f"{i}+0=", "label": str(i)}) + "\n" for i in range(count)))
+    return path
+
+
+def test_several_prompt_files_from_yaml_and_command_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  prompt_data: [a.jsonl, b.jsonl]\n  prompt_data_probs: [0.7, 0.3]\n")
+    data = load_config(config).config.data
+    assert data.prompt_data == ["a.jsonl", "b.jsonl"] and data.prompt_data_probs == [0.7, 0.3]
+    data = load_config(None, ["--data.prompt_data=a.jsonl,b.jsonl", "--data.prompt_data_probs=[0.7, 0.3]"]).config.data
+    assert data.prompt_data == "a.jsonl,b.jsonl" and data.prompt_data_probs == [0.7, 0.3]
+    defaults = load_config(None, []).config
+    assert defaults.data.prompt_data_probs is None and defaults.data.dataset_probs is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--data.prompt_data=a.jsonl,b.jsonl", "--data.prompt_data_probs=[1.0]"], "1 probabilities for 2 dataset"),
+    (["--data.prompt_data=a.jsonl,b.jsonl", "--data.prompt_data_probs=[0.7, 0.2]"], r"must sum to 1.*sum 0.9"),
+    (["--data.prompt_data=a.jsonl,b.jsonl", "--data.prompt_data_probs=[1.0, 0.0]"], "must be > 0"),
+    (["--data.prompt_data=a.jsonl,,b.jsonl"], "expected one dataset path or several"),
+    (["--train.trainer=rejection_sampling", "--data.prompt_data_probs=[1.0]"],
+     "rejection_sampling reads the datasets of data.prompt_data one after another"),
+    (["--train.trainer=prm", "--data.dataset_probs=[1.0]"], "prm reads the datasets of data.dataset"),
+    (["--train.trainer=sft", "--data.dataset=a.jsonl,b.jsonl", "--data.dataset_probs=[0.5]"],
+     r"data.dataset_probs \(command line\): 1 probabilities for 2"),
+])
+def test_impossible_mixes_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_valid_mixes_load():
+    load_config(None, ["--data.prompt_data=a.jsonl,b.jsonl", "--data.prompt_data_probs=[0.25, 0.75]"])
+    load_config(None, ["--train.trainer=sft", "--data.dataset=[a.jsonl, b.jsonl]", "--data.dataset_probs=[0.5, 0.5]"])
+
+
+def test_file_check_counts_the_prompts_of_the_mix(tmp_path):
+    """Two files of 3 and 2 prompts: 5 one after another; mixed 0.9 / 0.1, the mix runs until the second file's 2
+    prompts are drawn, which takes len(interleave_order([3, 2], [0.9, 0.1], seed)) rows."""
+    a, b = write_prompts(tmp_path / "a.jsonl", 3), write_prompts(tmp_path / "b.jsonl", 2)
+    base = [f"--data.prompt_data={a},{b}", "--eval.data=", "--rollout.batch_size=8", "--train.train_batch_size=32"]
+    loaded = load_config(None, base)
+    errors = check_data_files(loaded.config, loaded.sources)
+    assert len(errors) == 1 and "has 5 usable prompts, fewer than rollout.batch_size=8" in errors[0]
+    mixed_size = len(interleave_order([3, 2], [0.9, 0.1], 42))
+    assert mixed_size >= 8  # E = 2 / 0.1 = 20 rows
+    loaded = load_config(None, base + ["--data.prompt_data_probs=[0.9, 0.1]"])
+    assert check_data_files(loaded.config, loaded.sources) == []
+    loaded = load_config(None, base + ["--data.prompt_data_probs=[0.9, 0.1]", "--data.max_samples=6"])
+    assert "has 6 usable prompts" in check_data_files(loaded.config, loaded.sources)[0]
+    loaded = load_config(None, [f"--data.prompt_data={a},{tmp_path / 'missing.jsonl'}", "--eval.data="])
+    assert "missing.jsonl does not exist" in check_data_files(loaded.config, loaded.sources)[0]
+
+
+def test_openrlhf_mixing_flags_translate():
+    for argv in (["--pretrain", "m", "--prompt_data", "a.jsonl,b.jsonl", "--prompt_data_probs", "0.7,0.3"],
+                 ["--actor.model_name_or_path", "m", "--data.prompt_dataset", "a.jsonl,b.jsonl",
+                  "--data.prompt_probs", "0.7,0.3"]):
+        config, notes = migrate(argv)
+        assert config["data"]["prompt_data"] == "a.jsonl,b.jsonl" and config["data"]["prompt_data_probs"] == [0.7, 0.3]
+        assert not any("probs" in n.flag for n in notes)
+    config, notes = migrate(["--pretrain", "m", "--dataset", "a.jsonl,b.jsonl", "--dataset_probs", "0.4,0.6"],
+                            entry="train_sft")
+    assert config["data"]["dataset"] == "a.jsonl,b.jsonl" and config["data"]["dataset_probs"] == [0.4, 0.6]
+    _, notes = migrate(["--pretrain", "m", "--dataset", "a,b", "--dataset_probs", "0.4,0.6",
+                        "--placeholder_token", "x"], entry="train_prm")
+    assert any(n.flag == "--dataset_probs" and "no equivalent" in n.reason for n in notes)
+
