@@ -1,4 +1,5 @@
-"""Reward shaping over a batch of sequence rewards [B]: normalisation, clipping, overlong penalty, dynamic filtering.
+"""Reward shaping over a batch of sequence rewards [B]: normalisation, clipping, overlong and stop-properly penalties,
+dynamic filtering.
 
 All are pure functions except `RunningMoments`, the running mean/variance behind `normalize_reward`, which carries
 state across iterations and therefore has a state_dict for resume. Groups follow the advantages module's convention:
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -101,6 +102,29 @@ def overlong_penalty(
     exceed = response_lengths.double() - (max_new_tokens - overlong_buffer_len)
     penalty = -exceed.clamp(min=0, max=overlong_buffer_len) / overlong_buffer_len * overlong_penalty_factor
     return penalty.float()
+
+
+def truncated_responses(finish_reasons: Sequence[Optional[str]], response_lengths: torch.Tensor,
+                        max_new_tokens: int) -> torch.Tensor:
+    """bool [B]: the responses the token limit cut before they ended (no eos): finish_reason "length" where the
+    generator recorded a reason (hpc_rlhf's generators always do; "stop" and "max_turns" are proper ends), and for a
+    row without one, a response of max_new_tokens tokens or more."""
+    if len(finish_reasons) != len(response_lengths):
+        raise ValueError(f"{len(finish_reasons)} finish reasons for {len(response_lengths)} responses")
+    return torch.tensor([reason == "length" if reason is not None else int(length) >= max_new_tokens
+                         for reason, length in zip(finish_reasons, response_lengths.tolist())], dtype=torch.bool)
+
+
+def stop_properly_penalty(rewards: torch.Tensor, truncated: torch.Tensor, coef: float) -> torch.Tensor:
+    """ProRL's stop-properly penalty (OpenRLHF `apply_stop_properly_penalty`): the reward r of a truncated response
+    becomes r * coef for coef in [0, 1] (0 = no credit for a cut answer), or coef itself for coef < 0 (a fixed
+    punishment, e.g. -0.5); other rewards stay as they are."""
+    if math.isnan(coef) or coef > 1:
+        raise ValueError(f"stop_properly_penalty_coef must be in [0, 1] or negative, got {coef}")
+    if truncated.shape != rewards.shape:
+        raise ValueError(f"truncated {tuple(truncated.shape)} and rewards {tuple(rewards.shape)} differ in shape")
+    penalized = torch.full_like(rewards, coef) if coef < 0 else rewards * coef
+    return torch.where(truncated.to(rewards.device), penalized, rewards)
 
 
 def dynamic_filter_mask(

@@ -8,6 +8,7 @@ loads, `load_config` does not.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
     low, high = algo.reward_clip_range if len(algo.reward_clip_range) == 2 else (1, 0)
     if not low < high:
         errors.append(f"{_src(sources, 'algo.reward_clip_range')}: must be [low, high] with low < high")
+    coef = algo.stop_properly_penalty_coef
+    if coef is not None and (math.isnan(coef) or coef > 1):
+        errors.append(f"{_src(sources, 'algo.stop_properly_penalty_coef')}: must be in [0, 1] (scales the reward of "
+                      f"a cut response) or < 0 (replaces it), got {coef}")
     return errors
 
 

@@ -205,6 +205,8 @@ FLAGS: tuple[Flag, ...] = (
          convert=_whole),
     Flag(("overlong_penalty_factor", "reward.overlong_penalty_factor"), FLOAT, ("algo.overlong_penalty_factor",),
          PPO),
+    Flag(("stop_properly_penalty_coef", "reward.stop_properly_penalty_coef"), FLOAT,
+         ("algo.stop_properly_penalty_coef",), PPO),
     Flag(("dynamic_filtering", "algo.dynamic_filtering_enable"), FLAG, ("rollout.dynamic_filtering",), PPO),
     Flag(("dynamic_filtering_reward_range", "algo.dynamic_filtering_range"), FLOATS,
          ("rollout.dynamic_filtering_reward_range",), PPO),
@@ -339,8 +341,6 @@ FLAGS: tuple[Flag, ...] = (
     _no(("pretrain_data",), STR, "no pretraining (PTX) loss mixed into PPO", PPO),
     _no(("no_advantage_std_norm", "algo.advantage.no_std_norm"), FLAG, "advantages of gae, reinforce and "
         "reinforce_baseline are always whitened; dr_grpo is the group estimator without std", PPO),
-    _no(("stop_properly_penalty_coef", "reward.stop_properly_penalty_coef"), FLOAT, "no penalty for truncated "
-        "responses (algo.overlong_buffer_len is the soft length penalty)", PPO),
     _no(("algo.kl.unbiased_gradient",), FLAG, "the KL loss uses the plain estimator gradient", PPO),
     _no(("vllm_sync_backend", "vllm.sync_backend"), STR, "weights always go to the generators over "
         "torch.distributed (NCCL on GPUs)", PPO, inert=("nccl",)),

@@ -211,6 +211,9 @@ class AlgoConfig:
     kl_clamp: Optional[float] = opt(10.0, "bound each token's KL estimate to [-c, c] (OpenRLHF: 10; empty = off)")
     overlong_buffer_len: Optional[int] = opt(None, "DAPO soft overlong penalty buffer in tokens (empty = off)")
     overlong_penalty_factor: float = opt(1.0, "maximum overlong penalty")
+    stop_properly_penalty_coef: Optional[float] = opt(None, "responses cut by the token limit (no eos): reward x coef "
+                                                      "for coef in [0, 1], reward = coef for coef < 0 (OpenRLHF, "
+                                                      "ProRL; empty = off)")
 
 
 @dataclass

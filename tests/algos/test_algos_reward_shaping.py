@@ -1,4 +1,5 @@
-"""Reward shaping: running moments, normalisation, clipping, DAPO overlong penalty and dynamic filtering."""
+"""Reward shaping: running moments, normalisation, clipping, DAPO overlong and ProRL stop-properly penalties, dynamic
+filtering."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from hpc_rlhf.algos.reward_shaping import (
     dynamic_filter_mask,
     normalize_reward,
     overlong_penalty,
+    stop_properly_penalty,
+    truncated_responses,
 )
 
 
@@ -73,3 +76,25 @@ def test_dynamic_filter_by_hand():
     assert dynamic_filter_mask(outside, 2, score_range=(0.15, 0.5)).tolist() == [False] * 4 + [True, True]
     with pytest.raises(ValueError, match="n_samples_per_prompt"):
         dynamic_filter_mask(scores, 3)
+
+
+def test_truncated_responses_from_finish_reasons_or_length():
+    # recorded reasons decide ("length" = cut by the token limit); rows without one: length >= max_new_tokens
+    reasons = ["stop", "length", "max_turns", None, None, "stop"]
+    lengths = torch.tensor([8, 3, 8, 8, 7, 9])
+    assert truncated_responses(reasons, lengths, 8).tolist() == [False, True, False, True, False, False]
+    with pytest.raises(ValueError, match="2 finish reasons for 3 responses"):
+        truncated_responses(["stop", "stop"], torch.tensor([1, 2, 3]), 8)
+
+
+def test_stop_properly_penalty_by_hand():
+    # OpenRLHF apply_stop_properly_penalty: truncated r -> r * coef (0 <= coef <= 1) or -> coef (coef < 0)
+    rewards = torch.tensor([1.0, 0.8, -0.4, 1.0])
+    truncated = torch.tensor([False, True, True, False])
+    torch.testing.assert_close(stop_properly_penalty(rewards, truncated, 0.5), torch.tensor([1.0, 0.4, -0.2, 1.0]))
+    torch.testing.assert_close(stop_properly_penalty(rewards, truncated, 0.0), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(stop_properly_penalty(rewards, truncated, -0.5), torch.tensor([1.0, -0.5, -0.5, 1.0]))
+    assert torch.equal(stop_properly_penalty(rewards, truncated, 1.0), rewards)
+    for bad in (1.5, float("nan")):
+        with pytest.raises(ValueError, match="stop_properly_penalty_coef"):
+            stop_properly_penalty(rewards, truncated, bad)

@@ -84,3 +84,18 @@ def test_openrlhf_mixing_flags_translate():
                         "--placeholder_token", "x"], entry="train_prm")
     assert any(n.flag == "--dataset_probs" and "no equivalent" in n.reason for n in notes)
 
+
+# ----- stop-properly penalty --------------------------------------------------------------------------------------
+def test_stop_properly_penalty_coef_loads_checked_and_translated():
+    assert load_config(None, []).config.algo.stop_properly_penalty_coef is None
+    for coef in ("0", "0.5", "1", "-0.5"):
+        assert load_config(None, [f"--algo.stop_properly_penalty_coef={coef}"]).config.algo.stop_properly_penalty_coef \
+            == float(coef)
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\] .* or < 0 \(replaces it\), got 1.5"):
+        load_config(None, ["--algo.stop_properly_penalty_coef=1.5"])
+    for argv in (["--pretrain", "m", "--prompt_data", "p.jsonl", "--stop_properly_penalty_coef", "-0.5"],
+                 ["--pretrain", "m", "--prompt_data", "p.jsonl", "--reward.stop_properly_penalty_coef", "-0.5"]):
+        config, notes = migrate(argv)
+        assert config["algo"]["stop_properly_penalty_coef"] == -0.5
+        assert not any("stop_properly" in n.flag for n in notes)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -146,3 +147,26 @@ def test_log_ratio_clamp_from_the_config_reaches_the_policy_loss():
     for overrides, expected in (([], math.exp(20.0)), (["--algo.log_ratio_clamp="], math.exp(24.0))):
         loss, _ = actor_loss_fn(load_config(None, overrides).config)(batch, out)
         assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_stop_properly_penalty_from_the_config():
+    # the generator records each finish reason in `extra`; a row without one counts as cut at generate_max_len = 4
+    table_rows = rows([1.0, 1.0, 0.6, 0.6], [1, 1, 1, 1], [4, 2, 4, 4], n=4)
+    for row, reason in zip(table_rows, ["stop", "length", "length", None]):
+        row["extra"] = json.dumps({"finish_reason": reason} if reason else {"other": 1})
+    t = exp.table_to_tensors(to_rollout_table(table_rows))
+    assert t.finish_reasons == ["stop", "length", "length", None]
+    assert t.select(torch.tensor([False, True, False, True])).finish_reasons == ["length", None]
+    base = ["--rollout.generate_max_len=4", "--rollout.n_samples_per_prompt=4"]
+    off = exp.shape_rewards(load_config(None, base).config, t, None)
+    assert off.rewards.tolist() == pytest.approx([1.0, 1.0, 0.6, 0.6]) and off.truncated.tolist() == [
+        False, True, True, True]
+    scaled = exp.shape_rewards(load_config(None, base + ["--algo.stop_properly_penalty_coef=0.5"]).config, t, None)
+    assert scaled.rewards.tolist() == pytest.approx([1.0, 0.5, 0.3, 0.3])
+    fixed = exp.shape_rewards(load_config(None, base + ["--algo.stop_properly_penalty_coef=-0.5"]).config, t, None)
+    assert fixed.rewards.tolist() == pytest.approx([1.0, -0.5, -0.5, -0.5])
+    # after the overlong penalty (OpenRLHF's order): 4 tokens with buffer 2 at L_max 4 -> -1, then x 0.5
+    both = exp.shape_rewards(load_config(None, base + ["--algo.stop_properly_penalty_coef=0.5",
+                                                       "--algo.overlong_buffer_len=2"]).config, t, None)
+    assert both.rewards.tolist() == pytest.approx([0.0, 0.5, -0.2, -0.2])
+

@@ -7,6 +7,7 @@ The KL penalty in the reward uses the generator's behaviour log-probs against th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -14,8 +15,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hpc_rlhf.algos import compute_advantages, compute_kl, masked_mean
-from hpc_rlhf.algos.reward_shaping import clip_reward, dynamic_filter_mask, normalize_reward, overlong_penalty
+from hpc_rlhf.algos import AdvantagesAndReturns, RunningMoments, compute_advantages, compute_kl, masked_mean
+from hpc_rlhf.algos.reward_shaping import (
+    clip_reward,
+    dynamic_filter_mask,
+    normalize_reward,
+    overlong_penalty,
+    stop_properly_penalty,
+    truncated_responses,
+)
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.training.batching import TokenSample
 
@@ -34,6 +42,7 @@ class RolloutTensors:
     scores: torch.Tensor  # [B]
     group_ids: torch.Tensor  # [B]
     weight_versions: torch.Tensor  # [B]
+    finish_reasons: list[Optional[str]]  # the generator's "stop" / "length" / "max_turns"; None where not recorded
 
     @property
     def num_samples(self) -> int:
@@ -54,7 +63,8 @@ class RolloutTensors:
             action_mask=pick(self.action_mask), behaviour_log_probs=pick(self.behaviour_log_probs),
             reference_log_probs=None if self.reference_log_probs is None else pick(self.reference_log_probs),
             values=None if self.values is None else pick(self.values), rewards=pick(self.rewards),
-            scores=pick(self.scores), group_ids=pick(self.group_ids), weight_versions=pick(self.weight_versions))
+            scores=pick(self.scores), group_ids=pick(self.group_ids), weight_versions=pick(self.weight_versions),
+            finish_reasons=[self.finish_reasons[i] for i in index])
 
 
 def pad_ragged(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -89,7 +99,17 @@ def table_to_tensors(table: pa.Table) -> RolloutTensors:
         scores=torch.tensor([s if s is not None else float("nan") for s in columns["score"]], dtype=torch.float32),
         group_ids=torch.tensor(columns["group_id"], dtype=torch.long),
         weight_versions=torch.tensor(columns["weight_version"], dtype=torch.long),
+        finish_reasons=[finish_reason(extra) for extra in columns.get("extra", [None] * len(responses))],
     )
+
+
+def finish_reason(extra: Optional[str]) -> Optional[str]:
+    """The finish reason the generator wrote into a row's `extra` JSON, or None when the row has none."""
+    try:
+        reason = json.loads(extra).get("finish_reason") if extra else None
+    except (ValueError, AttributeError):
+        return None
+    return reason if isinstance(reason, str) else None
 
 
 def to_token_samples(rollout: RolloutTensors, per_token: dict[str, torch.Tensor]) -> list[TokenSample]:
@@ -114,15 +134,18 @@ def group_filter(cfg: Config, rollout: RolloutTensors) -> torch.Tensor:
 
 @dataclass
 class ShapedRewards:
-    """Sequence rewards after overlong penalty, clipping and (optional) normalisation."""
+    """Sequence rewards after the length penalties, clipping and (optional) normalisation; which responses the token
+    limit cut."""
 
     rewards: torch.Tensor
     overlong_penalty: torch.Tensor
+    truncated: torch.Tensor
 
 
-def shape_rewards(cfg: Config, rollout: RolloutTensors, moments: Optional[object]) -> ShapedRewards:
-    """Overlong penalty (DAPO), clipping into reward_clip_range (unless algo.reward_clip_stage clips after the group
-    baseline), and running mean/std normalisation."""
+def shape_rewards(cfg: Config, rollout: RolloutTensors, moments: Optional[RunningMoments]) -> ShapedRewards:
+    """Overlong penalty (DAPO), then the stop-properly penalty on truncated responses (ProRL; OpenRLHF's order),
+    clipping into reward_clip_range (unless algo.reward_clip_stage clips after the group baseline), and running
+    mean/std normalisation."""
     algo = cfg.algo
     rewards = rollout.rewards.clone()
     penalty = torch.zeros_like(rewards)
@@ -130,11 +153,14 @@ def shape_rewards(cfg: Config, rollout: RolloutTensors, moments: Optional[object
         penalty = overlong_penalty(rollout.response_lengths(), cfg.rollout.generate_max_len,
                                    algo.overlong_buffer_len, algo.overlong_penalty_factor)
         rewards = rewards + penalty
+    truncated = truncated_responses(rollout.finish_reasons, rollout.response_lengths(), cfg.rollout.generate_max_len)
+    if algo.stop_properly_penalty_coef is not None:
+        rewards = stop_properly_penalty(rewards, truncated, algo.stop_properly_penalty_coef)
     if algo.reward_clip_stage == "before_baseline":  # else compute_advantages clips after the group baseline
         rewards = clip_reward(rewards, algo.reward_clip_range)
     if algo.normalize_reward and moments is not None:
         rewards = normalize_reward(rewards, moments.mean, moments.std)
-    return ShapedRewards(rewards=rewards, overlong_penalty=penalty)
+    return ShapedRewards(rewards=rewards, overlong_penalty=penalty, truncated=truncated)
 
 
 def kl_coefficient(cfg: Config, kl_coef: float) -> float:
@@ -143,7 +169,8 @@ def kl_coefficient(cfg: Config, kl_coef: float) -> float:
 
 
 def advantages_and_returns(cfg: Config, rollout: RolloutTensors, rewards: torch.Tensor, kl_coef: float,
-                           all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]]):
+                           all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]]
+                           ) -> tuple[AdvantagesAndReturns, float]:
     """Run the configured advantage estimator; KL in the reward is estimated from behaviour vs reference log-probs."""
     kl = None
     if rollout.reference_log_probs is not None:
