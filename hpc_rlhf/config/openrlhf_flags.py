@@ -184,6 +184,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("advantage_estimator", "algo.advantage.estimator"), STR, ("algo.advantage_estimator",), PPO),
     Flag(("gamma", "algo.advantage.gamma"), FLOAT, ("algo.gamma",), PPO),
     Flag(("lambd", "algo.advantage.lambd"), FLOAT, ("algo.lambd",), PPO),
+    Flag(("no_advantage_std_norm", "algo.advantage.no_std_norm"), FLAG, ("algo.advantage_std_norm",), PPO,
+         convert=lambda _: False, how="false"),
     Flag(("eps_clip", "actor.eps_clip"), FLOAT, ("algo.eps_clip_low", "algo.eps_clip_high"), PPO, derived=True),
     Flag(("eps_clip_low_high", "actor.eps_clip_low_high"), FLOATS, ("algo.eps_clip_low", "algo.eps_clip_high"), PPO,
          derived=True),
@@ -339,8 +341,6 @@ FLAGS: tuple[Flag, ...] = (
     _no(("actor_init_on_gpu",), FLAG, "models load as DeepSpeed places them", PPO),
     _no(("ptx_coef",), FLOAT, "no pretraining (PTX) loss mixed into PPO", PPO),
     _no(("pretrain_data",), STR, "no pretraining (PTX) loss mixed into PPO", PPO),
-    _no(("no_advantage_std_norm", "algo.advantage.no_std_norm"), FLAG, "advantages of gae, reinforce and "
-        "reinforce_baseline are always whitened; dr_grpo is the group estimator without std", PPO),
     _no(("algo.kl.unbiased_gradient",), FLAG, "the KL loss uses the plain estimator gradient", PPO),
     _no(("vllm_sync_backend", "vllm.sync_backend"), STR, "weights always go to the generators over "
         "torch.distributed (NCCL on GPUs)", PPO, inert=("nccl",)),

@@ -201,6 +201,8 @@ class AlgoConfig:
     is_low: float = opt(0.0, "importance-ratio interval lower bound for the correction")
     is_high: float = opt(2.0, "importance-ratio interval upper bound for the correction")
     group_std_eps: float = opt(1e-6, "epsilon added to the group std in group_norm")
+    advantage_std_norm: bool = opt(True, "whiten the advantages of gae, reinforce and reinforce_baseline by the batch "
+                                   "std; false only subtracts the mean (OpenRLHF --no_advantage_std_norm)")
     normalize_reward: bool = opt(False, "normalise rewards with running mean/std")
     reward_clip_range: list[float] = opt([-10.0, 10.0], "clip rewards into [low, high]")
     reward_clip_stage: str = opt("before_baseline", "where reward_clip_range applies: to raw rewards, or to the "

@@ -259,3 +259,27 @@ def test_reward_clip_after_the_baseline_follows_openrlhf_order():
                                clip_after_baseline=(-10.0, 10.0))
     assert before.sequence_rewards.tolist() == [-2.5, -2.5, -2.5, 7.5]
     assert after.sequence_rewards.tolist() == [-10.0, -10.0, -10.0, 10.0]
+
+
+def test_without_std_norm_the_whitened_estimators_are_only_centred():
+    """OpenRLHF --no_advantage_std_norm: A <- A - mean over action tokens, for gae, reinforce and reinforce_baseline;
+    the group estimators rloo, group_norm and dr_grpo are not whitened either way."""
+    mask = torch.tensor([[1, 1], [1, 0]])
+    rewards = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    # reinforce, gamma 1: returns [[3, 3], [0, 0]]; action-token mean (3 + 3 + 0) / 3 = 2, population var 2
+    centred = compute_advantages("reinforce", rewards, mask, advantage_std_norm=False)
+    torch.testing.assert_close(centred.advantages, torch.tensor([[1.0, 1.0], [-2.0, 0.0]], dtype=torch.float64))
+    whitened = compute_advantages("reinforce", rewards, mask)
+    torch.testing.assert_close(whitened.advantages, centred.advantages / math.sqrt(2.0))
+    # reinforce_baseline, one group of 2: r - mean = [1.5, -1.5] -> tokens [[1.5, 1.5], [-1.5, 0]], mean 0.5
+    baseline = compute_advantages("reinforce_baseline", rewards, mask, n_samples_per_prompt=2,
+                                  advantage_std_norm=False)
+    torch.testing.assert_close(baseline.advantages, torch.tensor([[1.0, 1.0], [-2.0, 0.0]], dtype=torch.float64))
+    # gae with zero values, gamma = lambda = 1: A = returns, centred the same way
+    gae = compute_advantages("gae", rewards, mask, values=torch.zeros(2, 2, dtype=torch.float64),
+                             advantage_std_norm=False)
+    torch.testing.assert_close(gae.advantages, torch.tensor([[1.0, 1.0], [-2.0, 0.0]], dtype=torch.float64))
+    for estimator in ("rloo", "group_norm", "dr_grpo"):
+        plain = compute_advantages(estimator, rewards, mask, n_samples_per_prompt=2)
+        assert torch.equal(compute_advantages(estimator, rewards, mask, n_samples_per_prompt=2,
+                                              advantage_std_norm=False).advantages, plain.advantages)

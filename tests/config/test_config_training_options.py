@@ -99,3 +99,15 @@ def test_stop_properly_penalty_coef_loads_checked_and_translated():
         assert config["algo"]["stop_properly_penalty_coef"] == -0.5
         assert not any("stop_properly" in n.flag for n in notes)
 
+
+# ----- advantage std normalisation --------------------------------------------------------------------------------
+def test_advantage_std_norm_loads_and_translates():
+    assert load_config(None, []).config.algo.advantage_std_norm is True
+    cfg = load_config(None, ["--algo.advantage_std_norm=false", "--algo.advantage_estimator=reinforce",
+                             "--rollout.n_samples_per_prompt=1", "--train.train_batch_size=8"]).config
+    assert cfg.algo.advantage_std_norm is False
+    for argv in (["--pretrain", "m", "--prompt_data", "p.jsonl", "--no_advantage_std_norm"],
+                 ["--pretrain", "m", "--prompt_data", "p.jsonl", "--algo.advantage.no_std_norm"]):
+        config, notes = migrate(argv)
+        assert config["algo"]["advantage_std_norm"] is False
+        assert not any("std_norm" in n.flag for n in notes)

@@ -170,3 +170,13 @@ def test_stop_properly_penalty_from_the_config():
                                                        "--algo.overlong_buffer_len=2"]).config, t, None)
     assert both.rewards.tolist() == pytest.approx([0.0, 0.5, -0.2, -0.2])
 
+
+def test_advantage_std_norm_from_the_config():
+    # reinforce, lengths 2 and 1, rewards 3 and 0: returns [[3, 3], [0, -]]; token mean 2, population var 2
+    t = exp.table_to_tensors(to_rollout_table(rows([3.0, 0.0], [1, 0], [2, 1], n=1)))
+    base = ["--algo.advantage_estimator=reinforce", "--rollout.n_samples_per_prompt=1", "--train.train_batch_size=8"]
+    for extra, scale in (([], 1 / math.sqrt(2.0)), (["--algo.advantage_std_norm=false"], 1.0)):
+        cfg = load_config(None, base + extra).config
+        result, _ = exp.advantages_and_returns(cfg, t, exp.shape_rewards(cfg, t, None).rewards, 0.0, None)
+        expected = torch.tensor([[1.0, 1.0], [-2.0, 0.0]]) * scale
+        torch.testing.assert_close(result.advantages.float(), expected)

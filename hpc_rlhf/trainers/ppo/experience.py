@@ -181,7 +181,7 @@ def advantages_and_returns(cfg: Config, rollout: RolloutTensors, rewards: torch.
         cfg.algo.advantage_estimator, rewards, rollout.action_mask, values=rollout.values, kl=kl,
         kl_coef=kl_coefficient(cfg, kl_coef), gamma=cfg.algo.gamma, lambd=cfg.algo.lambd,
         n_samples_per_prompt=cfg.rollout.n_samples_per_prompt, group_std_eps=cfg.algo.group_std_eps,
-        all_reduce=all_reduce,
+        advantage_std_norm=cfg.algo.advantage_std_norm, all_reduce=all_reduce,
         clip_after_baseline=(tuple(cfg.algo.reward_clip_range) if cfg.algo.reward_clip_stage == "after_baseline"
                              else None))
     mean_kl = masked_mean(kl, rollout.action_mask).item() if kl is not None else 0.0
