@@ -16,7 +16,7 @@ if __name__ == "__main__" or os.environ.get("SLURM_STEP_ID"):  # a rank's proces
     install_early_stop_handlers()  # until a handler exists, USR1/USR2 kill the process; the imports below take seconds
 
 from pathlib import Path  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import TYPE_CHECKING, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -25,8 +25,12 @@ from hpc_rlhf.config.schema import Config  # noqa: E402
 from hpc_rlhf.config.loading import LoadedConfig, config_to_dict  # noqa: E402
 from hpc_rlhf.trainers.engines import use_cuda  # noqa: E402
 
+if TYPE_CHECKING:
+    from hpc_rlhf.distributed import ControlPlane, DistributedWorld, WorldInfo
+    from hpc_rlhf.slurm.requeue import StopRequest
 
-def rank_main(info: Any, cfg: Config) -> dict[str, float]:
+
+def rank_main(info: WorldInfo, cfg: Config) -> dict[str, float]:
     """Run this rank's part of the job described by `cfg`; returns the last metrics (rank 0 logs them).
 
     Stop requests (the batch script's stop flag, USR1/USR2 from SLURM or submitit, SIGTERM) are only recorded by the
@@ -53,7 +57,7 @@ def rank_main(info: Any, cfg: Config) -> dict[str, float]:
         world.close()
 
 
-def _run_trainer(cfg: Config, world: Any, control: Any, stop: Any) -> dict:
+def _run_trainer(cfg: Config, world: DistributedWorld, control: ControlPlane, stop: StopRequest) -> dict[str, float]:
     from hpc_rlhf.distributed import build_role_groups, plan_layout
 
     info = world.info
@@ -130,7 +134,7 @@ def run_local(loaded: LoadedConfig, *, overwrite_run_dir: bool = False) -> int:
     return 0
 
 
-def _local_rank_entry(info: Any, cfg: Config) -> dict[str, float]:
+def _local_rank_entry(info: WorldInfo, cfg: Config) -> dict[str, float]:
     return rank_main(info, cfg)
 
 

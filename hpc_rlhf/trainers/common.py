@@ -8,8 +8,10 @@ role groups and control plane as the PPO loop. What they share lives here:
   resumed run sees exactly the rows the interrupted one would have seen;
 - `StepLoop`: the optimizer steps with evaluation every `eval.steps`, checkpoints every `ckpt.save_steps` and on a stop
   request (SLURM time limit, preemption), stop agreement over the control plane, and metrics (TensorBoard, JSONL);
-- `finish`: the end of a run (final evaluation, Hugging Face models), or after a stop checkpoint the requeue;
-- model loading (with LoRA), micro-batching, per-sequence log-probs, and saving Hugging Face models at the end.
+- `train_schedule`: a one-schedule run from resume to `finish` (final evaluation, Hugging Face models), or after a
+  stop checkpoint the requeue;
+- model loading (with LoRA), micro-batching, the step of a per-token loss, held-out sums, per-sample values (summed
+  log-probs, scores) and saving Hugging Face models at the end.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional, TypeVar
+from typing import Any, NoReturn, Optional, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hpc_rlhf.config.schema import Config
@@ -36,14 +39,23 @@ from hpc_rlhf.slurm.requeue import StopRequest, combine_stop_reasons, leave_for_
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
 from hpc_rlhf.trainers.checkpointing import CheckpointService
 from hpc_rlhf.trainers.engines import engine_config, lora_settings
-from hpc_rlhf.trainers.supervised_data import LoadReport
+from hpc_rlhf.trainers.supervised_data import LoadReport, PairExample
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, response_token_index
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
-from hpc_rlhf.training.models import Reference, model_inputs
+from hpc_rlhf.training.models import ForwardOutput, LossFn, Reference, model_inputs
 from hpc_rlhf.training.models import _TrainedModel as TrainedModel
 
 T = TypeVar("T")
 Trained = TypeVar("Trained", bound=TrainedModel)
+Metrics = dict[str, float]
+# One tensor per micro-batch, indexed like its samples ([S]): e.g. summed log-probs or scores.
+SampleValue = Callable[[MicroBatch, ForwardOutput], torch.Tensor]
+
+
+class Example(Protocol):
+    """A dataset row that trains as one TokenSample (supervised_data.Encoded, prm.StepExample)."""
+
+    def to_sample(self) -> TokenSample: ...
 
 # Curves drawn into RUN_DIR/curves.png by these trainers.
 PLOT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -197,6 +209,11 @@ def schedule_for(cfg: Config, num_examples: int) -> StepSchedule:
                         epochs=cfg.train.max_epochs, seed=cfg.train.seed, max_steps=cfg.train.max_iterations)
 
 
+def rows_of_step(ctx: TrainerContext, schedule: StepSchedule, items: Sequence[T], step: int) -> list[T]:
+    """This rank's rows of `items` at optimizer step `step`."""
+    return [items[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
+
+
 def shard(items: Sequence[T], rank: int, num_ranks: int) -> list[T]:
     """This rank's contiguous share of `items` (the first ranks take one more when they do not divide evenly)."""
     start, stop = rank_slice(len(items), rank=rank, num_ranks=num_ranks)
@@ -222,28 +239,49 @@ def sequence_log_probs(log_probs: torch.Tensor, action_mask: torch.Tensor) -> to
     return (log_probs * action_mask.to(log_probs.device, log_probs.dtype)).sum(dim=-1)
 
 
+def pair_samples(pairs: Sequence[PairExample]) -> list[TokenSample]:
+    """[chosen 0, rejected 0, chosen 1, rejected 1, ...]: a pair stays together in a micro-batch (rm, dpo)."""
+    return [s for pair in pairs for s in (pair.chosen.to_sample(), pair.rejected.to_sample())]
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample values of interleaved pairs -> (chosen [P], rejected [P])."""
+    if values.shape[0] % 2:
+        raise ValueError(f"interleaved pairs need an even number of samples, got {values.shape[0]}")
+    return values[0::2], values[1::2]
+
+
 def per_sample(values: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
     """The entries of a per-sample tensor (indexed like the list the micro-batch was made from) for `batch`."""
     return values[batch.sample_indices.to(values.device)]
 
 
-def frozen_sequence_log_probs(ctx: TrainerContext, model: Reference, samples: Sequence[TokenSample]) -> torch.Tensor:
-    """[N] summed log-probs of this rank's `samples` (at least one) under a frozen model; all ranks call together."""
+def per_sample_values(ctx: TrainerContext, model: Reference | TrainedModel, samples: Sequence[TokenSample],
+                      value: SampleValue, *, group: int = 1) -> torch.Tensor:
+    """[N] float32: `value(batch, output)` of every sample of this rank's `samples` (at least one), run through
+    `model` without gradients in micro-batches of `group`-sample units; all ranks call together."""
     if not samples:
-        raise ValueError("frozen_sequence_log_probs needs at least one sample on every rank")
-    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id)
+        raise ValueError("per-sample values need at least one sample on every rank")
+    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id, group=group)
     result = torch.zeros(len(samples), dtype=torch.float32)
     for batch, output in zip(batches, model.infer(batches)):
-        result[batch.sample_indices] = sequence_log_probs(output.log_probs, batch.action_mask).float().cpu()
+        result[batch.sample_indices] = value(batch, output).float().cpu()
     return result
+
+
+def sample_log_probs(ctx: TrainerContext, model: Reference | TrainedModel, samples: Sequence[TokenSample], *,
+                     group: int = 1) -> torch.Tensor:
+    """[N] summed log-probs of this rank's `samples` (at least one) without gradients; all ranks call together."""
+    return per_sample_values(ctx, model, samples,
+                             lambda batch, output: sequence_log_probs(output.log_probs, batch.action_mask), group=group)
 
 
 def all_ranks_sequence_log_probs(ctx: TrainerContext, model: Reference, samples: Sequence[TokenSample]) -> torch.Tensor:
     """[N] summed log-probs of every sample under a frozen model: each rank computes a slice, then all share them.
     (With fewer samples than ranks every rank computes them all.)"""
     if len(samples) < ctx.dp_size:
-        return frozen_sequence_log_probs(ctx, model, samples)
-    mine = frozen_sequence_log_probs(ctx, model, shard(samples, ctx.dp_rank, ctx.dp_size)).tolist()
+        return sample_log_probs(ctx, model, samples)
+    mine = sample_log_probs(ctx, model, shard(samples, ctx.dp_rank, ctx.dp_size)).tolist()
     gathered = ctx.control.allgather_object(mine)
     return torch.tensor([value for part in gathered for value in part], dtype=torch.float32)
 
@@ -253,6 +291,17 @@ def all_reduce_sums(model: TrainedModel, sums: Mapping[str, float]) -> dict[str,
     keys = sorted(sums)
     totals = all_reduce_in_group([float(sums[k]) for k in keys], dist.ReduceOp.SUM, model.mpu)
     return dict(zip(keys, totals))
+
+
+def token_loss_step(ctx: TrainerContext, model: TrainedModel, examples: Sequence[Example], schedule: StepSchedule,
+                    loss_fn: LossFn) -> Callable[[int], Metrics]:
+    """The optimizer step of a per-token loss (sft, kd, prm): step s trains this rank's rows of schedule step s, the
+    loss a mean over every trained token of the step (all micro-batches of all ranks)."""
+    def train_step(step: int) -> Metrics:
+        samples = [row.to_sample() for row in rows_of_step(ctx, schedule, examples, step)]
+        return finite_metrics(model.train_step(micro_batches(ctx.cfg, samples, ctx.pad_token_id), loss_fn, "token"))
+
+    return train_step
 
 
 # ----- the step loop ----------------------------------------------------------------------------------------------
@@ -397,6 +446,19 @@ def eval_share(ctx: TrainerContext, items: Sequence[T]) -> tuple[list[T], float]
     return (list(items), 1.0) if ctx.dp_rank == 0 else (list(items[:1]), 0.0)
 
 
+def evaluation_sums(ctx: TrainerContext, model: TrainedModel, examples: Sequence[Example],
+                    sums: Callable[[MicroBatch, ForwardOutput], Metrics]) -> Metrics:
+    """Named sums over the held-out `examples` of all ranks: this rank's share runs through `model` without gradients
+    and each micro-batch adds `sums(batch, output)` (e.g. its loss x its tokens, and its tokens); all ranks call."""
+    mine, weight = eval_share(ctx, examples)
+    batches = micro_batches(ctx.cfg, [example.to_sample() for example in mine], ctx.pad_token_id)
+    totals: Metrics = {}
+    for batch, output in zip(batches, model.infer(batches)):
+        for key, value in sums(batch, output).items():
+            totals[key] = totals.get(key, 0.0) + value * weight
+    return all_reduce_sums(model, totals)
+
+
 def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bool,
            evaluate: Optional[Callable[[], dict[str, float]]],
            save: Optional[Callable[[], None]]) -> dict[str, float]:
@@ -418,6 +480,17 @@ def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bo
     return dict(loop.last_metrics)
 
 
+def train_schedule(ctx: TrainerContext, engines: Mapping[str, Optional[TrainedModel]], schedule: StepSchedule,
+                   train_step: Callable[[int], Metrics], *, evaluate: Optional[Callable[[], Metrics]],
+                   save: Optional[Callable[[], None]]) -> Metrics:
+    """A run of one schedule, start to end: resume from the newest checkpoint of `engines`, train the remaining steps
+    (`StepLoop.run`), then `finish` (final evaluation and `save`, or after a stop the requeue)."""
+    loop = StepLoop(ctx, engines, total_steps=schedule.total_steps)
+    start = loop.restore().next_step
+    stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=evaluate)
+    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate, save=save)
+
+
 def leave_after_stop(ctx: TrainerContext) -> NoReturn:
     """After a stop checkpoint: every rank leaves, and rank 0 requeues the job when a rank's stop asked for it (as the
     PPO recipe does); all ranks call."""
@@ -427,7 +500,7 @@ def leave_after_stop(ctx: TrainerContext) -> NoReturn:
 
 
 # ----- model inputs and per-token logits --------------------------------------------------------------------------
-def response_logits(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
+def response_logits(model: nn.Module, batch: MicroBatch, device: torch.device, *,
                     shift: int = 1) -> torch.Tensor:
     """[S, A, V] logits in the response layout: for response token j, the logits at its column minus `shift`
     (1: the position that predicts it; 0: the token's own position). Zero on padding."""

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from hpc_rlhf.algos import dpo_loss, ipo_loss
+from hpc_rlhf.algos import PreferenceLossOutput, dpo_loss, ipo_loss
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.slurm.requeue import StopRequest
@@ -42,25 +42,29 @@ from hpc_rlhf.trainers.common import (
     finish,
     finite_metrics,
     load_frozen,
+    load_train_and_eval,
     load_trainable,
     micro_batches,
+    pair_samples,
     per_sample,
+    sample_log_probs,
     save_model,
     schedule_for,
     sequence_log_probs,
+    split_pairs,
+    train_schedule,
 )
-from hpc_rlhf.trainers.rm import pair_samples, split_pairs
-from hpc_rlhf.trainers.rounds import Rounds, RoundTraining, run_rounds
-from hpc_rlhf.trainers.sampling import RoundSampler, load_prompt_rows, round_prompts
+from hpc_rlhf.trainers.rounds import Rounds, RoundTraining, round_schedule, run_rounds
+from hpc_rlhf.trainers.sampling import RoundSampler, ScoredGroup, load_eval_prompt_rows, load_prompt_rows
 from hpc_rlhf.trainers.supervised_data import Encoded, PairExample, load_pairs, read_jsonl
 from hpc_rlhf.training.batching import MicroBatch
-from hpc_rlhf.training.models import Actor, ForwardOutput
+from hpc_rlhf.training.models import Actor, ForwardOutput, LossFn, LossResult, Reference
 
 ROUNDS_DIR = "iterative_dpo"
 
 
 def preference_loss(cfg: Config, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor) -> Any:
+                    ref_rejected: torch.Tensor) -> PreferenceLossOutput:
     """The configured pairwise loss (dpo / cDPO / ipo) on [P] summed log-probs."""
     pref = cfg.pref
     if pref.loss_type == "ipo":
@@ -68,9 +72,9 @@ def preference_loss(cfg: Config, chosen: torch.Tensor, rejected: torch.Tensor, r
     return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=pref.beta, label_smoothing=pref.label_smoothing)
 
 
-def dpo_loss_fn(cfg: Config, ref_log_probs: torch.Tensor) -> Callable[[MicroBatch, ForwardOutput], Any]:
+def dpo_loss_fn(cfg: Config, ref_log_probs: torch.Tensor) -> LossFn:
     """Loss of one micro-batch of interleaved pairs; `ref_log_probs` has one value per sample of the step."""
-    def loss_fn(batch: MicroBatch, output: ForwardOutput):
+    def loss_fn(batch: MicroBatch, output: ForwardOutput) -> LossResult:
         log_probs = sequence_log_probs(output.log_probs, batch.action_mask)
         chosen, rejected = split_pairs(log_probs)
         ref_chosen, ref_rejected = split_pairs(per_sample(ref_log_probs, batch).to(log_probs.device))
@@ -85,7 +89,8 @@ def dpo_loss_fn(cfg: Config, ref_log_probs: torch.Tensor) -> Callable[[MicroBatc
     return loss_fn
 
 
-def reference_log_probs(ctx: TrainerContext, reference: Optional[Any], pairs: Sequence[PairExample]) -> torch.Tensor:
+def reference_log_probs(ctx: TrainerContext, reference: Optional[Reference],
+                        pairs: Sequence[PairExample]) -> torch.Tensor:
     """[2P] interleaved reference log-probs (chosen, rejected, ...): precomputed columns, else the reference model."""
     if not pairs:
         return torch.zeros(0)
@@ -101,25 +106,24 @@ def step_reference(ref_all: torch.Tensor, indices: Sequence[int]) -> torch.Tenso
     return torch.stack([ref_all[2 * i + k] for i in indices for k in (0, 1)]) if indices else torch.zeros(0)
 
 
-def dpo_train_step(ctx: TrainerContext, actor: Actor, pairs: Sequence[PairExample], ref_all: torch.Tensor,
-                   indices: Sequence[int]) -> dict[str, float]:
-    """One optimizer step on the pairs `indices` (this rank's share of the step)."""
-    mine = [pairs[i] for i in indices]
-    batches = micro_batches(ctx.cfg, pair_samples(mine), ctx.pad_token_id, group=2)
-    metrics = actor.train_step(batches, dpo_loss_fn(ctx.cfg, step_reference(ref_all, indices)), "sample")
-    return finite_metrics(metrics)
+def dpo_step(ctx: TrainerContext, actor: Actor, pairs: Sequence[PairExample], ref_all: torch.Tensor,
+             schedule: StepSchedule) -> Callable[[int], dict[str, float]]:
+    """The DPO optimizer step: step s trains this rank's pairs of schedule step s (`ref_all`: the interleaved
+    reference log-probs of every pair)."""
+    def train_step(step: int) -> dict[str, float]:
+        indices = schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
+        batches = micro_batches(ctx.cfg, pair_samples([pairs[i] for i in indices]), ctx.pad_token_id, group=2)
+        metrics = actor.train_step(batches, dpo_loss_fn(ctx.cfg, step_reference(ref_all, indices)), "sample")
+        return finite_metrics(metrics)
+
+    return train_step
 
 
 def evaluate_pairs(ctx: TrainerContext, actor: Actor, pairs: Sequence[PairExample],
                    ref_all: torch.Tensor) -> dict[str, float]:
     """eval/loss, eval/accuracy and eval/reward_margin over the held-out pairs of all ranks."""
     indices, weight = eval_share(ctx, list(range(len(pairs))))
-    samples = pair_samples([pairs[i] for i in indices])
-    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id, group=2)
-    log_probs = torch.zeros(len(samples))
-    for batch, output in zip(batches, actor.infer(batches)):
-        log_probs[batch.sample_indices] = sequence_log_probs(output.log_probs, batch.action_mask).float().cpu()
-    chosen, rejected = split_pairs(log_probs)
+    chosen, rejected = split_pairs(sample_log_probs(ctx, actor, pair_samples([pairs[i] for i in indices]), group=2))
     ref_chosen, ref_rejected = split_pairs(step_reference(ref_all, indices))
     out = preference_loss(ctx.cfg, chosen, rejected, ref_chosen, ref_rejected)
     count = len(indices)
@@ -136,12 +140,7 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """DPO (IPO, cDPO) on the preference pairs of data.dataset; every rank calls this."""
     ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
-    pairs, report = load_pairs(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
-    ctx.info(report.summary())
-    eval_pairs: list[PairExample] = []
-    if cfg.eval.data:
-        eval_pairs, eval_report = load_pairs(cfg.eval.data, cfg, ctx.tokenizer, max_samples=cfg.eval.max_samples)
-        ctx.info(eval_report.summary())
+    pairs, eval_pairs = load_train_and_eval(ctx, cfg, load_pairs)
     schedule = schedule_for(cfg, len(pairs))
 
     needs_model = any(p.ref_chosen is None or p.ref_rejected is None for p in [*pairs, *eval_pairs])
@@ -152,21 +151,13 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     gc.collect()
 
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, schedule.total_steps)
-    loop = StepLoop(ctx, {"actor": actor}, total_steps=schedule.total_steps)
     evaluate = (lambda: evaluate_pairs(ctx, actor, eval_pairs, ref_eval)) if eval_pairs else None
-
-    def train_step(step: int) -> dict[str, float]:
-        indices = schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
-        return dpo_train_step(ctx, actor, pairs, ref_train, indices)
-
-    start = loop.restore().next_step
-    stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=evaluate)
-    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate,
-                  save=lambda: save_model(ctx, actor, "actor"))
+    return train_schedule(ctx, {"actor": actor}, schedule, dpo_step(ctx, actor, pairs, ref_train, schedule),
+                          evaluate=evaluate, save=lambda: save_model(ctx, actor, "actor"))
 
 
 # ----- iterative DPO ----------------------------------------------------------------------------------------------
-def round_pairs_rows(groups: Sequence[Any]) -> list[dict]:
+def round_pairs_rows(groups: Sequence[ScoredGroup]) -> list[dict]:
     """Best vs worst response of each scored prompt group, as JSON rows (token ids and texts); ties give none."""
     rows = []
     for group in groups:
@@ -200,8 +191,7 @@ def run_iterative(cfg: Config, world: DistributedWorld, groups: RoleGroups, cont
     """Rounds of sample -> score -> pair -> DPO; see the module docstring."""
     ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     prompt_rows = load_prompt_rows(cfg, ctx.tokenizer)
-    eval_rows = (load_prompt_rows(cfg, ctx.tokenizer, path=cfg.eval.data, max_samples=cfg.eval.max_samples)
-                 if cfg.eval.data else [])
+    eval_rows = load_eval_prompt_rows(cfg, ctx.tokenizer)
     reference = load_frozen(ctx, cfg.ref.pretrain or cfg.actor.pretrain)
     # Each round yields at most one pair per prompt: an upper bound on the steps, for the learning-rate schedule.
     steps_per_round = cfg.train.max_epochs * (cfg.rollout.batch_size // cfg.train.train_batch_size)
@@ -209,34 +199,20 @@ def run_iterative(cfg: Config, world: DistributedWorld, groups: RoleGroups, cont
     sampler = RoundSampler(ctx)
     loop = StepLoop(ctx, {"actor": actor}, total_steps=None, progress=RoundProgress())
 
-    def evaluate() -> dict[str, float]:
-        sampler.sync_weights(actor)
-        return sampler.evaluate(eval_rows, actor)
-
     def sample(round_index: int) -> tuple[list[dict], dict[str, float]]:
-        sampler.sync_weights(actor)
-        mine = round_prompts(cfg, prompt_rows, round_index, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
-        scored, metrics = sampler.sample(mine, round_index)
+        scored, metrics = sampler.sample_round(prompt_rows, round_index, actor)
         return round_pairs_rows(scored), metrics
 
     def training(round_index: int) -> Optional[RoundTraining]:
         pairs = pairs_from_rows(read_jsonl(rounds.path(round_index)), cfg.data.max_len)
-        if len(pairs) < cfg.train.train_batch_size:
-            ctx.info(f"round {round_index}: {len(pairs)} pairs, fewer than train.train_batch_size="
-                     f"{cfg.train.train_batch_size}; no training this round")
+        schedule = round_schedule(ctx, len(pairs), round_index, "pairs")
+        if schedule is None:
             return None
-        schedule = StepSchedule(num_examples=len(pairs), batch_size=cfg.train.train_batch_size,
-                                epochs=cfg.train.max_epochs, seed=cfg.train.seed + round_index)
         ref_all = reference_log_probs(ctx, reference, pairs)
-
-        def train_step(step: int) -> dict[str, float]:
-            indices = schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
-            return dpo_train_step(ctx, actor, pairs, ref_all, indices)
-
-        return RoundTraining(schedule, train_step)
+        return RoundTraining(schedule, dpo_step(ctx, actor, pairs, ref_all, schedule))
 
     rounds = Rounds(count=cfg.pref.rounds, directory=ctx.run_dir / ROUNDS_DIR, sample=sample, training=training,
-                    evaluate=evaluate if eval_rows else None)
+                    evaluate=(lambda: sampler.evaluate(eval_rows, actor)) if eval_rows else None)
     stopped, trained_steps = run_rounds(ctx, loop, rounds)
     return finish(ctx, loop, total_steps=trained_steps, stopped=stopped, evaluate=rounds.evaluate,
                   save=lambda: save_model(ctx, actor, "actor"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -23,24 +23,21 @@ from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
-    StepLoop,
     TrainerContext,
-    all_reduce_sums,
     build_context,
-    eval_share,
-    finish,
-    finite_metrics,
+    evaluation_sums,
     load_frozen,
     load_train_and_eval,
     load_trainable,
-    micro_batches,
     response_logits,
     save_model,
     schedule_for,
+    token_loss_step,
+    train_schedule,
 )
 from hpc_rlhf.trainers.supervised_data import Encoded, load_sft_examples
 from hpc_rlhf.training.batching import MicroBatch, response_token_index
-from hpc_rlhf.training.models import Actor, ForwardOutput
+from hpc_rlhf.training.models import Actor, ForwardOutput, LossResult, Reference
 
 
 @dataclass
@@ -62,17 +59,17 @@ class Student(Actor):
         return LogitsOutput(log_probs=log_probs.squeeze(-1) * batch.response_mask.to(self.device), logits=logits)
 
 
-def teacher_logits(teacher: Any, batch: MicroBatch) -> torch.Tensor:
+def teacher_logits(teacher: Reference, batch: MicroBatch) -> torch.Tensor:
     """[S, A, V] teacher logits predicting each response token (no gradients)."""
     with torch.no_grad(), teacher.scope():
         return response_logits(teacher.model, batch, teacher.device)
 
 
-def kd_loss_fn(cfg: Config, teacher: Any) -> Callable[[MicroBatch, LogitsOutput], Any]:
+def kd_loss_fn(cfg: Config, teacher: Reference) -> Callable[[MicroBatch, LogitsOutput], LossResult]:
     """(1 - kd_coef) x NLL + kd_coef x KD loss of one micro-batch, token means over its trained tokens."""
     coef = cfg.kd.kd_coef
 
-    def loss_fn(batch: MicroBatch, output: LogitsOutput):
+    def loss_fn(batch: MicroBatch, output: LogitsOutput) -> LossResult:
         mask = batch.action_mask.to(output.logits.device)
         nll = sft_loss(output.log_probs, mask)
         distill = kd_loss(output.logits, teacher_logits(teacher, batch).to(output.logits.device), mask)
@@ -80,25 +77,22 @@ def kd_loss_fn(cfg: Config, teacher: Any) -> Callable[[MicroBatch, LogitsOutput]
     return loss_fn
 
 
-def teacher_vocab_size(teacher: Any) -> int:
+def teacher_vocab_size(teacher: Reference) -> int:
     """The teacher's vocabulary size (from its ZeRO-3 engine's module or the plain module)."""
     module = teacher.engine.module if teacher.engine is not None else teacher.model
     return int(module.config.vocab_size)
 
 
-def evaluate(ctx: TrainerContext, student: Student, teacher: Any, examples: Sequence[Encoded]) -> dict[str, float]:
+def evaluate(ctx: TrainerContext, student: Student, teacher: Reference,
+             examples: Sequence[Encoded]) -> dict[str, float]:
     """eval/kd_loss and eval/loss (NLL), token means over the held-out responses of all ranks."""
-    mine, weight = eval_share(ctx, examples)
-    batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
-    sums = {"kd": 0.0, "nll": 0.0, "tokens": 0.0}
-    for batch, output in zip(batches, student.infer(batches)):
+    def sums(batch: MicroBatch, output: LogitsOutput) -> dict[str, float]:
         mask = batch.action_mask.to(output.logits.device)
-        tokens = float(mask.sum()) * weight
-        sums["kd"] += float(kd_loss(output.logits, teacher_logits(teacher, batch).to(output.logits.device), mask)) \
-            * tokens
-        sums["nll"] += float(sft_loss(output.log_probs, mask)) * tokens
-        sums["tokens"] += tokens
-    totals = all_reduce_sums(student, sums)
+        tokens = float(mask.sum())
+        distill = float(kd_loss(output.logits, teacher_logits(teacher, batch).to(output.logits.device), mask))
+        return {"kd": distill * tokens, "nll": float(sft_loss(output.log_probs, mask)) * tokens, "tokens": tokens}
+
+    totals = evaluation_sums(ctx, student, examples, sums)
     return {"eval/kd_loss": totals["kd"] / totals["tokens"], "eval/loss": totals["nll"] / totals["tokens"]}
 
 
@@ -114,16 +108,7 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     if student.hf_model().config.vocab_size != teacher_vocab_size(teacher):
         raise ValueError(f"kd.teacher_pretrain has vocab_size {teacher_vocab_size(teacher)}, the student "
                          f"{student.hf_model().config.vocab_size}: distillation needs a shared tokenizer")
-    loop = StepLoop(ctx, {"actor": student}, total_steps=schedule.total_steps)
     run_eval = (lambda: evaluate(ctx, student, teacher, eval_examples)) if eval_examples else None
-    loss_fn = kd_loss_fn(cfg, teacher)
-
-    def train_step(step: int) -> dict[str, float]:
-        mine = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
-        batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
-        return finite_metrics(student.train_step(batches, loss_fn, "token"))
-
-    start = loop.restore().next_step
-    stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=run_eval)
-    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=run_eval,
-                  save=lambda: save_model(ctx, student, "actor"))
+    train_step = token_loss_step(ctx, student, examples, schedule, kd_loss_fn(cfg, teacher))
+    return train_schedule(ctx, {"actor": student}, schedule, train_step, evaluate=run_eval,
+                          save=lambda: save_model(ctx, student, "actor"))

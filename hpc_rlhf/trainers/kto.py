@@ -15,7 +15,7 @@ RUN_DIR/hf/actor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,26 +24,26 @@ from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
-    StepLoop,
     TrainerContext,
     all_reduce_sums,
     build_context,
     eval_share,
-    finish,
     finite_metrics,
-    frozen_sequence_log_probs,
     load_frozen,
     load_train_and_eval,
     load_trainable,
     micro_batches,
     per_sample,
+    rows_of_step,
+    sample_log_probs,
     save_model,
     schedule_for,
     sequence_log_probs,
+    train_schedule,
 )
 from hpc_rlhf.trainers.supervised_data import Encoded, LabelledExample, load_unpaired
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
-from hpc_rlhf.training.models import Actor, ForwardOutput
+from hpc_rlhf.training.models import Actor, ForwardOutput, LossFn, LossResult, Reference
 
 
 def mismatched_samples(examples: Sequence[LabelledExample], max_len: int) -> list[TokenSample]:
@@ -57,38 +57,29 @@ def mismatched_samples(examples: Sequence[LabelledExample], max_len: int) -> lis
     return samples
 
 
-def policy_log_probs(ctx: TrainerContext, actor: Actor, samples: Sequence[TokenSample]) -> torch.Tensor:
-    """[N] summed log-probs of `samples` under the current policy, without gradients."""
-    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id)
-    result = torch.zeros(len(samples))
-    for batch, output in zip(batches, actor.infer(batches)):
-        result[batch.sample_indices] = sequence_log_probs(output.log_probs, batch.action_mask).float().cpu()
-    return result
-
-
-def reference_point(ctx: TrainerContext, actor: Actor, reference: Any, examples: Sequence[LabelledExample],
+def reference_point(ctx: TrainerContext, actor: Actor, examples: Sequence[LabelledExample],
                     ref_mismatched: torch.Tensor) -> float:
     """KTO's z0 over all ranks: the mean policy/reference log-ratio of every rank's mismatched pairs."""
     mismatched = mismatched_samples(examples, ctx.cfg.data.max_len)
-    local = kto_reference_kl(policy_log_probs(ctx, actor, mismatched), ref_mismatched)
+    local = kto_reference_kl(sample_log_probs(ctx, actor, mismatched), ref_mismatched)
     totals = all_reduce_sums(actor, {"kl": float(local) * len(examples), "count": float(len(examples))})
     return totals["kl"] / totals["count"]
 
 
-def reference_log_probs(ctx: TrainerContext, reference: Any,
+def reference_log_probs(ctx: TrainerContext, reference: Reference,
                         examples: Sequence[LabelledExample]) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of the samples and of their mismatched pairs, in one pass."""
     samples = [e.encoded.to_sample() for e in examples]
-    values = frozen_sequence_log_probs(ctx, reference, samples + mismatched_samples(examples, ctx.cfg.data.max_len))
+    values = sample_log_probs(ctx, reference, samples + mismatched_samples(examples, ctx.cfg.data.max_len))
     return values[: len(samples)], values[len(samples):]
 
 
 def kto_loss_fn(cfg: Config, desirable: torch.Tensor, ref_log_probs: torch.Tensor,
-                z0: float) -> Callable[[MicroBatch, ForwardOutput], Any]:
+                z0: float) -> LossFn:
     """KTO loss of one micro-batch; `desirable` and `ref_log_probs` hold one value per sample of the step."""
     pref = cfg.pref
 
-    def loss_fn(batch: MicroBatch, output: ForwardOutput):
+    def loss_fn(batch: MicroBatch, output: ForwardOutput) -> LossResult:
         log_probs = sequence_log_probs(output.log_probs, batch.action_mask)
         good = per_sample(desirable, batch).to(log_probs.device)
         ref = per_sample(ref_log_probs, batch).to(log_probs.device)
@@ -99,15 +90,15 @@ def kto_loss_fn(cfg: Config, desirable: torch.Tensor, ref_log_probs: torch.Tenso
     return loss_fn
 
 
-def evaluate(ctx: TrainerContext, actor: Actor, reference: Any,
+def evaluate(ctx: TrainerContext, actor: Actor, reference: Reference,
              examples: Sequence[LabelledExample]) -> dict[str, float]:
     """eval/loss and eval/reward_margin (desirable minus undesirable mean implicit reward) over all ranks."""
     mine, weight = eval_share(ctx, examples)
     if len(mine) < 2:
         mine = list(mine) * 2  # mismatched pairs need two samples; the copy only shapes z0
     ref, ref_mismatched = reference_log_probs(ctx, reference, mine)
-    z0 = reference_point(ctx, actor, reference, mine, ref_mismatched)
-    log_probs = policy_log_probs(ctx, actor, [e.encoded.to_sample() for e in mine])
+    z0 = reference_point(ctx, actor, mine, ref_mismatched)
+    log_probs = sample_log_probs(ctx, actor, [e.encoded.to_sample() for e in mine])
     good = torch.tensor([e.desirable for e in mine])
     out = kto_loss(log_probs[good], log_probs[~good], ref[good], ref[~good], torch.tensor(z0), beta=ctx.cfg.pref.beta,
                    desirable_weight=ctx.cfg.pref.desirable_weight, undesirable_weight=ctx.cfg.pref.undesirable_weight)
@@ -128,18 +119,15 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     schedule = schedule_for(cfg, len(examples))
     reference = load_frozen(ctx, cfg.ref.pretrain or cfg.actor.pretrain)
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, schedule.total_steps)
-    loop = StepLoop(ctx, {"actor": actor}, total_steps=schedule.total_steps)
     run_eval = (lambda: evaluate(ctx, actor, reference, eval_examples)) if eval_examples else None
 
     def train_step(step: int) -> dict[str, float]:
-        mine = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
+        mine = rows_of_step(ctx, schedule, examples, step)
         ref, ref_mismatched = reference_log_probs(ctx, reference, mine)
-        z0 = reference_point(ctx, actor, reference, mine, ref_mismatched)
+        z0 = reference_point(ctx, actor, mine, ref_mismatched)
         desirable = torch.tensor([e.desirable for e in mine])
         batches = micro_batches(ctx.cfg, [e.encoded.to_sample() for e in mine], ctx.pad_token_id)
         return finite_metrics(actor.train_step(batches, kto_loss_fn(cfg, desirable, ref, z0), "sample"))
 
-    start = loop.restore().next_step
-    stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=run_eval)
-    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=run_eval,
-                  save=lambda: save_model(ctx, actor, "actor"))
+    return train_schedule(ctx, {"actor": actor}, schedule, train_step, evaluate=run_eval,
+                          save=lambda: save_model(ctx, actor, "actor"))

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from hpc_rlhf.algos import IGNORE_INDEX, prm_loss
 from hpc_rlhf.config.schema import Config
@@ -24,23 +26,24 @@ from hpc_rlhf.data import DatasetError, RowRef, iter_records
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
-    StepLoop,
     TrainerContext,
-    all_reduce_sums,
     build_context,
-    eval_share,
-    finish,
-    finite_metrics,
+    evaluation_sums,
     load_train_and_eval,
     load_trainable,
-    micro_batches,
     response_logits,
     save_model,
     schedule_for,
+    token_loss_step,
+    train_schedule,
 )
 from hpc_rlhf.trainers.supervised_data import LoadReport, TextEncoder, field_of
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
-from hpc_rlhf.training.models import Actor, ForwardOutput
+from hpc_rlhf.training.deepspeed_setup import EngineConfig
+from hpc_rlhf.training.models import Actor, ForwardOutput, LossResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STEP_LABEL = "step_label"  # response tensor: 0 = good, 1 = bad, IGNORE_INDEX elsewhere
 
@@ -69,7 +72,8 @@ class StepOutput(ForwardOutput):
 class StepRewardModel(Actor):
     """A causal LM whose logits at the placeholder positions, over the two reward tokens, classify each step."""
 
-    def __init__(self, model: Any, cfg: Any, dp_group: Any, num_training_steps: int, *,
+    def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                 num_training_steps: int, *,
                  reward_token_ids: Sequence[int]) -> None:
         self.reward_token_ids = list(reward_token_ids)
         super().__init__(model, cfg, dp_group, num_training_steps)
@@ -79,7 +83,7 @@ class StepRewardModel(Actor):
         return StepOutput(step_logits=logits[..., self.reward_token_ids].float())
 
 
-def single_token_id(tokenizer: Any, text: str, key: str) -> int:
+def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str, key: str) -> int:
     """The id of `text` when it is exactly one token; else a clear error naming the config key."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -87,7 +91,7 @@ def single_token_id(tokenizer: Any, text: str, key: str) -> int:
     return ids[0]
 
 
-def load_step_examples(path: str, cfg: Config, tokenizer: Any, *,
+def load_step_examples(path: str, cfg: Config, tokenizer: PreTrainedTokenizerBase, *,
                        max_samples: Optional[int] = None) -> tuple[list[StepExample], LoadReport]:
     """Rows {input, label} -> StepExamples; a row whose placeholder count differs from its labels is an error."""
     data, prm = cfg.data, cfg.prm
@@ -141,23 +145,19 @@ def step_loss(batch: MicroBatch, output: StepOutput) -> tuple[torch.Tensor, torc
     return prm_loss(output.step_logits, steps, labels, placeholder_token_id=1)
 
 
-def prm_loss_fn(batch: MicroBatch, output: StepOutput):
+def prm_loss_fn(batch: MicroBatch, output: StepOutput) -> LossResult:
     loss, accuracy = step_loss(batch, output)
     return loss, {"accuracy": accuracy}
 
 
 def evaluate(ctx: TrainerContext, model: StepRewardModel, examples: Sequence[StepExample]) -> dict[str, float]:
     """eval/loss and eval/accuracy over every labelled held-out step of all ranks."""
-    mine, weight = eval_share(ctx, examples)
-    batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
-    loss_sum = correct = steps = 0.0
-    for batch, output in zip(batches, model.infer(batches)):
+    def sums(batch: MicroBatch, output: StepOutput) -> dict[str, float]:
         loss, accuracy = step_loss(batch, output)
         count = batch.num_action_tokens
-        loss_sum += float(loss) * count * weight
-        correct += float(accuracy) * count * weight
-        steps += count * weight
-    totals = all_reduce_sums(model, {"loss": loss_sum, "correct": correct, "steps": steps})
+        return {"loss": float(loss) * count, "correct": float(accuracy) * count, "steps": count}
+
+    totals = evaluation_sums(ctx, model, examples, sums)
     return {"eval/loss": totals["loss"] / totals["steps"], "eval/accuracy": totals["correct"] / totals["steps"]}
 
 
@@ -171,15 +171,7 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     schedule = schedule_for(cfg, len(examples))
     model = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", StepRewardModel, schedule.total_steps,
                            reward_token_ids=reward_ids)
-    loop = StepLoop(ctx, {"actor": model}, total_steps=schedule.total_steps)
     run_eval = (lambda: evaluate(ctx, model, eval_examples)) if eval_examples else None
-
-    def train_step(step: int) -> dict[str, float]:
-        mine = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
-        batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
-        return finite_metrics(model.train_step(batches, prm_loss_fn, "token"))
-
-    start = loop.restore().next_step
-    stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=run_eval)
-    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=run_eval,
-                  save=lambda: save_model(ctx, model, "prm"))
+    train_step = token_loss_step(ctx, model, examples, schedule, prm_loss_fn)
+    return train_schedule(ctx, {"actor": model}, schedule, train_step, evaluate=run_eval,
+                          save=lambda: save_model(ctx, model, "prm"))

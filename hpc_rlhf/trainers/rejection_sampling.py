@@ -25,15 +25,15 @@ from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
     RoundProgress,
     StepLoop,
-    StepSchedule,
     build_context,
     finish,
     load_trainable,
     save_model,
+    token_loss_step,
 )
-from hpc_rlhf.trainers.rounds import Rounds, RoundTraining, run_rounds
-from hpc_rlhf.trainers.sampling import RoundSampler, ScoredGroup, load_prompt_rows, round_prompts
-from hpc_rlhf.trainers.sft import sft_step
+from hpc_rlhf.trainers.rounds import Rounds, RoundTraining, round_schedule, run_rounds
+from hpc_rlhf.trainers.sampling import RoundSampler, ScoredGroup, load_eval_prompt_rows, load_prompt_rows
+from hpc_rlhf.trainers.sft import nll_loss_fn
 from hpc_rlhf.trainers.supervised_data import Encoded, read_jsonl, write_jsonl
 from hpc_rlhf.training.models import Actor
 
@@ -84,8 +84,7 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     rs = cfg.rejection_sampling
     ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
     prompt_rows = load_prompt_rows(cfg, ctx.tokenizer)
-    eval_rows = (load_prompt_rows(cfg, ctx.tokenizer, path=cfg.eval.data, max_samples=cfg.eval.max_samples)
-                 if cfg.eval.data and rs.train_sft else [])
+    eval_rows = load_eval_prompt_rows(cfg, ctx.tokenizer) if rs.train_sft else []
     # Every round adds at most rollout.batch_size rows: an upper bound on the steps, for the learning-rate schedule.
     bound = sum(cfg.train.max_epochs * ((r + 1) * cfg.rollout.batch_size // cfg.train.train_batch_size)
                 for r in range(rs.rounds))
@@ -93,15 +92,8 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     sampler = RoundSampler(ctx)
     loop = StepLoop(ctx, {"actor": actor}, total_steps=None, progress=RoundProgress())
 
-    def evaluate() -> dict[str, float]:
-        sampler.sync_weights(actor)
-        return sampler.evaluate(eval_rows, actor)
-
     def sample(round_index: int) -> tuple[list[dict], dict[str, float]]:
-        if actor is not None:
-            sampler.sync_weights(actor)
-        mine = round_prompts(cfg, prompt_rows, round_index, rank=ctx.dp_rank, num_ranks=ctx.dp_size)
-        scored, metrics = sampler.sample(mine, round_index)
+        scored, metrics = sampler.sample_round(prompt_rows, round_index, actor)
         kept = best_rows(scored, rs.min_reward)
         metrics["rollout/kept_fraction"] = len(kept) / max(len(scored), 1)
         return kept, metrics
@@ -110,16 +102,14 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
         """SFT on every row kept so far."""
         examples = examples_from_rows([row for r in range(round_index + 1) for row in read_jsonl(rounds.path(r))],
                                       cfg.data.max_len)
-        if len(examples) < cfg.train.train_batch_size:
-            ctx.info(f"round {round_index}: {len(examples)} kept rows, fewer than train.train_batch_size="
-                     f"{cfg.train.train_batch_size}; no fine-tuning this round")
+        schedule = round_schedule(ctx, len(examples), round_index, "kept rows")
+        if schedule is None:
             return None
-        schedule = StepSchedule(num_examples=len(examples), batch_size=cfg.train.train_batch_size,
-                                epochs=cfg.train.max_epochs, seed=cfg.train.seed + round_index)
-        return RoundTraining(schedule, sft_step(ctx, actor, examples, schedule))
+        return RoundTraining(schedule, token_loss_step(ctx, actor, examples, schedule, nll_loss_fn))
 
     rounds = Rounds(count=rs.rounds, directory=ctx.run_dir / ROUNDS_DIR, sample=sample,
-                    training=training if actor is not None else None, evaluate=evaluate if eval_rows else None)
+                    training=training if actor is not None else None,
+                    evaluate=(lambda: sampler.evaluate(eval_rows, actor)) if eval_rows else None)
     stopped, trained_steps = run_rounds(ctx, loop, rounds)
     if not stopped and ctx.is_main:
         output = Path(rs.output_path) if rs.output_path else ctx.run_dir / DEFAULT_OUTPUT

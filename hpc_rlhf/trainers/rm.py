@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hpc_rlhf.algos import pairwise_rm_loss
@@ -25,22 +26,27 @@ from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.training.lora import unwrap
 from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
-    StepLoop,
     TrainerContext,
     all_reduce_sums,
     build_context,
     eval_share,
-    finish,
     finite_metrics,
+    load_train_and_eval,
     load_trainable,
     micro_batches,
+    pair_samples,
     per_sample,
+    per_sample_values,
+    rows_of_step,
     save_model,
     schedule_for,
+    split_pairs,
+    train_schedule,
 )
 from hpc_rlhf.trainers.supervised_data import PairExample, load_pairs
-from hpc_rlhf.training.batching import MicroBatch, TokenSample
-from hpc_rlhf.training.models import ForwardOutput, _TrainedModel, model_inputs
+from hpc_rlhf.training.batching import MicroBatch
+from hpc_rlhf.training.deepspeed_setup import EngineConfig
+from hpc_rlhf.training.models import ForwardOutput, LossFn, LossResult, _TrainedModel, model_inputs
 
 STATS_PAIRS = 1024
 
@@ -74,7 +80,8 @@ class ScoreModel(nn.Module):
 class RewardModelEngine(_TrainedModel):
     """A reward model on a training engine; `forward` gives each sample's score at its last token as values [S, 1]."""
 
-    def __init__(self, model: nn.Module, cfg: Any, dp_group: Any, num_training_steps: int) -> None:
+    def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
+                 num_training_steps: int) -> None:
         super().__init__(ScoreModel(model), cfg, dp_group, num_training_steps)
 
     def hf_model(self) -> nn.Module:
@@ -87,21 +94,9 @@ class RewardModelEngine(_TrainedModel):
         return ForwardOutput(values=scores[batch.response_rows.to(self.device), last].float().unsqueeze(-1))
 
 
-def pair_samples(pairs: Sequence[PairExample]) -> list[TokenSample]:
-    """[chosen 0, rejected 0, chosen 1, rejected 1, ...]: a pair stays together in a micro-batch."""
-    return [s for pair in pairs for s in (pair.chosen.to_sample(), pair.rejected.to_sample())]
-
-
-def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample values of interleaved pairs -> (chosen [P], rejected [P])."""
-    if values.shape[0] % 2:
-        raise ValueError(f"interleaved pairs need an even number of samples, got {values.shape[0]}")
-    return values[0::2], values[1::2]
-
-
-def rm_loss_fn(margins: torch.Tensor, loss_type: str) -> Callable[[MicroBatch, ForwardOutput], Any]:
+def rm_loss_fn(margins: torch.Tensor, loss_type: str) -> LossFn:
     """Pairwise loss of one micro-batch; `margins` holds one value per sample of the step (chosen and rejected)."""
-    def loss_fn(batch: MicroBatch, output: ForwardOutput):
+    def loss_fn(batch: MicroBatch, output: ForwardOutput) -> LossResult:
         chosen, rejected = split_pairs(output.values[:, 0])
         margin, _ = split_pairs(per_sample(margins, batch).to(chosen.device))
         loss = pairwise_rm_loss(chosen, rejected, margin=margin, loss_type=loss_type)
@@ -112,13 +107,9 @@ def rm_loss_fn(margins: torch.Tensor, loss_type: str) -> Callable[[MicroBatch, F
 
 def score_pairs(ctx: TrainerContext, model: RewardModelEngine,
                 pairs: Sequence[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) scores of `pairs` on this rank."""
-    samples = pair_samples(pairs)
-    batches = micro_batches(ctx.cfg, samples, ctx.pad_token_id, group=2)
-    scores = torch.zeros(len(samples))
-    for batch, output in zip(batches, model.infer(batches)):
-        scores[batch.sample_indices] = output.values[:, 0].float().cpu()
-    return split_pairs(scores)
+    """(chosen, rejected) scores of `pairs` (at least one) on this rank."""
+    return split_pairs(per_sample_values(ctx, model, pair_samples(pairs), lambda batch, output: output.values[:, 0],
+                                         group=2))
 
 
 def evaluate_pairs(ctx: TrainerContext, model: RewardModelEngine, pairs: Sequence[PairExample]) -> dict[str, float]:
@@ -149,20 +140,14 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
         should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Train a reward model on the preference pairs of data.dataset; every rank calls this."""
     ctx = build_context(cfg, world, groups, control, stop=stop, should_stop=should_stop)
-    pairs, report = load_pairs(cfg.data.dataset, cfg, ctx.tokenizer, max_samples=cfg.data.max_samples)
-    ctx.info(report.summary())
-    eval_pairs: list[PairExample] = []
-    if cfg.eval.data:
-        eval_pairs, eval_report = load_pairs(cfg.eval.data, cfg, ctx.tokenizer, max_samples=cfg.eval.max_samples)
-        ctx.info(eval_report.summary())
+    pairs, eval_pairs = load_train_and_eval(ctx, cfg, load_pairs)
     schedule = schedule_for(cfg, len(pairs))
     model = load_trainable(ctx, cfg.actor.pretrain, "sequence_classification", RewardModelEngine,
                            schedule.total_steps)
-    loop = StepLoop(ctx, {"actor": model}, total_steps=schedule.total_steps)
     evaluate = (lambda: evaluate_pairs(ctx, model, eval_pairs)) if eval_pairs else None
 
     def train_step(step: int) -> dict[str, float]:
-        mine = [pairs[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
+        mine = rows_of_step(ctx, schedule, pairs, step)
         margins = torch.tensor([p.margin for p in mine for _ in range(2)], dtype=torch.float32)
         batches = micro_batches(ctx.cfg, pair_samples(mine), ctx.pad_token_id, group=2)
         return finite_metrics(model.train_step(batches, rm_loss_fn(margins, cfg.pref.rm_loss), "sample"))
@@ -172,6 +157,4 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
         stats = reward_statistics(ctx, model, eval_pairs or pairs[:STATS_PAIRS]) if cfg.pref.normalize_reward else {}
         save_model(ctx, model, "reward", config_updates=stats)
 
-    start = loop.restore().next_step
-    stopped = loop.run(range(start, schedule.total_steps), train_step, evaluate=evaluate)
-    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate, save=save)
+    return train_schedule(ctx, {"actor": model}, schedule, train_step, evaluate=evaluate, save=save)

@@ -21,6 +21,18 @@ from hpc_rlhf.trainers.supervised_data import write_jsonl
 Metrics = dict[str, float]
 
 
+def round_schedule(ctx: TrainerContext, num_rows: int, round_index: int, rows_name: str) -> Optional[StepSchedule]:
+    """The schedule of round `round_index`'s training on `num_rows` rows (train.* batch size and epochs, seed train.seed
+    + round), or None, said in the log, when they do not fill one optimizer step."""
+    train = ctx.cfg.train
+    if num_rows < train.train_batch_size:
+        ctx.info(f"round {round_index}: {num_rows} {rows_name}, fewer than train.train_batch_size="
+                 f"{train.train_batch_size}; no training this round")
+        return None
+    return StepSchedule(num_examples=num_rows, batch_size=train.train_batch_size, epochs=train.max_epochs,
+                        seed=train.seed + round_index)
+
+
 @dataclass
 class RoundTraining:
     """What one round trains: its schedule and the step function, called with the step number within the round."""

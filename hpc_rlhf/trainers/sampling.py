@@ -13,17 +13,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
-
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import PromptExample, load_prompts, load_records, prompt_indices_for
 from hpc_rlhf.data.sharding import iterations_per_epoch
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
 from hpc_rlhf.distributed.weights import sync_weights
-from hpc_rlhf.trainers.common import TrainerContext
+from hpc_rlhf.generation import SamplingParams
+from hpc_rlhf.rewards import RewardResult, reward_source_from_config
+from hpc_rlhf.trainers.common import TrainerContext, all_reduce_sums, eval_share
 from hpc_rlhf.trainers.engines import compute_dtype
 from hpc_rlhf.trainers.generation_setup import build_generation, sampling_params, sampling_seed
+from hpc_rlhf.training.models import _TrainedModel as TrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class PromptRow:
     """A prompt as dataset row (`raw_input`, for written datasets), rendered text, token ids and label."""
 
     index: int
-    raw_input: Any
+    raw_input: Any  # the dataset's input value as read (text or chat messages), written back unchanged
     text: str
     prompt_ids: tuple[int, ...]
     label: Optional[str]
@@ -55,7 +60,7 @@ class ScoredGroup:
         return min(range(len(self.rewards)), key=lambda i: (self.rewards[i], -i))
 
 
-def load_prompt_rows(cfg: Config, tokenizer: Any, *, path: Optional[str] = None,
+def load_prompt_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase, *, path: Optional[str] = None,
                      max_samples: Optional[int] = None) -> list[PromptRow]:
     """Prompts rendered as data.* asks and tokenized, keeping the last rollout.prompt_max_len tokens: those of
     `path` (first `max_samples` rows), by default data.prompt_data (first data.max_samples rows)."""
@@ -73,6 +78,13 @@ def load_prompt_rows(cfg: Config, tokenizer: Any, *, path: Optional[str] = None,
             for e, row, token_ids in zip(examples, raw, ids)]
 
 
+def load_eval_prompt_rows(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[PromptRow]:
+    """The held-out prompts of eval.data (its first eval.max_samples rows); none without eval.data."""
+    if not cfg.eval.data:
+        return []
+    return load_prompt_rows(cfg, tokenizer, path=cfg.eval.data, max_samples=cfg.eval.max_samples)
+
+
 def round_prompts(cfg: Config, rows: Sequence[PromptRow], round_index: int, *, rank: int,
                   num_ranks: int) -> list[PromptRow]:
     """This rank's prompts of round `round_index` (rollout.batch_size per round over all ranks)."""
@@ -87,8 +99,6 @@ class RoundSampler:
     """Generation engine + reward source of one rank: draws and scores responses, evaluates held-out prompts."""
 
     def __init__(self, ctx: TrainerContext) -> None:
-        from hpc_rlhf.rewards import reward_source_from_config
-
         cfg = ctx.cfg
         self.ctx = ctx
         self.engine, _ = build_generation(cfg, resolve_model_path(cfg.actor.pretrain), ctx.tokenizer, ctx.device)
@@ -99,7 +109,7 @@ class RoundSampler:
         self.reward_source = reward_source_from_config(reward_cfg, device=ctx.device, dtype=self.dtype)
         self.sleeps = cfg.vllm.enable_sleep
 
-    def sync_weights(self, actor: Any) -> None:
+    def sync_weights(self, actor: TrainedModel) -> None:
         """Copy the actor's current weights into the engine (all ranks call: ZeRO-3 gathers are collective)."""
         if self.sleeps:
             self.engine.wake_up()
@@ -107,7 +117,7 @@ class RoundSampler:
         if self.sleeps:
             self.engine.sleep()
 
-    def generate(self, prompts: Sequence[PromptRow], params: Any) -> list[list[list[int]]]:
+    def generate(self, prompts: Sequence[PromptRow], params: SamplingParams) -> list[list[list[int]]]:
         """params.n response token-id lists per prompt."""
         if self.sleeps:
             self.engine.wake_up()
@@ -116,12 +126,21 @@ class RoundSampler:
             self.engine.sleep()
         return [[list(sample.response_ids) for sample in samples] for samples in generated]
 
-    def score(self, prompts: Sequence[PromptRow], responses: Sequence[list[int]]) -> Any:
+    def score(self, prompts: Sequence[PromptRow], responses: Sequence[list[int]]) -> RewardResult:
         """The reward source's RewardResult for response k to prompt k (queries are prompt + response text)."""
         tokenizer = self.ctx.tokenizer
         token_ids = [list(p.prompt_ids) + list(r) for p, r in zip(prompts, responses)]
         queries = [tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids]
         return self.reward_source(queries, [p.text for p in prompts], [p.label for p in prompts], token_ids=token_ids)
+
+    def sample_round(self, rows: Sequence[PromptRow], round_index: int,
+                     policy: Optional[TrainedModel]) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """Round `round_index`: this rank's prompts of `rows`, answered with the policy's current weights (the
+        initial ones without a policy) and scored; see `sample`. All ranks call."""
+        if policy is not None:
+            self.sync_weights(policy)
+        mine = round_prompts(self.ctx.cfg, rows, round_index, rank=self.ctx.dp_rank, num_ranks=self.ctx.dp_size)
+        return self.sample(mine, round_index)
 
     def sample(self, prompts: Sequence[PromptRow], round_index: int) -> tuple[list[ScoredGroup], dict[str, float]]:
         """rollout.n_samples_per_prompt scored responses per prompt, with this rank's generation metrics."""
@@ -144,18 +163,17 @@ class RoundSampler:
                         "rollout/response_length": sum(len(r) for r in flat) / len(flat),
                         "time/generate_s": seconds}
 
-    def evaluate(self, rows: Sequence[PromptRow], model: Any) -> dict[str, float]:
-        """eval/reward_mean and eval/accuracy (mean score) of one eval.temperature answer per held-out prompt, over
-        all ranks (`model` names the data-parallel group to sum over). Sync the weights first."""
-        from hpc_rlhf.trainers.common import all_reduce_sums, eval_share
-
+    def evaluate(self, rows: Sequence[PromptRow], policy: TrainedModel) -> dict[str, float]:
+        """eval/reward_mean and eval/accuracy (mean score) of one eval.temperature answer per held-out prompt with the
+        policy's current weights, over all ranks (of the policy's data-parallel group)."""
+        self.sync_weights(policy)
         cfg = self.ctx.cfg
         mine, weight = eval_share(self.ctx, rows)
         params = sampling_params(cfg, cfg.train.seed, n=1, temperature=cfg.eval.temperature,
                                  eos_token_id=self.ctx.tokenizer.eos_token_id)
         responses = [group[0] for group in self.generate(mine, params)]
         result = self.score(mine, responses)
-        totals = all_reduce_sums(model, {"reward": float(result.rewards.sum()) * weight,
+        totals = all_reduce_sums(policy, {"reward": float(result.rewards.sum()) * weight,
                                          "score": float(result.scores.sum()) * weight, "count": len(mine) * weight})
         return {"eval/reward_mean": totals["reward"] / totals["count"],
                 "eval/accuracy": totals["score"] / totals["count"]}

@@ -20,20 +20,16 @@ from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.slurm.requeue import StopRequest
 from hpc_rlhf.trainers.common import (
-    StepLoop,
-    StepSchedule,
     TrainerContext,
-    all_reduce_sums,
     build_context,
-    eval_share,
-    finish,
-    finite_metrics,
+    evaluation_sums,
     load_train_and_eval,
     load_trainable,
-    micro_batches,
     save_model,
     schedule_for,
     sequence_log_probs,
+    token_loss_step,
+    train_schedule,
 )
 from hpc_rlhf.trainers.supervised_data import Encoded, load_sft_examples
 from hpc_rlhf.training.batching import MicroBatch
@@ -47,26 +43,12 @@ def nll_loss_fn(batch: MicroBatch, output: ForwardOutput) -> torch.Tensor:
 
 def evaluate_nll(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded]) -> dict[str, float]:
     """eval/loss: the token-mean NLL of the held-out examples over all ranks."""
-    mine, weight = eval_share(ctx, examples)
-    batches = micro_batches(ctx.cfg, [e.to_sample() for e in mine], ctx.pad_token_id)
-    nll = tokens = 0.0
-    for batch, output in zip(batches, actor.infer(batches)):
-        nll -= float(sequence_log_probs(output.log_probs, batch.action_mask).sum()) * weight
-        tokens += batch.num_action_tokens * weight
-    totals = all_reduce_sums(actor, {"nll": nll, "tokens": tokens})
+    def sums(batch: MicroBatch, output: ForwardOutput) -> dict[str, float]:
+        nll = -float(sequence_log_probs(output.log_probs, batch.action_mask).sum())
+        return {"nll": nll, "tokens": batch.num_action_tokens}
+
+    totals = evaluation_sums(ctx, actor, examples, sums)
     return {"eval/loss": totals["nll"] / max(totals["tokens"], 1.0), "eval/tokens": totals["tokens"]}
-
-
-def sft_step(ctx: TrainerContext, actor: Actor, examples: Sequence[Encoded],
-             schedule: StepSchedule) -> Callable[[int], dict[str, float]]:
-    """The SFT optimizer step over `examples`: step s trains the rows of schedule step s."""
-    def train_step(step: int) -> dict[str, float]:
-        rows = [examples[i] for i in schedule.indices(step, rank=ctx.dp_rank, num_ranks=ctx.dp_size)]
-        batches = micro_batches(ctx.cfg, [row.to_sample() for row in rows], ctx.pad_token_id)
-        metrics = actor.train_step(batches, nll_loss_fn, "token")
-        return finite_metrics(metrics)
-
-    return train_step
 
 
 def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: ControlPlane, *,
@@ -77,10 +59,7 @@ def run(cfg: Config, world: DistributedWorld, groups: RoleGroups, control: Contr
     examples, eval_examples = load_train_and_eval(ctx, cfg, load_sft_examples)
     schedule = schedule_for(cfg, len(examples))
     actor = load_trainable(ctx, cfg.actor.pretrain, "causal_lm", Actor, schedule.total_steps)
-    loop = StepLoop(ctx, {"actor": actor}, total_steps=schedule.total_steps)
     evaluate = (lambda: evaluate_nll(ctx, actor, eval_examples)) if eval_examples else None
-    start = loop.restore().next_step
-    stopped = loop.run(range(start, schedule.total_steps), sft_step(ctx, actor, examples, schedule),
-                       evaluate=evaluate)
-    return finish(ctx, loop, total_steps=schedule.total_steps, stopped=stopped, evaluate=evaluate,
-                  save=lambda: save_model(ctx, actor, "actor"))
+    train_step = token_loss_step(ctx, actor, examples, schedule, nll_loss_fn)
+    return train_schedule(ctx, {"actor": actor}, schedule, train_step, evaluate=evaluate,
+                          save=lambda: save_model(ctx, actor, "actor"))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from hpc_rlhf.algos import KLController, RunningMoments, build_kl_controller
+from hpc_rlhf.algos import AdvantagesAndReturns, KLController, RunningMoments, build_kl_controller
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, LayoutPlan, RankRoles, RoleGroups, sync_weights
 from hpc_rlhf.run.metrics import MetricsLogger
@@ -170,7 +170,8 @@ class PPOTrainer:
                                                  require_filled=["reward", "score"])
         return exp.table_to_tensors(table)
 
-    def _shaped(self, iteration: int, rollout: exp.RolloutTensors, group: dist.ProcessGroup, device: torch.device):
+    def _shaped(self, iteration: int, rollout: exp.RolloutTensors, group: dist.ProcessGroup, device: torch.device
+                ) -> tuple[exp.RolloutTensors, exp.ShapedRewards, AdvantagesAndReturns, float]:
         """Filtered rollout, shaped rewards, advantages/returns and mean KL, identical on actor and critic ranks."""
         reduce = group_sum(group, device)
         kept = rollout.select(exp.group_filter(self.cfg, rollout))

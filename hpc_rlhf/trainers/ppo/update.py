@@ -8,7 +8,6 @@ The loss functions return the mean over the micro-batch's units (tokens for toke
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,7 +17,8 @@ from hpc_rlhf.config.schema import Config
 from hpc_rlhf.trainers.common import micro_batches
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
 from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group
-from hpc_rlhf.training.models import ForwardOutput
+from hpc_rlhf.training.models import ForwardOutput, LossFn, LossResult
+from hpc_rlhf.training.models import _TrainedModel as TrainedModel
 
 
 def loss_weighting(loss_agg_mode: str) -> str:
@@ -26,12 +26,12 @@ def loss_weighting(loss_agg_mode: str) -> str:
     return "token" if loss_agg_mode == "token_mean" else "sample"
 
 
-def actor_loss_fn(cfg: Config) -> Callable[[MicroBatch, ForwardOutput], tuple[torch.Tensor, dict]]:
+def actor_loss_fn(cfg: Config) -> LossFn:
     """Policy loss on one micro-batch, plus the KL loss term and the entropy bonus when configured."""
     algo = cfg.algo
     norm_length = cfg.rollout.generate_max_len if algo.loss_agg_mode == "seq_mean_token_sum_norm" else None
 
-    def loss_fn(batch: MicroBatch, out: ForwardOutput):
+    def loss_fn(batch: MicroBatch, out: ForwardOutput) -> LossResult:
         tensors, mask = batch.response_tensors, batch.action_mask
         # Without an old log-prob pass (train.skip_old_logprobs) the policy before this single step is the one
         # computing `out`, so its detached log-probs are the old ones.
@@ -59,12 +59,12 @@ def actor_loss_fn(cfg: Config) -> Callable[[MicroBatch, ForwardOutput], tuple[to
     return loss_fn
 
 
-def critic_loss_fn(cfg: Config) -> Callable[[MicroBatch, ForwardOutput], tuple[torch.Tensor, dict]]:
+def critic_loss_fn(cfg: Config) -> LossFn:
     """Clipped value loss against the returns of the advantage estimator."""
     algo = cfg.algo
     norm_length = cfg.rollout.generate_max_len if algo.loss_agg_mode == "seq_mean_token_sum_norm" else None
 
-    def loss_fn(batch: MicroBatch, out: ForwardOutput):
+    def loss_fn(batch: MicroBatch, out: ForwardOutput) -> LossResult:
         tensors = batch.response_tensors
         loss, metrics = value_loss(out.values, tensors["old_values"], tensors["returns"], batch.action_mask,
                                    value_clip=algo.value_clip, loss_agg_mode=algo.loss_agg_mode,
@@ -84,7 +84,7 @@ def optimizer_batches(num_samples: int, per_rank_batch: int, *, seed: int, itera
     return [order[i:i + per_rank_batch] for i in range(0, num_samples, per_rank_batch)]
 
 
-def single_step_iteration(cfg: Config, num_samples: int, model) -> bool:
+def single_step_iteration(cfg: Config, num_samples: int, model: TrainedModel) -> bool:
     """Whether this iteration's update is one optimizer step on every rank (one epoch, every rank's samples within
     its share of train_batch_size): then the policy before the step is the one the step's forward computes."""
     per_rank = max(cfg.train.train_batch_size // model.dp_size, 1)
@@ -92,8 +92,9 @@ def single_step_iteration(cfg: Config, num_samples: int, model) -> bool:
     return cfg.train.max_epochs == 1 and int(largest) <= per_rank
 
 
-def run_epochs(model, cfg: Config, samples: list[TokenSample], loss_fn, *, filler: TokenSample, dp_size: int,
-               pad_token_id: int, iteration: int, salt: int) -> list[dict[str, float]]:
+def run_epochs(model: TrainedModel, cfg: Config, samples: list[TokenSample], loss_fn: LossFn, *,
+               filler: TokenSample, dp_size: int, pad_token_id: int, iteration: int,
+               salt: int) -> list[dict[str, float]]:
     """`max_epochs` passes over the samples, one optimizer step per train_batch_size samples over all ranks.
 
     Ranks may hold different numbers of samples (groups are kept whole, filters drop groups); each rank runs the
