@@ -12,6 +12,7 @@ that `AutoModelForCausalLM.from_pretrained` loads).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -37,7 +38,7 @@ from hpc_rlhf.trainers.common import (
     token_loss_step,
     train_schedule,
 )
-from hpc_rlhf.trainers.supervised_data import LoadReport, TextEncoder, field_of
+from hpc_rlhf.trainers.supervised_data import LoadReport, TextEncoder, encode_rows, field_of
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
 from hpc_rlhf.training.models import Actor, ForwardOutput, LossResult
@@ -93,23 +94,15 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str, key: str) -> 
 
 def load_step_examples(path: str, cfg: Config, tokenizer: PreTrainedTokenizerBase, *,
                        max_samples: Optional[int] = None) -> tuple[list[StepExample], LoadReport]:
-    """Rows {input, label} -> StepExamples; a row whose placeholder count differs from its labels is an error."""
+    """Rows {input, label} -> StepExamples; a row whose placeholder count differs from its labels is an error.
+    Several datasets are read one after another (data.dataset_probs does not mix them for prm)."""
     data, prm = cfg.data, cfg.prm
     placeholder = single_token_id(tokenizer, prm.placeholder_token, "prm.placeholder_token")
     classes = {token: index for index, token in enumerate(prm.reward_tokens)}
     encoder = TextEncoder.from_config(cfg, tokenizer)
-    report = LoadReport(str(path))
-    examples = []
-    for count, (where, row) in enumerate(iter_records(path)):
-        if max_samples is not None and count >= max_samples:
-            break
-        report.rows += 1
-        example = encode_steps(row, where, encoder, placeholder, classes, data.input_key, data.label_key)
-        if example is None:
-            report.skipped.append(str(where))
-        else:
-            examples.append(example)
-    return examples, report
+    return encode_rows(path, itertools.islice(iter_records(path), max_samples),
+                       lambda row, where: encode_steps(row, where, encoder, placeholder, classes, data.input_key,
+                                                       data.label_key))
 
 
 def encode_steps(row: dict, where: RowRef, encoder: TextEncoder, placeholder: int, classes: dict[str, int],

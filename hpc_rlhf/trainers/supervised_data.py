@@ -18,14 +18,21 @@ counted, so a bad setting shows up in the log instead of as silently missing dat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import torch
 
+from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import DatasetError, RowRef, mixed_records
 from hpc_rlhf.training.batching import TokenSample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,8 @@ class LoadReport:
 class TextEncoder:
     """Renders prompts and responses the way `data.*` asks and tokenizes them; see the module docstring."""
 
-    def __init__(self, tokenizer: Any, *, apply_chat_template: bool = False, input_template: Optional[str] = None,
-                 max_len: int = 512) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, apply_chat_template: bool = False,
+                 input_template: Optional[str] = None, max_len: int = 512) -> None:
         if apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("data.apply_chat_template needs a tokenizer that has a chat template")
         if input_template is not None and not apply_chat_template and "{}" not in input_template:
@@ -100,7 +107,7 @@ class TextEncoder:
         self.max_len = max_len
 
     @classmethod
-    def from_config(cls, cfg: Any, tokenizer: Any) -> TextEncoder:
+    def from_config(cls, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> TextEncoder:
         data = cfg.data
         return cls(tokenizer, apply_chat_template=data.apply_chat_template, input_template=data.input_template,
                    max_len=data.max_len)
@@ -185,14 +192,30 @@ def field_of(row: dict, key: str, where: RowRef) -> Any:
     return row[key]
 
 
-def _rows(path: str | Path, max_samples: Optional[int], cfg: Any):
+def _rows(path: str | Path, max_samples: Optional[int], cfg: Config) -> Iterator[tuple[RowRef, dict]]:
     """The first max_samples rows of `path`; the datasets of data.dataset mixed by data.dataset_probs (train.seed)."""
     probabilities = cfg.data.dataset_probs if path == cfg.data.dataset else None
     return mixed_records(path, probabilities=probabilities, seed=cfg.train.seed, max_samples=max_samples)
 
 
+def encode_rows(path: str | Path, rows: Iterable[tuple[RowRef, dict]],
+                encode: Callable[[dict, RowRef], Optional[T]]) -> tuple[list[T], LoadReport]:
+    """The examples `encode(row, where)` makes of the `rows` read from `path`; a row it returns None for (nothing left
+    to train once fitted into data.max_len) is skipped and counted in the report."""
+    report = LoadReport(str(path))
+    examples = []
+    for where, row in rows:
+        report.rows += 1
+        example = encode(row, where)
+        if example is None:
+            report.skipped.append(str(where))
+        else:
+            examples.append(example)
+    return examples, report
+
+
 # ----- SFT --------------------------------------------------------------------------------------------------------
-def encode_sft_row(row: dict, where: RowRef, encoder: TextEncoder, cfg: Any) -> Optional[Encoded]:
+def encode_sft_row(row: dict, where: RowRef, encoder: TextEncoder, cfg: Config) -> Optional[Encoded]:
     """One SFT row in the mode `sft.*` selects (plain, pretrain, multi-turn, conditional)."""
     data, sft = cfg.data, cfg.sft
     value = field_of(row, data.input_key, where)
@@ -251,20 +274,12 @@ def _append_segment(text: str, before: str, where: RowRef | str, encoder: TextEn
         trained.extend([train] * len(ids))
 
 
-def load_sft_examples(path: str | Path, cfg: Any, tokenizer: Any, *,
+def load_sft_examples(path: str | Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, *,
                       max_samples: Optional[int] = None) -> tuple[list[Encoded], LoadReport]:
     """Every usable SFT row of the file or folder at `path`."""
     encoder = TextEncoder.from_config(cfg, tokenizer)
-    report = LoadReport(str(path))
-    examples = []
-    for where, row in _rows(path, max_samples, cfg):
-        report.rows += 1
-        encoded = encode_sft_row(row, where, encoder, cfg)
-        if encoded is None:
-            report.skipped.append(str(where))
-        else:
-            examples.append(encoded)
-    return examples, report
+    return encode_rows(path, _rows(path, max_samples, cfg),
+                       lambda row, where: encode_sft_row(row, where, encoder, cfg))
 
 
 # ----- pairs ------------------------------------------------------------------------------------------------------
@@ -275,52 +290,49 @@ def _float_field(row: dict, key: str, where: RowRef) -> float:
     return float(value)
 
 
-def load_pairs(path: str | Path, cfg: Any, tokenizer: Any, *,
+def encode_pair(row: dict, where: RowRef, encoder: TextEncoder, cfg: Config) -> Optional[PairExample]:
+    """One row {input, chosen, rejected} (+ margin and reference log-prob columns); None when a side does not fit."""
+    data, pref = cfg.data, cfg.pref
+    prompt = field_of(row, data.input_key, where)
+    chosen = encoder.encode(prompt, field_of(row, data.chosen_key, where), where)
+    rejected = encoder.encode(prompt, field_of(row, data.rejected_key, where), where)
+    if chosen is None or rejected is None:
+        return None
+    return PairExample(
+        chosen=chosen, rejected=rejected,
+        margin=_float_field(row, pref.margin_key, where) if pref.margin_key else 0.0,
+        ref_chosen=_float_field(row, pref.ref_chosen_logps_key, where) if pref.ref_chosen_logps_key else None,
+        ref_rejected=_float_field(row, pref.ref_rejected_logps_key, where) if pref.ref_rejected_logps_key else None,
+        prompt=encoder.prompt_text(prompt, where))
+
+
+def load_pairs(path: str | Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, *,
                max_samples: Optional[int] = None) -> tuple[list[PairExample], LoadReport]:
     """Preference pairs {input, chosen, rejected} with the optional margin and reference log-prob columns."""
-    data, pref = cfg.data, cfg.pref
     encoder = TextEncoder.from_config(cfg, tokenizer)
-    report = LoadReport(str(path))
-    pairs = []
-    for where, row in _rows(path, max_samples, cfg):
-        report.rows += 1
-        prompt = field_of(row, data.input_key, where)
-        chosen = encoder.encode(prompt, field_of(row, data.chosen_key, where), where)
-        rejected = encoder.encode(prompt, field_of(row, data.rejected_key, where), where)
-        if chosen is None or rejected is None:
-            report.skipped.append(str(where))
-            continue
-        pairs.append(PairExample(
-            chosen=chosen, rejected=rejected,
-            margin=_float_field(row, pref.margin_key, where) if pref.margin_key else 0.0,
-            ref_chosen=_float_field(row, pref.ref_chosen_logps_key, where) if pref.ref_chosen_logps_key else None,
-            ref_rejected=(_float_field(row, pref.ref_rejected_logps_key, where)
-                          if pref.ref_rejected_logps_key else None),
-            prompt=encoder.prompt_text(prompt, where)))
-    return pairs, report
+    return encode_rows(path, _rows(path, max_samples, cfg),
+                       lambda row, where: encode_pair(row, where, encoder, cfg))
 
 
-def load_unpaired(path: str | Path, cfg: Any, tokenizer: Any, *,
+def encode_labelled(row: dict, where: RowRef, encoder: TextEncoder, cfg: Config) -> Optional[LabelledExample]:
+    """One kto row {input, response, label}; None when the response does not fit."""
+    data = cfg.data
+    label = field_of(row, data.label_key, where)
+    if not isinstance(label, bool):
+        raise DatasetError(f"key {data.label_key!r} of {where} must be true or false (desirable or not), "
+                           f"got {label!r}")
+    encoded = encoder.encode(field_of(row, data.input_key, where), field_of(row, data.output_key, where), where)
+    return None if encoded is None else LabelledExample(encoded, label)
+
+
+def load_unpaired(path: str | Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, *,
                   max_samples: Optional[int] = None) -> tuple[list[LabelledExample], LoadReport]:
     """KTO rows {input, response, label}: the label says whether the response is desirable (a boolean)."""
-    data = cfg.data
-    if not data.label_key:
+    if not cfg.data.label_key:
         raise ValueError("kto needs data.label_key: the column saying whether each response is desirable")
     encoder = TextEncoder.from_config(cfg, tokenizer)
-    report = LoadReport(str(path))
-    examples = []
-    for where, row in _rows(path, max_samples, cfg):
-        report.rows += 1
-        label = field_of(row, data.label_key, where)
-        if not isinstance(label, bool):
-            raise DatasetError(f"key {data.label_key!r} of {where} must be true or false (desirable or not), "
-                               f"got {label!r}")
-        encoded = encoder.encode(field_of(row, data.input_key, where), field_of(row, data.output_key, where), where)
-        if encoded is None:
-            report.skipped.append(str(where))
-        else:
-            examples.append(LabelledExample(encoded, label))
-    return examples, report
+    return encode_rows(path, _rows(path, max_samples, cfg),
+                       lambda row, where: encode_labelled(row, where, encoder, cfg))
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
