@@ -77,6 +77,17 @@ def _probabilities(value: str) -> list[float]:
         raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
 
 
+def _best_metric(value: str) -> str:
+    """OpenRLHF's best-checkpoint metric: its pass@1 keys (and the empty value, which picks the first of them) are
+    hpc_rlhf's eval/accuracy; `none` turns tracking off."""
+    if value == "none":
+        return ""
+    if value == "" or value.endswith("_pass1"):
+        return "eval/accuracy"
+    raise ValueError(f"no hpc_rlhf evaluation metric corresponds to {value!r}: set ckpt.best_metric_key to one of "
+                     "eval/accuracy, eval/reward_mean (PPO) or eval/loss (supervised, with ckpt.best_mode: min)")
+
+
 def _optim(flat: str, field: str, kind: str, nested: str = "") -> list[Flag]:
     """An optimizer setting: the flat flag sets actor and critic alike; `--actor.X` / `--critic.X` set one."""
     nested = nested or field
@@ -274,12 +285,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("tp_size",), INT, ("layout.generator.tp",), ("rejection_sampling",), derived=True),
     Flag(("eval_task",), STR, ("reward.pretrain",), ("rejection_sampling",), derived=True,
          how="rm: --pretrain is the reward model"),
+    # ----- logging -------------------------------------------------------------------------------------------------
+    Flag(("use_wandb", "logger.wandb.key"), STR, ("logger.use_wandb",), convert=lambda _: True,
+         how="true; the API key is not written into the config: export WANDB_API_KEY=... in the batch script"),
+    *(Flag((f"wandb_{part}", f"logger.wandb.{part}"), STR, (f"logger.wandb_{part}",))
+      for part in ("org", "group", "project", "run_name")),
     # ----- no equivalent ------------------------------------------------------------------------------------------
     _no(("local_rank",), INT, "set by the deepspeed launcher; srun starts one process per rank here"),
-    _no(("use_wandb", "logger.wandb.key"), STR, "no Weights & Biases: metrics go to TensorBoard and "
-        "RUN_DIR/metrics.jsonl"),
-    *(_no((f"wandb_{part}", f"logger.wandb.{part}"), STR, "no Weights & Biases (see --use_wandb)")
-      for part in ("org", "group", "project", "run_name")),
     _no(("ckpt_path", "ckpt.path"), STR, "checkpoints go to RUN_DIR/checkpoints (train.run_dir, from --save_path)"),
     _no(("save_hf_ckpt", "ckpt.save_hf"), FLAG, "checkpoints hold DeepSpeed states; the HF model is written at the "
         "end (ckpt.save_hf_model)"),
@@ -288,7 +300,8 @@ FLAGS: tuple[Flag, ...] = (
     _no(("max_ckpt_mem", "ckpt.max_mem"), FLOAT, "checkpoints are limited by count (ckpt.max_ckpt_num), not size"),
     _no(("use_ds_universal_ckpt", "ds.use_universal_ckpt"), FLAG, "no universal checkpoints: a run resumes on the "
         "layout it was saved with"),
-    _no(("ckpt.best_metric_key",), STR, "the latest checkpoints are kept, not the best", inert=("",)),
+    Flag(("ckpt.best_metric_key",), STR, ("ckpt.best_metric_key",), convert=_best_metric,
+         how="eval_*_pass1 (and the auto-detecting empty value) -> eval/accuracy; none -> empty (off)"),
     _no(("deepcompile", "ds.deepcompile"), FLAG, "no DeepCompile"),
     _no(("zpg", "ds.zpg"), INT, "no ZeRO++ hierarchical partitioning", inert=("1",)),
     _no(("grad_accum_dtype", "ds.grad_accum_dtype"), STR, "gradients accumulate in DeepSpeed's default dtype"),
@@ -304,8 +317,9 @@ FLAGS: tuple[Flag, ...] = (
     _no(("ring_head_stride", "ds.ring_attn_head_stride"), INT, "no ring attention", inert=("1",)),
     _no(("experts_implementation", "ds.experts_implementation"), STR, "MoE layers run as transformers implements "
         "them"),
-    _no(("enable_ema", "train.enable_ema"), FLAG, "no EMA copy of the model"),
-    _no(("ema_beta", "train.ema_beta"), FLOAT, "no EMA copy of the model"),
+    Flag(("enable_ema", "train.enable_ema"), FLAG, ("actor.enable_ema",),
+         how="the EMA goes to RUN_DIR/hf/actor_ema, beside the trained actor"),
+    Flag(("ema_beta", "train.ema_beta"), FLOAT, ("actor.ema_beta",)),
     _no(("full_determinism", "train.full_determinism_enable"), FLAG, "runs are seeded (train.seed); no "
         "deterministic-algorithms switch"),
     _no(("aux_loss_coef", "actor.aux_loss_coef", "model.aux_loss_coef"), FLOAT, "no MoE load-balancing loss",
@@ -321,12 +335,14 @@ FLAGS: tuple[Flag, ...] = (
     _no(("dataset_split", "data.dataset_split", "prompt_split", "data.prompt_split", "train_split"), STR,
         "whole files are read: point the data keys at the split's files", inert=("train",)),
     _no(("eval_split", "eval.split"), STR, "whole files are read: point eval.data at the split's files"),
-    _no(("optim", "actor.optim", "critic.optim"), STR, "AdamW is the optimizer", inert=("adam",)),
+    *_optim("optim", "optim", STR),
+    *_optim("muon.lr", "muon_lr", FLOAT, nested="muon.lr"),
+    *_optim("muon.momentum", "muon_momentum", FLOAT, nested="muon.momentum"),
     _no(("adam.eps", "actor.adam.eps", "critic.adam.eps"), FLOAT, "AdamW's eps is fixed at 1e-8",
         inert=("1e-8", "1e-08")),
-    *(_no((f"{prefix}muon.{part}",), kind, "no Muon optimizer") for prefix in ("", "actor.", "critic.")
-      for part, kind in (("lr", FLOAT), ("momentum", FLOAT), ("ns_steps", INT), ("nesterov", FLAG),
-                         ("no_nesterov", FLAG))),
+    *(_no((f"{prefix}muon.{part}",), kind, "DeepSpeed's Muon always runs 5 Newton-Schulz steps on Nesterov "
+          "momentum", inert=inert) for prefix in ("", "actor.", "critic.")
+      for part, kind, inert in (("ns_steps", INT, ("5",)), ("nesterov", FLAG, ()), ("no_nesterov", FLAG, ()))),
     _no(("lora_rank", "ds.lora.rank"), INT, "LoRA is wired for sft, rm, dpo, kto and kd", NO_LORA, inert=("0",)),
     *(_no(names, kind, "LoRA is wired for sft, rm, dpo, kto and kd", NO_LORA)
       for names, kind in ((("lora_alpha", "ds.lora.alpha"), INT), (("lora_dropout", "ds.lora.dropout"), FLOAT),

@@ -50,6 +50,10 @@ class OptimConfig:
     max_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     attn_implementation: str = opt("sdpa", "attention kernel", ("sdpa", "eager", "flash_attention_2"))
+    optim: str = opt("adam", "optimizer: adam = AdamW; muon = DeepSpeed's Muon on 2-D hidden weights, AdamW "
+                     "(learning_rate, adam_betas) on embeddings, heads, norms and biases", ("adam", "muon"))
+    muon_lr: float = opt(0.02, "learning rate of Muon's 2-D weights (optim: muon)")
+    muon_momentum: float = opt(0.95, "Muon's momentum (optim: muon)")
 
 
 @dataclass
@@ -58,6 +62,9 @@ class ActorConfig(OptimConfig):
 
     pretrain: str = opt("builtin:tiny-llama", "HF model folder or hub-style name of the policy; "
                         "builtin:tiny-llama builds a tiny offline model on first use")
+    enable_ema: bool = opt(False, "keep an exponential moving average of the weights, updated after each optimizer "
+                           "step, and write it to RUN_DIR/hf/actor_ema at the end")
+    ema_beta: float = opt(0.992, "EMA decay: ema = ema_beta * ema + (1 - ema_beta) * weights")
 
 
 @dataclass
@@ -310,6 +317,9 @@ class CkptConfig:
     max_ckpt_num: int = opt(3, "keep this many most recent checkpoints")
     load_checkpoint: bool = opt(True, "resume from RUN_DIR/checkpoints/latest when present")
     save_hf_model: bool = opt(True, "write HF-format models to RUN_DIR/hf at the end")
+    best_metric_key: str = opt("", "eval metric (e.g. eval/accuracy) whose best value so far keeps the trained "
+                               "model in RUN_DIR/hf/best and {step, value} in RUN_DIR/best.json; empty = off")
+    best_mode: str = opt("max", "whether a larger (max) or smaller (min) best_metric_key is better", ("max", "min"))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import prompt_indices_for, rank_slice
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
 from hpc_rlhf.training.lora import REWARD_STATS_FILE, is_lora_model, load_model_for_training, save_adapter, unwrap
-from hpc_rlhf.run.metrics import MetricsLogger, plot_curves
+from hpc_rlhf.run.metrics import MetricsLogger, plot_curves, wandb_settings
 from hpc_rlhf.run.rank_metrics import timed
 from hpc_rlhf.slurm.requeue import StopRequest, combine_stop_reasons, leave_for_requeue
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
@@ -351,9 +351,11 @@ class StepLoop:
         start_hint = int(self.checkpoint.resume_state().get("next_step", 0))
         self.logger = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, use_tensorboard=logger_cfg.use_tensorboard,
                                     progress_bar=logger_cfg.progress_bar, total_steps=total_steps,
-                                    logging_steps=logger_cfg.logging_steps, start_step=start_hint)
+                                    logging_steps=logger_cfg.logging_steps, start_step=start_hint,
+                                    wandb=wandb_settings(ctx.cfg))
         self.last_metrics: dict[str, float] = {}
         self.evaluated_at: Optional[int] = None  # the step count after which the last evaluation ran
+        self.trained = engines.get("actor")  # the model RUN_DIR/hf/best keeps (ckpt.best_metric_key)
 
     def restore(self) -> StepProgress:
         """Load the newest complete checkpoint into the engines, RNG and progress; returns the progress (a fresh
@@ -384,6 +386,7 @@ class StepLoop:
             if evaluate is not None and cfg.eval.steps > 0 and (step + 1) % cfg.eval.steps == 0:
                 metrics.update(evaluate())
                 self.evaluated_at = step + 1
+                self.keep_if_best(step + 1, metrics)
             stop = self.agree_to_stop()
             self.logger.log(step, metrics)
             self.last_metrics = metrics
@@ -393,6 +396,14 @@ class StepLoop:
                 self.ctx.info(f"stop requested: checkpoint saved after step {step}")
                 return True
         return False
+
+    def keep_if_best(self, steps_trained: int, metrics: Mapping[str, float]) -> None:
+        """After an evaluation (its metrics are the same on every rank): keep the model as RUN_DIR/hf/best when
+        ckpt.best_metric_key improved; all ranks call."""
+        if self.trained is not None:
+            self.checkpoint.keep_if_best(
+                steps_trained, metrics,
+                lambda out: save_model(self.ctx, self.trained, out.name, with_ema=False))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.logger.log(step, metrics)
@@ -407,12 +418,13 @@ class StepLoop:
 
 # ----- saving -----------------------------------------------------------------------------------------------------
 def save_model(ctx: TrainerContext, model: TrainedModel, name: str, *,
-               config_updates: Optional[Mapping[str, Any]] = None) -> Path:
+               config_updates: Optional[Mapping[str, Any]] = None, with_ema: bool = True) -> Path:
     """Write the trained model to RUN_DIR/hf/<name> with the tokenizer; all ranks call.
 
     A full model is a Hugging Face checkpoint (`from_pretrained` loads it); a LoRA model is its adapter
     (tools/merge_lora.py folds it into the base). `config_updates` are set on the model config before saving (for a
-    LoRA model they go to reward_stats.json beside the adapter).
+    LoRA model they go to reward_stats.json beside the adapter). A model with an EMA of its weights (actor.enable_ema)
+    also writes the EMA to RUN_DIR/hf/<name>_ema (unless `with_ema` is False).
     """
     out = ctx.run_dir / "hf" / name
     hf_model = model.hf_model()
@@ -431,6 +443,17 @@ def save_model(ctx: TrainerContext, model: TrainedModel, name: str, *,
         model.save_hf(out)
         if model.dp_rank == 0:
             ctx.tokenizer.save_pretrained(str(out))
+    if with_ema and model.ema is not None:
+        ema_out = ctx.run_dir / "hf" / f"{name}_ema"
+        if is_lora_model(hf_model):
+            state = model.full_state_dict()
+            if state is not None:
+                save_adapter(hf_model, model.ema.full_state_dict(state), ema_out)
+            dist.barrier(group=ctx.dp_group)
+        else:
+            model.save_ema_hf(ema_out)
+        if model.dp_rank == 0:
+            ctx.tokenizer.save_pretrained(str(ema_out))
     ctx.control.barrier()
     ctx.info(f"saved {name} to {out}")
     return out
@@ -472,8 +495,10 @@ def finish(ctx: TrainerContext, loop: StepLoop, *, total_steps: int, stopped: bo
             leave_after_stop(ctx)
         return {"stopped": 1.0, **loop.last_metrics}
     if evaluate is not None and loop.evaluated_at != total_steps:
-        loop.log(total_steps, evaluate())
+        metrics = evaluate()
+        loop.log(total_steps, metrics)
         loop.evaluated_at = total_steps
+        loop.keep_if_best(total_steps, metrics)
     if cfg.ckpt.save_hf_model and save is not None:
         save()
     loop.close()

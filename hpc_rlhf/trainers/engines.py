@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hpc_rlhf.config.schema import Config, OptimConfig
+from hpc_rlhf.config.schema import ActorConfig, Config, OptimConfig
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
 from hpc_rlhf.training.lora import LoraSettings
 
@@ -36,7 +36,9 @@ def engine_config(cfg: Config, section: OptimConfig) -> EngineConfig:
         lr_warmup_ratio=section.lr_warmup_ratio, lr_scheduler=section.lr_scheduler, min_lr_ratio=section.min_lr_ratio,
         max_norm=section.max_norm, overlap_comm=cfg.ds.overlap_comm,
         micro_train_batch_size=cfg.train.micro_train_batch_size, train_batch_size=cfg.train.train_batch_size,
-        attn_implementation=section.attn_implementation)
+        attn_implementation=section.attn_implementation, optim=section.optim, muon_lr=section.muon_lr,
+        muon_momentum=section.muon_momentum,
+        ema_beta=section.ema_beta if isinstance(section, ActorConfig) and section.enable_ema else None)
 
 
 def lora_settings(cfg: Config) -> LoraSettings | None:

@@ -53,6 +53,7 @@ GRPO_NESTED = """
 GRPO_EXPECTED = {
     "actor": {"learning_rate": 5e-7, "gradient_checkpointing": True, "pretrain": "Qwen/Qwen2.5-7B-Instruct"},
     "ref": {"micro_batch_size": 16},
+    "logger": {"use_wandb": True},  # --use_wandb TOKEN: the token itself is left to WANDB_API_KEY
     "reward": {"reward_func_path": "/openrlhf/examples/python/reward_func.py", "micro_batch_size": 16},
     "vllm": {"gpu_memory_utilization": 0.5, "enable_sleep": True, "enforce_eager": True},
     "rollout": {"batch_size": 128, "n_samples_per_prompt": 8, "prompt_max_len": 1024, "generate_max_len": 1024},
@@ -92,8 +93,8 @@ def test_grpo_command_gives_the_expected_config(command):
     config, notes = translate(command)
     assert config == GRPO_EXPECTED
     assert [note.flag for note in notes] == (
-        ["--ckpt_path", "--save_hf_ckpt", "--use_wandb", "--critic_learning_rate"] if command is GRPO_FLAT else
-        ["--ckpt.path", "--ckpt.save_hf", "--logger.wandb.key", "--critic.adam.lr"])
+        ["--ckpt_path", "--save_hf_ckpt", "--critic_learning_rate"] if command is GRPO_FLAT else
+        ["--ckpt.path", "--ckpt.save_hf", "--critic.adam.lr"])
     assert all(note.reason for note in notes)
 
 
@@ -114,7 +115,8 @@ def test_unknown_and_untranslatable_flags_are_listed_never_dropped():
     reasons = {note.flag: note.reason for note in notes}
     assert "unknown" in reasons["--frobnicate"] and "unknown" in reasons["--no_such_switch"]
     assert "no equivalent" in reasons["--ring_attn_size"] and "ring attention" in reasons["--ring_attn_size"]
-    assert {"--use_wandb", "--ptx_coef"} <= set(reasons)
+    assert "--ptx_coef" in reasons and "--use_wandb" not in reasons
+    assert config["logger"] == {"use_wandb": True}  # the key itself stays out of the config
     assert "--ds_tensor_parallel_size" not in reasons  # 1 changes nothing in OpenRLHF either
     assert config["reward"]["remote_url"] == "http://rm:5000/get_reward"
 
@@ -220,7 +222,7 @@ def test_cli_translates_a_script_end_to_end(tmp_path):
     out = tmp_path / "out" / "grpo.yaml"
     result = run_tool(str(script), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "--use_wandb" in result.stdout and "--frobnicate" in result.stdout
+    assert "--save_hf_ckpt" in result.stdout and "--frobnicate" in result.stdout
     text = out.read_text()
     assert text.startswith("# Translated from OpenRLHF") and "#   --frobnicate: unknown flag" in text
     loaded = load_config(out).config

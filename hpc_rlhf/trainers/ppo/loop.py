@@ -14,6 +14,7 @@ polls the filesystem; if a peer fails, the failure guard stops this rank with th
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from hpc_rlhf.algos import AdvantagesAndReturns, KLController, RunningMoments, build_kl_controller
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, LayoutPlan, RankRoles, RoleGroups, sync_weights
-from hpc_rlhf.run.metrics import MetricsLogger
+from hpc_rlhf.run.metrics import MetricsLogger, wandb_settings
 from hpc_rlhf.run.rank_metrics import accumulate, is_phase_time, mean_metrics, merge_metrics, timed
 from hpc_rlhf.rollouts import (
     RolloutReader,
@@ -100,12 +101,14 @@ class PPOTrainer:
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main,
                                     use_tensorboard=cfg.logger.use_tensorboard, progress_bar=cfg.logger.progress_bar,
                                     total_steps=self.total, logging_steps=cfg.logger.logging_steps,
-                                    start_step=int(self.checkpoint.resume_state().get("next_iteration", 0)))
+                                    start_step=int(self.checkpoint.resume_state().get("next_iteration", 0)),
+                                    wandb=wandb_settings(cfg))
         self.kl_controller: KLController = build_kl_controller(cfg.algo.init_kl_coef, cfg.algo.kl_target,
                                                                cfg.algo.kl_horizon)
         self.reward_moments = RunningMoments()
         self._moments_iteration: Optional[int] = None
         self.state = TrainerState()
+        self.agreed_metrics: dict[str, float] = {}  # the last merged metrics, with ckpt.best_metric_key only
 
     # ----- roles ---------------------------------------------------------------------------------------
     def _index(self, role: str) -> int:
@@ -269,6 +272,19 @@ class PPOTrainer:
         return {"sum/eval_count": out["count"], "sum/eval_reward": out["reward_sum"],
                 "sum/eval_score": out["score_sum"], **times}
 
+    def _write_best_candidate(self) -> None:
+        """With ckpt.best_metric_key: the actor's current weights, the ones this tick's evaluation runs with, written
+        as the candidate that `settle_best_candidate` keeps as RUN_DIR/hf/best if the evaluation improves."""
+        actor = self.parts.actor
+        if self.checkpoint.best is None or actor is None:
+            return
+        out = self.checkpoint.best_candidate_dir
+        if actor.dp_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+        actor.save_hf(out)
+        if actor.dp_rank == 0:
+            self.parts.tokenizer.save_pretrained(out)
+
     def _eval_due(self, iteration: int) -> bool:
         steps = self.cfg.eval.steps
         return bool(self.parts.eval_prompts) and steps > 0 and iteration % steps == 0
@@ -291,6 +307,10 @@ class PPOTrainer:
                         metrics.update(self._eval())
                     accumulate(metrics, self._generate(gen_it))
                     accumulate(metrics, self._sleep_generator())
+                evaluated = self.state.next_iteration  # iterations the weights evaluated this tick have trained
+                eval_tick = gen_it < self.total and self._eval_due(gen_it)
+                if eval_tick:
+                    self._write_best_candidate()
                 if train_it >= start:
                     # wait_data_s: idle, while other ranks generate or fill
                     with timed(metrics, "wait_data"):
@@ -309,6 +329,8 @@ class PPOTrainer:
                 elif train_it >= start:
                     self.state.weight_version = train_it + 1
             stop = self._agree(train_it, metrics, log=train_it >= start)
+            if eval_tick:
+                self.checkpoint.settle_best_candidate(evaluated, self.agreed_metrics)
             if stop and train_it < start and self.stop_reason.requeue:
                 # An async warm-up tick trains nothing, so there is nothing to checkpoint: stop after the next tick,
                 # which trains and saves (the request stays recorded), instead of losing this tick's generation.
@@ -325,7 +347,9 @@ class PPOTrainer:
             if self._in_weight_path():
                 self._sync_weights(self.total)
             self._wake_generator()
+            self._write_best_candidate()
             self._agree(self.total, self._eval())
+            self.checkpoint.settle_best_candidate(self.state.next_iteration, self.agreed_metrics)
         return last
 
     def _sleep_generator(self) -> dict[str, float]:
@@ -370,6 +394,8 @@ class PPOTrainer:
         gathered = self.control.allgather_object((request, metrics))
         if self.control.rank == 0 and log:
             self.logger.log(step, {**merge_metrics([m for _, m in gathered]), "time/end_unix_s": time.time()})
+        # Every rank decides on the best model (ckpt.best_metric_key) from the same merged metrics.
+        self.agreed_metrics = merge_metrics([m for _, m in gathered]) if self.checkpoint.best is not None else {}
         self.stop_reason = combine_stop_reasons([r for r, _ in gathered])
         return self.stop_reason is not None
 

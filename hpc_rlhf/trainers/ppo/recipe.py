@@ -16,11 +16,16 @@ from hpc_rlhf.trainers.ppo.loop import PPOTrainer
 
 
 def save_models(parts: Components, run_dir: Path) -> None:
-    """The trained actor (with its tokenizer) and critic as Hugging Face models under RUN_DIR/hf/; all ranks call."""
+    """The trained actor (with its tokenizer; its EMA too with actor.enable_ema) and critic as Hugging Face models
+    under RUN_DIR/hf/; all ranks call."""
     if parts.actor is not None:
         parts.actor.save_hf(run_dir / "hf" / "actor")
         if parts.actor.dp_rank == 0:
             parts.tokenizer.save_pretrained(run_dir / "hf" / "actor")
+        if parts.actor.ema is not None:  # actor.enable_ema: the EMA of the weights, beside the trained actor
+            parts.actor.save_ema_hf(run_dir / "hf" / "actor_ema")
+            if parts.actor.dp_rank == 0:
+                parts.tokenizer.save_pretrained(run_dir / "hf" / "actor_ema")
     if parts.critic is not None:
         parts.critic.save_hf(run_dir / "hf" / "critic")
 
