@@ -57,9 +57,9 @@ def load_prompts(
     examples: list[PromptExample] = []
     for where, row in mixed_records(path, probabilities=probabilities, seed=seed, max_samples=max_samples,
                                     columns=columns):
-        prompt = _render_prompt(_field(row, input_key, where), where, apply_chat_template=apply_chat_template,
+        prompt = _render_prompt(field_of(row, input_key, where), where, apply_chat_template=apply_chat_template,
                                 input_template=input_template, tokenizer=tokenizer)
-        label = _label_text(_field(row, label_key, where)) if label_key else None
+        label = _label_text(field_of(row, label_key, where)) if label_key else None
         examples.append(PromptExample(prompt=prompt, label=label, index=len(examples)))
     return examples
 
@@ -74,20 +74,20 @@ def check_prompt_rows(path: DataPaths, *, input_key: str = "input", label_key: O
     for where, row in iter_records(path, columns=columns):
         if limit is not None and count >= limit:
             return count, False
-        value = _field(row, input_key, where)
+        value = field_of(row, input_key, where)
         if apply_chat_template:
             if not isinstance(value, str):
-                _messages(value, where)
+                check_messages(value, where)
         elif not isinstance(value, str):
             raise DatasetError(f"input of {where} is a {type(value).__name__}, not text; chat messages need "
                                "apply_chat_template")
         if label_key:
-            _field(row, label_key, where)
+            field_of(row, label_key, where)
         count += 1
     return count, True
 
 
-def _field(row: dict, key: str, where: RowRef) -> Any:
+def field_of(row: dict, key: str, where: RowRef) -> Any:
     """row[key], or an error naming the key, the row and the file when it is missing or null."""
     if key not in row:
         raise DatasetError(f"key {key!r} is missing in {where}; the row has keys {sorted(row)}")
@@ -100,7 +100,7 @@ def _field(row: dict, key: str, where: RowRef) -> Any:
 def _render_prompt(value: Any, where: RowRef, *, apply_chat_template: bool, input_template: Optional[str],
                    tokenizer: Any) -> str:
     if apply_chat_template:
-        messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, where)
+        messages = [{"role": "user", "content": value}] if isinstance(value, str) else check_messages(value, where)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not isinstance(value, str):
         raise DatasetError(f"input of {where} is a {type(value).__name__}, not text; chat messages need "
@@ -108,7 +108,7 @@ def _render_prompt(value: Any, where: RowRef, *, apply_chat_template: bool, inpu
     return input_template.format(value) if input_template else value
 
 
-def _messages(value: Any, where: RowRef) -> list[dict]:
+def check_messages(value: Any, where: RowRef) -> list[dict]:
     """Check that `value` is a list of {"role": str, "content": str} chat messages."""
     if not isinstance(value, list) or not value:
         raise DatasetError(f"input of {where} must be text or a non-empty list of chat messages, "

@@ -29,7 +29,7 @@ from hpc_rlhf.run.durable import atomic_write_bytes, fsync_dir
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.config.loading import config_to_dict
 from hpc_rlhf.distributed import ControlPlane
-from hpc_rlhf.training.models import _TrainedModel as TrainedModel
+from hpc_rlhf.training.models import TrainedModel
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"  # RUN_DIR/hf/best: the model of the best evaluation so far (ckpt.best_metric_key)

@@ -43,7 +43,7 @@ from hpc_rlhf.trainers.supervised_data import LoadReport, PairExample
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, response_token_index
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
 from hpc_rlhf.training.models import ForwardOutput, LossFn, Reference, model_inputs
-from hpc_rlhf.training.models import _TrainedModel as TrainedModel
+from hpc_rlhf.training.models import TrainedModel
 
 T = TypeVar("T")
 Trained = TypeVar("Trained", bound=TrainedModel)

@@ -46,7 +46,7 @@ from hpc_rlhf.trainers.common import (
 from hpc_rlhf.trainers.supervised_data import PairExample, load_pairs
 from hpc_rlhf.training.batching import MicroBatch
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
-from hpc_rlhf.training.models import ForwardOutput, LossFn, LossResult, _TrainedModel, model_inputs
+from hpc_rlhf.training.models import ForwardOutput, LossFn, LossResult, TrainedModel, model_inputs
 
 STATS_PAIRS = 1024
 
@@ -77,7 +77,7 @@ class ScoreModel(nn.Module):
         self.model.gradient_checkpointing_enable(**kwargs)
 
 
-class RewardModelEngine(_TrainedModel):
+class RewardModelEngine(TrainedModel):
     """A reward model on a training engine; `forward` gives each sample's score at its last token as values [S, 1]."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,

@@ -25,7 +25,7 @@ from hpc_rlhf.rewards import RewardResult, reward_source_from_config
 from hpc_rlhf.trainers.common import TrainerContext, all_reduce_sums, eval_share
 from hpc_rlhf.trainers.engines import compute_dtype
 from hpc_rlhf.trainers.generation_setup import build_generation, sampling_params, sampling_seed
-from hpc_rlhf.training.models import _TrainedModel as TrainedModel
+from hpc_rlhf.training.models import TrainedModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

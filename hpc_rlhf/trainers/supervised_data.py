@@ -27,6 +27,7 @@ import torch
 
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import DatasetError, RowRef, mixed_records
+from hpc_rlhf.data.prompts import check_messages, field_of
 from hpc_rlhf.training.batching import TokenSample
 
 if TYPE_CHECKING:
@@ -172,24 +173,7 @@ def as_messages(value: Any, where: RowRef | str) -> list[dict]:
     """A prompt as chat messages: text becomes one user message; a list must hold {role, content} dicts."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DatasetError(f"input of {where} must be text or a non-empty list of chat messages, "
-                           f"got {type(value).__name__}")
-    for position, message in enumerate(value):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DatasetError(f"message {position} of {where} must be a dict with string 'role' and 'content', "
-                               f"got {message!r}")
-    return value
-
-
-def field_of(row: dict, key: str, where: RowRef) -> Any:
-    """row[key], or an error naming the key, the row and the file when it is missing or null."""
-    if key not in row:
-        raise DatasetError(f"key {key!r} is missing in {where}; the row has keys {sorted(row)}")
-    if row[key] is None:
-        raise DatasetError(f"key {key!r} is null in {where}")
-    return row[key]
+    return check_messages(value, where)
 
 
 def _rows(path: str | Path, max_samples: Optional[int], cfg: Config) -> Iterator[tuple[RowRef, dict]]:

@@ -194,7 +194,7 @@ def write_hf_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], out_di
     save_torch_state_dict({k: v for k, v in state.items() if k not in tied}, out_dir, metadata={"format": "pt"})
 
 
-class _TrainedModel(abc.ABC):
+class TrainedModel(abc.ABC):
     """A training DeepSpeed engine over one data-parallel group; subclasses define `forward`."""
 
     def __init__(self, module: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
@@ -365,7 +365,7 @@ class _TrainedModel(abc.ABC):
         return client_state
 
 
-class Actor(_TrainedModel):
+class Actor(TrainedModel):
     """Policy: a causal LM on a training engine. `forward` gives log-probs (and entropy if `with_entropy`)."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
@@ -415,7 +415,7 @@ class TokenValueModel(nn.Module):
         self.model.gradient_checkpointing_enable(**kwargs)
 
 
-class Critic(_TrainedModel):
+class Critic(TrainedModel):
     """Value model on a training engine. `forward` gives per-token values of the response tokens."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,

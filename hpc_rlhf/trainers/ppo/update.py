@@ -2,7 +2,7 @@
 
 Each rank trains on its own samples; `train_batch_size` samples over all ranks of a role make one optimizer step.
 The loss functions return the mean over the micro-batch's units (tokens for token_mean, sequences otherwise) and
-`_TrainedModel.backward` weights micro-batches so the gradient is that of the mean over the global batch.
+`TrainedModel.backward` weights micro-batches so the gradient is that of the mean over the global batch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hpc_rlhf.trainers.common import micro_batches
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
 from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group
 from hpc_rlhf.training.models import ForwardOutput, LossFn, LossResult
-from hpc_rlhf.training.models import _TrainedModel as TrainedModel
+from hpc_rlhf.training.models import TrainedModel
 
 
 def loss_weighting(loss_agg_mode: str) -> str:
