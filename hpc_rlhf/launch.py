@@ -16,18 +16,31 @@ if __name__ == "__main__" or os.environ.get("SLURM_STEP_ID"):  # a rank's proces
     install_early_stop_handlers()  # until a handler exists, USR1/USR2 kill the process; the imports below take seconds
 
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Sequence  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from hpc_rlhf.builtin_models.resolve import resolve_model_path  # noqa: E402
 from hpc_rlhf.cli import build_parser, parse_config_args, quiet_libraries, run_entry  # noqa: E402
-from hpc_rlhf.config.schema import Config  # noqa: E402
+from hpc_rlhf.config.checks import check_machine  # noqa: E402
 from hpc_rlhf.config.loading import LoadedConfig, config_to_dict  # noqa: E402
+from hpc_rlhf.config.schema import Config  # noqa: E402
+from hpc_rlhf.distributed import (  # noqa: E402
+    ControlPlane,
+    DistributedWorld,
+    WorldInfo,
+    build_control_plane,
+    build_role_groups,
+    detect_world,
+    init_distributed,
+    plan_layout,
+    run_guarded,
+    spawn_local,
+)
+from hpc_rlhf.errors import UsageError  # noqa: E402
+from hpc_rlhf.run.directory import RunDirConflict, check_run_dir, record_run_config  # noqa: E402
+from hpc_rlhf.slurm.requeue import StopRequest  # noqa: E402
 from hpc_rlhf.trainers.engines import use_cuda  # noqa: E402
-
-if TYPE_CHECKING:
-    from hpc_rlhf.distributed import ControlPlane, DistributedWorld, WorldInfo
-    from hpc_rlhf.slurm.requeue import StopRequest
 
 
 def rank_main(info: WorldInfo, cfg: Config) -> dict[str, float]:
@@ -36,9 +49,6 @@ def rank_main(info: WorldInfo, cfg: Config) -> dict[str, float]:
     Stop requests (the batch script's stop flag, USR1/USR2 from SLURM or submitit, SIGTERM) are only recorded by the
     handlers; the loop polls them at tick boundaries, checkpoints, and rank 0 requeues the job when asked to.
     """
-    from hpc_rlhf.distributed import build_control_plane, init_distributed, run_guarded
-    from hpc_rlhf.slurm import StopRequest
-
     stop = StopRequest.for_slurm_job(cfg.train.run_dir).install()
     if info.rank == 0:
         stop.clear_stale_flag()
@@ -58,8 +68,6 @@ def rank_main(info: WorldInfo, cfg: Config) -> dict[str, float]:
 
 
 def _run_trainer(cfg: Config, world: DistributedWorld, control: ControlPlane, stop: StopRequest) -> dict[str, float]:
-    from hpc_rlhf.distributed import build_role_groups, plan_layout
-
     info = world.info
     if info.rank == 0:  # build built-in models once, before any other rank looks for them
         build_builtin_models(cfg)
@@ -67,15 +75,13 @@ def _run_trainer(cfg: Config, world: DistributedWorld, control: ControlPlane, st
     plan = plan_layout(cfg.layout, info.world_size, info.local_world_size)
     groups = build_role_groups(plan, info.rank)
     torch.manual_seed(cfg.train.seed)
-    from hpc_rlhf.trainers.registry import trainer_entry
+    from hpc_rlhf.trainers.registry import trainer_entry  # imports DeepSpeed: only after quiet_libraries ran
 
     return trainer_entry(cfg.train.trainer)(cfg, world, groups, control, stop=stop)
 
 
 def build_builtin_models(cfg: Config) -> None:
     """Resolve every `builtin:` model spec of the config (building it into the cache on first use)."""
-    from hpc_rlhf.builtin_models.resolve import resolve_model_path
-
     teacher = getattr(getattr(cfg, "kd", None), "teacher_pretrain", None)
     for spec in (cfg.actor.pretrain, cfg.critic.pretrain, cfg.ref.pretrain, cfg.reward.pretrain, teacher):
         if spec:
@@ -85,9 +91,6 @@ def build_builtin_models(cfg: Config) -> None:
 def check_before_start(loaded: LoadedConfig, *, ranks_here: int = 1) -> None:
     """The checks that need this machine (device, model and data paths), before the run directory is touched or any
     model loads; a problem is a UsageError (one line each at the entry point)."""
-    from hpc_rlhf.errors import UsageError
-    from hpc_rlhf.config.checks import check_machine
-
     problems = check_machine(loaded.config, loaded.sources, ranks_here=ranks_here)
     if problems:
         raise UsageError("\n".join(problems))
@@ -100,9 +103,6 @@ def prepare_run_dir(loaded: LoadedConfig, *, overwrite: bool = False, write: boo
     before anything is written, unless `overwrite` first moves that run to RUN_DIR/previous/N/ (hpc_rlhf.run.directory).
     A requeue or resume of the same run passes. `write=False` only checks (the other ranks of a SLURM job).
     """
-    from hpc_rlhf.errors import UsageError
-    from hpc_rlhf.run.directory import RunDirConflict, check_run_dir, record_run_config
-
     config = config_to_dict(loaded.config)
     try:
         if not write:
@@ -118,8 +118,6 @@ def prepare_run_dir(loaded: LoadedConfig, *, overwrite: bool = False, write: boo
 
 def run_local(loaded: LoadedConfig, *, overwrite_run_dir: bool = False) -> int:
     """`python -m hpc_rlhf.train`: one process per rank of the layout on this machine."""
-    from hpc_rlhf.distributed import detect_world, spawn_local
-
     cfg = loaded.config
     world_size = cfg.layout.world_size()
     quiet_libraries(cpu_only=not use_cuda(cfg))
@@ -145,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def start() -> int:
         args, loaded = parse_config_args(parser, argv)
-        from hpc_rlhf.distributed import detect_world
 
         info = detect_world()
         quiet_libraries(cpu_only=not use_cuda(loaded.config))

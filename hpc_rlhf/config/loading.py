@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from hpc_rlhf.config.checks import check_config
 from hpc_rlhf.config.schema import Config, ConfigError
 
 DEFAULT_SOURCE = "default"
@@ -223,7 +224,6 @@ def split_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> LoadedConfig:
     """Defaults <- YAML file <- overrides, then type and cross-field checks. Raises ConfigError listing every problem."""
-    from hpc_rlhf.config.checks import check_config
 
     cfg = Config()
     sources: dict[str, str] = {}

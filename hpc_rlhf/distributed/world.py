@@ -29,6 +29,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from hpc_rlhf.slurm.env import SlurmEnvError, parse_tasks_per_node
+
 Launcher = Literal["torchrun", "slurm", "mpi", "local"]
 SLURM_PORT_BASE = 10_000
 SLURM_PORT_SPAN = 20_000  # ports 10000-29999: below Linux's ephemeral range (32768+)
@@ -129,7 +131,6 @@ def first_slurm_host(nodelist: str, run: Callable[..., Any] = subprocess.run) ->
 
 def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
     """Tasks on node `node_rank` from SLURM's compressed form, e.g. '2(x3),1' -> node 3 has 1 task."""
-    from hpc_rlhf.slurm.env import SlurmEnvError, parse_tasks_per_node
 
     try:
         counts = parse_tasks_per_node(tasks_per_node)

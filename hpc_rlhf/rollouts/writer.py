@@ -30,6 +30,7 @@ from hpc_rlhf.rollouts.atomic import atomic_file
 from hpc_rlhf.rollouts.errors import CorruptShardError, RolloutError, RolloutValidationError, ShardExistsError
 from hpc_rlhf.rollouts.manifest import ShardRecord, find_record, write_record
 from hpc_rlhf.rollouts.paths import MANIFEST_NAME, check_name, iteration_dir, shard_file_name
+from hpc_rlhf.rollouts.verify import file_problem
 from hpc_rlhf.rollouts.schema import (
     COLUMN_NAMES,
     ROLLOUT_SCHEMA,
@@ -120,7 +121,6 @@ class ShardWriter:
         make_dirs_durable(directory)
         record = None if overwrite else find_record(directory, shard_name, stage)
         if record is not None:
-            from hpc_rlhf.rollouts.verify import file_problem
 
             problem = file_problem(directory / record.file, record, checksum=False)
             if problem is not None:
