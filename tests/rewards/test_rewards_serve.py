@@ -16,6 +16,7 @@ import torch
 
 from hpc_rlhf.rewards import RemoteReward, RewardError, RewardFunction
 from hpc_rlhf.rewards.server import RewardServer, parse_request
+from tests.rewards.serving import serve_reward
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,21 +27,8 @@ SERVE_REWARD = REPO_ROOT / "tools" / "serve_reward.py"
 @pytest.fixture
 def served(length_reward_file):
     """tools/serve_reward.py serving the length reward file on a free port; yields its URL."""
-    process = subprocess.Popen([sys.executable, str(SERVE_REWARD), "--reward-func", str(length_reward_file),
-                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        if not line.startswith("serving "):
-            process.kill()
-            raise AssertionError(f"serve_reward did not start: {line!r} {process.stderr.read()}")
-        yield line.split(" on ")[-1].strip()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serve_reward("--reward-func", str(length_reward_file)) as url:
+        yield url
 
 
 def test_served_reward_file_matches_calling_it_directly(served, length_reward_file):

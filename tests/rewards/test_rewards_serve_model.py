@@ -16,6 +16,7 @@ import torch
 
 from hpc_rlhf.rewards import RemoteReward, RewardError, RewardModel, RewardResult
 from hpc_rlhf.rewards.batching import BatchingScorer
+from tests.rewards.serving import serve_reward
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,22 +30,9 @@ PROMPTS = ["<s>1+1=", "3+4=", "12*3=", "9-9=", "a longer query: 100+200="]
 def served_model(tiny_text_reward_model_dir):
     """tools/serve_reward.py serving the tiny text reward model on a free port, batching up to 16 samples that arrive
     within 500 ms; yields its URL."""
-    process = subprocess.Popen([sys.executable, str(SERVE_REWARD), "--reward-pretrain", str(tiny_text_reward_model_dir),
-                                "--port", "0", "--batch-size", "16", "--max-wait-ms", "500", "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        if not line.startswith("serving "):
-            process.kill()
-            raise AssertionError(f"serve_reward did not start: {line!r} {process.stderr.read()}")
-        yield line.split(" on ")[-1].strip()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serve_reward("--reward-pretrain", str(tiny_text_reward_model_dir), "--batch-size", "16",
+                      "--max-wait-ms", "500", "--device", "cpu") as url:
+        yield url
 
 
 def _health(url: str) -> dict:
