@@ -6,24 +6,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.trainers.checkpointing import BestMetric, CheckpointService, improves
 from hpc_rlhf.trainers.common import StepProgress
+from tests.checkpoint.one_rank import OneRank
 
 
-class OneRank:
-    rank = 0
-    world_size = 1
-
-    def barrier(self) -> None:
-        pass
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return obj
 
 
 def service(run_dir: Path, key: str = "eval/accuracy", mode: str = "max") -> CheckpointService:

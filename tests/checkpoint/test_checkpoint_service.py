@@ -15,22 +15,9 @@ import torch
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.trainers.checkpointing import CheckpointService, ResumeRefused
 from hpc_rlhf.trainers.common import RoundProgress, StepProgress
+from tests.checkpoint.one_rank import OneRank
 
 
-class OneRank:
-    """The control plane of a one-rank job."""
-
-    rank = 0
-    world_size = 1
-
-    def barrier(self) -> None:
-        pass
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-    def allgather_object(self, obj: Any) -> list[Any]:
-        return [obj]
 
 
 def config(run_dir: Path, **ckpt: Any) -> Config:
