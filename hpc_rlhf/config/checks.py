@@ -109,6 +109,8 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
     if algo.advantage_estimator in GROUP_ESTIMATORS and rollout.n_samples_per_prompt < 2:
         errors.append(f"{_src(sources, 'rollout.n_samples_per_prompt')}: {algo.advantage_estimator} compares samples "
                       f"of one prompt, so it needs n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})")
+    if rollout.dynamic_filtering:
+        errors += check_dynamic_filtering(cfg, sources)
     if algo.advantage_estimator in GROUP_ESTIMATORS and algo.gamma != 1.0:
         errors.append(f"{_src(sources, 'algo.gamma')}: {algo.advantage_estimator} uses a per-prompt baseline of "
                       f"sequence rewards, so it needs gamma = 1.0 (got {algo.gamma})")
@@ -128,6 +130,23 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
     if coef is not None and (math.isnan(coef) or coef > 1):
         errors.append(f"{_src(sources, 'algo.stop_properly_penalty_coef')}: must be in [0, 1] (scales the reward of "
                       f"a cut response) or < 0 (replaces it), got {coef}")
+    return errors
+
+
+def check_dynamic_filtering(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """DAPO dynamic sampling filters on the generators, right after scoring, so the scores must be known there."""
+    errors = []
+    rollout = cfg.rollout
+    if rollout.n_samples_per_prompt < 2:
+        errors.append(f"{_src(sources, 'rollout.dynamic_filtering', 'rollout.n_samples_per_prompt')}: filtering keeps "
+                      f"groups whose scores differ, so it needs n_samples_per_prompt >= 2")
+    if cfg.reward.pretrain:
+        errors.append(f"{_src(sources, 'rollout.dynamic_filtering', 'reward.pretrain')}: the generators filter groups "
+                      f"by score and draw replacement prompts, but a reward model scores later on its own ranks; use "
+                      f"reward.reward_func_path or reward.remote_url")
+    if rollout.dynamic_filtering_max_rounds < 1:
+        errors.append(f"{_src(sources, 'rollout.dynamic_filtering_max_rounds')}: must be >= 1 (1 = the first round "
+                      f"only)")
     return errors
 
 

@@ -130,8 +130,12 @@ class RolloutConfig:
     async_queue: int = opt(0, "iterations generators may run ahead of the actor (0 = synchronous)")
     agent_func_path: Optional[str] = opt(None, "Python file defining AgentInstance for multi-turn rollouts")
     max_turns: int = opt(1, "environment turns per multi-turn trajectory")
-    dynamic_filtering: bool = opt(False, "drop groups whose scores are all equal or outside the range (DAPO)")
+    dynamic_filtering: bool = opt(False, "drop groups whose scores are all equal or outside the range, and draw the "
+                                  "next prompts until batch_size groups are kept (DAPO dynamic sampling)")
     dynamic_filtering_reward_range: list[float] = opt([0.0, 1.0], "keep groups whose mean score lies strictly inside")
+    dynamic_filtering_max_rounds: int = opt(10, "dynamic_filtering: generate-and-filter rounds per iteration at most, "
+                                                "the first included; an iteration that still misses groups then "
+                                                "trains on fewer (1 = never draw more prompts)")
 
 
 @dataclass

@@ -20,6 +20,8 @@ from hpc_rlhf.data.sharding import (
     iterations_per_epoch,
     prompt_indices_for,
     rank_slice,
+    refill_slice,
+    stream_indices,
 )
 
 __all__ = [
@@ -44,4 +46,6 @@ __all__ = [
     "probability_problems",
     "prompt_indices_for",
     "rank_slice",
+    "refill_slice",
+    "stream_indices",
 ]

@@ -9,6 +9,12 @@ Schedule:
     permutation is different, so no prompt is left out for good);
   * rank r of num_ranks takes the r-th contiguous slice of the block; when the block does not divide evenly the first
     `rollout_batch_size % num_ranks` ranks take one prompt more (numpy.array_split's rule).
+
+With DAPO dynamic filtering the generators draw further prompts to replace dropped groups, so an iteration no longer
+takes exactly one block: the prompts then form one stream (epoch 0's blocks, then epoch 1's, ...), an iteration takes
+the stream's positions from a data position the trainer keeps in its checkpoint, and `stream_indices` maps positions
+to prompt indices. With no prompt drawn beyond its block, iteration i takes the positions [i * B, (i + 1) * B) of the
+stream, which are exactly `block_indices` of its (epoch, iteration).
 """
 
 from __future__ import annotations
@@ -87,3 +93,29 @@ def prompt_indices_for(
                           rollout_batch_size=rollout_batch_size)
     start, stop = rank_slice(len(block), rank=rank, num_ranks=num_ranks)
     return block[start:stop]
+
+
+def stream_indices(num_prompts: int, *, seed: int, rollout_batch_size: int, start: int, count: int) -> list[int]:
+    """The prompt indices at positions [start, start + count) of the prompt stream: epoch e's whole blocks (its
+    permutation without the incomplete tail), then epoch e + 1's; the stream never ends."""
+    _check_non_negative(start=start, count=count)
+    per_epoch = iterations_per_epoch(num_prompts, rollout_batch_size) * rollout_batch_size
+    indices: list[int] = []
+    position = start
+    while len(indices) < count:
+        epoch, offset = divmod(position, per_epoch)
+        take = min(count - len(indices), per_epoch - offset)
+        indices += epoch_permutation(num_prompts, seed=seed, epoch=epoch)[offset:offset + take].tolist()
+        position += take
+    return indices
+
+
+def refill_slice(missing: list[int], *, rank: int) -> tuple[int, int]:
+    """[start, stop) of rank's draw in a refill round where rank r still misses `missing[r]` groups: the round's
+    prompts are handed out in rank order, each rank taking as many as it misses."""
+    _check_non_negative(rank=rank)
+    if rank >= len(missing):
+        raise ValueError(f"rank={rank} must be smaller than the {len(missing)} ranks of `missing`")
+    _check_non_negative(**{f"missing[{r}]": m for r, m in enumerate(missing)})
+    start = sum(missing[:rank])
+    return start, start + missing[rank]

@@ -41,7 +41,7 @@ from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.components import Components, build_components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
-from hpc_rlhf.trainers.ppo.rollout_stage import run_eval, run_generation
+from hpc_rlhf.trainers.ppo.rollout_stage import Refill, run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
 from hpc_rlhf.training.batching import TokenSample
 from hpc_rlhf.training.models import Actor, Critic
@@ -70,6 +70,7 @@ class TrainerState:
     weight_version: int = 0
     kl_controller: dict = field(default_factory=dict)
     reward_moments: dict = field(default_factory=dict)
+    data_position: int = 0  # dynamic sampling: prompts of the stream drawn by the iterations generated so far
 
 
 class PPOTrainer:
@@ -131,16 +132,39 @@ class PPOTrainer:
         result = run_generation(self.cfg, iteration=iteration, engine_index=self.roles.generator_engine,
                                 num_engines=self.num_engines, writes=self.writes_shards, executor=parts.executor,
                                 tokenizer=parts.tokenizer, prompts=parts.prompts, reward_source=parts.reward_source,
-                                weight_version=self.state.weight_version)
+                                weight_version=self.state.weight_version, refill=self._refill())
         if self.roles.role_index["generator"] == 0:  # the first generator rank completes the iteration
             expected = self._expected_shards()
             wait_for_shards(self.run_dir, iteration, expected)
             commit_iteration(self.run_dir, iteration, expected)
+        metrics: dict[str, float] = {}
+        if result.filtering is not None:  # every generator rank holds the same outcome
+            self.state.data_position += result.filtering.prompts_drawn
+            metrics = {"generate/filter_prompts_drawn": float(result.filtering.prompts_drawn),
+                       "generate/filter_groups_kept": float(result.filtering.groups_kept),
+                       "generate/filter_rounds": float(result.filtering.rounds),
+                       "generate/filter_capped": float(result.filtering.capped),
+                       "generate/data_position": float(self.state.data_position)}
         if not self.writes_shards or result.reused:
-            return {}
-        return {"sum/generate_tokens": result.response_tokens, "max/generate_s": result.seconds,
+            return metrics
+        return {**metrics, "sum/generate_tokens": result.response_tokens, "max/generate_s": result.seconds,
                 "sum/generate_samples": result.samples, "max/generate_engine_s": result.engine_seconds,
                 "max/reward_fn_s": result.reward_seconds, "max/shard_write_s": result.write_seconds}
+
+    def _refill(self) -> Optional[Refill]:
+        """Dynamic sampling's inputs for this iteration (None without rollout.dynamic_filtering)."""
+        if not self.cfg.rollout.dynamic_filtering:
+            return None
+        return Refill(data_position=self.state.data_position, gather_missing=self._gather_missing)
+
+    def _gather_missing(self, missing: int) -> list[int]:
+        """Every engine's count of groups still missing, in engine order: a sum over the generator group, to which
+        the first tensor-parallel rank of each engine contributes its engine's count."""
+        counts = torch.zeros(self.num_engines, dtype=torch.long, device=self.device)
+        if self.roles.tp_rank == 0:
+            counts[self.roles.generator_engine] = missing
+        dist.all_reduce(counts, group=self.groups.group("generator"))
+        return [int(c) for c in counts.tolist()]
 
     def _fill(self, iteration: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -391,17 +415,21 @@ class PPOTrainer:
     def _agree(self, step: int, metrics: dict[str, float], *, log: bool = True) -> bool:
         """Exchange metrics and stop requests; rank 0 logs the merged metrics. Returns whether the job stops now."""
         request = self.stop.request() if self.stop is not None else None
-        gathered = self.control.allgather_object((request, metrics))
+        position = self.state.data_position if self.roles.has("generator") else None
+        gathered = self.control.allgather_object((request, metrics, position))
         if self.control.rank == 0 and log:
-            self.logger.log(step, {**merge_metrics([m for _, m in gathered]), "time/end_unix_s": time.time()})
+            self.logger.log(step, {**merge_metrics([m for _, m, _ in gathered]), "time/end_unix_s": time.time()})
         # Every rank decides on the best model (ckpt.best_metric_key) from the same merged metrics.
-        self.agreed_metrics = merge_metrics([m for _, m in gathered]) if self.checkpoint.best is not None else {}
-        self.stop_reason = combine_stop_reasons([r for r, _ in gathered])
+        self.agreed_metrics = merge_metrics([m for _, m, _ in gathered]) if self.checkpoint.best is not None else {}
+        self.stop_reason = combine_stop_reasons([r for r, _, _ in gathered])
+        # The generators' data position (dynamic sampling), so that whichever rank saves the checkpoint holds it.
+        self.state.data_position = max((p for _, _, p in gathered if p is not None), default=0)
         return self.stop_reason is not None
 
     # ----- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The trainer's part of a checkpoint: iteration, weight version, KL controller, reward statistics."""
+        """The trainer's part of a checkpoint: iteration, weight version, KL controller, reward statistics, and the
+        data position of dynamic sampling."""
         self.state.kl_controller = self.kl_controller.state_dict()
         self.state.reward_moments = self.reward_moments.state_dict()
         return self.state.__dict__.copy()

@@ -7,13 +7,14 @@ of iterations not yet trained stay on disk and are reused by the resumed run ins
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from hpc_rlhf.run.checkpoint import complete_checkpoints, read_trainer_state
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.rollouts.errors import RolloutError
-from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards
+from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards, iterations_started
 from hpc_rlhf.rollouts.paths import iteration_dir
 from hpc_rlhf.rollouts.verify import damaged_in_run, set_aside
 from hpc_rlhf.trainers.checkpointing import CHECKPOINTS_DIR, ResumeRefused
@@ -36,7 +37,7 @@ def resumed_weight_version(iteration: int, start: int, async_queue: int) -> int:
 
 
 def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int, expected_shards: list[str],
-                   checkpoints: list[tuple[int, str]] = ()) -> list[str]:
+                   checkpoints: list[tuple[int, str]] = (), regenerate_from: Optional[int] = None) -> list[str]:
     """What a run resuming at iteration `start` finds in RUN_DIR/rollouts, as lines to print; repairs what it can.
 
     - temp files and shards without a commit record (a writer killed halfway) are deleted;
@@ -45,12 +46,23 @@ def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int
       file is set aside in rollouts/damaged/), else RolloutRepairError says why not and what to do;
     - files of iterations already trained are checked too and reported in one line (the run does not read them).
     `checkpoints` are the complete checkpoints as (next_iteration, folder name), for the advice.
+    With dynamic sampling (`regenerate_from` set) the prompts of an iteration depend on the data position the
+    checkpoint holds, which counts the iterations generated before it was taken: rollouts of later iterations
+    (`regenerate_from` on) are deleted and generated again from that position (the same weights and seeds, so the
+    same rows), and an earlier iteration that is damaged cannot be generated again.
     """
     lines = []
     removed = cleanup_uncommitted(run_dir)
     if removed:
         names = [f"{p.parent.name}/{p.name}" for p in removed]
         lines.append(f"rollouts: removed {len(removed)} file(s) of interrupted writes ({_first(names)})")
+    if regenerate_from is not None:
+        later = [it for it in iterations_started(run_dir) if it >= regenerate_from]
+        for iteration in later:
+            shutil.rmtree(iteration_dir(run_dir, iteration))
+        if later:
+            lines.append(f"rollouts: iterations {later[0]}..{later[-1]} were generated after the checkpoint; with "
+                         f"rollout.dynamic_filtering they are generated again from the checkpoint's data position")
     damaged = damaged_in_run(run_dir)
     trained = [item for it, items in damaged.items() if it < start for item in items]
     if trained:
@@ -67,6 +79,11 @@ def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int
             continue
         what = "; ".join([d.describe(run_dir) for d in items] +
                          [f"{iteration_dir(run_dir, iteration).name}/{s} is not committed" for s in missing])
+        if regenerate_from is not None and iteration < regenerate_from:
+            raise RolloutRepairError(
+                f"rollouts of iteration {iteration} are damaged or missing ({what}); with rollout.dynamic_filtering "
+                f"its prompts depend on a data position the checkpoint does not hold, so it cannot be generated "
+                f"again: restore the files from a copy, resume from an earlier checkpoint, or start the run again")
         was, now = original_weight_version(iteration, async_queue), resumed_weight_version(iteration, start,
                                                                                          async_queue)
         if was != now:
@@ -98,6 +115,7 @@ class RolloutCheck:
     def __init__(self, cfg: Config, total: int, expected_shards: list[str]) -> None:
         self.run_dir = cfg.train.run_dir
         self.async_queue = cfg.rollout.async_queue
+        self.dynamic_filtering = cfg.rollout.dynamic_filtering
         self.total = total
         self.expected_shards = expected_shards
 
@@ -105,5 +123,8 @@ class RolloutCheck:
         start = int(read_trainer_state(path).get("next_iteration", 0)) if path is not None else 0
         root = Path(self.run_dir) / CHECKPOINTS_DIR
         kept = sorted((iteration, folder.name) for iteration, folder in complete_checkpoints(root))
-        for line in check_rollouts(self.run_dir, start, self.total, self.async_queue, self.expected_shards, kept):
+        # A checkpoint taken after training iteration start - 1 follows the generation of start + async_queue - 1.
+        regenerate_from = (start + self.async_queue if path is not None else 0) if self.dynamic_filtering else None
+        for line in check_rollouts(self.run_dir, start, self.total, self.async_queue, self.expected_shards, kept,
+                                   regenerate_from):
             print(line, flush=True)

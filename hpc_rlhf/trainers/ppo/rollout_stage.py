@@ -4,6 +4,11 @@ The prompts an engine takes are a pure function of (seed, epoch, iteration, engi
 seed, so a resumed job regenerates exactly what an interrupted one would have (and skips shards already committed).
 Rewards that come from a function or an HTTP service are scored here, on the generator, before the shard is written;
 a reward model scores later, in its own stage.
+
+With DAPO dynamic sampling (rollout.dynamic_filtering) the generator filters groups right after scoring and draws the
+next prompts of the prompt stream for the groups it dropped, in rounds, until it holds its share of rollout.batch_size
+kept groups or rollout.dynamic_filtering_max_rounds rounds have run; its shard holds the kept groups only. Where the
+iteration starts in the stream is the trainer's data position (kept in checkpoints), so a resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -11,12 +16,21 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from hpc_rlhf.config.schema import Config
-from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
+from hpc_rlhf.algos.reward_shaping import dynamic_filter_mask
+from hpc_rlhf.data import (
+    PromptExample,
+    epoch_and_iteration,
+    prompt_indices_for,
+    rank_slice,
+    refill_slice,
+    stream_indices,
+)
 from hpc_rlhf.generation import MultiTurnExecutor, SingleTurnExecutor, Trajectory
 from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
@@ -34,6 +48,26 @@ class GenerationResult:
     engine_seconds: float = 0.0  # the engine's generate calls (and multi-turn environment steps)
     reward_seconds: float = 0.0  # reward function or remote reward service
     write_seconds: float = 0.0  # the shard's Arrow write and commit
+    filtering: Optional["FilterOutcome"] = None  # with dynamic sampling: what the rounds drew and kept
+
+
+@dataclass
+class Refill:
+    """Dynamic sampling's inputs: the iteration's first position in the prompt stream, and the collective over the
+    generator engines that turns this engine's count of missing groups into every engine's (in engine order)."""
+
+    data_position: int
+    gather_missing: Callable[[int], list[int]]
+
+
+@dataclass
+class FilterOutcome:
+    """What dynamic sampling did in one iteration, over all engines (every generator rank holds the same)."""
+
+    prompts_drawn: int  # the data position advances by this much
+    groups_kept: int
+    rounds: int
+    capped: bool  # the round limit stopped it with groups still missing
 
 
 def encode_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -80,39 +114,147 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
 def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engines: int, writes: bool,
                    executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
                    prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
-                   weight_version: int) -> GenerationResult:
-    """Generate this engine's slice of `iteration` and commit its shard (TP rank 0 writes); skip if committed."""
+                   weight_version: int, refill: Optional[Refill] = None) -> GenerationResult:
+    """Generate this engine's slice of `iteration` and commit its shard (TP rank 0 writes); skip if committed.
+    With `refill` (dynamic sampling) the shard holds the kept groups of `sample_kept_groups`."""
     shard = generator_shard_name(engine_index)
     run_dir = cfg.train.run_dir
     if shard in committed_shards(run_dir, iteration):
         return GenerationResult(samples=0, response_tokens=0, seconds=0.0, reused=True)
     start = time.perf_counter()
-    epoch, in_epoch = epoch_and_iteration(iteration, num_prompts=len(prompts),
-                                          rollout_batch_size=cfg.rollout.batch_size)
-    indices = prompt_indices_for(len(prompts), seed=cfg.train.seed, epoch=epoch, iteration=in_epoch,
-                                 rollout_batch_size=cfg.rollout.batch_size, rank=engine_index, num_ranks=num_engines)
-    chosen = [prompts[i] for i in indices]
-    texts = [p.prompt for p in chosen]
     n = cfg.rollout.n_samples_per_prompt
-    params = sampling_params(cfg, sampling_seed(cfg.train.seed, iteration, engine_index),
-                             eos_token_id=tokenizer.eos_token_id)
+    per_engine = cfg.rollout.batch_size // num_engines
+    if refill is None:
+        epoch, in_epoch = epoch_and_iteration(iteration, num_prompts=len(prompts),
+                                              rollout_batch_size=cfg.rollout.batch_size)
+        indices = prompt_indices_for(len(prompts), seed=cfg.train.seed, epoch=epoch, iteration=in_epoch,
+                                     rollout_batch_size=cfg.rollout.batch_size, rank=engine_index,
+                                     num_ranks=num_engines)
+        chosen = [prompts[i] for i in indices]
+        batch = sample_groups(cfg, executor, tokenizer, chosen, reward_source,
+                              sampling_seed(cfg.train.seed, iteration, engine_index))
+        outcome = None
+    else:
+        batch, outcome = sample_kept_groups(cfg, iteration=iteration, engine_index=engine_index,
+                                            num_engines=num_engines, executor=executor, tokenizer=tokenizer,
+                                            prompts=prompts, reward_source=reward_source, refill=refill)
+    rows = trajectory_rows(batch.trajectories, batch.prompts, engine_index * per_engine, n, weight_version,
+                           batch.rewards, batch.scores)
+    written = time.perf_counter()
+    if writes:
+        ShardWriter(run_dir).write(iteration, shard, rows)
+    end = time.perf_counter()
+    return GenerationResult(samples=len(rows), response_tokens=batch.response_tokens, seconds=end - start,
+                            reused=False, engine_seconds=batch.engine_seconds, reward_seconds=batch.reward_seconds,
+                            write_seconds=end - written, filtering=outcome)
+
+
+@dataclass
+class SampledGroups:
+    """Groups of n responses to prompts, scored where the reward comes from a function or a service; the token and
+    time counts include groups sampled and then dropped."""
+
+    prompts: list[PromptExample]
+    trajectories: list[Trajectory]  # trajectory k answers prompts[k // n]
+    rewards: Optional[list]
+    scores: Optional[list]
+    response_tokens: int = 0
+    engine_seconds: float = 0.0
+    reward_seconds: float = 0.0
+
+    def group_scores(self) -> list[float]:
+        """The score of every trajectory (the agent's own, else the reward source's)."""
+        return [t.score if t.score is not None else self.scores[k] for k, t in enumerate(self.trajectories)]
+
+    def keep(self, groups: Sequence[int], n: int) -> "SampledGroups":
+        """Only the groups `groups` (indices into prompts), in that order."""
+        rows = [g * n + j for g in groups for j in range(n)]
+        return SampledGroups(
+            prompts=[self.prompts[g] for g in groups], trajectories=[self.trajectories[k] for k in rows],
+            rewards=None if self.rewards is None else [self.rewards[k] for k in rows],
+            scores=None if self.scores is None else [self.scores[k] for k in rows],
+            response_tokens=self.response_tokens, engine_seconds=self.engine_seconds,
+            reward_seconds=self.reward_seconds)
+
+    def extend(self, other: "SampledGroups") -> None:
+        """Append `other`'s groups and add its counts."""
+        self.prompts += other.prompts
+        self.trajectories += other.trajectories
+        if self.rewards is not None and other.rewards is not None:
+            self.rewards += other.rewards
+        if self.scores is not None and other.scores is not None:
+            self.scores += other.scores
+        self.response_tokens += other.response_tokens
+        self.engine_seconds += other.engine_seconds
+        self.reward_seconds += other.reward_seconds
+
+
+def sample_groups(cfg: Config, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
+                  chosen: Sequence[PromptExample], reward_source: Optional[RewardSource],
+                  seed: int) -> SampledGroups:
+    """Sample rollout.n_samples_per_prompt responses to each prompt with `seed`, and score them."""
+    n = cfg.rollout.n_samples_per_prompt
+    texts = [p.prompt for p in chosen]
+    start = time.perf_counter()
+    params = sampling_params(cfg, seed, eos_token_id=tokenizer.eos_token_id)
     trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
-                                prompt_texts=texts, labels=[p.label for p in chosen])
+                                prompt_texts=texts, labels=[p.label for p in chosen]) if chosen else []
     generated = time.perf_counter()
     rewards = scores = None
     if reward_source is not None and trajectories and trajectories[0].reward is None:
         rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in chosen for _ in range(n)],
                                                 [t for t in texts for _ in range(n)], trajectories)
-    scored = time.perf_counter()
-    per_engine = cfg.rollout.batch_size // num_engines
-    rows = trajectory_rows(trajectories, chosen, engine_index * per_engine, n, weight_version, rewards, scores)
-    if writes:
-        ShardWriter(run_dir).write(iteration, shard, rows)
-    end = time.perf_counter()
-    tokens = sum(len(t.response_ids) for t in trajectories)
-    return GenerationResult(samples=len(rows), response_tokens=tokens, seconds=end - start, reused=False,
-                            engine_seconds=generated - start, reward_seconds=scored - generated,
-                            write_seconds=end - scored)
+    elif reward_source is not None and not trajectories:
+        rewards, scores = [], []
+    return SampledGroups(prompts=list(chosen), trajectories=list(trajectories), rewards=rewards, scores=scores,
+                         response_tokens=sum(len(t.response_ids) for t in trajectories),
+                         engine_seconds=generated - start, reward_seconds=time.perf_counter() - generated)
+
+
+def sample_kept_groups(cfg: Config, *, iteration: int, engine_index: int, num_engines: int,
+                       executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
+                       prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
+                       refill: Refill) -> tuple[SampledGroups, FilterOutcome]:
+    """DAPO dynamic sampling for one engine: rounds of sample -> score -> filter until every engine holds its share of
+    rollout.batch_size kept groups, or rollout.dynamic_filtering_max_rounds rounds have run.
+
+    Round 1 takes the engine's slice of the iteration's rollout.batch_size stream positions (the prompts it would take
+    without filtering when no earlier iteration drew more). After each round every engine learns how many groups each
+    one still misses (`refill.gather_missing`, a collective: all engines run the same rounds); the next round draws
+    that many further positions of the stream, handed out in engine order. Round r samples with its own seed.
+    """
+    rollout = cfg.rollout
+    n, batch_size = rollout.n_samples_per_prompt, rollout.batch_size
+    low, high = rollout.dynamic_filtering_reward_range
+    share_start, share_stop = rank_slice(batch_size, rank=engine_index, num_ranks=num_engines)
+    target = share_stop - share_start
+    draw_start, draw_count = refill.data_position + share_start, target
+    cursor = refill.data_position + batch_size
+    kept = SampledGroups(prompts=[], trajectories=[], rewards=[], scores=[])
+    rounds = 0
+    while True:
+        indices = stream_indices(len(prompts), seed=cfg.train.seed, rollout_batch_size=batch_size,
+                                 start=draw_start, count=draw_count)
+        seed = sampling_seed(cfg.train.seed, iteration, engine_index + rounds * num_engines)
+        batch = sample_groups(cfg, executor, tokenizer, [prompts[i] for i in indices], reward_source, seed)
+        keep = (dynamic_filter_mask(torch.tensor(batch.group_scores(), dtype=torch.float64), n,
+                                    score_range=(low, high)).view(-1, n)[:, 0].tolist() if indices else [])
+        round_kept = batch.keep([g for g, k in enumerate(keep) if k], n)
+        if kept.rewards is None or round_kept.rewards is None:
+            kept.rewards = None
+        if kept.scores is None or round_kept.scores is None:
+            kept.scores = None
+        kept.extend(round_kept)
+        rounds += 1
+        missing = refill.gather_missing(target - len(kept.prompts))
+        if sum(missing) == 0 or rounds >= rollout.dynamic_filtering_max_rounds:
+            break
+        start, stop = refill_slice(missing, rank=engine_index)
+        draw_start, draw_count = cursor + start, stop - start
+        cursor += sum(missing)
+    outcome = FilterOutcome(prompts_drawn=cursor - refill.data_position, groups_kept=batch_size - sum(missing),
+                            rounds=rounds, capped=sum(missing) > 0)
+    return kept, outcome
 
 
 def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
