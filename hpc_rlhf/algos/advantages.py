@@ -94,8 +94,11 @@ def group_normalized_rewards(rewards: torch.Tensor, n_samples_per_prompt: int, e
 
 
 def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
-    """Index [B] of the last token with mask 1 in each row (the token that receives the sequence reward)."""
+    """Index [B] of the last token with mask 1 in each row (the token that receives the sequence reward); empty for
+    a batch without rows (a rank, or an iteration, whose groups were all filtered out)."""
     length = action_mask.shape[-1]
+    if action_mask.numel() == 0:
+        return torch.zeros(action_mask.shape[:-1], dtype=torch.long, device=action_mask.device)
     return length - 1 - action_mask.long().flip(dims=[-1]).argmax(dim=-1)
 
 
@@ -160,7 +163,7 @@ def gae_advantages_and_returns(
     mask = action_mask.bool()
     values = as_compute_dtype(values).to(token_rewards.dtype)
     advantages = torch.zeros_like(token_rewards)
-    next_value = torch.zeros_like(token_rewards[:, 0])
+    next_value = token_rewards.new_zeros(token_rewards.shape[0])
     next_advantage = torch.zeros_like(next_value)
     for t in reversed(range(token_rewards.shape[-1])):
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]

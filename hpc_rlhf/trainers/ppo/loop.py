@@ -56,8 +56,13 @@ def group_sum(group: dist.ProcessGroup, device: torch.device) -> Callable[[torch
     return all_reduce
 
 
-def zero_filler(rollout: exp.RolloutTensors, keys: list[str]) -> TokenSample:
-    """A sample with zero tensors, run with weight 0 by a rank that has run out of samples in an epoch."""
+def zero_filler(rollout: exp.RolloutTensors, keys: list[str], pad_id: int = 0) -> TokenSample:
+    """A sample with zero tensors, run with weight 0 by a rank that has run out of samples in an epoch (one pad token
+    answering one pad token where the rank has no rows at all: dynamic filtering kept too few groups)."""
+    if rollout.num_samples == 0:
+        token = torch.tensor([pad_id], dtype=torch.long)
+        return TokenSample(prompt_ids=token, response_ids=token.clone(), action_mask=torch.zeros(1, dtype=torch.bool),
+                           response_tensors={key: torch.zeros(1) for key in keys})
     zeros = torch.zeros_like(rollout.behaviour_log_probs)
     return exp.to_token_samples(rollout, {key: zeros for key in keys})[0]
 
@@ -233,7 +238,7 @@ class PPOTrainer:
             with timed(times, "actor_update", sync=actor.device):
                 steps = [] if frozen else run_epochs(
                     actor, cfg, samples, actor_loss_fn(cfg),
-                    filler=zero_filler(rollout, [*per_token] + ([] if skip_old else ["old_log_probs"])),
+                    filler=zero_filler(rollout, [*per_token] + ([] if skip_old else ["old_log_probs"]), self.pad_id),
                     dp_size=actor.dp_size, pad_token_id=self.pad_id, iteration=iteration, salt=0)
         self.kl_controller.update(mean_kl, len(rollout.rewards))
         tokens = sum(s.num_tokens for s in samples)
@@ -262,7 +267,7 @@ class PPOTrainer:
             kept, _, adv, _ = self._shaped(iteration, rollout, self.groups.group("critic"), critic.device)
             samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
             steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg),
-                               filler=zero_filler(rollout, ["returns", "old_values"]), dp_size=critic.dp_size,
+                               filler=zero_filler(rollout, ["returns", "old_values"], self.pad_id), dp_size=critic.dp_size,
                                pad_token_id=self.pad_id, iteration=iteration, salt=1)
             if not self.roles.has("actor"):
                 self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
