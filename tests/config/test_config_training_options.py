@@ -1,5 +1,5 @@
 """Config keys of OpenRLHF's training-loop options (dataset mixing, the stop-properly penalty, advantage std
-normalisation): how they load, what the checks refuse, and how the OpenRLHF flags translate."""
+normalisation, DAPO dynamic sampling): how they load, what the checks refuse, and how the OpenRLHF flags translate."""
 
 from __future__ import annotations
 
@@ -111,3 +111,23 @@ def test_advantage_std_norm_loads_and_translates():
         config, notes = migrate(argv)
         assert config["algo"]["advantage_std_norm"] is False
         assert not any("std_norm" in n.flag for n in notes)
+
+
+# ----- DAPO dynamic sampling --------------------------------------------------------------------------------------
+def test_dynamic_sampling_loads_checked_and_translated():
+    rollout = load_config(None, ["--rollout.dynamic_filtering=true"]).config.rollout
+    assert rollout.dynamic_filtering and rollout.dynamic_filtering_max_rounds == 10
+    assert load_config(None, ["--rollout.dynamic_filtering=true", "--rollout.dynamic_filtering_max_rounds=1"]
+                       ).config.rollout.dynamic_filtering_max_rounds == 1
+    with pytest.raises(ConfigError, match=r"rollout.dynamic_filtering_max_rounds.*: must be >= 1"):
+        load_config(None, ["--rollout.dynamic_filtering=true", "--rollout.dynamic_filtering_max_rounds=0"])
+    with pytest.raises(ConfigError, match=r"a reward model scores later on its own ranks"):
+        load_config(None, ["--rollout.dynamic_filtering=true", "--reward.pretrain=builtin:tiny-llama",
+                           "--reward.reward_func_path=", "--layout.reward.gpus=1", "--slurm.gpus_per_node=2"])
+    with pytest.raises(ConfigError, match=r"it needs n_samples_per_prompt >= 2"):
+        load_config(None, ["--rollout.dynamic_filtering=true", "--rollout.n_samples_per_prompt=1",
+                           "--algo.advantage_estimator=reinforce"])
+    config, _ = migrate(["--pretrain", "m", "--prompt_data", "p.jsonl", "--remote_rm_url", "http://x",
+                         "--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.1", "0.9"])
+    assert config["rollout"]["dynamic_filtering"] is True
+    assert config["rollout"]["dynamic_filtering_reward_range"] == [0.1, 0.9]

@@ -14,6 +14,8 @@ from hpc_rlhf.data.sharding import (
     iterations_per_epoch,
     prompt_indices_for,
     rank_slice,
+    refill_slice,
+    stream_indices,
 )
 
 
@@ -120,6 +122,28 @@ def test_a_resumed_run_draws_the_same_prompts_as_an_uninterrupted_one():
     resumed = [draw(g, r) for g in range(13) for r in range(2)] + [draw(g, r) for g in range(13, 20) for r in range(2)]
     assert uninterrupted == resumed
     assert len(uninterrupted[0]) == 4
+
+
+def test_the_stream_is_the_epochs_blocks_one_after_another():
+    # 10 prompts in blocks of 4: 2 blocks per epoch (positions 0..7 are epoch 0's first 8 indices), then epoch 1.
+    epoch0, epoch1 = epoch_permutation(10, seed=42, epoch=0).tolist(), epoch_permutation(10, seed=42, epoch=1).tolist()
+    assert stream_indices(10, seed=42, rollout_batch_size=4, start=0, count=8) == epoch0[:8]
+    assert stream_indices(10, seed=42, rollout_batch_size=4, start=6, count=5) == epoch0[6:8] + epoch1[:3]
+    assert stream_indices(10, seed=42, rollout_batch_size=4, start=17, count=0) == []
+    # Iteration i without extra draws takes positions [i B, (i + 1) B): exactly its block.
+    for iteration in range(7):
+        epoch, in_epoch = epoch_and_iteration(iteration, num_prompts=10, rollout_batch_size=4)
+        assert stream_indices(10, seed=42, rollout_batch_size=4, start=4 * iteration, count=4) == \
+            block_indices(10, seed=42, epoch=epoch, iteration=in_epoch, rollout_batch_size=4)
+
+
+def test_refill_rounds_hand_prompts_out_in_rank_order():
+    missing = [2, 0, 3]
+    assert [refill_slice(missing, rank=r) for r in range(3)] == [(0, 2), (2, 2), (2, 5)]
+    with pytest.raises(ValueError, match="rank=3 must be smaller than the 3 ranks"):
+        refill_slice(missing, rank=3)
+    with pytest.raises(ValueError, match=r"missing\[1\] must be a non-negative integer"):
+        refill_slice([1, -1], rank=0)
 
 
 @pytest.mark.parametrize(
