@@ -23,12 +23,16 @@ from tests.ppo.filter_reward import dropped
 
 ITERATIONS = 4
 BATCH, N, ENGINES, SEED = 4, 2, 2, 7
-LAYOUT = [
-    "--layout.colocate=false", f"--layout.generator.gpus={ENGINES}", "--layout.actor.gpus=1",
-    "--slurm.gpus_per_node=3", f"--rollout.batch_size={BATCH}", f"--rollout.n_samples_per_prompt={N}",
+DISAGGREGATED = ["--layout.colocate=false", f"--layout.generator.gpus={ENGINES}", "--layout.actor.gpus=1",
+                 "--slurm.gpus_per_node=3"]
+COLOCATED = [f"--layout.generator.gpus={ENGINES}", f"--layout.actor.gpus={ENGINES}",
+             f"--slurm.gpus_per_node={ENGINES}"]  # 2 actor ranks: one holds no row when 1 group is kept
+SETTINGS = [
+    f"--rollout.batch_size={BATCH}", f"--rollout.n_samples_per_prompt={N}",
     "--train.train_batch_size=8", f"--train.max_iterations={ITERATIONS}", f"--train.seed={SEED}",
     "--rollout.dynamic_filtering=true", f"--reward.reward_func_path={REPO / 'tests/ppo/filter_reward.py'}",
 ]
+LAYOUT = [*DISAGGREGATED, *SETTINGS]
 pytestmark = pytest.mark.slow
 
 
@@ -119,9 +123,10 @@ def test_every_iteration_trains_a_full_batch_of_the_expected_prompts(refilled_ru
 
 
 @pytest.mark.timeout(300)
-def test_the_round_limit_stops_the_refill_and_the_metrics_say_so(tmp_path, jobs):
+@pytest.mark.parametrize("layout", [DISAGGREGATED, COLOCATED], ids=["disaggregated", "colocated"])
+def test_the_round_limit_stops_the_refill_and_the_metrics_say_so(tmp_path, jobs, layout):
     run_dir = tmp_path / "run"
-    jobs.run(run_dir, *LAYOUT, "--rollout.dynamic_filtering_max_rounds=1")
+    jobs.run(run_dir, *layout, *SETTINGS, "--rollout.dynamic_filtering_max_rounds=1")
     expected = expected_kept(max_rounds=1)
     rows = {r["step"]: r for r in jobs.metrics(run_dir) if "generate/filter_rounds" in r}
     assert sorted(rows) == list(range(ITERATIONS))

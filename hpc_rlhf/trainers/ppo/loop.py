@@ -267,8 +267,8 @@ class PPOTrainer:
             kept, _, adv, _ = self._shaped(iteration, rollout, self.groups.group("critic"), critic.device)
             samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
             steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg),
-                               filler=zero_filler(rollout, ["returns", "old_values"], self.pad_id), dp_size=critic.dp_size,
-                               pad_token_id=self.pad_id, iteration=iteration, salt=1)
+                               filler=zero_filler(rollout, ["returns", "old_values"], self.pad_id),
+                               dp_size=critic.dp_size, pad_token_id=self.pad_id, iteration=iteration, salt=1)
             if not self.roles.has("actor"):
                 self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
                                           len(rollout.rewards))
@@ -442,6 +442,9 @@ class PPOTrainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         known = {f.name for f in dataclasses.fields(TrainerState)}
         self.state = TrainerState(**{k: v for k, v in state.items() if k in known})
+        if "data_position" not in state:  # a checkpoint from before dynamic sampling: one block per iteration
+            generated = min(self.state.next_iteration + self.q, self.total)
+            self.state.data_position = generated * self.cfg.rollout.batch_size
         self.kl_controller.load_state_dict(self.state.kl_controller)
         self.reward_moments.load_state_dict(self.state.reward_moments)
 
