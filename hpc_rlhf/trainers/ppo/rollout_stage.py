@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
+from hpc_rlhf.data.images import decode_png
 from hpc_rlhf.generation import MultiTurnExecutor, SingleTurnExecutor, Trajectory
 from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
@@ -36,14 +37,31 @@ class GenerationResult:
     write_seconds: float = 0.0  # the shard's Arrow write and commit
 
 
-def encode_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                   images: Optional[Sequence[Sequence[bytes]]] = None, processor: Any = None) -> list[list[int]]:
     """Token ids of each prompt, keeping the last prompt_max_len tokens of long prompts.
 
-    A chat template already renders the special tokens (bos), so they are only added to plain prompts.
+    A chat template already renders the special tokens (bos), so they are only added to plain prompts. A prompt with
+    images is tokenized by the model's processor, which expands each image token into the image's placeholder
+    tokens; it is never cut (that would separate the placeholders from their image), so a longer one is an error.
     """
     max_len = cfg.rollout.prompt_max_len
-    ids = tokenizer(list(texts), add_special_tokens=not cfg.data.apply_chat_template)["input_ids"]
-    return [list(row[-max_len:]) for row in ids]
+    special = not cfg.data.apply_chat_template
+    ids = [list(row[-max_len:]) for row in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
+    for row, row_images in enumerate(images or ()):
+        if row_images:
+            expanded = processor(text=[texts[row]], images=[decode_png(row_images)],
+                                 add_special_tokens=special)["input_ids"][0]
+            ids[row] = [int(t) for t in expanded]
+            if len(ids[row]) > max_len:
+                raise ValueError(f"a prompt with {len(row_images)} image(s) has {len(ids[row])} tokens, more than "
+                                 f"rollout.prompt_max_len={max_len}; prompts with images are not cut")
+    return ids
+
+
+def prompt_images(prompts: Sequence[PromptExample]) -> Optional[list[tuple[bytes, ...]]]:
+    """Each prompt's images, or None when no prompt has any (text-only generation, as before images existed)."""
+    return [p.images for p in prompts] if any(p.images for p in prompts) else None
 
 
 def score_trajectories(reward_source: RewardSource, tokenizer: PreTrainedTokenizerBase,
@@ -65,7 +83,7 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
         prompt = prompts[k // n]
         reward = traj.reward if traj.reward is not None else (rewards[k] if rewards is not None else None)
         score = traj.score if traj.score is not None else (scores[k] if scores is not None else None)
-        rows.append({
+        row = {
             "prompt_ids": list(traj.prompt_ids), "response_ids": list(traj.response_ids),
             "behaviour_log_probs": [float(x) for x in traj.log_probs],
             "action_mask": [int(x) for x in traj.action_mask],
@@ -73,14 +91,29 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
             "group_id": group_base + k // n, "sample_index": k % n, "weight_version": weight_version,
             "turn_boundaries": list(traj.turn_boundaries),
             "extra": json.dumps({"finish_reason": traj.finish_reason, **(traj.extra_logs or {})}),
-        })
+        }
+        if prompt.images:  # the optional images column; text-only shards keep the schema without it
+            row["images"] = list(prompt.images)
+        rows.append(row)
     return rows
+
+
+def run_executor(cfg: Config, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
+                 processor: Any, prompts: Sequence[PromptExample], params: Any) -> list[Trajectory]:
+    """Encode the prompts (with their images, if any) and run the executor over them."""
+    texts = [p.prompt for p in prompts]
+    images = prompt_images(prompts)
+    ids = encode_prompts(cfg, tokenizer, texts, images, processor)
+    labels = [p.label for p in prompts]
+    if images is None:
+        return executor.run(ids, params, prompt_texts=texts, labels=labels)
+    return executor.run(ids, params, prompt_texts=texts, labels=labels, images=images)
 
 
 def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engines: int, writes: bool,
                    executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
                    prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
-                   weight_version: int) -> GenerationResult:
+                   weight_version: int, processor: Any = None) -> GenerationResult:
     """Generate this engine's slice of `iteration` and commit its shard (TP rank 0 writes); skip if committed."""
     shard = generator_shard_name(engine_index)
     run_dir = cfg.train.run_dir
@@ -96,8 +129,7 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
     n = cfg.rollout.n_samples_per_prompt
     params = sampling_params(cfg, sampling_seed(cfg.train.seed, iteration, engine_index),
                              eos_token_id=tokenizer.eos_token_id)
-    trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
-                                prompt_texts=texts, labels=[p.label for p in chosen])
+    trajectories = run_executor(cfg, executor, tokenizer, processor, chosen, params)
     generated = time.perf_counter()
     rewards = scores = None
     if reward_source is not None and trajectories and trajectories[0].reward is None:
@@ -117,7 +149,7 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
 
 def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
              prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
-             engine_index: int, num_engines: int) -> dict[str, float]:
+             engine_index: int, num_engines: int, processor: Any = None) -> dict[str, float]:
     """Score this engine's share of the held-out prompts with eval sampling; returns sums for a global mean."""
     share = list(prompts)[engine_index::num_engines]
     if not share or reward_source is None:
@@ -126,8 +158,7 @@ def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, t
     n = cfg.eval.n_samples_per_prompt
     params = sampling_params(cfg, sampling_seed(cfg.train.seed, -1, engine_index), n=n,
                              temperature=cfg.eval.temperature, eos_token_id=tokenizer.eos_token_id)
-    trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
-                                prompt_texts=texts, labels=[p.label for p in share])
+    trajectories = run_executor(cfg, executor, tokenizer, processor, share, params)
     rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in share for _ in range(n)],
                                             [t for t in texts for _ in range(n)], trajectories)
     return {"count": float(len(rewards)), "reward_sum": float(sum(rewards)), "score_sum": float(sum(scores))}
