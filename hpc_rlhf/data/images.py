@@ -107,6 +107,16 @@ def load_image_processor(path: str) -> Any:
     return AutoProcessor.from_pretrained(str(path)).image_processor
 
 
+def collapse_image_tokens(ids: Sequence[int], image_token_id: int) -> list[int]:
+    """Token ids with each run of consecutive image placeholder tokens reduced to one: the prompt as written before
+    the processor expanded each image token into the image's patch tokens."""
+    out: list[int] = []
+    for token in ids:
+        if not (token == image_token_id and out and out[-1] == image_token_id):
+            out.append(int(token))
+    return out
+
+
 def image_token_id(config: Any) -> int | None:
     """The placeholder token id of one image patch in a vision-language model's prompts, None for a text model."""
     for name in ("image_token_id", "image_token_index"):

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from hpc_rlhf.data.images import decode_png
+from hpc_rlhf.data.images import collapse_image_tokens, decode_png
 from hpc_rlhf.generation.engine import (
     GeneratedSample,
     GenerationError,
@@ -135,15 +135,6 @@ def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence
                 stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, logprobs=0,
                 detokenize=False))
     return requests
-
-
-def collapse_image_tokens(ids: Sequence[int], image_token_id: int) -> list[int]:
-    """Prompt ids with each run of consecutive image placeholder tokens reduced to one (vLLM expands them)."""
-    out: list[int] = []
-    for token in ids:
-        if not (token == image_token_id and out and out[-1] == image_token_id):
-            out.append(int(token))
-    return out
 
 
 def request_prompts(vllm: Any, prompts: Sequence[list[int]], images: Sequence[Sequence[bytes]], n: int,

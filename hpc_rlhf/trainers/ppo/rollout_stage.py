@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
-from hpc_rlhf.data.images import decode_png
+from hpc_rlhf.data.images import collapse_image_tokens, decode_png
 from hpc_rlhf.generation import MultiTurnExecutor, SingleTurnExecutor, Trajectory
 from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
@@ -66,13 +66,26 @@ def prompt_images(prompts: Sequence[PromptExample]) -> Optional[list[tuple[bytes
 
 def score_trajectories(reward_source: RewardSource, tokenizer: PreTrainedTokenizerBase,
                        prompts: Sequence[PromptExample], prompt_texts: Sequence[str],
-                       trajectories: Sequence[Trajectory]) -> tuple[list, list, dict]:
-    """Rewards and scores of trajectories from a function / remote source (queries are prompt + response text)."""
-    queries = [tokenizer.decode(list(t.prompt_ids) + list(t.response_ids), skip_special_tokens=False)
-               for t in trajectories]
+                       trajectories: Sequence[Trajectory], image_token_id: Optional[int] = None
+                       ) -> tuple[list, list, dict]:
+    """Rewards and scores of trajectories from a function / remote source (queries are prompt + response text; a
+    prompt's image placeholders read as one image token per image, as in its prompt text)."""
+    queries = [tokenizer.decode(_query_ids(t, image_token_id), skip_special_tokens=False) for t in trajectories]
     result = reward_source(queries, list(prompt_texts), [p.label for p in prompts],
                            token_ids=[list(t.prompt_ids) + list(t.response_ids) for t in trajectories])
     return result.rewards.tolist(), result.scores.tolist(), result.extra_logs
+
+
+def _query_ids(trajectory: Trajectory, image_token_id: Optional[int]) -> list[int]:
+    prompt = list(trajectory.prompt_ids)
+    if image_token_id is not None:
+        prompt = collapse_image_tokens(prompt, image_token_id)
+    return prompt + list(trajectory.response_ids)
+
+
+def image_token_of(tokenizer: PreTrainedTokenizerBase, processor: Any) -> Optional[int]:
+    """The id of the processor's image token (None without a processor)."""
+    return None if processor is None else int(tokenizer.convert_tokens_to_ids(processor.image_token))
 
 
 def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[PromptExample], group_base: int,
@@ -134,7 +147,8 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
     rewards = scores = None
     if reward_source is not None and trajectories and trajectories[0].reward is None:
         rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in chosen for _ in range(n)],
-                                                [t for t in texts for _ in range(n)], trajectories)
+                                                [t for t in texts for _ in range(n)], trajectories,
+                                                image_token_of(tokenizer, processor))
     scored = time.perf_counter()
     per_engine = cfg.rollout.batch_size // num_engines
     rows = trajectory_rows(trajectories, chosen, engine_index * per_engine, n, weight_version, rewards, scores)
@@ -160,5 +174,6 @@ def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, t
                              temperature=cfg.eval.temperature, eos_token_id=tokenizer.eos_token_id)
     trajectories = run_executor(cfg, executor, tokenizer, processor, share, params)
     rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in share for _ in range(n)],
-                                            [t for t in texts for _ in range(n)], trajectories)
+                                            [t for t in texts for _ in range(n)], trajectories,
+                                            image_token_of(tokenizer, processor))
     return {"count": float(len(rewards)), "reward_sum": float(sum(rewards)), "score_sum": float(sum(scores))}
