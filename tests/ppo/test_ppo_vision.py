@@ -53,7 +53,7 @@ def test_grpo_with_images_keeps_them_from_generator_to_trainer(tmp_path, jobs):
     jobs.run(run_dir, "--actor.pretrain=builtin:tiny-vlm", f"--data.prompt_data={data}", "--data.input_key=input",
              "--data.label_key=label", "--data.apply_chat_template=true", "--data.max_images_per_prompt=1",
              f"--reward.reward_func_path={reward}", "--algo.init_kl_coef=0.01", "--layout.reference.gpus=1",
-             "--train.max_iterations=2", "--rollout.temperature=1.0")
+             "--train.max_iterations=2", "--algo.off_policy_correction=tis")
 
     reader = RolloutReader(run_dir)
     for iteration in range(2):
@@ -74,6 +74,9 @@ def test_grpo_with_images_keeps_them_from_generator_to_trainer(tmp_path, jobs):
                                       torch.tensor(row["behaviour_log_probs"]), atol=1e-4)
     metrics = [m for m in jobs.metrics(run_dir) if "train/policy_loss" in m]
     assert len(metrics) == 2 and all(jobs.finite(m["train/policy_loss"]) for m in metrics)
+    # The actor's own log-probs of the shard's rows (the PPO ratio's old policy, with the generator's weights of that
+    # iteration) agree with the generator's: train/rollout_kl is their mean difference.
+    assert all(abs(m["train/rollout_kl"]) < 1e-5 for m in metrics), [m["train/rollout_kl"] for m in metrics]
 
 
 def test_trainer_log_probs_follow_the_image():
