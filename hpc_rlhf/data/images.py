@@ -29,14 +29,12 @@ def image_png_bytes(value: Any, where: RowRef, position: int = 0) -> bytes:
     what = f"image {position} of {where}"
     if not isinstance(value, str) or not value:
         raise DatasetError(f"{what} must be a file path or a base64 string, got {type(value).__name__}")
-    raw = _base64_bytes(value)
+    raw = _file_bytes(value, where) if not value.startswith("data:") else None
     if raw is None:
-        path = Path(value)
-        if not path.is_absolute():
-            path = Path(where.file).parent / path
-        if not path.is_file():
-            raise DatasetError(f"{what}: {value!r} is not a file ({path} does not exist) nor base64 image data")
-        raw = path.read_bytes()
+        raw = _base64_bytes(value)
+    if raw is None:
+        raise DatasetError(f"{what}: {value[:80]!r} is neither a file (relative paths start at {where.file.parent}) "
+                           "nor base64 image data")
     try:
         with Image.open(io.BytesIO(raw)) as image:
             rgb = image.convert("RGB")
@@ -47,12 +45,23 @@ def image_png_bytes(value: Any, where: RowRef, position: int = 0) -> bytes:
     return out.getvalue()
 
 
+def _file_bytes(value: str, where: RowRef) -> bytes | None:
+    """The bytes of the file `value` names (relative to the dataset file's folder), None when there is none."""
+    if len(value) > 4096:
+        return None  # base64 data, not a path
+    path = Path(value)
+    if not path.is_absolute():
+        path = Path(where.file).parent / path
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None
+
+
 def _base64_bytes(value: str) -> bytes | None:
-    """The decoded bytes of a data URI or of a bare base64 string that decodes to an image header; else None."""
+    """The decoded bytes of a data URI or a bare base64 string, None when it is not base64."""
     if value.startswith("data:"):
         value = value.split(",", 1)[-1]
-    elif len(value) < 64 or "/" in value[:1] or "." in value[-6:]:
-        return None  # a short string or one that looks like a path
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

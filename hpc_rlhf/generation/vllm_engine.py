@@ -254,7 +254,8 @@ class VllmEngine:
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len, seed=seed, executor_backend=executor_backend))
         self.max_model_len = self._engine_max_model_len(max_model_len)
-        self.image_token_id = image_token_id if image_token_id is not None else _config_image_token_id(model_path)
+        self.model_path = model_path
+        self._image_token_id = image_token_id
         self._sleeping_tags: set[str] = set()
         self._warned_truncation = False
         self._closed = False
@@ -278,9 +279,16 @@ class VllmEngine:
                           stacklevel=2)
             self._warned_truncation = True
         requests = request_sampling_params(self.vllm, params, prompts, self.max_model_len)
-        inputs = request_prompts(self.vllm, prompts, images, params.n, self.image_token_id)
+        image_token = self._image_token() if any(images) else None
+        inputs = request_prompts(self.vllm, prompts, images, params.n, image_token)
         outputs = self.llm.generate(inputs, sampling_params=requests, use_tqdm=False)
-        return to_generated_samples(outputs, prompts, params, self.image_token_id)
+        return to_generated_samples(outputs, prompts, params, image_token)
+
+    def _image_token(self) -> int | None:
+        """The image placeholder id (read from the model's config on first use)."""
+        if self._image_token_id is None:
+            self._image_token_id = _config_image_token_id(self.model_path)
+        return self._image_token_id
 
     # ----- weights and memory -------------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
