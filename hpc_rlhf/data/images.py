@@ -109,6 +109,15 @@ def causal_lm_auto_class(path: str) -> Any:
     return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
+def check_plain_positions(model: Any) -> None:
+    """Refuse a vision-language model whose rotary positions depend on the images (Qwen2-VL's M-RoPE: it computes
+    them with `get_rope_index`): the engines and trainers here pass 1-D position ids."""
+    inner = getattr(model, "model", None)
+    if hasattr(model, "get_rope_index") or hasattr(inner, "get_rope_index"):
+        raise ValueError(f"{type(model).__name__} computes multimodal rotary positions from its images (M-RoPE), "
+                         "which is not supported yet; LLaVA-style models are (docs/vision.md)")
+
+
 def load_image_processor(path: str) -> Any:
     """The image processor saved with a vision-language model (its processor's)."""
     from transformers import AutoProcessor

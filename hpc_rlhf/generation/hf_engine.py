@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 
-from hpc_rlhf.data.images import causal_lm_auto_class, is_vision_language, load_image_processor, vision_tensors
+from hpc_rlhf.data.images import (
+    causal_lm_auto_class,
+    check_plain_positions,
+    is_vision_language,
+    load_image_processor,
+    vision_tensors,
+)
 from hpc_rlhf.distributed.weights import WeightSyncError, apply_named_tensor
 from hpc_rlhf.generation.engine import (
     GeneratedSample,
@@ -91,6 +97,7 @@ class HFEngine:
         model = causal_lm_auto_class(model_path).from_pretrained(model_path, dtype=dtype,
                                                                  attn_implementation=attn_implementation)
         if is_vision_language(model.config):
+            check_plain_positions(model)
             kwargs.setdefault("image_processor", load_image_processor(model_path))
         return cls(model.to(device), **kwargs)
 

@@ -30,7 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hpc_rlhf.data.images import causal_lm_auto_class, is_vision_language, load_image_processor, vision_tensors
+from hpc_rlhf.data.images import (
+    causal_lm_auto_class,
+    check_plain_positions,
+    is_vision_language,
+    load_image_processor,
+    vision_tensors,
+)
 from hpc_rlhf.distributed.weights import full_named_parameters
 from hpc_rlhf.training.batching import (
     LOSS_WEIGHTINGS,
@@ -396,6 +402,7 @@ class Actor(TrainedModel):
         attention implementation and wrap it."""
         model = _load(causal_lm_auto_class(path), path, cfg, dp_group)
         if is_vision_language(model.config):
+            check_plain_positions(model)
             kwargs.setdefault("image_processor", load_image_processor(path))
         return cls(model, cfg, dp_group, num_training_steps, **kwargs)
 
@@ -486,6 +493,7 @@ class Reference:
         attention implementation."""
         model = _load(causal_lm_auto_class(path), path, cfg, dp_group)
         if is_vision_language(model.config):
+            check_plain_positions(model)
             kwargs.setdefault("image_processor", load_image_processor(path))
         return cls(model, cfg, dp_group, **kwargs)
 

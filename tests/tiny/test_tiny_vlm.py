@@ -34,3 +34,20 @@ def test_tiny_vlm_is_small_reproducible_and_loads(tmp_path, monkeypatch):
     ids = processor(text=["<image>hi"], images=[decode_png([buffer.getvalue()])])["input_ids"][0]
     assert ids.count(token) == 4
     assert tuple(vision_tensors(processor.image_processor, [buffer.getvalue()])["pixel_values"].shape) == (1, 3, 28, 28)
+
+
+def test_models_with_multimodal_rotary_positions_are_refused():
+    import pytest
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from hpc_rlhf.data.images import check_plain_positions
+
+    config = Qwen2VLConfig(text_config=dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=1, intermediate_size=32,
+                                            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+                           vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, in_channels=3,
+                                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
+    with pytest.raises(ValueError, match="M-RoPE"):
+        check_plain_positions(Qwen2VLForConditionalGeneration(config))
+    model = AutoModelForImageTextToText.from_pretrained(resolve_model_path("builtin:tiny-vlm"))
+    check_plain_positions(model)  # LLaVA: plain positions
