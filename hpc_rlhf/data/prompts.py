@@ -73,8 +73,9 @@ def load_prompts(
         images = row_images(row.get(image_key), where, max_images) if with_images else ()
         value = field_of(row, input_key, where)
         if images:
-            prompt = _render_image_prompt(value, where, len(images), image_token, apply_chat_template=apply_chat_template,
-                                          input_template=input_template, tokenizer=tokenizer)
+            prompt = _render_image_prompt(value, where, len(images), image_token,
+                                          apply_chat_template=apply_chat_template, input_template=input_template,
+                                          tokenizer=tokenizer)
         else:
             prompt = _render_prompt(value, where, apply_chat_template=apply_chat_template,
                                     input_template=input_template, tokenizer=tokenizer)

@@ -4,6 +4,7 @@ trainer side (the reference) recomputes from the shard alone equal the generator
 
 from __future__ import annotations
 
+import io
 import json
 import textwrap
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
 from hpc_rlhf.data.images import decode_png, image_png_bytes
@@ -84,13 +86,11 @@ def test_trainer_log_probs_follow_the_image():
     padded micro-batch that mixes image and text rows, and the same tokens under another image score differently."""
     path = resolve_model_path("builtin:tiny-vlm")
     engine = HFEngine.from_pretrained(path)
-    from transformers import AutoProcessor
-
     processor = AutoProcessor.from_pretrained(path)
     prompt = "<s><|user|><image>Which colour?</s><|assistant|>"
     pngs = {}
     for name in ("red", "blue"):
-        buffer = __import__("io").BytesIO()
+        buffer = io.BytesIO()
         Image.new("RGB", (20, 20), COLOURS[name]).save(buffer, format="PNG")
         pngs[name] = buffer.getvalue()
     ids = processor(text=[prompt], images=[decode_png([pngs["red"]])], add_special_tokens=False)["input_ids"][0]
