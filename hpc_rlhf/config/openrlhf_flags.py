@@ -143,8 +143,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("input_template", "data.input_template"), STR, ("data.input_template",)),
     Flag(("apply_chat_template", "data.apply_chat_template"), FLAG, ("data.apply_chat_template",)),
     Flag(("max_samples", "data.max_samples"), INT, ("data.max_samples",)),
-    Flag(("image_key", "data.image_key"), STR, ("data.image_key",), PPO),
-    Flag(("max_images_per_prompt", "data.max_images_per_prompt"), INT, ("data.max_images_per_prompt",), PPO),
+    Flag(("data.image_key",), STR, ("data.image_key",), PPO),  # OpenRLHF's VLM options exist in nested form only
+    Flag(("data.max_images_per_prompt",), INT, ("data.max_images_per_prompt",), PPO),
     Flag(("dataset", "data.dataset"), STR, ("data.dataset",), SUPERVISED),
     Flag(("dataset_probs", "data.dataset_probs"), STR, ("data.dataset_probs",), MIXING_SUPERVISED,
          convert=_probabilities, how="0.7,0.3 -> [0.7, 0.3]"),
