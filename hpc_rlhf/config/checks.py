@@ -330,11 +330,28 @@ def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
     return errors
 
 
+def check_images(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Vision-language RL (data.max_images_per_prompt > 0) runs the PPO trainer without a critic, a reward model, an
+    agent or packing: those read token ids only and would not see the images."""
+    count = cfg.data.max_images_per_prompt
+    if not count:
+        return []
+    key = _src(sources, "data.max_images_per_prompt")
+    if count < 0:
+        return [f"{key}: must be >= 0 (0 = text only), got {count}"]
+    unsupported = [(cfg.train.trainer != "ppo", "train.trainer must be ppo"),
+                   (cfg.algo.advantage_estimator == "gae", "no critic: use a critic-free algo.advantage_estimator"),
+                   (bool(cfg.reward.pretrain), "no reward model: score with reward.reward_func_path or remote_url"),
+                   (bool(cfg.rollout.agent_func_path), "no multi-turn agent (rollout.agent_func_path)"),
+                   (cfg.train.packing_samples, "no train.packing_samples (images stay with their rows)")]
+    return [f"{key}: prompts with images need {why}" for bad, why in unsupported if bad]
+
+
 def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
             + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources)
-            + check_data(cfg, sources))
+            + check_data(cfg, sources) + check_images(cfg, sources))
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------
@@ -398,7 +415,8 @@ def check_data_files(cfg: Config, sources: dict[str, str], *, limit: int = CHECK
                     check_records(path, limit=limit)
                     continue
                 rows, whole = check_prompt_rows(path, input_key=data.input_key, label_key=data.label_key,
-                                                apply_chat_template=data.apply_chat_template, limit=limit)
+                                                apply_chat_template=data.apply_chat_template, limit=limit,
+                                                image_key=data.image_key, max_images=data.max_images_per_prompt)
                 lengths.append(min(rows, data.max_samples) if data.max_samples else rows)
                 complete = complete and whole
             if key == "data.prompt_data" and complete:

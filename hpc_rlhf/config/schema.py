@@ -153,6 +153,10 @@ class DataConfig:
     apply_chat_template: bool = opt(False, "render prompts with the tokenizer's chat template")
     input_template: Optional[str] = opt(None, "format string with one {} for the prompt, when no chat template")
     max_samples: Optional[int] = opt(None, "use at most this many prompts")
+    image_key: str = opt("images", "column holding a prompt's images: one or a list of file paths (relative to the "
+                         "dataset file) or base64 strings; null or [] = text only (docs/vision.md)")
+    max_images_per_prompt: int = opt(0, "vision-language RL: at most this many images per prompt (0 = text only, the "
+                                     "image column is not read)")
     dataset: str | list[str] = opt("data/arithmetic/sft.jsonl", "rows of the supervised and preference trainers "
                                    "(sft, rm, dpo, kto, prm, kd): JSONL, Parquet or Arrow file or folder, or several "
                                    "(a list or comma-separated paths); eval.data holds held-out rows")

@@ -109,9 +109,10 @@ class GeneratedSample:
 class GenerationEngine(Protocol):
     """What the rollout stage, the agent executors and the weight plane need from a generator."""
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[list[GeneratedSample]]:
-        """`params.n` samples per prompt, outer list in prompt order, inner list in sample order."""
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 images: Sequence[Sequence[bytes]] | None = None) -> list[list[GeneratedSample]]:
+        """`params.n` samples per prompt, outer list in prompt order, inner list in sample order. `images` (vision-
+        language models): each prompt's images as PNG bytes, () for a text prompt."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -148,6 +149,21 @@ def check_prompts(prompt_token_ids: Sequence[Sequence[int]], *, vocab_size: int 
                                   f"[0, {vocab_size})")
         prompts.append(ids)
     return prompts
+
+
+def check_images(images: Sequence[Sequence[bytes]] | None, num_prompts: int) -> list[tuple[bytes, ...]]:
+    """Each prompt's images (PNG bytes) as a tuple, () for text prompts; a count mismatch raises an error."""
+    if images is None:
+        return [()] * num_prompts
+    if len(images) != num_prompts:
+        raise GenerationError(f"got images for {len(images)} prompts but {num_prompts} prompts")
+    checked = []
+    for row, row_images in enumerate(images):
+        row_images = tuple(row_images or ())
+        if any(not isinstance(image, bytes) for image in row_images):
+            raise GenerationError(f"the images of prompt {row} must be PNG bytes")
+        checked.append(row_images)
+    return checked
 
 
 def model_eos_token_ids(config: Any, generation_config: Any = None) -> tuple[int, ...]:

@@ -24,10 +24,15 @@ class SingleTurnExecutor:
         self.engine = engine
 
     def run(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *,
-            prompt_texts: Sequence[str] | None = None, labels: Sequence[Any] | None = None) -> list[Trajectory]:
-        """`params.n` trajectories per prompt, prompt-major; `prompt_texts` and `labels` are not needed here."""
+            prompt_texts: Sequence[str] | None = None, labels: Sequence[Any] | None = None,
+            images: Sequence[Sequence[bytes]] | None = None) -> list[Trajectory]:
+        """`params.n` trajectories per prompt, prompt-major; `prompt_texts` and `labels` are not needed here;
+        `images`: each prompt's PNG images (vision-language models)."""
         trajectories = []
-        for samples in self.engine.generate([list(ids) for ids in prompt_ids], params):
+        prompts = [list(ids) for ids in prompt_ids]
+        outputs = self.engine.generate(prompts, params) if images is None else self.engine.generate(prompts, params,
+                                                                                                    images=images)
+        for samples in outputs:
             for sample in samples:
                 trajectories.append(Trajectory(
                     prompt_ids=list(sample.prompt_ids), response_ids=list(sample.response_ids),

@@ -12,6 +12,11 @@ On CUDA the decode runs by default through `static_decode.StaticDecoder` (a prea
 replayed as a CUDA graph; `cuda_graphs=False` keeps the static cache but runs the step eagerly). It gives the same
 tokens and log-probs as the plain loop; if it cannot run with this model or transformers version, one warning names
 the reason and the engine falls back to the plain loop.
+
+Vision-language models: `generate(..., images=...)` takes each prompt's images as PNG bytes (its token ids already
+hold the processor's image placeholder tokens); the prefill of a chunk gets the vision tensors of its rows' images
+(`data.images.vision_tensors` with the engine's `image_processor`), in row order, and the decode reads them from the
+KV cache. Chunks with images always take the plain loop.
 """
 
 from __future__ import annotations
@@ -23,11 +28,19 @@ from typing import Any
 
 import torch
 
+from hpc_rlhf.data.images import (
+    causal_lm_auto_class,
+    check_plain_positions,
+    is_vision_language,
+    load_image_processor,
+    vision_tensors,
+)
 from hpc_rlhf.distributed.weights import WeightSyncError, apply_named_tensor
 from hpc_rlhf.generation.engine import (
     GeneratedSample,
     GenerationError,
     SamplingParams,
+    check_images,
     check_prompts,
     model_eos_token_ids,
     stop_set,
@@ -44,9 +57,10 @@ class HFEngine:
     def __init__(self, model: torch.nn.Module, *, pad_token_id: int | None = None,
                  eos_token_ids: Sequence[int] | None = None, max_batch_size: int = 64,
                  max_model_len: int | None = None, seed: int = 0, static_decode: bool | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, image_processor: Any = None) -> None:
         """`static_decode`: decode into a static KV cache (default: on CUDA only); `cuda_graphs`: replay its step as
-        a CUDA graph (CUDA only; False = `vllm.enforce_eager`)."""
+        a CUDA graph (CUDA only; False = `vllm.enforce_eager`); `image_processor`: the vision-language model's, for
+        prompts with images."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_model_len is not None and max_model_len < 2:
@@ -54,13 +68,16 @@ class HFEngine:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         config = model.config
-        self.vocab_size: int = int(config.vocab_size)
+        text_config = config.get_text_config()  # the config itself for a text model
+        self.vocab_size: int = int(text_config.vocab_size)
         if eos_token_ids is None:
             eos_token_ids = model_eos_token_ids(config, getattr(model, "generation_config", None))
         self.eos_token_ids: tuple[int, ...] = tuple(int(t) for t in eos_token_ids)
         if pad_token_id is None:
-            pad_token_id = config.pad_token_id if config.pad_token_id is not None else (self.eos_token_ids or (0,))[0]
+            pad_token_id = (text_config.pad_token_id if text_config.pad_token_id is not None
+                            else (self.eos_token_ids or (0,))[0])
         self.pad_token_id = int(pad_token_id)
+        self.image_processor = image_processor
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.seed = seed
@@ -75,18 +92,24 @@ class HFEngine:
     @classmethod
     def from_pretrained(cls, model_path: str, *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
                         attn_implementation: str = "sdpa", **kwargs: Any) -> HFEngine:
-        """Load an HF model folder (config + weights) onto `device` and wrap it."""
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation)
+        """Load an HF model folder (config + weights) onto `device` and wrap it (a vision-language model with its
+        image processor)."""
+        model = causal_lm_auto_class(model_path).from_pretrained(model_path, dtype=dtype,
+                                                                 attn_implementation=attn_implementation)
+        if is_vision_language(model.config):
+            check_plain_positions(model)
+            kwargs.setdefault("image_processor", load_image_processor(model_path))
         return cls(model.to(device), **kwargs)
 
     # ----- generation ---------------------------------------------------------------------------------------
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[list[GeneratedSample]]:
-        """`params.n` samples per prompt, in prompt order then sample order."""
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 images: Sequence[Sequence[bytes]] | None = None) -> list[list[GeneratedSample]]:
+        """`params.n` samples per prompt, in prompt order then sample order; `images`: each prompt's PNG images."""
         self._check_usable("generate")
         prompts = check_prompts(prompt_token_ids, vocab_size=self.vocab_size)
+        images = check_images(images, len(prompts))
+        if any(images) and self.image_processor is None:
+            raise GenerationError("prompts with images need a vision-language model and its image processor")
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self._call_seed(params.seed))
         budgets = self._token_budgets(prompts, params.max_new_tokens)
@@ -95,7 +118,7 @@ class HFEngine:
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start:start + self.max_batch_size]
             samples = self._generate_rows([prompts[p] for p, _ in chunk], [budgets[p] for p, _ in chunk], params,
-                                          generator)
+                                          generator, [image for p, _ in chunk for image in images[p]])
             for (p, s), sample in zip(chunk, samples):
                 results[p][s] = sample
         return results  # type: ignore[return-value]
@@ -119,9 +142,13 @@ class HFEngine:
         return budgets
 
     def _generate_rows(self, prompts: Sequence[list[int]], budgets: Sequence[int], params: SamplingParams,
-                       generator: torch.Generator) -> list[GeneratedSample]:
-        """One chunk of rows: through the static decoder when it is on, else (or when it fails) the plain loop."""
+                       generator: torch.Generator, images: Sequence[bytes] = ()) -> list[GeneratedSample]:
+        """One chunk of rows: through the static decoder when it is on, else (or when it fails, or the rows have
+        images) the plain loop."""
         stops = stop_set(params, self.eos_token_ids)
+        if images:
+            vision = {key: value.to(self.device) for key, value in vision_tensors(self.image_processor, images).items()}
+            return self._generate_rows_dynamic(prompts, budgets, params, generator, stops, vision)
         if self.static_decode and self.static_failure is None:
             state = generator.get_state()
             try:
@@ -139,15 +166,16 @@ class HFEngine:
 
     @torch.no_grad()
     def _generate_rows_dynamic(self, prompts: Sequence[list[int]], budgets: Sequence[int], params: SamplingParams,
-                               generator: torch.Generator, stops: frozenset[int]) -> list[GeneratedSample]:
-        """Prefill the left-padded batch, then decode one token per step (the cache grows by concatenation) until
-        every row has used its budget of new tokens or met a stop token."""
+                               generator: torch.Generator, stops: frozenset[int],
+                               vision: dict[str, torch.Tensor] | None = None) -> list[GeneratedSample]:
+        """Prefill the left-padded batch (with the vision tensors of its images), then decode one token per step (the
+        cache grows by concatenation) until every row has used its budget of new tokens or met a stop token."""
         batch = len(prompts)
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **(vision or {}))
         cache, logits = output_cache(out), out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1
         cache_kw = cache_keyword(self.model) or "past_key_values"

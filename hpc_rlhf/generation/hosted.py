@@ -98,9 +98,12 @@ class ProcessHostedEngine:
             raise
 
     # ----- the GenerationEngine API ------------------------------------------------------------------------
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[list[GeneratedSample]]:
-        return self._call("generate", [list(map(int, ids)) for ids in prompt_token_ids], params)
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 images: Sequence[Sequence[bytes]] | None = None) -> list[list[GeneratedSample]]:
+        prompts = [list(map(int, ids)) for ids in prompt_token_ids]
+        if images is None:  # text prompts: the call the child has always received
+            return self._call("generate", prompts, params)
+        return self._call("generate", prompts, params, [list(row) for row in images])
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Stream (name, tensor) pairs to the child chunk by chunk; the whole stream is consumed even on error."""

@@ -17,6 +17,12 @@ What the adapter does with vLLM:
   * sleeps with `llm.sleep(level)` and wakes with `llm.wake_up(tags)`: only the weights are woken for a weight update
     while asleep, and the KV cache comes back on `wake_up()`.
 
+Images (vision-language models). A prompt with images is sent as `TokensPrompt(prompt_token_ids=...,
+multi_modal_data={"image": [PIL images]})` (vLLM's documented multimodal input). vLLM's processor expands each
+image placeholder into the image's patch tokens itself, so every run of consecutive placeholder tokens of our
+(already expanded) prompt ids is collapsed to one first (`collapse_image_tokens`); the samples keep the expanded
+ids, which the trainer reads. Not yet run on a GPU: the request is unit-tested without vLLM only.
+
 Executor backends. vLLM's "external_launcher" runs one TP rank per process, inside an already initialised
 torch.distributed world. It takes *that whole world* as its own: consecutive blocks of `tp` world ranks become its TP
 groups, and it creates process groups and all-reduces KV-cache sizes over every world rank. So it is used in-process
@@ -42,10 +48,12 @@ from typing import Any
 
 import torch
 
+from hpc_rlhf.data.images import collapse_image_tokens, decode_png
 from hpc_rlhf.generation.engine import (
     GeneratedSample,
     GenerationError,
     SamplingParams,
+    check_images,
     check_prompts,
     sample_seed,
 )
@@ -129,6 +137,24 @@ def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence
     return requests
 
 
+def request_prompts(vllm: Any, prompts: Sequence[list[int]], images: Sequence[Sequence[bytes]], n: int,
+                    image_token_id: int | None) -> list[Any]:
+    """One `vllm.TokensPrompt` per (prompt, sample), prompt-major; a prompt with images carries them as
+    `multi_modal_data={"image": [...]}` and its image placeholder runs collapsed."""
+    inputs = []
+    for ids, row_images in zip(prompts, images):
+        if row_images:
+            if image_token_id is None:
+                raise GenerationError("prompts with images need a vision-language model (its config names no image "
+                                      "token)")
+            prompt = vllm.TokensPrompt(prompt_token_ids=collapse_image_tokens(ids, image_token_id),
+                                       multi_modal_data={"image": decode_png(row_images)})
+        else:
+            prompt = vllm.TokensPrompt(prompt_token_ids=ids)
+        inputs.extend(prompt for _ in range(n))
+    return inputs
+
+
 def sampled_log_probs(completion: Any, row: str) -> list[float]:
     """The log-prob vLLM reported for each sampled token of one completion."""
     token_ids = list(completion.token_ids)
@@ -146,9 +172,11 @@ def sampled_log_probs(completion: Any, row: str) -> list[float]:
     return values
 
 
-def to_generated_samples(outputs: Sequence[Any], prompts: Sequence[list[int]],
-                         params: SamplingParams) -> list[list[GeneratedSample]]:
-    """vLLM `RequestOutput`s (one per request of `request_sampling_params`, same order) -> samples per prompt."""
+def to_generated_samples(outputs: Sequence[Any], prompts: Sequence[list[int]], params: SamplingParams,
+                         image_token_id: int | None = None) -> list[list[GeneratedSample]]:
+    """vLLM `RequestOutput`s (one per request of `request_sampling_params`, same order) -> samples per prompt.
+
+    A vision prompt's output may report its ids expanded or as sent (placeholders collapsed); both are accepted."""
     expected = len(prompts) * params.n
     if len(outputs) != expected:
         raise GenerationError(f"vLLM returned {len(outputs)} outputs for {expected} requests")
@@ -158,7 +186,9 @@ def to_generated_samples(outputs: Sequence[Any], prompts: Sequence[list[int]],
         for s in range(params.n):
             output = outputs[p * params.n + s]
             row = f"prompt {p} sample {s}"
-            if list(output.prompt_token_ids) != ids:
+            reported = list(output.prompt_token_ids)
+            if reported != ids and not (image_token_id is not None
+                                        and reported == collapse_image_tokens(ids, image_token_id)):
                 raise GenerationError(f"{row}: vLLM output belongs to another prompt (outputs out of order)")
             if len(output.outputs) != 1:
                 raise GenerationError(f"{row}: expected one completion per request, got {len(output.outputs)}")
@@ -209,7 +239,9 @@ class VllmEngine:
     def __init__(self, model_path: str, *, dtype: str = "bfloat16", tp: int = 1, gpu_memory_utilization: float = 0.85,
                  enable_sleep: bool = False, enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  max_num_seqs: int = 256, max_model_len: int | None = None, seed: int = 0,
-                 executor_backend: str | None = None, vllm_module: Any = None) -> None:
+                 executor_backend: str | None = None, vllm_module: Any = None,
+                 image_token_id: int | None = None) -> None:
+        """`image_token_id`: the image placeholder of a vision-language model (default: read from its config)."""
         self.vllm = vllm_module if vllm_module is not None else import_vllm()
         self.version = check_vllm_version(self.vllm)
         if tp > 1 and executor_backend != EXTERNAL_LAUNCHER:
@@ -222,6 +254,8 @@ class VllmEngine:
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len, seed=seed, executor_backend=executor_backend))
         self.max_model_len = self._engine_max_model_len(max_model_len)
+        self.model_path = model_path
+        self._image_token_id = image_token_id
         self._sleeping_tags: set[str] = set()
         self._warned_truncation = False
         self._closed = False
@@ -233,20 +267,28 @@ class VllmEngine:
         return int(value) if isinstance(value, int) else requested
 
     # ----- generation ---------------------------------------------------------------------------------------
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[list[GeneratedSample]]:
-        """`params.n` samples per prompt, in prompt order then sample order."""
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 images: Sequence[Sequence[bytes]] | None = None) -> list[list[GeneratedSample]]:
+        """`params.n` samples per prompt, in prompt order then sample order; `images`: each prompt's PNG images."""
         self._check_usable("generate")
         prompts = check_prompts(prompt_token_ids)
+        images = check_images(images, len(prompts))
         if params.truncates and not self._warned_truncation:
             warnings.warn("vLLM reports behaviour log-probs under the top-k/top-p truncated distribution; the "
                           "trainer recomputes untruncated ones, so their difference includes the truncation",
                           stacklevel=2)
             self._warned_truncation = True
         requests = request_sampling_params(self.vllm, params, prompts, self.max_model_len)
-        inputs = [self.vllm.TokensPrompt(prompt_token_ids=ids) for ids in prompts for _ in range(params.n)]
+        image_token = self._image_token() if any(images) else None
+        inputs = request_prompts(self.vllm, prompts, images, params.n, image_token)
         outputs = self.llm.generate(inputs, sampling_params=requests, use_tqdm=False)
-        return to_generated_samples(outputs, prompts, params)
+        return to_generated_samples(outputs, prompts, params, image_token)
+
+    def _image_token(self) -> int | None:
+        """The image placeholder id (read from the model's config on first use)."""
+        if self._image_token_id is None:
+            self._image_token_id = _config_image_token_id(self.model_path)
+        return self._image_token_id
 
     # ----- weights and memory -------------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -315,6 +357,18 @@ class VllmEngine:
             raise GenerationError(f"cannot {action}: the engine was closed")
         if self._sleeping_tags and not allow_asleep:
             raise GenerationError(f"cannot {action}: the engine is asleep; call wake_up() first")
+
+
+def _config_image_token_id(model_path: str) -> int | None:
+    """The image placeholder id of a vision-language model folder, None for a text model (or an unreadable config)."""
+    from hpc_rlhf.data.images import image_token_id
+
+    try:
+        from transformers import AutoConfig
+
+        return image_token_id(AutoConfig.from_pretrained(model_path))
+    except (OSError, ValueError):
+        return None
 
 
 class _NameTracker:

@@ -24,7 +24,13 @@ from hpc_rlhf.rollouts.errors import (
 from hpc_rlhf.rollouts.manifest import Manifest, ShardRecord, iterations_completed, iterations_started, load_manifest
 from hpc_rlhf.rollouts.partition import duplicate_positions, partition_bounds, sort_order
 from hpc_rlhf.rollouts.paths import iteration_dir
-from hpc_rlhf.rollouts.schema import ROLLOUT_SCHEMA, check_file_schema, columns_schema, empty_rollout_table
+from hpc_rlhf.rollouts.schema import (
+    ROLLOUT_SCHEMA,
+    check_file_schema,
+    columns_schema,
+    empty_rollout_table,
+    with_images_column,
+)
 
 
 def read_shard_file(
@@ -112,6 +118,8 @@ class RolloutReader:
                 f"(no MANIFEST.json; committed shards: {manifest.shard_names})"
             )
         tables = [self._load(manifest, record) for record in manifest.shards]
+        if any("images" in t.schema.names for t in tables):  # some shards have images: null for the others' rows
+            tables = [with_images_column(t) for t in tables]
         table = pa.concat_tables(tables) if tables else empty_rollout_table()
         owners = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
         files = [record.file for record in manifest.shards]

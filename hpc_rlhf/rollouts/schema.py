@@ -7,6 +7,10 @@ entry per response token. The schema carries its version in the Arrow metadata
 
 Columns the later stages fill (reward, score, reference_log_probs, values) are nullable: the generator
 writes nulls and a column shard (see `writer.ShardWriter.write_columns`) supplies them later.
+
+Optional columns (`OPTIONAL_FIELDS`) are written only by shards that have them: `images` (list<binary>, each
+prompt's images as PNG bytes, null for a text prompt) exists in a shard when some row of its input has an "images"
+value, so text-only shards are exactly what they were before the column existed and old shards still read.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ ROLLOUT_SCHEMA = pa.schema(
     [pa.field(name, type_, nullable=nullable) for name, type_, nullable in _FIELDS],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
+IMAGES_FIELD = pa.field("images", pa.list_(pa.binary()), nullable=True)  # PNG bytes of each prompt's images
+OPTIONAL_FIELDS: tuple[pa.Field, ...] = (IMAGES_FIELD,)
+ROLLOUT_SCHEMA_WITH_IMAGES = pa.schema(list(ROLLOUT_SCHEMA) + [IMAGES_FIELD], metadata=ROLLOUT_SCHEMA.metadata)
 COLUMN_NAMES: tuple[str, ...] = tuple(ROLLOUT_SCHEMA.names)
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(name for name, _, nullable in _FIELDS if not nullable)
 FILLABLE_COLUMNS: tuple[str, ...] = ("reference_log_probs", "values", "reward", "score")
@@ -78,9 +85,13 @@ def empty_rollout_table() -> pa.Table:
 # Conversion of user data (rows, dict of columns, Arrow) to a validated table
 
 
-def to_rollout_table(data: Any, source: str = "input") -> pa.Table:
-    """Convert rows (list of dicts), a dict of columns or an Arrow table/batch to a validated rollout table."""
-    table = _conform(data, ROLLOUT_SCHEMA, source, fill_missing=True)
+def to_rollout_table(data: Any, source: str = "input", *, with_images: bool | None = None) -> pa.Table:
+    """Convert rows (list of dicts), a dict of columns or an Arrow table/batch to a validated rollout table; with the
+    `images` column when the input has one (or when `with_images` says so: absent input images are then null)."""
+    if with_images is None:
+        with_images = _has_column(data, IMAGES_FIELD.name, source)
+    schema = ROLLOUT_SCHEMA_WITH_IMAGES if with_images else ROLLOUT_SCHEMA
+    table = _conform(data, schema, source, fill_missing=True)
     validate_rollout_table(table, source)
     return table
 
@@ -92,6 +103,19 @@ def to_column_table(data: Any, source: str = "input") -> pa.Table:
         raise RolloutValidationError(f"{source}: no columns given; expected some of {list(FILLABLE_COLUMNS)}")
     schema = columns_schema(names)
     return _conform(data, schema, source, fill_missing=False)
+
+
+def _has_column(data: Any, name: str, source: str) -> bool:
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and len(data) == 0:
+        return False
+    return name in _input_column_names(data, source)
+
+
+def with_images_column(table: pa.Table) -> pa.Table:
+    """`table` with a null `images` column added when it has none (to concatenate text and image shards)."""
+    if IMAGES_FIELD.name in table.schema.names:
+        return table
+    return table.append_column(IMAGES_FIELD, pa.nulls(table.num_rows, type=IMAGES_FIELD.type))
 
 
 def _input_column_names(data: Any, source: str) -> list[str]:
@@ -304,6 +328,11 @@ def check_file_schema(schema: pa.Schema, path: Any, expected: pa.Schema = ROLLOU
         found = schema.field(field.name).type
         if found != field.type:
             raise SchemaMismatchError(f"{path}: column '{field.name}' has type {found}, expected {field.type}")
+    optional = {field.name: field.type for field in OPTIONAL_FIELDS} if expected is ROLLOUT_SCHEMA else {}
     for name in schema.names:
-        if name not in expected.names:
+        if name in optional and name not in expected.names:
+            if schema.field(name).type != optional[name]:
+                raise SchemaMismatchError(f"{path}: column '{name}' has type {schema.field(name).type}, expected "
+                                          f"{optional[name]}")
+        elif name not in expected.names:
             raise SchemaMismatchError(f"{path}: unexpected column '{name}'")

@@ -32,7 +32,6 @@ from hpc_rlhf.rollouts.manifest import ShardRecord, find_record, write_record
 from hpc_rlhf.rollouts.paths import MANIFEST_NAME, check_name, iteration_dir, shard_file_name
 from hpc_rlhf.rollouts.verify import file_problem
 from hpc_rlhf.rollouts.schema import (
-    COLUMN_NAMES,
     ROLLOUT_SCHEMA,
     SCHEMA_VERSION,
     to_column_table,
@@ -68,15 +67,30 @@ class ShardWriter:
             )
         final = directory / shard_file_name(shard_name)
 
-        rows = 0
+        # The first batch decides whether the shard has the optional images column; later ones follow it.
+        rows, schema = 0, ROLLOUT_SCHEMA
         with atomic_file(final) as handle:
-            with pa.ipc.new_file(handle, ROLLOUT_SCHEMA, options=self._ipc_options()) as arrow_writer:
+            arrow_writer = None
+            try:
                 for index, batch in enumerate(batches):
                     source = f"iteration {iteration}, shard {shard_name!r}, batch {index}"
-                    table = to_rollout_table(batch, source)
+                    if arrow_writer is None:
+                        table = to_rollout_table(batch, source)
+                        schema = table.schema
+                        arrow_writer = pa.ipc.new_file(handle, schema, options=self._ipc_options())
+                    else:
+                        table = to_rollout_table(batch, source, with_images="images" in schema.names)
+                        if table.schema.names != schema.names:
+                            raise RolloutValidationError(f"{source}: has an images column, the shard's first batch "
+                                                         "had none")
                     arrow_writer.write_table(table)
                     rows += table.num_rows
-        record = self._record(iteration, shard_name, None, final, rows, COLUMN_NAMES, None)
+                if arrow_writer is None:
+                    arrow_writer = pa.ipc.new_file(handle, schema, options=self._ipc_options())
+            finally:
+                if arrow_writer is not None:
+                    arrow_writer.close()
+        record = self._record(iteration, shard_name, None, final, rows, tuple(schema.names), None)
         write_record(directory, record)
         return final
 

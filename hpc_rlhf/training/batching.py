@@ -9,6 +9,10 @@ Two layouts of the model input:
 and two ways of grouping samples into micro-batches: a fixed number of samples, or a token budget
 (`max_tokens_per_microbatch`, first-fit decreasing, deterministic).
 
+Samples of a vision-language model carry their prompt's images (PNG bytes); a micro-batch holds the images of its
+samples in sample order, which is the order of their placeholder tokens in the padded input, and the model wrapper
+turns them into vision tensors for its forward pass. Such micro-batches are never packed.
+
 Whatever the input layout, per-token results (log-probs, values, entropy) and the per-token training
 tensors (advantages, old log-probs, ...) use one *response layout*: `[num_samples, max_response_len]`,
 right-padded, with `action_mask` marking the tokens that are trained on.
@@ -39,6 +43,7 @@ class TokenSample:
     response_ids: torch.Tensor
     action_mask: torch.Tensor | None = None
     response_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    images: tuple[bytes, ...] = ()  # the prompt's images (PNG bytes), vision-language models only
 
     def __post_init__(self) -> None:
         for name in ("prompt_ids", "response_ids"):
@@ -82,6 +87,7 @@ class MicroBatch:
     response_tensors: dict[str, torch.Tensor]  # each [S, A], zero on padding
     sample_indices: torch.Tensor  # [S], positions in the list the micro-batch was made from
     is_padding: bool = False  # a filler so that all data-parallel ranks run the same number of micro-batches
+    images: tuple[bytes, ...] = ()  # the samples' images (PNG bytes) in sample order; padded layout only
 
     @property
     def num_samples(self) -> int:
@@ -182,6 +188,9 @@ def collate(samples: Sequence[TokenSample], indices: Sequence[int], *, packing: 
         if set(sample.response_tensors) != keys:
             raise ValueError(f"sample {index} has response_tensors {sorted(sample.response_tensors)}, "
                              f"expected the same keys as the others: {sorted(keys)}")
+    images = tuple(image for sample in samples for image in sample.images)
+    if images and packing:
+        raise ValueError("samples with images cannot be packed (train.packing_samples is for text-only data)")
     sequences = [torch.cat([s.prompt_ids, s.response_ids]).long() for s in samples]
     prompt_lengths = torch.tensor([s.prompt_ids.numel() for s in samples])
     response_lengths = torch.tensor([s.response_ids.numel() for s in samples])
@@ -218,7 +227,7 @@ def collate(samples: Sequence[TokenSample], indices: Sequence[int], *, packing: 
     return MicroBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       response_rows=response_rows, response_starts=response_starts.long(),
                       response_lengths=response_lengths, action_mask=action_mask,
-                      response_tensors=response_tensors, sample_indices=torch.tensor(list(indices)))
+                      response_tensors=response_tensors, sample_indices=torch.tensor(list(indices)), images=images)
 
 
 def response_token_index(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

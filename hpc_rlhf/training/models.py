@@ -7,6 +7,9 @@
 - `Reference`: frozen causal LM, no optimizer; a ZeRO-3 inference engine (weights partitioned over the
   group) when `zero_stage == 3`, else a plain module.
 
+Vision-language models (`AutoModelForImageTextToText` folders) load with their image processor; a micro-batch with
+images gets their vision tensors (`pixel_values`, ...) rebuilt from the PNG bytes in its forward pass.
+
 The log-prob / value of response token j is read from the model output one position before it (the
 logits there predict it). The loss functions live elsewhere: `backward` runs the caller's
 `loss_fn(micro_batch, output)` per micro-batch and weights the results so that the gradient is that of
@@ -27,6 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpc_rlhf.data.images import (
+    causal_lm_auto_class,
+    check_plain_positions,
+    is_vision_language,
+    load_image_processor,
+    vision_tensors,
+)
 from hpc_rlhf.distributed.weights import full_named_parameters
 from hpc_rlhf.training.batching import (
     LOSS_WEIGHTINGS,
@@ -70,19 +80,27 @@ def _to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Ten
     return out.index_put((sample.to(flat.device), offset.to(flat.device)), flat)
 
 
-def model_inputs(batch: MicroBatch, device: torch.device) -> dict[str, Any]:
-    """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed)."""
-    return {
+def model_inputs(batch: MicroBatch, device: torch.device, image_processor: Any = None) -> dict[str, Any]:
+    """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed), with the vision tensors
+    of its images (`image_processor` is the vision-language model's)."""
+    kwargs = {
         "input_ids": batch.input_ids.to(device),
         "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
         "position_ids": batch.position_ids.to(device),
         "use_cache": False,
     }
+    if batch.images:
+        if image_processor is None:
+            raise ValueError("a micro-batch has images but the model was loaded without an image processor (is it a "
+                             "vision-language model?)")
+        kwargs.update({key: value.to(device) for key, value in vision_tensors(image_processor, batch.images).items()})
+    return kwargs
 
 
 def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
                         temperature: float = 1.0, with_entropy: bool = False,
-                        supports_logits_to_keep: bool = True, chunk_size: int = 1024) -> ForwardOutput:
+                        supports_logits_to_keep: bool = True, chunk_size: int = 1024,
+                        image_processor: Any = None) -> ForwardOutput:
     """Log-probs (and entropy) of the response tokens of `batch` under a causal LM (module or engine).
 
     Only the positions that predict response tokens go through the LM head (`logits_to_keep`); the log-probs are
@@ -90,7 +108,7 @@ def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: to
     """
     rows, columns, sample, offset = response_token_index(batch)
     predicting = columns - 1
-    kwargs = model_inputs(batch, device)
+    kwargs = model_inputs(batch, device, image_processor)
     if supports_logits_to_keep:
         kept_columns = torch.unique(predicting)  # sorted
         logits = model(**kwargs, logits_to_keep=kept_columns.to(device)).logits  # [rows, kept, V]
@@ -369,25 +387,31 @@ class Actor(TrainedModel):
     """Policy: a causal LM on a training engine. `forward` gives log-probs (and entropy if `with_entropy`)."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                 num_training_steps: int, *, temperature: float = 1.0, with_entropy: bool = False) -> None:
+                 num_training_steps: int, *, temperature: float = 1.0, with_entropy: bool = False,
+                 image_processor: Any = None) -> None:
         self.temperature = temperature
         self.with_entropy = with_entropy
+        self.image_processor = image_processor
         self._supports_logits_to_keep = _accepts_logits_to_keep(model)
         super().__init__(model, cfg, dp_group, num_training_steps)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
                         num_training_steps: int, **kwargs: Any) -> Actor:
-        """Load a causal LM with the config's dtype and attention implementation and wrap it."""
-        from transformers import AutoModelForCausalLM
-
-        return cls(_load(AutoModelForCausalLM, path, cfg, dp_group), cfg, dp_group, num_training_steps, **kwargs)
+        """Load a causal LM (or a vision-language model with its image processor) with the config's dtype and
+        attention implementation and wrap it."""
+        model = _load(causal_lm_auto_class(path), path, cfg, dp_group)
+        if is_vision_language(model.config):
+            check_plain_positions(model)
+            kwargs.setdefault("image_processor", load_image_processor(path))
+        return cls(model, cfg, dp_group, num_training_steps, **kwargs)
 
     def forward(self, batch: MicroBatch) -> ForwardOutput:
         """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`)."""
         return causal_lm_log_probs(self.engine, batch, self.device, temperature=self.temperature,
                                    with_entropy=self.with_entropy,
-                                   supports_logits_to_keep=self._supports_logits_to_keep)
+                                   supports_logits_to_keep=self._supports_logits_to_keep,
+                                   image_processor=self.image_processor)
 
 
 class TokenValueModel(nn.Module):
@@ -447,9 +471,10 @@ class Reference:
     """Frozen policy for KL: a ZeRO-3 inference engine over `dp_group` when `zero_stage == 3`, else a module."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None, *,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, image_processor: Any = None) -> None:
         self.cfg = cfg
         self.temperature = temperature
+        self.image_processor = image_processor
         self._supports_logits_to_keep = _accepts_logits_to_keep(model)
         model.requires_grad_(False)
         if cfg.zero_stage == 3:
@@ -464,10 +489,13 @@ class Reference:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
                         **kwargs: Any) -> Reference:
-        """Load a frozen causal LM with the config's dtype and attention implementation."""
-        from transformers import AutoModelForCausalLM
-
-        return cls(_load(AutoModelForCausalLM, path, cfg, dp_group), cfg, dp_group, **kwargs)
+        """Load a frozen causal LM (or vision-language model, with its image processor) with the config's dtype and
+        attention implementation."""
+        model = _load(causal_lm_auto_class(path), path, cfg, dp_group)
+        if is_vision_language(model.config):
+            check_plain_positions(model)
+            kwargs.setdefault("image_processor", load_image_processor(path))
+        return cls(model, cfg, dp_group, **kwargs)
 
     def scope(self) -> contextlib.AbstractContextManager[None]:
         """Context for any direct use of a ZeRO-3 `engine` (no-op for a plain module): see `engine_scope`."""
@@ -477,7 +505,8 @@ class Reference:
     def forward(self, batch: MicroBatch) -> ForwardOutput:
         """Log-probs of one micro-batch; with ZeRO-3 call it inside `scope()` on every rank of the group."""
         return causal_lm_log_probs(self.model, batch, self.device, temperature=self.temperature,
-                                   supports_logits_to_keep=self._supports_logits_to_keep)
+                                   supports_logits_to_keep=self._supports_logits_to_keep,
+                                   image_processor=self.image_processor)
 
     @torch.no_grad()
     def infer(self, micro_batches: Sequence[MicroBatch]) -> list[ForwardOutput]:

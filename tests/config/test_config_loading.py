@@ -195,3 +195,17 @@ def test_override_beats_file(tmp_path: Path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match=r"expected --section.key=value"):
         load_config(None, ["seed=3"])
+
+
+def test_images_need_a_critic_free_unpacked_ppo_run(tmp_path: Path):
+    path = write_config(tmp_path, """
+data: {max_images_per_prompt: 1}
+train: {packing_samples: true}
+rollout: {agent_func_path: env.py}
+""")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "data.max_images_per_prompt" in message and "no train.packing_samples" in message
+    assert "no multi-turn agent" in message
+    load_config(write_config(tmp_path, "data: {max_images_per_prompt: 1}\n"))  # GRPO with a reward function: fine

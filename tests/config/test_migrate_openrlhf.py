@@ -248,3 +248,12 @@ def test_cli_reads_a_deepspeed_heredoc_script_and_reports_bad_values(tmp_path):
                    "--rollout_batch_size", "many")
     assert bad.returncode == 2 and "--rollout_batch_size: expected an integer, got 'many'" in bad.stderr
     assert not (tmp_path / "bad.yaml").exists()
+
+
+def test_vision_language_flags_translate():
+    """OpenRLHF's VLM options (0.10+ names): the image column and the image budget; freezing the vision tower is
+    listed as untranslated."""
+    config, notes = translate("--actor.model_name_or_path m --data.prompt_dataset p.jsonl --reward.remote_url r.py "
+                              "--data.image_key pics --data.max_images_per_prompt 2 --actor.freeze_visual_encoder")
+    assert config["data"]["image_key"] == "pics" and config["data"]["max_images_per_prompt"] == 2
+    assert "--actor.freeze_visual_encoder" in [note.flag for note in notes]

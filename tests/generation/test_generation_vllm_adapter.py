@@ -209,3 +209,33 @@ def test_in_process_engine_refuses_a_gpu_other_than_the_first_visible():
     # Checked before vllm is imported or any GPU is touched, so it runs here.
     with pytest.raises(GenerationError, match="runs on the first visible GPU, but this rank's device is cuda:1"):
         make_engine("vllm", "/models/none", device="cuda:1", dtype="bfloat16")
+
+
+def test_prompts_with_images_carry_them_as_multi_modal_data(fake_vllm):
+    """A prompt with images goes to vLLM as TokensPrompt(prompt_token_ids with each run of image placeholders
+    collapsed to one, multi_modal_data={"image": [PIL images]}); text prompts stay plain; samples keep the expanded
+    ids (the trainer's). Checked against vLLM's documented input format only: a GPU run must confirm it."""
+    import io
+
+    from PIL import Image
+
+    from hpc_rlhf.generation.vllm_engine import collapse_image_tokens, request_prompts
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    assert collapse_image_tokens([1, 9, 9, 9, 4, 9, 9, 5], 9) == [1, 9, 4, 9, 5]
+    prompts = [[1, 9, 9, 9, 9, 3], [2, 3]]
+    inputs = request_prompts(fake_vllm, prompts, [(png,), ()], 2, image_token_id=9)
+    assert [item["prompt_token_ids"] for item in inputs] == [[1, 9, 3], [1, 9, 3], [2, 3], [2, 3]]
+    image = inputs[0]["multi_modal_data"]["image"][0]
+    assert image.size == (4, 4) and image.getpixel((0, 0)) == (255, 0, 0)
+    assert "multi_modal_data" not in inputs[2]
+    with pytest.raises(GenerationError, match="vision-language"):
+        request_prompts(fake_vllm, prompts, [(png,), ()], 1, image_token_id=None)
+
+    engine = build(fake_vllm, image_token_id=9)
+    samples = engine.generate(prompts, SamplingParams(max_new_tokens=3, n=1, seed=1), images=[(png,), ()])
+    assert [group[0].prompt_ids for group in samples] == prompts
+    with pytest.raises(GenerationError, match="images for 1 prompts"):
+        engine.generate(prompts, SamplingParams(max_new_tokens=3), images=[(png,)])

@@ -9,10 +9,10 @@ pieces of each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import PromptExample, iterations_per_epoch, load_prompts
@@ -55,13 +55,17 @@ class Components:
     actor: Optional[Actor] = None
     critic: Optional[Critic] = None
     reference: Optional[Reference] = None
+    processor: Optional[Any] = None  # the vision-language model's processor, with data.max_images_per_prompt
 
 
-def load_prompt_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase
+def load_prompt_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase, processor: Any = None
                      ) -> tuple[list[PromptExample], list[PromptExample]]:
     data = cfg.data
     common = dict(input_key=data.input_key, label_key=data.label_key, apply_chat_template=data.apply_chat_template,
                   input_template=data.input_template, tokenizer=tokenizer)
+    if data.max_images_per_prompt:
+        common.update(image_key=data.image_key, max_images=data.max_images_per_prompt,
+                      image_token=processor.image_token)
     prompts = load_prompts(data.prompt_data, max_samples=data.max_samples, probabilities=data.prompt_data_probs,
                            seed=cfg.train.seed, **common)
     eval_prompts = load_prompts(cfg.eval.data, max_samples=cfg.eval.max_samples, **common) if cfg.eval.data else []
@@ -74,9 +78,11 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
     roles = groups.roles
     actor_path = resolve_model_path(cfg.actor.pretrain)
     tokenizer = AutoTokenizer.from_pretrained(actor_path)
-    prompts, eval_prompts = load_prompt_sets(cfg, tokenizer)
+    processor = AutoProcessor.from_pretrained(actor_path) if cfg.data.max_images_per_prompt else None
+    prompts, eval_prompts = load_prompt_sets(cfg, tokenizer, processor)
     total = total_iterations(cfg, len(prompts))
-    parts = Components(tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, total_iterations=total)
+    parts = Components(tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, total_iterations=total,
+                       processor=processor)
     steps = optimizer_steps(cfg, total)
     with_entropy = cfg.algo.entropy_loss_coef > 0
     if roles.has("actor"):

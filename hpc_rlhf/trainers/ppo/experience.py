@@ -43,6 +43,7 @@ class RolloutTensors:
     group_ids: torch.Tensor  # [B]
     weight_versions: torch.Tensor  # [B]
     finish_reasons: list[Optional[str]]  # the generator's "stop" / "length" / "max_turns"; None where not recorded
+    images: Optional[list[tuple[bytes, ...]]] = None  # each row's prompt images (PNG); None for a text-only rollout
 
     @property
     def num_samples(self) -> int:
@@ -64,7 +65,8 @@ class RolloutTensors:
             reference_log_probs=None if self.reference_log_probs is None else pick(self.reference_log_probs),
             values=None if self.values is None else pick(self.values), rewards=pick(self.rewards),
             scores=pick(self.scores), group_ids=pick(self.group_ids), weight_versions=pick(self.weight_versions),
-            finish_reasons=[self.finish_reasons[i] for i in index])
+            finish_reasons=[self.finish_reasons[i] for i in index],
+            images=None if self.images is None else [self.images[i] for i in index])
 
 
 def pad_ragged(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -100,6 +102,7 @@ def table_to_tensors(table: pa.Table) -> RolloutTensors:
         group_ids=torch.tensor(columns["group_id"], dtype=torch.long),
         weight_versions=torch.tensor(columns["weight_version"], dtype=torch.long),
         finish_reasons=[finish_reason(extra) for extra in columns.get("extra", [None] * len(responses))],
+        images=[tuple(row or ()) for row in columns["images"]] if "images" in columns else None,
     )
 
 
@@ -119,7 +122,8 @@ def to_token_samples(rollout: RolloutTensors, per_token: dict[str, torch.Tensor]
         length = len(response)
         samples.append(TokenSample(
             prompt_ids=prompt, response_ids=response, action_mask=rollout.action_mask[i, :length],
-            response_tensors={name: tensor[i, :length] for name, tensor in per_token.items()}))
+            response_tensors={name: tensor[i, :length] for name, tensor in per_token.items()},
+            images=rollout.images[i] if rollout.images is not None else ()))
     return samples
 
 

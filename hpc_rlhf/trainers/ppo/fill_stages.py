@@ -37,13 +37,16 @@ def shard_samples(cfg: Config, iteration: int, shards: Sequence[str]) -> tuple[l
     manifest = reader.manifest(iteration)
     samples, counts = [], []
     for shard in shards:
-        table = reader.read_shard(iteration, shard, manifest=manifest).select(["prompt_ids", "response_ids",
-                                                                             "action_mask"])
-        rows = table.to_pydict()
+        table = reader.read_shard(iteration, shard, manifest=manifest)
+        names = ["prompt_ids", "response_ids", "action_mask"] + (["images"] if "images" in table.schema.names else [])
+        rows = table.select(names).to_pydict()
         counts.append(table.num_rows)
-        for prompt, response, mask in zip(rows["prompt_ids"], rows["response_ids"], rows["action_mask"]):
+        images = rows.get("images") or [None] * table.num_rows
+        for prompt, response, mask, row_images in zip(rows["prompt_ids"], rows["response_ids"], rows["action_mask"],
+                                                      images):
             samples.append(TokenSample(prompt_ids=torch.tensor(prompt), response_ids=torch.tensor(response),
-                                       action_mask=torch.tensor(mask, dtype=torch.bool)))
+                                       action_mask=torch.tensor(mask, dtype=torch.bool),
+                                       images=tuple(row_images or ())))
     return samples, counts
 
 

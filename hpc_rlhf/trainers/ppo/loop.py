@@ -137,7 +137,8 @@ class PPOTrainer:
         result = run_generation(self.cfg, iteration=iteration, engine_index=self.roles.generator_engine,
                                 num_engines=self.num_engines, writes=self.writes_shards, executor=parts.executor,
                                 tokenizer=parts.tokenizer, prompts=parts.prompts, reward_source=parts.reward_source,
-                                weight_version=self.state.weight_version, refill=self._refill())
+                                weight_version=self.state.weight_version, refill=self._refill(),
+                                processor=parts.processor)
         if self.roles.role_index["generator"] == 0:  # the first generator rank completes the iteration
             expected = self._expected_shards()
             wait_for_shards(self.run_dir, iteration, expected)
@@ -297,7 +298,8 @@ class PPOTrainer:
         with timed(times, "eval"):  # inside the tick's iteration_s: time-to-accuracy benchmarks subtract it
             out = run_eval(self.cfg, executor=self.parts.executor, tokenizer=self.parts.tokenizer,
                            prompts=self.parts.eval_prompts, reward_source=self.parts.reward_source,
-                           engine_index=self.roles.generator_engine, num_engines=self.num_engines)
+                           engine_index=self.roles.generator_engine, num_engines=self.num_engines,
+                           processor=self.parts.processor)
         return {"sum/eval_count": out["count"], "sum/eval_reward": out["reward_sum"],
                 "sum/eval_score": out["score_sum"], **times}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +31,7 @@ from hpc_rlhf.data import (
     refill_slice,
     stream_indices,
 )
+from hpc_rlhf.data.images import collapse_image_tokens, decode_png
 from hpc_rlhf.generation import MultiTurnExecutor, SingleTurnExecutor, Trajectory
 from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
@@ -70,25 +71,55 @@ class FilterOutcome:
     capped: bool  # the round limit stopped it with groups still missing
 
 
-def encode_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                   images: Optional[Sequence[Sequence[bytes]]] = None, processor: Any = None) -> list[list[int]]:
     """Token ids of each prompt, keeping the last prompt_max_len tokens of long prompts.
 
-    A chat template already renders the special tokens (bos), so they are only added to plain prompts.
+    A chat template already renders the special tokens (bos), so they are only added to plain prompts. A prompt with
+    images is tokenized by the model's processor, which expands each image token into the image's placeholder
+    tokens; it is never cut (that would separate the placeholders from their image), so a longer one is an error.
     """
     max_len = cfg.rollout.prompt_max_len
-    ids = tokenizer(list(texts), add_special_tokens=not cfg.data.apply_chat_template)["input_ids"]
-    return [list(row[-max_len:]) for row in ids]
+    special = not cfg.data.apply_chat_template
+    ids = [list(row[-max_len:]) for row in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
+    for row, row_images in enumerate(images or ()):
+        if row_images:
+            expanded = processor(text=[texts[row]], images=[decode_png(row_images)],
+                                 add_special_tokens=special)["input_ids"][0]
+            ids[row] = [int(t) for t in expanded]
+            if len(ids[row]) > max_len:
+                raise ValueError(f"a prompt with {len(row_images)} image(s) has {len(ids[row])} tokens, more than "
+                                 f"rollout.prompt_max_len={max_len}; prompts with images are not cut")
+    return ids
+
+
+def prompt_images(prompts: Sequence[PromptExample]) -> Optional[list[tuple[bytes, ...]]]:
+    """Each prompt's images, or None when no prompt has any (text-only generation, as before images existed)."""
+    return [p.images for p in prompts] if any(p.images for p in prompts) else None
 
 
 def score_trajectories(reward_source: RewardSource, tokenizer: PreTrainedTokenizerBase,
                        prompts: Sequence[PromptExample], prompt_texts: Sequence[str],
-                       trajectories: Sequence[Trajectory]) -> tuple[list, list, dict]:
-    """Rewards and scores of trajectories from a function / remote source (queries are prompt + response text)."""
-    queries = [tokenizer.decode(list(t.prompt_ids) + list(t.response_ids), skip_special_tokens=False)
-               for t in trajectories]
+                       trajectories: Sequence[Trajectory], image_token_id: Optional[int] = None
+                       ) -> tuple[list, list, dict]:
+    """Rewards and scores of trajectories from a function / remote source (queries are prompt + response text; a
+    prompt's image placeholders read as one image token per image, as in its prompt text)."""
+    queries = [tokenizer.decode(_query_ids(t, image_token_id), skip_special_tokens=False) for t in trajectories]
     result = reward_source(queries, list(prompt_texts), [p.label for p in prompts],
                            token_ids=[list(t.prompt_ids) + list(t.response_ids) for t in trajectories])
     return result.rewards.tolist(), result.scores.tolist(), result.extra_logs
+
+
+def _query_ids(trajectory: Trajectory, image_token_id: Optional[int]) -> list[int]:
+    prompt = list(trajectory.prompt_ids)
+    if image_token_id is not None:
+        prompt = collapse_image_tokens(prompt, image_token_id)
+    return prompt + list(trajectory.response_ids)
+
+
+def image_token_of(tokenizer: PreTrainedTokenizerBase, processor: Any) -> Optional[int]:
+    """The id of the processor's image token (None without a processor)."""
+    return None if processor is None else int(tokenizer.convert_tokens_to_ids(processor.image_token))
 
 
 def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[PromptExample], group_base: int,
@@ -99,7 +130,7 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
         prompt = prompts[k // n]
         reward = traj.reward if traj.reward is not None else (rewards[k] if rewards is not None else None)
         score = traj.score if traj.score is not None else (scores[k] if scores is not None else None)
-        rows.append({
+        row = {
             "prompt_ids": list(traj.prompt_ids), "response_ids": list(traj.response_ids),
             "behaviour_log_probs": [float(x) for x in traj.log_probs],
             "action_mask": [int(x) for x in traj.action_mask],
@@ -107,14 +138,29 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
             "group_id": group_base + k // n, "sample_index": k % n, "weight_version": weight_version,
             "turn_boundaries": list(traj.turn_boundaries),
             "extra": json.dumps({"finish_reason": traj.finish_reason, **(traj.extra_logs or {})}),
-        })
+        }
+        if prompt.images:  # the optional images column; text-only shards keep the schema without it
+            row["images"] = list(prompt.images)
+        rows.append(row)
     return rows
+
+
+def run_executor(cfg: Config, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
+                 processor: Any, prompts: Sequence[PromptExample], params: Any) -> list[Trajectory]:
+    """Encode the prompts (with their images, if any) and run the executor over them."""
+    texts = [p.prompt for p in prompts]
+    images = prompt_images(prompts)
+    ids = encode_prompts(cfg, tokenizer, texts, images, processor)
+    labels = [p.label for p in prompts]
+    if images is None:
+        return executor.run(ids, params, prompt_texts=texts, labels=labels)
+    return executor.run(ids, params, prompt_texts=texts, labels=labels, images=images)
 
 
 def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engines: int, writes: bool,
                    executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
                    prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
-                   weight_version: int, refill: Optional[Refill] = None) -> GenerationResult:
+                   weight_version: int, refill: Optional[Refill] = None, processor: Any = None) -> GenerationResult:
     """Generate this engine's slice of `iteration` and commit its shard (TP rank 0 writes); skip if committed.
     With `refill` (dynamic sampling) the shard holds the kept groups of `sample_kept_groups`."""
     shard = generator_shard_name(engine_index)
@@ -132,12 +178,13 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
                                      num_ranks=num_engines)
         chosen = [prompts[i] for i in indices]
         batch = sample_groups(cfg, executor, tokenizer, chosen, reward_source,
-                              sampling_seed(cfg.train.seed, iteration, engine_index))
+                              sampling_seed(cfg.train.seed, iteration, engine_index), processor)
         outcome = None
     else:
         batch, outcome = sample_kept_groups(cfg, iteration=iteration, engine_index=engine_index,
                                             num_engines=num_engines, executor=executor, tokenizer=tokenizer,
-                                            prompts=prompts, reward_source=reward_source, refill=refill)
+                                            prompts=prompts, reward_source=reward_source, refill=refill,
+                                            processor=processor)
     rows = trajectory_rows(batch.trajectories, batch.prompts, engine_index * per_engine, n, weight_version,
                            batch.rewards, batch.scores)
     written = time.perf_counter()
@@ -191,19 +238,19 @@ class SampledGroups:
 
 def sample_groups(cfg: Config, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
                   chosen: Sequence[PromptExample], reward_source: Optional[RewardSource],
-                  seed: int) -> SampledGroups:
+                  seed: int, processor: Any = None) -> SampledGroups:
     """Sample rollout.n_samples_per_prompt responses to each prompt with `seed`, and score them."""
     n = cfg.rollout.n_samples_per_prompt
     texts = [p.prompt for p in chosen]
     start = time.perf_counter()
     params = sampling_params(cfg, seed, eos_token_id=tokenizer.eos_token_id)
-    trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
-                                prompt_texts=texts, labels=[p.label for p in chosen]) if chosen else []
+    trajectories = run_executor(cfg, executor, tokenizer, processor, chosen, params) if chosen else []
     generated = time.perf_counter()
     rewards = scores = None
     if reward_source is not None and trajectories and trajectories[0].reward is None:
         rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in chosen for _ in range(n)],
-                                                [t for t in texts for _ in range(n)], trajectories)
+                                                [t for t in texts for _ in range(n)], trajectories,
+                                                image_token_of(tokenizer, processor))
     elif reward_source is not None and not trajectories:
         rewards, scores = [], []
     return SampledGroups(prompts=list(chosen), trajectories=list(trajectories), rewards=rewards, scores=scores,
@@ -214,7 +261,7 @@ def sample_groups(cfg: Config, executor: SingleTurnExecutor | MultiTurnExecutor,
 def sample_kept_groups(cfg: Config, *, iteration: int, engine_index: int, num_engines: int,
                        executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
                        prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
-                       refill: Refill) -> tuple[SampledGroups, FilterOutcome]:
+                       refill: Refill, processor: Any = None) -> tuple[SampledGroups, FilterOutcome]:
     """DAPO dynamic sampling for one engine: rounds of sample -> score -> filter until every engine holds its share of
     rollout.batch_size kept groups, or rollout.dynamic_filtering_max_rounds rounds have run.
 
@@ -236,7 +283,8 @@ def sample_kept_groups(cfg: Config, *, iteration: int, engine_index: int, num_en
         indices = stream_indices(len(prompts), seed=cfg.train.seed, rollout_batch_size=batch_size,
                                  start=draw_start, count=draw_count)
         seed = sampling_seed(cfg.train.seed, iteration, engine_index + rounds * num_engines)
-        batch = sample_groups(cfg, executor, tokenizer, [prompts[i] for i in indices], reward_source, seed)
+        batch = sample_groups(cfg, executor, tokenizer, [prompts[i] for i in indices], reward_source, seed,
+                              processor)
         keep = (dynamic_filter_mask(torch.tensor(batch.group_scores(), dtype=torch.float64), n,
                                     score_range=(low, high)).view(-1, n)[:, 0].tolist() if indices else [])
         round_kept = batch.keep([g for g, k in enumerate(keep) if k], n)
@@ -259,7 +307,7 @@ def sample_kept_groups(cfg: Config, *, iteration: int, engine_index: int, num_en
 
 def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
              prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
-             engine_index: int, num_engines: int) -> dict[str, float]:
+             engine_index: int, num_engines: int, processor: Any = None) -> dict[str, float]:
     """Score this engine's share of the held-out prompts with eval sampling; returns sums for a global mean."""
     share = list(prompts)[engine_index::num_engines]
     if not share or reward_source is None:
@@ -268,8 +316,8 @@ def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, t
     n = cfg.eval.n_samples_per_prompt
     params = sampling_params(cfg, sampling_seed(cfg.train.seed, -1, engine_index), n=n,
                              temperature=cfg.eval.temperature, eos_token_id=tokenizer.eos_token_id)
-    trajectories = executor.run(encode_prompts(cfg, tokenizer, texts), params,
-                                prompt_texts=texts, labels=[p.label for p in share])
+    trajectories = run_executor(cfg, executor, tokenizer, processor, share, params)
     rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in share for _ in range(n)],
-                                            [t for t in texts for _ in range(n)], trajectories)
+                                            [t for t in texts for _ in range(n)], trajectories,
+                                            image_token_of(tokenizer, processor))
     return {"count": float(len(rewards)), "reward_sum": float(sum(rewards)), "score_sum": float(sum(scores))}
