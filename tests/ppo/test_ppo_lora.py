@@ -5,6 +5,7 @@ uninterrupted one does."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,7 +133,9 @@ def test_grpo_update_moves_adapters_and_generators_get_merged_weights(tmp_path, 
 ITERATIONS = 4
 LORA_RUN = ["--lora.rank=4", "--lora.alpha=8", "--actor.learning_rate=2e-2", "--rollout.n_samples_per_prompt=4",
             "--train.train_batch_size=8", "--train.micro_train_batch_size=4", f"--train.max_iterations={ITERATIONS}",
-            "--ckpt.save_steps=2", "--ckpt.save_hf_model=true"]
+            "--ckpt.save_steps=2", "--ckpt.save_hf_model=true",
+            # KL against the reference, which on the colocated ranks is the actor with its adapters off
+            "--algo.use_kl_loss=true", "--algo.kl_loss_coef=0.01", "--layout.reference.gpus=1"]
 
 
 def train(run_dir: Path) -> str:
@@ -159,6 +162,9 @@ def test_lora_grpo_run_saves_adapter_and_merged_model_and_resumes_exactly(tmp_pa
 
     finished = tmp_path / "finished"
     train(finished)
+    rows = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    kl = [row["train/kl_loss"] for row in rows if "train/kl_loss" in row]
+    assert len(kl) == ITERATIONS and kl[0] == 0.0 and all(value > 0 for value in kl[1:])  # B = 0: policy = base
     adapter, merged = tensors(finished / "hf" / "actor"), tensors(finished / "hf" / "actor_merged")
     assert (finished / "hf" / "actor" / "adapter_config.json").is_file()
     assert all(".lora_" in name for name in adapter) and adapter
