@@ -241,8 +241,9 @@ def _wire_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def broadcast_weights(named_params: Iterable[tuple[str, torch.Tensor] | ExportedParameter], group: dist.ProcessGroup | None, src: int,
-                      bucket_mb: float, dtype: torch.dtype, version: int) -> WeightManifest:
+def broadcast_weights(named_params: Iterable[tuple[str, torch.Tensor] | ExportedParameter],
+                      group: dist.ProcessGroup | None, src: int, bucket_mb: float, dtype: torch.dtype,
+                      version: int) -> WeightManifest:
     """Broadcast the actor's weights from global rank `src` to the weight-sync `group`; returns the manifest.
 
     Every actor rank calls this with the same parameters (ZeRO-3 gathers need them all); ranks outside the weight-sync
@@ -371,8 +372,8 @@ def sync_weights(model: torch.nn.Module | None, engine: WeightLoader | None, *, 
                  bucket_mb: float | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Actor -> generator weights of `version`, as `dtype`; returns {"max/weight_sync_s": seconds}.
 
-    Every rank of the weight path calls it; what it holds decides its part:
-    A LoRA actor (a peft `model`) sends its merged weights under the base model's names (`exported_parameters`).
+    Every rank of the weight path calls it; what it holds decides its part (a LoRA actor, a peft `model`, sends its
+    merged weights under the base model's names: `exported_parameters`):
     - `model` (the actor's unwrapped Hugging Face model) and `engine`: the colocated layout, where every rank holds
       both. The full parameters go into the local engine (a sleeping engine takes them too); no broadcast.
     - `model` only, an actor rank: `broadcast_weights` from global rank `src` over `group` in `bucket_mb` buckets

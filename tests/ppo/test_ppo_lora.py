@@ -1,7 +1,7 @@
 """LoRA on the RL actor: a GRPO update moves only the adapters, the generators receive the merged weights
 (W + alpha/r * B @ A) under the base model's names (colocated and by broadcast, ZeRO-2 and ZeRO-3) and score tokens as
-the actor does, its reference is the actor with the adapters off, the Hugging Face save writes the adapter and the merged model, and a resumed LoRA run ends where an
-uninterrupted one does."""
+the actor does, its reference is the actor with the adapters off, the Hugging Face save writes the adapter and the
+merged model, and a resumed LoRA run ends where an uninterrupted one does."""
 
 from __future__ import annotations
 
