@@ -91,8 +91,8 @@ def test_export_merges_adapters_under_base_names():
             assert torch.equal(value, plain[name]), name
 
 
-@pytest.mark.parametrize("zero_stage,split", [(2, True), (3, False)], ids=["zero2-1actor-1generator",
-                                                                         "zero3-2colocated"])
+@pytest.mark.parametrize("zero_stage,split", [(2, True), (3, True), (3, False)],
+                         ids=["zero2-1actor-1generator", "zero3-1actor-1generator", "zero3-2colocated"])
 def test_grpo_update_moves_adapters_and_generators_get_merged_weights(tmp_path, zero_stage, split):
     results = run_ranks(lora_worker.run_sync, 2, str(tmp_path / "tiny"), zero_stage, split, timeout_s=240)
     actor = results[0]
