@@ -309,8 +309,12 @@ def check_supervised(cfg: Config, sources: dict[str, str]) -> list[str]:
     return errors
 
 
+# Trainers whose generator runs the trained policy: a LoRA actor reaches it merged (distributed/weights.py).
+GENERATING_TRAINERS = ("ppo", "rejection_sampling", "iterative_dpo")
+
+
 def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
-    """LoRA sizes, and QLoRA only on top of LoRA."""
+    """LoRA sizes, QLoRA only on top of LoRA, and the trainers that take adapters."""
     errors = []
     lora = cfg.lora
     if lora.rank < 0:
@@ -324,9 +328,13 @@ def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
     if lora.load_in_4bit and lora.rank == 0:
         errors.append(f"{_src(sources, 'lora.load_in_4bit', 'lora.rank')}: QLoRA trains LoRA adapters on a 4-bit "
                       f"base; set lora.rank > 0")
-    if lora.rank > 0 and cfg.train.trainer in ("ppo", "prm", "rejection_sampling", "iterative_dpo"):
-        errors.append(f"{_src(sources, 'lora.rank', 'train.trainer')}: LoRA is wired for sft, rm, dpo, kto and kd, "
-                      f"not {cfg.train.trainer}")
+    if lora.rank > 0 and cfg.train.trainer == "prm":
+        errors.append(f"{_src(sources, 'lora.rank', 'train.trainer')}: LoRA is wired for sft, rm, dpo, kto, kd, ppo, "
+                      f"rejection_sampling and iterative_dpo, not prm")
+    if lora.load_in_4bit and cfg.train.trainer in GENERATING_TRAINERS:
+        errors.append(f"{_src(sources, 'lora.load_in_4bit', 'train.trainer')}: {cfg.train.trainer} merges the adapters "
+                      f"into the base weights for its generator, which a 4-bit base cannot take; set "
+                      f"lora.load_in_4bit: false")
     return errors
 
 

@@ -16,7 +16,8 @@ SUPERVISED = ("sft", "rm", "dpo", "kto", "prm", "kd")
 ALL = ("ppo", *SUPERVISED, "rejection_sampling")
 PPO = ("ppo",)
 SAMPLING = ("ppo", "rejection_sampling")  # the trainers that generate from prompts
-LORA_TRAINERS = ("sft", "rm", "dpo", "kto", "kd")
+QLORA_TRAINERS = ("sft", "rm", "dpo", "kto", "kd")  # a 4-bit base: the trainers that never merge into a generator
+LORA_TRAINERS = (*QLORA_TRAINERS, *SAMPLING)  # the generating ones send the merged weights to their generator
 MIXING_SUPERVISED = ("sft", "rm", "dpo", "kto", "kd")  # the supervised trainers that mix data.dataset by probability
 NO_LORA = tuple(t for t in ALL if t not in LORA_TRAINERS)
 
@@ -129,7 +130,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("lora_alpha", "ds.lora.alpha"), INT, ("lora.alpha",), LORA_TRAINERS),
     Flag(("lora_dropout", "ds.lora.dropout"), FLOAT, ("lora.dropout",), LORA_TRAINERS),
     Flag(("target_modules", "ds.lora.target_modules"), STRS, ("lora.target_modules",), LORA_TRAINERS),
-    Flag(("load_in_4bit", "ds.load_in_4bit"), FLAG, ("lora.load_in_4bit",), LORA_TRAINERS),
+    Flag(("load_in_4bit", "ds.load_in_4bit"), FLAG, ("lora.load_in_4bit",), QLORA_TRAINERS),
     # ----- batches, data, evaluation, checkpoints, logs -------------------------------------------------------------
     Flag(("train_batch_size", "train.batch_size"), INT, ("train.train_batch_size",)),
     Flag(("micro_train_batch_size", "train.micro_batch_size"), INT, ("train.micro_train_batch_size",)),
@@ -345,11 +346,14 @@ FLAGS: tuple[Flag, ...] = (
     *(_no((f"{prefix}muon.{part}",), kind, "DeepSpeed's Muon always runs 5 Newton-Schulz steps on Nesterov "
           "momentum", inert=inert) for prefix in ("", "actor.", "critic.")
       for part, kind, inert in (("ns_steps", INT, ("5",)), ("nesterov", FLAG, ()), ("no_nesterov", FLAG, ()))),
-    _no(("lora_rank", "ds.lora.rank"), INT, "LoRA is wired for sft, rm, dpo, kto and kd", NO_LORA, inert=("0",)),
-    *(_no(names, kind, "LoRA is wired for sft, rm, dpo, kto and kd", NO_LORA)
+    _no(("lora_rank", "ds.lora.rank"), INT, "LoRA is wired for sft, rm, dpo, kto, kd, ppo and rejection sampling",
+        NO_LORA, inert=("0",)),
+    *(_no(names, kind, "LoRA is wired for sft, rm, dpo, kto, kd, ppo and rejection sampling", NO_LORA)
       for names, kind in ((("lora_alpha", "ds.lora.alpha"), INT), (("lora_dropout", "ds.lora.dropout"), FLOAT),
                           (("target_modules", "ds.lora.target_modules"), STRS),
                           (("load_in_4bit", "ds.load_in_4bit"), FLAG))),
+    _no(("load_in_4bit", "ds.load_in_4bit"), FLAG, "the generator runs the adapters merged into the base, which a "
+        "4-bit base cannot take: LoRA on a full-precision base", SAMPLING),
     _no(("ref_reward_offload", "ref.offload", "reward.offload", "ref_offload"), FLAG, "frozen models stay on their "
         "GPUs (ds.param_offload moves ZeRO-3 parameters to the CPU)"),
     _no(("teacher_offload",), FLAG, "the teacher stays on the GPU", ("kd",)),

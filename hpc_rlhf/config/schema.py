@@ -296,14 +296,17 @@ class RejectionSamplingConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA / QLoRA adapters through peft for sft, rm, dpo, kto, kd (`--lora.*`); tools/merge_lora.py merges them."""
+    """LoRA / QLoRA adapters through peft for sft, rm, dpo, kto, kd, and LoRA for the actor of ppo,
+    rejection_sampling and iterative_dpo (its generators get the merged weights) (`--lora.*`); tools/merge_lora.py
+    merges a saved adapter."""
 
     rank: int = opt(0, "LoRA rank (0 = train the full model)")
     alpha: int = opt(16, "LoRA alpha (scale = alpha / rank)")
     dropout: float = opt(0.0, "dropout on the LoRA input")
     target_modules: list[str] = opt(["all-linear"], "module names to adapt; all-linear = every linear layer but "
                                     "the output head")
-    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a GPU)")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a GPU; not "
+                                    "for the trainers that generate)")
 
 
 @dataclass

@@ -15,11 +15,17 @@ which maps names explicitly, handles tied weights and checks that every paramete
 loads `full_named_parameters` into its engine, an actor rank broadcasts, a generator rank receives into its engine.
 `full_named_parameters` is also what the Hugging Face checkpoint writer gathers with (training/models.py).
 Ranks (`src`) are global ranks, as everywhere in torch.distributed.
+
+A LoRA actor (a peft model) is exported as the plain model it stands for: `exported_parameters` names each weight as
+the base model does and folds the active adapters into it (W + alpha/r * B @ A, `merge_lora_weight`), so generators
+and the Hugging Face save never see peft names; `merge_lora=False` keeps the peft parameters as they are (the adapter
+save and the EMA use that).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +89,92 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
+# ----- LoRA: the plain model a peft model stands for ------------------------------------------------------------------
+PEFT_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the Hugging Face model
+# Parameters that exist only in the peft model: the adapter factors (folded into their base weight) and the frozen
+# original of a module peft trains a copy of.
+_PEFT_ONLY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|original_module)\.")
+_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")
+
+
+@dataclass(frozen=True)
+class LoraFactor:
+    """One active adapter of a LoRA layer: delta W = scale * B @ A (transposed for a fan-in-fan-out base layer)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    fan_in_fan_out: bool = False
+
+
+@dataclass(frozen=True)
+class ExportedParameter:
+    """A weight as a plain model names it: the parameter itself, or a base weight with the LoRA factors to fold in."""
+
+    name: str
+    param: torch.Tensor
+    lora: tuple[LoraFactor, ...] = ()
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every parameter the weight is made of (what a ZeRO-3 gather must make whole)."""
+        return (self.param, *(t for factor in self.lora for t in (factor.a, factor.b)))
+
+    def value(self) -> torch.Tensor:
+        """The full weight; inside `gathered(self.tensors)` under ZeRO-3. The parameter's own data without LoRA."""
+        return merge_lora_weight(self.param.data, self.lora) if self.lora else self.param.data
+
+
+def merge_lora_weight(weight: torch.Tensor, factors: Sequence[LoraFactor]) -> torch.Tensor:
+    """W + sum of scale * B @ A over the factors, computed in fp32 and returned in W's dtype (a new tensor)."""
+    merged = weight.float()
+    for factor in factors:
+        delta = (factor.b.data.float() @ factor.a.data.float()) * factor.scale
+        merged = merged + (delta.T if factor.fan_in_fan_out else delta)
+    return merged.to(weight.dtype)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """A peft model (duck-typed: the weight plane does not import peft)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def plain_parameter_name(name: str) -> str | None:
+    """The base model's name of a peft parameter (or buffer), or None for one the plain model does not have."""
+    if _PEFT_ONLY.search(name):
+        return None
+    return _SAVED_COPY.sub(".", name.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."))
+
+
+def _lora_factors(name: str, layer: torch.nn.Module) -> tuple[LoraFactor, ...]:
+    """The factors of the adapters `layer` applies in its forward pass (none when disabled or already merged)."""
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return ()
+    if len(getattr(layer, "lora_embedding_A", {})) or any(getattr(layer, "use_dora", {}).values()):
+        raise WeightSyncError(f"{name}: only LoRA on linear layers is merged for the generator (no embedding LoRA, "
+                              "no DoRA); target linear modules")
+    adapters = [adapter for adapter in layer.active_adapters if adapter in layer.lora_A]
+    return tuple(LoraFactor(a=layer.lora_A[adapter].weight, b=layer.lora_B[adapter].weight,
+                            scale=float(layer.scaling[adapter]),
+                            fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False))) for adapter in adapters)
+
+
+def exported_parameters(model: torch.nn.Module, *, merge_lora: bool = True) -> list[ExportedParameter]:
+    """Every parameter in `named_parameters` order (tied ones once). A peft model with `merge_lora` comes as the plain
+    model: base names, adapters folded into their base weights, adapter-only parameters left out."""
+    named = list(model.named_parameters())
+    if not merge_lora or not is_peft_model(model):
+        return [ExportedParameter(name, param) for name, param in named]
+    factors = {f"{name}.base_layer.weight": _lora_factors(name, module) for name, module in model.named_modules()
+               if hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "scaling")}
+    exported = []
+    for name, param in named:
+        plain = plain_parameter_name(name)
+        if plain is not None:
+            exported.append(ExportedParameter(plain, param, factors.get(name, ())))
+    return exported
+
+
 def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int, element_size: int) -> list[list[int]]:
     """Split tensors, in order, into buckets of at most `bucket_bytes`; a tensor larger than that is alone."""
     if bucket_bytes <= 0:
@@ -125,18 +217,22 @@ def gathered(params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManage
 
 
 def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None, *,
-                          copy_gathered: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+                          copy_gathered: bool = True, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter in `named_parameters` order (tied ones once), as `dtype` (None keeps
-    each parameter's dtype); ZeRO-3 partitions are gathered one parameter at a time.
+    each parameter's dtype); ZeRO-3 partitions are gathered one parameter at a time. A peft model comes as the plain
+    model it stands for (`exported_parameters`), unless `merge_lora` is False.
 
     Every rank of a ZeRO-3 group iterates to the end (each gather is a collective). A gathered tensor is freed when the
     iterator moves on, so it comes as a copy; with `copy_gathered=False` it is the gathered tensor itself, valid until
-    the next item (for a consumer that copies it at once). A whole parameter in its own dtype is not copied.
+    the next item (for a consumer that copies it at once). A whole parameter in its own dtype is not copied; a merged
+    LoRA weight is always a new tensor.
     """
-    for name, param in model.named_parameters():
-        with gathered([param]):
-            full = param.data if dtype is None else param.data.to(dtype)
-            yield name, full.clone() if copy_gathered and hasattr(param, "ds_id") else full
+    for exported in exported_parameters(model, merge_lora=merge_lora):
+        with gathered(exported.tensors):
+            value = exported.value()
+            full = value if dtype is None else value.to(dtype)
+            copy = copy_gathered and hasattr(exported.param, "ds_id") and not exported.lora
+            yield exported.name, full.clone() if copy else full
 
 
 def _wire_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -145,15 +241,17 @@ def _wire_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def broadcast_weights(named_params: Iterable[tuple[str, torch.Tensor]], group: dist.ProcessGroup | None, src: int,
-                      bucket_mb: float, dtype: torch.dtype, version: int) -> WeightManifest:
+def broadcast_weights(named_params: Iterable[tuple[str, torch.Tensor] | ExportedParameter],
+                      group: dist.ProcessGroup | None, src: int, bucket_mb: float, dtype: torch.dtype,
+                      version: int) -> WeightManifest:
     """Broadcast the actor's weights from global rank `src` to the weight-sync `group`; returns the manifest.
 
     Every actor rank calls this with the same parameters (ZeRO-3 gathers need them all); ranks outside the weight-sync
-    group pass `group=None`. Use the unwrapped model's names (`engine.module.named_parameters()`).
+    group pass `group=None`. Use the unwrapped model's names (`engine.module.named_parameters()`), or its
+    `exported_parameters` (a LoRA actor: plain names, adapters merged).
     """
-    params = list(named_params)
-    specs = [TensorSpec(name=name, shape=full_shape(p)) for name, p in params]
+    params = [item if isinstance(item, ExportedParameter) else ExportedParameter(*item) for item in named_params]
+    specs = [TensorSpec(name=item.name, shape=full_shape(item.param)) for item in params]
     element_size = torch.empty((), dtype=dtype).element_size()
     bucket_indices = plan_buckets(specs, int(bucket_mb * 2**20), element_size)
     manifest = WeightManifest(version=int(version), dtype=_dtype_name(dtype),
@@ -164,21 +262,20 @@ def broadcast_weights(named_params: Iterable[tuple[str, torch.Tensor]], group: d
     device = _wire_device(group) if is_src else torch.device("cpu")
     if is_src:
         dist.broadcast_object_list([manifest], src=src, group=group, device=device)
-    if not is_src and not any(hasattr(p, "ds_id") for _, p in params):
+    if not is_src and not any(hasattr(t, "ds_id") for item in params for t in item.tensors):
         return manifest  # nothing to gather and nothing to send
     for bucket in bucket_indices:
-        bucket_params = [params[i][1] for i in bucket]
-        with gathered(bucket_params):
+        with gathered([t for i in bucket for t in params[i].tensors]):
             if not is_src:
                 continue
             flat = torch.empty(sum(specs[i].numel for i in bucket), dtype=dtype, device=device)
             offset = 0
-            for i, param in zip(bucket, bucket_params):
-                spec = specs[i]
-                if param.data.numel() != spec.numel:
-                    raise WeightSyncError(f"parameter {spec.name} has {param.data.numel()} elements locally but "
+            for i in bucket:
+                spec, value = specs[i], params[i].value()
+                if value.numel() != spec.numel:
+                    raise WeightSyncError(f"parameter {spec.name} has {value.numel()} elements locally but "
                                           f"{spec.numel} in full; is it partitioned by something other than ZeRO-3?")
-                flat[offset:offset + spec.numel].copy_(param.data.reshape(-1))
+                flat[offset:offset + spec.numel].copy_(value.reshape(-1))
                 offset += spec.numel
             dist.broadcast(flat, src=src, group=group)
     return manifest
@@ -275,7 +372,8 @@ def sync_weights(model: torch.nn.Module | None, engine: WeightLoader | None, *, 
                  bucket_mb: float | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Actor -> generator weights of `version`, as `dtype`; returns {"max/weight_sync_s": seconds}.
 
-    Every rank of the weight path calls it; what it holds decides its part:
+    Every rank of the weight path calls it; what it holds decides its part (a LoRA actor, a peft `model`, sends its
+    merged weights under the base model's names: `exported_parameters`):
     - `model` (the actor's unwrapped Hugging Face model) and `engine`: the colocated layout, where every rank holds
       both. The full parameters go into the local engine (a sleeping engine takes them too); no broadcast.
     - `model` only, an actor rank: `broadcast_weights` from global rank `src` over `group` in `bucket_mb` buckets
@@ -289,7 +387,7 @@ def sync_weights(model: torch.nn.Module | None, engine: WeightLoader | None, *, 
     elif model is not None:
         if bucket_mb is None:
             raise ValueError("an actor rank broadcasts the weights and needs bucket_mb")
-        broadcast_weights(model.named_parameters(), group, src, bucket_mb, dtype, version)
+        broadcast_weights(exported_parameters(model), group, src, bucket_mb, dtype, version)
     elif engine is not None:
         if group is None:
             raise ValueError(f"a generator rank receives the weights from rank {src} but was given no weight-sync "

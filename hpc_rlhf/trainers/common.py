@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.data import prompt_indices_for, rank_slice
 from hpc_rlhf.distributed import ControlPlane, DistributedWorld, RoleGroups
-from hpc_rlhf.training.lora import REWARD_STATS_FILE, is_lora_model, load_model_for_training, save_adapter, unwrap
+from hpc_rlhf.training.lora import REWARD_STATS_FILE, is_lora_model, load_model_for_training, unwrap
 from hpc_rlhf.run.metrics import MetricsLogger, plot_curves, wandb_settings
 from hpc_rlhf.run.rank_metrics import timed
 from hpc_rlhf.slurm.requeue import StopRequest, combine_stop_reasons, leave_for_requeue
@@ -430,13 +430,11 @@ def save_model(ctx: TrainerContext, model: TrainedModel, name: str, *,
     hf_model = model.hf_model()
     updates = dict(config_updates or {})
     if is_lora_model(hf_model):
-        state = model.full_state_dict()
-        if state is not None:
-            save_adapter(hf_model, state, out)
+        model.save_lora_adapter(out)
+        if model.dp_rank == 0:
             if updates:
                 (out / REWARD_STATS_FILE).write_text(json.dumps(updates, indent=2) + "\n")
             ctx.tokenizer.save_pretrained(str(out))
-        dist.barrier(group=ctx.dp_group)
     else:
         for key, value in updates.items():
             setattr(unwrap(hf_model).config, key, value)
@@ -446,10 +444,7 @@ def save_model(ctx: TrainerContext, model: TrainedModel, name: str, *,
     if with_ema and model.ema is not None:
         ema_out = ctx.run_dir / "hf" / f"{name}_ema"
         if is_lora_model(hf_model):
-            state = model.full_state_dict()
-            if state is not None:
-                save_adapter(hf_model, model.ema.full_state_dict(state), ema_out)
-            dist.barrier(group=ctx.dp_group)
+            model.save_lora_adapter(ema_out, ema=True)
         else:
             model.save_ema_hf(ema_out)
         if model.dp_rank == 0:

@@ -40,7 +40,7 @@ class EmaWeights:
 
     def _full(self, model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
         names = trainable_names(model)
-        for name, full in full_named_parameters(model, copy_gathered=False):
+        for name, full in full_named_parameters(model, copy_gathered=False, merge_lora=False):
             if name in names:
                 yield name, full
 

@@ -37,7 +37,7 @@ from hpc_rlhf.data.images import (
     load_image_processor,
     vision_tensors,
 )
-from hpc_rlhf.distributed.weights import full_named_parameters
+from hpc_rlhf.distributed.weights import full_named_parameters, is_peft_model, plain_parameter_name
 from hpc_rlhf.training.batching import (
     LOSS_WEIGHTINGS,
     MicroBatch,
@@ -55,6 +55,7 @@ from hpc_rlhf.training.deepspeed_setup import (
     init_inference_engine,
 )
 from hpc_rlhf.training.ema import EmaWeights
+from hpc_rlhf.training.lora import LoraSettings, apply_lora, is_lora_model, save_adapter, unwrap
 from hpc_rlhf.training.logprobs import token_log_probs
 
 VALUE_HEAD_NAMES: tuple[str, ...] = ("score", "classifier", "v_head", "value_head")
@@ -167,19 +168,23 @@ def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {key: float(value) for key, value in metrics.items()}
 
 
-def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str, torch.Tensor] | None:
+def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit, *,
+                           merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
     """Full CPU state dict on data-parallel rank 0 (None elsewhere), tied parameters under each of their names.
 
     ZeRO-3 shards are gathered one by one by `full_named_parameters` (every rank of the group takes part); only the
-    writer copies each one to host memory, the other ranks keep nothing.
+    writer copies each one to host memory, the other ranks keep nothing. A LoRA (peft) model gives the state dict of
+    the plain model with its adapters merged, or with `merge_lora=False` its own (peft names, adapters apart).
     """
     is_writer = mpu.get_data_parallel_rank() == 0
+    rename = plain_parameter_name if merge_lora and is_peft_model(model) else (lambda name: name)
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
+        if rename(name) is not None:
+            names_of.setdefault(id(param), []).append(rename(name))
     tied_names = {names[0]: names for names in names_of.values()}  # first name (the one named_parameters gives) -> all
     state: dict[str, torch.Tensor] = {}
-    for first_name, full in full_named_parameters(model, copy_gathered=False):
+    for first_name, full in full_named_parameters(model, copy_gathered=False, merge_lora=merge_lora):
         if is_writer:
             copy = full.detach().cpu().clone()
             for name in tied_names[first_name]:
@@ -188,7 +193,8 @@ def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str,
         return None
     parameter_names = {name for names in names_of.values() for name in names}
     for name, buffer in model.state_dict().items():
-        if name not in parameter_names:
+        name = rename(name)
+        if name is not None and name not in parameter_names:
             state[name] = buffer.detach().cpu().clone()
     return state
 
@@ -338,16 +344,18 @@ class TrainedModel(abc.ABC):
         return {**metrics, **self.optimizer_step()}
 
     # ----- checkpoints ---------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The Hugging Face model's full CPU state dict on data-parallel rank 0, None elsewhere; all ranks call."""
+    def full_state_dict(self, *, merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
+        """The Hugging Face model's full CPU state dict on data-parallel rank 0, None elsewhere; all ranks call. A LoRA
+        model gives the plain model's, adapters merged (its own peft state dict with `merge_lora=False`)."""
         with engine_scope(self.mpu):
-            return gather_full_state_dict(self.hf_model(), self.mpu)
+            return gather_full_state_dict(self.hf_model(), self.mpu, merge_lora=merge_lora)
 
     def save_hf(self, out_dir: str | os.PathLike) -> None:
-        """Write a Hugging Face checkpoint (config + safetensors) from data-parallel rank 0; all ranks call."""
+        """Write a Hugging Face checkpoint (config + safetensors) from data-parallel rank 0; all ranks call. A LoRA
+        model is written merged, as the plain model `from_pretrained` loads."""
         state = self.full_state_dict()
         if state is not None:
-            write_hf_checkpoint(self.hf_model(), state, out_dir)
+            write_hf_checkpoint(unwrap(self.hf_model()), state, out_dir)
         dist.barrier(group=self.mpu.get_data_parallel_group())
 
     def save_ema_hf(self, out_dir: str | os.PathLike) -> None:
@@ -358,6 +366,16 @@ class TrainedModel(abc.ABC):
         state = self.full_state_dict()
         if state is not None:
             write_hf_checkpoint(self.hf_model(), self.ema.full_state_dict(state), out_dir)
+        dist.barrier(group=self.mpu.get_data_parallel_group())
+
+    def save_lora_adapter(self, out_dir: str | os.PathLike, *, ema: bool = False) -> None:
+        """Write the LoRA adapter in peft's format (adapter_config.json + adapter weights; its EMA with `ema`) from
+        data-parallel rank 0; all ranks call."""
+        if ema and self.ema is None:
+            raise RuntimeError("this model keeps no EMA of its weights (ema_beta is not set)")
+        state = self.full_state_dict(merge_lora=False)
+        if state is not None:
+            save_adapter(self.hf_model(), self.ema.full_state_dict(state) if ema else state, out_dir)
         dist.barrier(group=self.mpu.get_data_parallel_group())
 
     def save_state(self, checkpoint_dir: str | os.PathLike, tag: str,
@@ -397,13 +415,16 @@ class Actor(TrainedModel):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                        num_training_steps: int, **kwargs: Any) -> Actor:
+                        num_training_steps: int, *, lora: LoraSettings | None = None, **kwargs: Any) -> Actor:
         """Load a causal LM (or a vision-language model with its image processor) with the config's dtype and
-        attention implementation and wrap it."""
+        attention implementation and wrap it; with `lora`, the base is frozen and LoRA adapters train (ZeRO-3 loads
+        the base into partitions first, then adds the adapters)."""
         model = _load(causal_lm_auto_class(path), path, cfg, dp_group)
         if is_vision_language(model.config):
             check_plain_positions(model)
             kwargs.setdefault("image_processor", load_image_processor(path))
+        if lora is not None:
+            model = apply_lora(model, lora, "causal_lm")
         return cls(model, cfg, dp_group, num_training_steps, **kwargs)
 
     def forward(self, batch: MicroBatch) -> ForwardOutput:
@@ -412,6 +433,23 @@ class Actor(TrainedModel):
                                    with_entropy=self.with_entropy,
                                    supports_logits_to_keep=self._supports_logits_to_keep,
                                    image_processor=self.image_processor)
+
+
+class BaseOfLoraActor:
+    """The reference policy of a LoRA actor trained from the reference's own weights: the actor's engine with its
+    adapters switched off, which is the frozen base, so no second copy of the model is loaded. `infer` is the actor's
+    (all ranks of the actor group call it together)."""
+
+    def __init__(self, actor: Actor) -> None:
+        if not is_lora_model(actor.hf_model()):
+            raise ValueError("BaseOfLoraActor needs an actor with LoRA adapters")
+        self.actor = actor
+
+    def infer(self, micro_batches: Sequence[MicroBatch]) -> list[ForwardOutput]:
+        """Log-probs (no entropy) of the base model for each micro-batch."""
+        with self.actor.hf_model().disable_adapter():
+            outputs = self.actor.infer(micro_batches)
+        return [ForwardOutput(log_probs=output.log_probs) for output in outputs]
 
 
 class TokenValueModel(nn.Module):

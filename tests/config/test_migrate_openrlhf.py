@@ -107,6 +107,19 @@ def test_translated_yaml_loads_with_the_config_loader(tmp_path):
     assert loaded.reward.reward_func_path.endswith("reward_func.py") and loaded.reward.pretrain is None
 
 
+@pytest.mark.parametrize("command", ["--lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 --target_modules q_proj v_proj",
+                                     "--ds.lora.rank 8 --ds.lora.alpha 16 --ds.lora.dropout 0.05 "
+                                     "--ds.lora.target_modules q_proj v_proj"], ids=["flat", "nested"])
+def test_lora_flags_of_a_ppo_command_give_the_actor_adapters(command, tmp_path):
+    config, notes = translate("--pretrain m --prompt_data p.jsonl --remote_rm_url u --advantage_estimator group_norm "
+                              "--n_samples_per_prompt 4 --colocate_all_models " + command + " --load_in_4bit")
+    assert config["lora"] == {"rank": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    reasons = {note.flag: note.reason for note in notes}
+    assert "4-bit base" in reasons["--load_in_4bit"]  # QLoRA stays off where a generator runs the policy
+    loaded = load_config(write_yaml(tmp_path, config)).config
+    assert (loaded.train.trainer, loaded.lora.rank, loaded.lora.load_in_4bit) == ("ppo", 8, False)
+
+
 def test_unknown_and_untranslatable_flags_are_listed_never_dropped():
     config, notes = translate("--pretrain m --prompt_data p.jsonl --remote_rm_url http://rm:5000/get_reward "
                               "--advantage_estimator rloo --n_samples_per_prompt 4 --vllm_num_engines 1 "

@@ -49,7 +49,9 @@ def test_supervised_batches_need_not_match_the_rollout_batch():
     ("dpo", ["--pref.label_smoothing=0.5"], "pref.label_smoothing"),
     ("dpo", ["--train.max_tokens_per_microbatch=256"], "keeps compared samples in one micro-batch"),
     ("sft", ["--lora.load_in_4bit=true"], "set lora.rank > 0"),
-    ("prm", ["--lora.rank=8"], "LoRA is wired for sft, rm, dpo, kto and kd"),
+    ("prm", ["--lora.rank=8"], "LoRA is wired for sft, rm, dpo, kto, kd, ppo, rejection_sampling and iterative_dpo, "
+                               "not prm"),
+    ("iterative_dpo", ["--lora.rank=8", "--lora.load_in_4bit=true"], "which a 4-bit base cannot take"),
     ("sft", ["--sft.multiturn=true"], "set data.apply_chat_template: true"),
     ("sft", ["--sft.multiturn=true", "--sft.pretrain_mode=true", "--data.apply_chat_template=true"],
      "not both"),

@@ -114,6 +114,20 @@ def test_iterative_dpo_pairs_best_against_worst_and_raises_the_reward(make_confi
     assert trained > initial + 0.3, (initial, trained)
 
 
+def test_lora_iterative_dpo_samples_with_the_merged_adapter(make_config, train, series, first_digit_reward):
+    """Only the adapters train, and the engine that samples and evaluates gets them merged: the reward of its own
+    answers rises round after round."""
+    cfg = make_config("iterative_dpo", rollout__batch_size=64, pref__rounds=2, lora__rank=8, lora__alpha=16,
+                      actor__learning_rate=1e-2, reward__reward_func_path=str(first_digit_reward),
+                      eval__max_samples=64)
+    train(cfg)
+    run = Path(cfg.train.run_dir)
+    assert (run / "hf" / "actor" / "adapter_config.json").is_file()
+    assert series(run, "train/loss")[0][1] == pytest.approx(math.log(2.0), rel=1e-5)  # B = 0: policy = reference
+    rewards = [v for _, v in series(run, "eval/reward_mean")]
+    assert len(rewards) == 3 and rewards[-1] > rewards[0] + 0.3, rewards
+
+
 def _tokenizer(path: Path):
     from transformers import AutoTokenizer
 

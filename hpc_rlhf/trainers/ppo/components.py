@@ -20,10 +20,10 @@ from hpc_rlhf.distributed import RoleGroups
 from hpc_rlhf.generation import GenerationEngine, MultiTurnExecutor, SingleTurnExecutor
 from hpc_rlhf.rewards import RewardModel, RewardSource, reward_source_from_config
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
-from hpc_rlhf.trainers.engines import bf16_enabled, compute_dtype, engine_config
+from hpc_rlhf.trainers.engines import bf16_enabled, compute_dtype, engine_config, lora_settings
 from hpc_rlhf.trainers.generation_setup import build_generation
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
-from hpc_rlhf.training.models import Actor, Critic, Reference
+from hpc_rlhf.training.models import Actor, BaseOfLoraActor, Critic, Reference
 
 
 def total_iterations(cfg: Config, num_prompts: int) -> int:
@@ -40,6 +40,14 @@ def optimizer_steps(cfg: Config, iterations: int) -> int:
     return max(1, iterations * cfg.train.max_epochs * samples // cfg.train.train_batch_size)
 
 
+def reference_is_lora_base(cfg: Config, groups: RoleGroups, ref_path: str, actor_path: str) -> bool:
+    """Whether the reference is the LoRA actor with its adapters off: a LoRA actor trained from the reference's
+    weights, on the very ranks of the reference role (so both run their passes together)."""
+    plan = groups.plan
+    return (cfg.lora.rank > 0 and ref_path == actor_path
+            and list(plan.ranks_of("reference")) == list(plan.ranks_of("actor")))
+
+
 @dataclass
 class Components:
     """The pieces a rank holds; None for roles it does not have."""
@@ -54,7 +62,7 @@ class Components:
     reward_model: Optional[RewardModel] = None  # reward-model scorer, on reward ranks
     actor: Optional[Actor] = None
     critic: Optional[Critic] = None
-    reference: Optional[Reference] = None
+    reference: Optional[Reference | BaseOfLoraActor] = None
     processor: Optional[Any] = None  # the vision-language model's processor, with data.max_images_per_prompt
 
 
@@ -87,16 +95,20 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
     with_entropy = cfg.algo.entropy_loss_coef > 0
     if roles.has("actor"):
         parts.actor = Actor.from_pretrained(actor_path, engine_config(cfg, cfg.actor), groups.group("actor"), steps,
-                                            temperature=max(cfg.rollout.temperature, 1e-6), with_entropy=with_entropy)
+                                            lora=lora_settings(cfg), temperature=max(cfg.rollout.temperature, 1e-6),
+                                            with_entropy=with_entropy)
     if roles.has("critic"):
         critic_path = resolve_model_path(cfg.critic.pretrain or cfg.actor.pretrain)
         parts.critic = Critic.from_pretrained(critic_path, engine_config(cfg, cfg.critic), groups.group("critic"),
                                               steps)
     if roles.has("reference"):
         ref_path = resolve_model_path(cfg.ref.pretrain or cfg.actor.pretrain)
-        parts.reference = Reference.from_pretrained(ref_path, engine_config(cfg, cfg.actor),
-                                                    groups.group("reference"),
-                                                    temperature=max(cfg.rollout.temperature, 1e-6))
+        if reference_is_lora_base(cfg, groups, ref_path, actor_path):
+            parts.reference = BaseOfLoraActor(parts.actor)
+        else:
+            parts.reference = Reference.from_pretrained(ref_path, engine_config(cfg, cfg.actor),
+                                                        groups.group("reference"),
+                                                        temperature=max(cfg.rollout.temperature, 1e-6))
     if roles.has("reward") and cfg.reward.pretrain:
         dtype = compute_dtype(cfg)
         zero3 = None
