@@ -8,6 +8,7 @@ loads, `load_config` does not.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -290,6 +291,23 @@ def check_supervised(cfg: Config, sources: dict[str, str]) -> list[str]:
     return errors
 
 
+# The trainers whose trained model is the causal-LM actor (`training/models.py:Actor`), which adds the MoE
+# load-balancing loss; rm, prm and kd train other heads and forwards.
+AUX_LOSS_TRAINERS = ("ppo", "sft", "dpo", "iterative_dpo", "kto", "rejection_sampling")
+
+
+def check_moe(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """actor.aux_loss_coef: >= 0, and only for the trainers that train the causal-LM actor."""
+    coef = cfg.actor.aux_loss_coef
+    if coef < 0:
+        return [f"{_src(sources, 'actor.aux_loss_coef')}: must be >= 0 (0 = off), got {coef}"]
+    if coef > 0 and cfg.train.trainer not in AUX_LOSS_TRAINERS:
+        return [f"{_src(sources, 'actor.aux_loss_coef', 'train.trainer')}: the MoE load-balancing loss is added by "
+                f"the causal-LM actor of {', '.join(AUX_LOSS_TRAINERS)}, not by train.trainer {cfg.train.trainer}; "
+                f"set it to 0"]
+    return []
+
+
 def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
     """LoRA sizes, and QLoRA only on top of LoRA."""
     errors = []
@@ -315,7 +333,7 @@ def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
             + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources)
-            + check_data(cfg, sources))
+            + check_data(cfg, sources) + check_moe(cfg, sources))
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------
@@ -361,6 +379,31 @@ def check_model_paths(cfg: Config, sources: dict[str, str]) -> list[str]:
         if problem:
             errors.append(f"{_src(sources, key)}: {problem}")
     return errors
+
+
+def model_is_moe(spec: str) -> bool | None:
+    """Whether a model spec names a mixture-of-experts model (its config.json has `output_router_logits`); None when
+    this machine cannot tell (a hub name, a LoRA adapter folder, an unreadable config)."""
+    from hpc_rlhf.builtin_models import resolve as builtin_models
+
+    if spec.startswith(builtin_models.BUILTIN_PREFIX):
+        name = spec[len(builtin_models.BUILTIN_PREFIX):].partition("/")[0]
+        return name in builtin_models.MOE_BUILTIN_MODELS
+    config_file = Path(spec).expanduser() / "config.json"
+    try:
+        return "output_router_logits" in json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_moe_model(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """actor.aux_loss_coef > 0 needs a mixture-of-experts actor.pretrain (checked where its config can be read)."""
+    coef, spec = cfg.actor.aux_loss_coef, cfg.actor.pretrain
+    if coef > 0 and model_is_moe(spec) is False:
+        return [f"{_src(sources, 'actor.aux_loss_coef')}: {coef} needs a mixture-of-experts actor.pretrain (a model "
+                f"whose config has output_router_logits, e.g. Mixtral, Qwen3-MoE, builtin:tiny-moe); {spec} is not "
+                f"one, so set actor.aux_loss_coef: 0"]
+    return []
 
 
 def check_data_files(cfg: Config, sources: dict[str, str], *, limit: int = CHECK_ROWS) -> list[str]:
@@ -423,4 +466,4 @@ def check_machine(cfg: Config, sources: dict[str, str], *, ranks_here: int = 1) 
     """The checks that need this machine (device, models, data files); run by the entry points before any rank
     starts, not by `load_config` (a config may be written on one machine for another)."""
     return (check_device(cfg, sources, ranks_here=ranks_here) + check_model_paths(cfg, sources)
-            + check_data_files(cfg, sources))
+            + check_moe_model(cfg, sources) + check_data_files(cfg, sources))

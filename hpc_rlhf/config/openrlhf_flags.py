@@ -19,6 +19,7 @@ SAMPLING = ("ppo", "rejection_sampling")  # the trainers that generate from prom
 LORA_TRAINERS = ("sft", "rm", "dpo", "kto", "kd")
 MIXING_SUPERVISED = ("sft", "rm", "dpo", "kto", "kd")  # the supervised trainers that mix data.dataset by probability
 NO_LORA = tuple(t for t in ALL if t not in LORA_TRAINERS)
+AUX_LOSS_TRAINERS = ("ppo", "sft", "dpo", "kto")  # the trainers whose actor adds a MoE load-balancing loss
 
 # OpenRLHF entry module (openrlhf.cli.NAME) -> train.trainer
 ENTRY_TRAINERS = {"train_ppo_ray": "ppo", "train_ppo": "ppo", "train_sft": "sft", "train_rm": "rm",
@@ -322,8 +323,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("ema_beta", "train.ema_beta"), FLOAT, ("actor.ema_beta",)),
     _no(("full_determinism", "train.full_determinism_enable"), FLAG, "runs are seeded (train.seed); no "
         "deterministic-algorithms switch"),
-    _no(("aux_loss_coef", "actor.aux_loss_coef", "model.aux_loss_coef"), FLOAT, "no MoE load-balancing loss",
-        inert=("0", "0.0")),
+    Flag(("aux_loss_coef", "actor.aux_loss_coef", "model.aux_loss_coef"), FLOAT, ("actor.aux_loss_coef",),
+         AUX_LOSS_TRAINERS),
+    _no(("aux_loss_coef", "actor.aux_loss_coef", "model.aux_loss_coef"), FLOAT, "the MoE load-balancing loss is "
+        "added to the causal-LM actor's loss (ppo, sft, dpo, kto), not to reward, process-reward or distilled "
+        "models", tuple(t for t in ALL if t not in AUX_LOSS_TRAINERS), inert=("0", "0.0")),
     _no(("value_head_prefix", "ds.value_head_prefix"), STR, "reward models and critics use the "
         "AutoModelForSequenceClassification head (score)", inert=("score",)),
     _no(("use_ms",), FLAG, "models load from local folders or the Hugging Face Hub, not ModelScope"),

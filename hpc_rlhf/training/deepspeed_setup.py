@@ -65,6 +65,7 @@ class EngineConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     ema_beta: float | None = None  # None: no EMA of the weights (`training/ema.py`)
+    aux_loss_coef: float = 0.0  # > 0: a mixture-of-experts actor adds coef x its router load-balancing loss
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -89,6 +90,8 @@ class EngineConfig:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if self.ema_beta is not None and not 0.0 <= self.ema_beta <= 1.0:
             raise ValueError(f"ema_beta must be in [0, 1], got {self.ema_beta}")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef must be >= 0 (0 = off), got {self.aux_loss_coef}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -58,6 +58,7 @@ class ForwardOutput:
     log_probs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # a mixture-of-experts model's load-balancing loss (scalar), when asked
 
 
 LossResult = torch.Tensor | tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]
@@ -82,21 +83,28 @@ def model_inputs(batch: MicroBatch, device: torch.device) -> dict[str, Any]:
 
 def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
                         temperature: float = 1.0, with_entropy: bool = False,
-                        supports_logits_to_keep: bool = True, chunk_size: int = 1024) -> ForwardOutput:
+                        supports_logits_to_keep: bool = True, chunk_size: int = 1024,
+                        output_router_logits: bool = False) -> ForwardOutput:
     """Log-probs (and entropy) of the response tokens of `batch` under a causal LM (module or engine).
 
     Only the positions that predict response tokens go through the LM head (`logits_to_keep`); the log-probs are
     read from the model's logits in place (`token_log_probs` picks rows by index, no gathered copy).
+    `output_router_logits` asks a mixture-of-experts model for its load-balancing loss (`ForwardOutput.aux_loss`),
+    which transformers computes over every input token but padding (the attention mask; a packed row has none).
     """
     rows, columns, sample, offset = response_token_index(batch)
     predicting = columns - 1
     kwargs = model_inputs(batch, device)
+    if output_router_logits:
+        kwargs["output_router_logits"] = True
     if supports_logits_to_keep:
         kept_columns = torch.unique(predicting)  # sorted
-        logits = model(**kwargs, logits_to_keep=kept_columns.to(device)).logits  # [rows, kept, V]
+        outputs = model(**kwargs, logits_to_keep=kept_columns.to(device))
+        logits = outputs.logits  # [rows, kept, V]
         flat_rows = rows * kept_columns.numel() + torch.searchsorted(kept_columns, predicting)
     else:
-        logits = model(**kwargs).logits  # [rows, seq, V]
+        outputs = model(**kwargs)
+        logits = outputs.logits  # [rows, seq, V]
         flat_rows = rows * logits.shape[1] + predicting
     labels = batch.input_ids[rows, columns]
     flat_logits = logits.reshape(-1, logits.shape[-1])
@@ -107,7 +115,14 @@ def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: to
                                          temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
     return ForwardOutput(
         log_probs=_to_response_layout(log_probs, batch, sample, offset),
-        entropy=None if entropy is None else _to_response_layout(entropy, batch, sample, offset))
+        entropy=None if entropy is None else _to_response_layout(entropy, batch, sample, offset),
+        aux_loss=outputs.aux_loss if output_router_logits else None)
+
+
+def is_mixture_of_experts(model: nn.Module) -> bool:
+    """Whether a Hugging Face model routes tokens to experts and can return router logits (its config has
+    `output_router_logits`, as Mixtral, Qwen2/3-MoE and the other transformers MoE models do)."""
+    return hasattr(getattr(model, "config", None), "output_router_logits")
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -147,6 +162,12 @@ def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, float]]:
         raise TypeError(f"loss_fn must return a scalar tensor (or (scalar, metrics)), got {type(loss).__name__}"
                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
     return loss, {key: float(value) for key, value in metrics.items()}
+
+
+def with_aux_loss(loss: torch.Tensor, aux_loss: torch.Tensor, coef: float) -> torch.Tensor:
+    """The trained loss of a mixture-of-experts policy: the task loss plus `coef` times the router's load-balancing
+    loss (OpenRLHF's `--aux_loss_coef`)."""
+    return loss + coef * aux_loss.to(loss.device, loss.dtype)
 
 
 def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str, torch.Tensor] | None:
@@ -281,7 +302,9 @@ class TrainedModel(abc.ABC):
         `loss_fn` returns the mean loss of its micro-batch over `loss_weighting` units: action tokens
         ("token"), samples ("sample") or the whole micro-batch ("micro_batch"). The accumulated gradient
         is that of the mean over all units of all data-parallel ranks. Returns metrics ("loss" and those of
-        `loss_fn`) averaged the same way over the group.
+        `loss_fn`) averaged the same way over the group. When the forward gives a mixture-of-experts load-balancing
+        loss (`cfg.aux_loss_coef > 0`), each micro-batch trains on `loss + aux_loss_coef * aux_loss`; "loss" stays
+        `loss_fn`'s and "aux_loss" is logged beside it.
         """
         _check_weighting(loss_weighting)
         self.engine.train()
@@ -295,8 +318,12 @@ class TrainedModel(abc.ABC):
                 self.engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
                 output = self.forward(batch)
                 loss, metrics = _split_loss(loss_fn(batch.response_layout_to(self.device), output))
+                metrics = {"loss": float(loss.detach()), **metrics}
+                if output.aux_loss is not None:
+                    metrics["aux_loss"] = float(output.aux_loss.detach())
+                    loss = with_aux_loss(loss, output.aux_loss, self.cfg.aux_loss_coef)
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
-                for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + weight * value
             keys = sorted(sums)
             totals = all_reduce_in_group([sums[k] for k in keys], dist.ReduceOp.SUM, self.mpu)
@@ -373,6 +400,10 @@ class Actor(TrainedModel):
         self.temperature = temperature
         self.with_entropy = with_entropy
         self._supports_logits_to_keep = _accepts_logits_to_keep(model)
+        self.output_router_logits = cfg.aux_loss_coef > 0
+        if self.output_router_logits and not is_mixture_of_experts(model):
+            raise ValueError(f"aux_loss_coef={cfg.aux_loss_coef} needs a mixture-of-experts model (one whose config "
+                             f"has output_router_logits, e.g. Mixtral or Qwen3-MoE); this is a {type(model).__name__}")
         super().__init__(model, cfg, dp_group, num_training_steps)
 
     @classmethod
@@ -384,10 +415,12 @@ class Actor(TrainedModel):
         return cls(_load(AutoModelForCausalLM, path, cfg, dp_group), cfg, dp_group, num_training_steps, **kwargs)
 
     def forward(self, batch: MicroBatch) -> ForwardOutput:
-        """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`)."""
+        """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`); the router's
+        load-balancing loss too when training with `aux_loss_coef > 0` (not in evaluation passes)."""
         return causal_lm_log_probs(self.engine, batch, self.device, temperature=self.temperature,
                                    with_entropy=self.with_entropy,
-                                   supports_logits_to_keep=self._supports_logits_to_keep)
+                                   supports_logits_to_keep=self._supports_logits_to_keep,
+                                   output_router_logits=self.output_router_logits and torch.is_grad_enabled())
 
 
 class TokenValueModel(nn.Module):
