@@ -129,14 +129,27 @@ def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype | None = No
     """(name, full tensor) for every parameter in `named_parameters` order (tied ones once), as `dtype` (None keeps
     each parameter's dtype); ZeRO-3 partitions are gathered one parameter at a time.
 
-    Every rank of a ZeRO-3 group iterates to the end (each gather is a collective). A gathered tensor is freed when the
-    iterator moves on, so it comes as a copy; with `copy_gathered=False` it is the gathered tensor itself, valid until
-    the next item (for a consumer that copies it at once). A whole parameter in its own dtype is not copied.
+    Every rank of a ZeRO-3 group (or AutoTP block) iterates to the end (each gather is a collective). A gathered
+    tensor is freed when the iterator moves on, so it comes as a copy; with `copy_gathered=False` it is the gathered
+    tensor itself, valid until the next item (for a consumer that copies it at once). A whole parameter in its own
+    dtype is not copied.
     """
     for name, param in model.named_parameters():
+        if hasattr(param, "gather_params"):  # a DeepSpeed AutoTP shard: gathered whole into a copy
+            full = tensor_parallel_full(param)
+            yield name, full if dtype is None else full.to(dtype)
+            continue
         with gathered([param]):
             full = param.data if dtype is None else param.data.to(dtype)
             yield name, full.clone() if copy_gathered and hasattr(param, "ds_id") else full
+
+
+def tensor_parallel_full(param: torch.Tensor) -> torch.Tensor:
+    """The whole weight of a DeepSpeed AutoTP shard (a collective over its tensor-parallel block), as a new tensor:
+    the layer's own `gather_params` runs on a copy, so the shard the optimizer holds stays as it is."""
+    copy = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+    param.gather_params([copy])
+    return copy.data
 
 
 def _wire_device(group: dist.ProcessGroup | None) -> torch.device:

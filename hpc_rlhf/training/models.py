@@ -173,10 +173,10 @@ def with_aux_loss(loss: torch.Tensor, aux_loss: torch.Tensor, coef: float) -> to
 def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str, torch.Tensor] | None:
     """Full CPU state dict on data-parallel rank 0 (None elsewhere), tied parameters under each of their names.
 
-    ZeRO-3 shards are gathered one by one by `full_named_parameters` (every rank of the group takes part); only the
+    ZeRO-3 and AutoTP shards are gathered one by one by `full_named_parameters` (every rank of the group takes part); only the
     writer copies each one to host memory, the other ranks keep nothing.
     """
-    is_writer = mpu.get_data_parallel_rank() == 0
+    is_writer = mpu.get_data_parallel_rank() == 0 and mpu.get_tensor_model_parallel_rank() == 0
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
