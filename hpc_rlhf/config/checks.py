@@ -197,11 +197,13 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
         errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
                       f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
                       f"of train_batch_size={train.train_batch_size}")
-    dp = layout.actor.gpus
+    tp = cfg.ds.tensor_parallel_size
+    dp = layout.actor.gpus // tp if tp >= 1 and layout.actor.gpus % tp == 0 else 0  # check_tensor_parallel says why
     per_step = train.micro_train_batch_size * dp
     if dp and train.train_batch_size % per_step:
+        ranks = "actor.gpus" if tp == 1 else f"(actor.gpus / ds.tensor_parallel_size = {layout.actor.gpus} / {tp})"
         errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: train_batch_size="
-                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x actor.gpus = "
+                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x {ranks} = "
                       f"{train.micro_train_batch_size} x {dp} = {per_step}")
     if rollout.temperature < 0 or not 0 < rollout.top_p <= 1:
         errors.append(f"{_src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
@@ -308,6 +310,38 @@ def check_moe(cfg: Config, sources: dict[str, str]) -> list[str]:
     return []
 
 
+# The trainers wired for DeepSpeed AutoTP training: their data follows the data-parallel rank (ranks / tp), so every
+# rank of a tensor-parallel block trains on the same rows.
+TP_TRAINERS = ("sft",)
+
+
+def check_tensor_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """ds.tensor_parallel_size: the actor's ranks split into whole blocks inside a node, ZeRO 0-2, sft only."""
+    tp, actor_gpus, per_node = cfg.ds.tensor_parallel_size, cfg.layout.actor.gpus, cfg.slurm.gpus_per_node
+    if tp < 1:
+        return [f"{_src(sources, 'ds.tensor_parallel_size')}: must be >= 1, got {tp}"]
+    if tp == 1:
+        return []
+    key = _src(sources, "ds.tensor_parallel_size")
+    errors = []
+    if cfg.train.trainer not in TP_TRAINERS:
+        errors.append(f"{key}: DeepSpeed AutoTP training is wired for train.trainer {', '.join(TP_TRAINERS)}, not "
+                      f"{cfg.train.trainer}")
+    if cfg.ds.zero_stage > 2:
+        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'ds.zero_stage')}: AutoTP training needs "
+                      f"ds.zero_stage <= 2, got {cfg.ds.zero_stage}")
+    if actor_gpus % tp:
+        errors.append(f"{key}: actor.gpus={actor_gpus} is not a multiple of ds.tensor_parallel_size={tp} "
+                      f"({actor_gpus} % {tp} = {actor_gpus % tp})")
+    if per_node % tp:
+        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'slurm.gpus_per_node')}: {tp} must divide "
+                      f"slurm.gpus_per_node={per_node} so that no tensor-parallel block spans two nodes")
+    if cfg.lora.rank > 0:
+        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'lora.rank')}: AutoTP shards the base model's "
+                      f"linear layers, which LoRA wraps; use one or the other")
+    return errors
+
+
 def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
     """LoRA sizes, and QLoRA only on top of LoRA."""
     errors = []
@@ -333,7 +367,7 @@ def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
             + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources)
-            + check_data(cfg, sources) + check_moe(cfg, sources))
+            + check_data(cfg, sources) + check_moe(cfg, sources) + check_tensor_parallel(cfg, sources))
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------

@@ -20,6 +20,7 @@ LORA_TRAINERS = ("sft", "rm", "dpo", "kto", "kd")
 MIXING_SUPERVISED = ("sft", "rm", "dpo", "kto", "kd")  # the supervised trainers that mix data.dataset by probability
 NO_LORA = tuple(t for t in ALL if t not in LORA_TRAINERS)
 AUX_LOSS_TRAINERS = ("ppo", "sft", "dpo", "kto")  # the trainers whose actor adds a MoE load-balancing loss
+TP_TRAINERS = ("sft",)  # the trainers wired for DeepSpeed AutoTP training (ds.tensor_parallel_size)
 
 # OpenRLHF entry module (openrlhf.cli.NAME) -> train.trainer
 ENTRY_TRAINERS = {"train_ppo_ray": "ppo", "train_ppo": "ppo", "train_sft": "sft", "train_rm": "rm",
@@ -312,8 +313,9 @@ FLAGS: tuple[Flag, ...] = (
     _no(("disable_fast_tokenizer", "data.disable_fast_tokenizer"), FLAG, "the tokenizer AutoTokenizer picks is used"),
     _no(("dataloader_num_workers", "data.dataloader_num_workers"), INT, "data is read in the training process",
         inert=("0",)),
-    _no(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, "no DeepSpeed tensor parallelism in training "
-        "(ZeRO data parallelism only)", inert=("1",)),
+    Flag(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, ("ds.tensor_parallel_size",), TP_TRAINERS),
+    _no(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, "DeepSpeed AutoTP training is wired for sft "
+        "only", tuple(t for t in ALL if t not in TP_TRAINERS), inert=("1",)),
     _no(("ring_attn_size", "ds.ring_attn_size"), INT, "no ring attention (sequence parallelism)", inert=("1",)),
     _no(("ring_head_stride", "ds.ring_attn_head_stride"), INT, "no ring attention", inert=("1",)),
     _no(("experts_implementation", "ds.experts_implementation"), STR, "MoE layers run as transformers implements "

@@ -354,6 +354,9 @@ class DsConfig:
     overlap_comm: bool = opt(False, "ZeRO 1-3: overlap gradient reduction with backward (more memory for buckets)")
     enable_sleep: bool = opt(False, "colocated: move optimizer states and ZeRO buffers to host memory while "
                                     "the generator runs (OpenRLHF --deepspeed_enable_sleep)")
+    tensor_parallel_size: int = opt(1, "DeepSpeed AutoTP training of the actor: shard its linear layers over blocks "
+                                       "of this many consecutive actor ranks; data-parallel size = actor.gpus / this "
+                                       "(sft; ZeRO 0-2)")
 
 
 @dataclass

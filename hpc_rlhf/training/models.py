@@ -176,7 +176,7 @@ def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str,
     ZeRO-3 and AutoTP shards are gathered one by one by `full_named_parameters` (every rank of the group takes part); only the
     writer copies each one to host memory, the other ranks keep nothing.
     """
-    is_writer = mpu.get_data_parallel_rank() == 0 and mpu.get_tensor_model_parallel_rank() == 0
+    is_writer = mpu.get_data_parallel_rank() == 0 and mpu.get_tensor_model_parallel_rank() == 0  # `is_writer`
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
@@ -224,7 +224,7 @@ class TrainedModel(abc.ABC):
         self.engine, self.mpu = init_engine(module, cfg, dp_group, num_training_steps)
         self.ema: EmaWeights | None = None
         if cfg.ema_beta is not None:
-            self.ema = EmaWeights(cfg.ema_beta, is_writer=self.dp_rank == 0)
+            self.ema = EmaWeights(cfg.ema_beta, is_writer=self.is_writer)
             with engine_scope(self.mpu):
                 self.ema.init(self.hf_model())
 
@@ -236,6 +236,11 @@ class TrainedModel(abc.ABC):
     @property
     def dp_size(self) -> int:
         return self.mpu.get_data_parallel_world_size()
+
+    @property
+    def is_writer(self) -> bool:
+        """The rank that writes the group's files: data-parallel rank 0 (and tensor-parallel rank 0 under AutoTP)."""
+        return self.dp_rank == 0 and self.mpu.get_tensor_model_parallel_rank() == 0
 
     @property
     def device(self) -> torch.device:
@@ -374,7 +379,7 @@ class TrainedModel(abc.ABC):
         """Full training state (weights, optimizer, scheduler, EMA) for resume; all ranks of the group call."""
         with engine_scope(self.mpu):
             self.engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=dict(client_state or {}))
-        if self.ema is not None and self.dp_rank == 0:
+        if self.ema is not None and self.is_writer:
             torch.save(self.ema.state_dict(), os.path.join(checkpoint_dir, tag, EMA_FILE))
 
     def load_state(self, checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
@@ -383,7 +388,7 @@ class TrainedModel(abc.ABC):
             path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"no checkpoint with tag {tag!r} under {checkpoint_dir}")
-        if self.ema is not None and self.dp_rank == 0:
+        if self.ema is not None and self.is_writer:
             ema_path = os.path.join(checkpoint_dir, tag, EMA_FILE)
             if not os.path.isfile(ema_path):
                 raise FileNotFoundError(f"{ema_path} is missing: the checkpoint was saved without an EMA "
