@@ -43,13 +43,22 @@ def train_tiny(model_dir: str, tp: int, zero_stage: int) -> dict:
     return {"losses": losses, "shapes": shapes, "dp_size": actor.dp_size, "state": actor.full_state_dict()}
 
 
-def test_two_tensor_parallel_ranks_train_like_one(llama_dir):
-    (one,) = run_ranks(train_tiny, 1, str(llama_dir), 1, 1, timeout_s=180)
-    two = run_ranks(train_tiny, 2, str(llama_dir), 2, 1, timeout_s=180)
+@pytest.fixture(scope="module")
+def one_rank(llama_dir) -> dict:
+    return run_ranks(train_tiny, 1, str(llama_dir), 1, 1, timeout_s=180)[0]
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_two_tensor_parallel_ranks_train_like_one(llama_dir, one_rank, zero_stage):
+    one = one_rank
+    two = run_ranks(train_tiny, 2, str(llama_dir), 2, zero_stage, timeout_s=180)
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert one["shapes"][q_proj] == (64, 64)
-    for rank in two:  # AutoTP really shards: each rank holds half of the attention and MLP projections
-        assert rank["shapes"][q_proj] == (32, 64) and rank["shapes"]["model.layers.0.self_attn.o_proj.weight"] == (64, 32)
+    for rank in two:  # AutoTP really shards: each rank holds half of the projections and of the LM head
+        shapes = rank["shapes"]
+        assert shapes[q_proj] == (32, 64) and shapes["model.layers.0.self_attn.o_proj.weight"] == (64, 32)
+        assert shapes["model.layers.0.mlp.gate_proj.weight"] == (128, 64) and shapes["lm_head.weight"] == (180, 64)
+        assert shapes["model.norm.weight"] == (64,)
         assert rank["dp_size"] == 1  # 2 ranks / tp 2: one data-parallel replica
         assert rank["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
     assert one["losses"][-1] < one["losses"][0]  # the steps train
