@@ -176,7 +176,8 @@ def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit) -> dict[str,
     ZeRO-3 and AutoTP shards are gathered one by one by `full_named_parameters` (every rank of the group takes part); only the
     writer copies each one to host memory, the other ranks keep nothing.
     """
-    is_writer = mpu.get_data_parallel_rank() == 0 and mpu.get_tensor_model_parallel_rank() == 0  # `is_writer`
+    tp_rank = getattr(mpu, "get_tensor_model_parallel_rank", lambda: 0)()  # a unit without tensor parallelism: 0
+    is_writer = mpu.get_data_parallel_rank() == 0 and tp_rank == 0
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
