@@ -48,7 +48,7 @@ def one_rank(llama_dir) -> dict:
     return run_ranks(train_tiny, 1, str(llama_dir), 1, 1, timeout_s=180)[0]
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_two_tensor_parallel_ranks_train_like_one(llama_dir, one_rank, zero_stage):
     one = one_rank
     two = run_ranks(train_tiny, 2, str(llama_dir), 2, zero_stage, timeout_s=180)
