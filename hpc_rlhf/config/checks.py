@@ -8,6 +8,7 @@ loads, `load_config` does not.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -215,11 +216,13 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
         errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
                       f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
                       f"of train_batch_size={train.train_batch_size}")
-    dp = layout.actor.gpus
+    tp = cfg.ds.tensor_parallel_size
+    dp = layout.actor.gpus // tp if tp >= 1 and layout.actor.gpus % tp == 0 else 0  # check_tensor_parallel says why
     per_step = train.micro_train_batch_size * dp
     if dp and train.train_batch_size % per_step:
+        ranks = "actor.gpus" if tp == 1 else f"(actor.gpus / ds.tensor_parallel_size = {layout.actor.gpus} / {tp})"
         errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: train_batch_size="
-                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x actor.gpus = "
+                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x {ranks} = "
                       f"{train.micro_train_batch_size} x {dp} = {per_step}")
     if rollout.temperature < 0 or not 0 < rollout.top_p <= 1:
         errors.append(f"{_src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
@@ -311,6 +314,53 @@ def check_supervised(cfg: Config, sources: dict[str, str]) -> list[str]:
 
 # Trainers whose generator runs the trained policy: a LoRA actor reaches it merged (distributed/weights.py).
 GENERATING_TRAINERS = ("ppo", "rejection_sampling", "iterative_dpo")
+# The trainers whose trained model is the causal-LM actor (`training/models.py:Actor`), which adds the MoE
+# load-balancing loss; rm, prm and kd train other heads and forwards.
+AUX_LOSS_TRAINERS = ("ppo", "sft", "dpo", "iterative_dpo", "kto", "rejection_sampling")
+
+
+def check_moe(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """actor.aux_loss_coef: >= 0, and only for the trainers that train the causal-LM actor."""
+    coef = cfg.actor.aux_loss_coef
+    if coef < 0:
+        return [f"{_src(sources, 'actor.aux_loss_coef')}: must be >= 0 (0 = off), got {coef}"]
+    if coef > 0 and cfg.train.trainer not in AUX_LOSS_TRAINERS:
+        return [f"{_src(sources, 'actor.aux_loss_coef', 'train.trainer')}: the MoE load-balancing loss is added by "
+                f"the causal-LM actor of {', '.join(AUX_LOSS_TRAINERS)}, not by train.trainer {cfg.train.trainer}; "
+                f"set it to 0"]
+    return []
+
+
+# The trainers wired for DeepSpeed AutoTP training: their data follows the data-parallel rank (ranks / tp), so every
+# rank of a tensor-parallel block trains on the same rows.
+TP_TRAINERS = ("sft",)
+
+
+def check_tensor_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """ds.tensor_parallel_size: the actor's ranks split into whole blocks inside a node, ZeRO 0-2, sft only."""
+    tp, actor_gpus, per_node = cfg.ds.tensor_parallel_size, cfg.layout.actor.gpus, cfg.slurm.gpus_per_node
+    if tp < 1:
+        return [f"{_src(sources, 'ds.tensor_parallel_size')}: must be >= 1, got {tp}"]
+    if tp == 1:
+        return []
+    key = _src(sources, "ds.tensor_parallel_size")
+    errors = []
+    if cfg.train.trainer not in TP_TRAINERS:
+        errors.append(f"{key}: DeepSpeed AutoTP training is wired for train.trainer {', '.join(TP_TRAINERS)}, not "
+                      f"{cfg.train.trainer}")
+    if cfg.ds.zero_stage > 2:
+        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'ds.zero_stage')}: AutoTP training needs "
+                      f"ds.zero_stage <= 2, got {cfg.ds.zero_stage}")
+    if actor_gpus % tp:
+        errors.append(f"{key}: actor.gpus={actor_gpus} is not a multiple of ds.tensor_parallel_size={tp} "
+                      f"({actor_gpus} % {tp} = {actor_gpus % tp})")
+    if per_node % tp:
+        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'slurm.gpus_per_node')}: {tp} must divide "
+                      f"slurm.gpus_per_node={per_node} so that no tensor-parallel block spans two nodes")
+    if cfg.lora.rank > 0:
+        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'lora.rank')}: AutoTP shards the base model's "
+                      f"linear layers, which LoRA wraps; use one or the other")
+    return errors
 
 
 def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
@@ -359,7 +409,8 @@ def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
             + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources)
-            + check_data(cfg, sources) + check_images(cfg, sources))
+            + check_data(cfg, sources) + check_images(cfg, sources) + check_moe(cfg, sources)
+            + check_tensor_parallel(cfg, sources))
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------
@@ -405,6 +456,31 @@ def check_model_paths(cfg: Config, sources: dict[str, str]) -> list[str]:
         if problem:
             errors.append(f"{_src(sources, key)}: {problem}")
     return errors
+
+
+def model_is_moe(spec: str) -> bool | None:
+    """Whether a model spec names a mixture-of-experts model (its config.json has `output_router_logits`); None when
+    this machine cannot tell (a hub name, a LoRA adapter folder, an unreadable config)."""
+    from hpc_rlhf.builtin_models import resolve as builtin_models
+
+    if spec.startswith(builtin_models.BUILTIN_PREFIX):
+        name = spec[len(builtin_models.BUILTIN_PREFIX):].partition("/")[0]
+        return name in builtin_models.MOE_BUILTIN_MODELS
+    config_file = Path(spec).expanduser() / "config.json"
+    try:
+        return "output_router_logits" in json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_moe_model(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """actor.aux_loss_coef > 0 needs a mixture-of-experts actor.pretrain (checked where its config can be read)."""
+    coef, spec = cfg.actor.aux_loss_coef, cfg.actor.pretrain
+    if coef > 0 and model_is_moe(spec) is False:
+        return [f"{_src(sources, 'actor.aux_loss_coef')}: {coef} needs a mixture-of-experts actor.pretrain (a model "
+                f"whose config has output_router_logits, e.g. Mixtral, Qwen3-MoE, builtin:tiny-moe); {spec} is not "
+                f"one, so set actor.aux_loss_coef: 0"]
+    return []
 
 
 def check_data_files(cfg: Config, sources: dict[str, str], *, limit: int = CHECK_ROWS) -> list[str]:
@@ -468,4 +544,4 @@ def check_machine(cfg: Config, sources: dict[str, str], *, ranks_here: int = 1) 
     """The checks that need this machine (device, models, data files); run by the entry points before any rank
     starts, not by `load_config` (a config may be written on one machine for another)."""
     return (check_device(cfg, sources, ranks_here=ranks_here) + check_model_paths(cfg, sources)
-            + check_data_files(cfg, sources))
+            + check_moe_model(cfg, sources) + check_data_files(cfg, sources))

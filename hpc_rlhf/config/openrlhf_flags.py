@@ -20,6 +20,8 @@ QLORA_TRAINERS = ("sft", "rm", "dpo", "kto", "kd")  # a 4-bit base: the trainers
 LORA_TRAINERS = (*QLORA_TRAINERS, *SAMPLING)  # the generating ones send the merged weights to their generator
 MIXING_SUPERVISED = ("sft", "rm", "dpo", "kto", "kd")  # the supervised trainers that mix data.dataset by probability
 NO_LORA = tuple(t for t in ALL if t not in LORA_TRAINERS)
+AUX_LOSS_TRAINERS = ("ppo", "sft", "dpo", "kto")  # the trainers whose actor adds a MoE load-balancing loss
+TP_TRAINERS = ("sft",)  # the trainers wired for DeepSpeed AutoTP training (ds.tensor_parallel_size)
 
 # OpenRLHF entry module (openrlhf.cli.NAME) -> train.trainer
 ENTRY_TRAINERS = {"train_ppo_ray": "ppo", "train_ppo": "ppo", "train_sft": "sft", "train_rm": "rm",
@@ -314,8 +316,9 @@ FLAGS: tuple[Flag, ...] = (
     _no(("disable_fast_tokenizer", "data.disable_fast_tokenizer"), FLAG, "the tokenizer AutoTokenizer picks is used"),
     _no(("dataloader_num_workers", "data.dataloader_num_workers"), INT, "data is read in the training process",
         inert=("0",)),
-    _no(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, "no DeepSpeed tensor parallelism in training "
-        "(ZeRO data parallelism only)", inert=("1",)),
+    Flag(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, ("ds.tensor_parallel_size",), TP_TRAINERS),
+    _no(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, "DeepSpeed AutoTP training is wired for sft "
+        "only", tuple(t for t in ALL if t not in TP_TRAINERS), inert=("1",)),
     _no(("ring_attn_size", "ds.ring_attn_size"), INT, "no ring attention (sequence parallelism)", inert=("1",)),
     _no(("ring_head_stride", "ds.ring_attn_head_stride"), INT, "no ring attention", inert=("1",)),
     _no(("experts_implementation", "ds.experts_implementation"), STR, "MoE layers run as transformers implements "
@@ -325,8 +328,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("ema_beta", "train.ema_beta"), FLOAT, ("actor.ema_beta",)),
     _no(("full_determinism", "train.full_determinism_enable"), FLAG, "runs are seeded (train.seed); no "
         "deterministic-algorithms switch"),
-    _no(("aux_loss_coef", "actor.aux_loss_coef", "model.aux_loss_coef"), FLOAT, "no MoE load-balancing loss",
-        inert=("0", "0.0")),
+    Flag(("aux_loss_coef", "actor.aux_loss_coef", "model.aux_loss_coef"), FLOAT, ("actor.aux_loss_coef",),
+         AUX_LOSS_TRAINERS),
+    _no(("aux_loss_coef", "actor.aux_loss_coef", "model.aux_loss_coef"), FLOAT, "the MoE load-balancing loss is "
+        "added to the causal-LM actor's loss (ppo, sft, dpo, kto), not to reward, process-reward or distilled "
+        "models", tuple(t for t in ALL if t not in AUX_LOSS_TRAINERS), inert=("0", "0.0")),
     _no(("value_head_prefix", "ds.value_head_prefix"), STR, "reward models and critics use the "
         "AutoModelForSequenceClassification head (score)", inert=("score",)),
     _no(("use_ms",), FLAG, "models load from local folders or the Hugging Face Hub, not ModelScope"),

@@ -65,6 +65,9 @@ class ActorConfig(OptimConfig):
     enable_ema: bool = opt(False, "keep an exponential moving average of the weights, updated after each optimizer "
                            "step, and write it to RUN_DIR/hf/actor_ema at the end")
     ema_beta: float = opt(0.992, "EMA decay: ema = ema_beta * ema + (1 - ema_beta) * weights")
+    aux_loss_coef: float = opt(0.0, "mixture-of-experts policies: add aux_loss_coef x the router's load-balancing "
+                               "loss to the training loss (0 = off; needs a model whose config has "
+                               "output_router_logits, e.g. Mixtral, Qwen3-MoE, builtin:tiny-moe)")
 
 
 @dataclass
@@ -362,6 +365,9 @@ class DsConfig:
     overlap_comm: bool = opt(False, "ZeRO 1-3: overlap gradient reduction with backward (more memory for buckets)")
     enable_sleep: bool = opt(False, "colocated: move optimizer states and ZeRO buffers to host memory while "
                                     "the generator runs (OpenRLHF --deepspeed_enable_sleep)")
+    tensor_parallel_size: int = opt(1, "DeepSpeed AutoTP training of the actor: shard its linear layers over blocks "
+                                       "of this many consecutive actor ranks; data-parallel size = actor.gpus / this "
+                                       "(sft; ZeRO 0-2)")
 
 
 @dataclass

@@ -222,17 +222,29 @@ def full_named_parameters(model: torch.nn.Module, dtype: torch.dtype | None = No
     each parameter's dtype); ZeRO-3 partitions are gathered one parameter at a time. A peft model comes as the plain
     model it stands for (`exported_parameters`), unless `merge_lora` is False.
 
-    Every rank of a ZeRO-3 group iterates to the end (each gather is a collective). A gathered tensor is freed when the
-    iterator moves on, so it comes as a copy; with `copy_gathered=False` it is the gathered tensor itself, valid until
-    the next item (for a consumer that copies it at once). A whole parameter in its own dtype is not copied; a merged
-    LoRA weight is always a new tensor.
+    Every rank of a ZeRO-3 group (or AutoTP block) iterates to the end (each gather is a collective). A gathered
+    tensor is freed when the iterator moves on, so it comes as a copy; with `copy_gathered=False` it is the gathered
+    tensor itself, valid until the next item (for a consumer that copies it at once). A whole parameter in its own
+    dtype is not copied; a merged LoRA weight and an AutoTP weight are always new tensors.
     """
     for exported in exported_parameters(model, merge_lora=merge_lora):
+        if hasattr(exported.param, "gather_params"):  # a DeepSpeed AutoTP shard (never LoRA): gathered into a copy
+            full = tensor_parallel_full(exported.param)
+            yield exported.name, full if dtype is None else full.to(dtype)
+            continue
         with gathered(exported.tensors):
             value = exported.value()
             full = value if dtype is None else value.to(dtype)
             copy = copy_gathered and hasattr(exported.param, "ds_id") and not exported.lora
             yield exported.name, full.clone() if copy else full
+
+
+def tensor_parallel_full(param: torch.Tensor) -> torch.Tensor:
+    """The whole weight of a DeepSpeed AutoTP shard (a collective over its tensor-parallel block), as a new tensor:
+    the layer's own `gather_params` runs on a copy, so the shard the optimizer holds stays as it is."""
+    copy = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+    param.gather_params([copy])
+    return copy.data
 
 
 def _wire_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -101,11 +101,13 @@ class TrainerContext:
 
     @property
     def dp_rank(self) -> int:
-        return dist.get_rank(self.dp_group)
+        """This rank's data-parallel replica: its place in the actor group, or with ds.tensor_parallel_size > 1 its
+        tensor-parallel block (consecutive ranks, which train on the same rows)."""
+        return dist.get_rank(self.dp_group) // self.cfg.ds.tensor_parallel_size
 
     @property
     def dp_size(self) -> int:
-        return dist.get_world_size(self.dp_group)
+        return dist.get_world_size(self.dp_group) // self.cfg.ds.tensor_parallel_size
 
     @property
     def pad_token_id(self) -> int:
@@ -439,7 +441,7 @@ def save_model(ctx: TrainerContext, model: TrainedModel, name: str, *,
         for key, value in updates.items():
             setattr(unwrap(hf_model).config, key, value)
         model.save_hf(out)
-        if model.dp_rank == 0:
+        if model.is_writer:
             ctx.tokenizer.save_pretrained(str(out))
     if with_ema and model.ema is not None:
         ema_out = ctx.run_dir / "hf" / f"{name}_ema"
@@ -447,7 +449,7 @@ def save_model(ctx: TrainerContext, model: TrainedModel, name: str, *,
             model.save_lora_adapter(ema_out, ema=True)
         else:
             model.save_ema_hf(ema_out)
-        if model.dp_rank == 0:
+        if model.is_writer:
             ctx.tokenizer.save_pretrained(str(ema_out))
     ctx.control.barrier()
     ctx.info(f"saved {name} to {out}")

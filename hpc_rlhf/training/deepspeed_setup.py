@@ -3,7 +3,8 @@
 Our world is partitioned by rank into role groups, so a DeepSpeed engine must train on a process
 *subgroup*: e.g. ranks 2-3 of a 5-rank world. DeepSpeed supports this through an `mpu` object (a
 Megatron-style "model parallel unit") that names the data-parallel group; `DataParallelUnit` is that
-object with model/tensor/pipeline parallel size 1.
+object, with pipeline parallel size 1 and tensor parallel size 1 or, for DeepSpeed's AutoTP training
+(`tensor_parallel_size > 1`), blocks of consecutive ranks of the group.
 
 Three places in DeepSpeed (0.19) still assume the whole world; `engine_scope` fixes them for the
 duration of each engine call, and every call in this package runs inside it:
@@ -65,6 +66,8 @@ class EngineConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     ema_beta: float | None = None  # None: no EMA of the weights (`training/ema.py`)
+    aux_loss_coef: float = 0.0  # > 0: a mixture-of-experts actor adds coef x its router load-balancing loss
+    tensor_parallel_size: int = 1  # > 1: DeepSpeed AutoTP shards the linear layers over blocks of this many ranks
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -89,6 +92,13 @@ class EngineConfig:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if self.ema_beta is not None and not 0.0 <= self.ema_beta <= 1.0:
             raise ValueError(f"ema_beta must be in [0, 1], got {self.ema_beta}")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef must be >= 0 (0 = off), got {self.aux_loss_coef}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.zero_stage > 2:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs zero_stage <= 2, got "
+                             f"zero_stage={self.zero_stage}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -96,23 +106,45 @@ class EngineConfig:
         return torch.bfloat16 if self.bf16 else torch.float32
 
 
-class DataParallelUnit:
-    """The `mpu` DeepSpeed accepts: data parallelism over `dp_group`, no model/tensor/pipeline parallelism.
+def tensor_parallel_blocks(ranks: Sequence[int], tp_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Split a role group's ranks into tensor-parallel blocks of `tp_size` consecutive ranks and the data-parallel
+    groups across them (the i-th rank of every block): ([tp blocks], [dp groups]). Pure arithmetic."""
+    ranks = list(ranks)
+    if tp_size < 1 or len(ranks) % tp_size:
+        raise ValueError(f"tensor_parallel_size={tp_size} must divide the group's {len(ranks)} ranks")
+    blocks = [ranks[i:i + tp_size] for i in range(0, len(ranks), tp_size)]
+    return blocks, [[block[i] for block in blocks] for i in range(tp_size)]
 
-    `dp_group=None` means the whole world. Only members of the group may construct it; the size-1
-    model-parallel group is created with local synchronisation so that other ranks need not take part.
+
+class DataParallelUnit:
+    """The `mpu` DeepSpeed accepts: data parallelism over `dp_group`, no pipeline parallelism, and tensor parallelism
+    of `tp_size` (1: every rank alone).
+
+    `dp_group=None` means the whole world. Only members of the group may construct it; the subgroups are created with
+    local synchronisation so that other ranks need not take part. With `tp_size > 1` the group is split by
+    `tensor_parallel_blocks`: the data-parallel group is then the ranks holding the same shards, and `group` stays the
+    whole role group (the engine's barriers).
     """
 
-    def __init__(self, dp_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, dp_group: dist.ProcessGroup | None = None, tp_size: int = 1) -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed must be initialised before building a DataParallelUnit")
-        self.dp_group = dist.group.WORLD if dp_group is None else dp_group
-        if dist.get_rank(self.dp_group) < 0:
+        self.group = dist.group.WORLD if dp_group is None else dp_group
+        if dist.get_rank(self.group) < 0:
             raise ValueError(f"global rank {dist.get_rank()} is not a member of the data-parallel group "
-                             f"{self.get_data_parallel_group_ranks()}")
-        self.self_group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+                             f"{dist.get_process_group_ranks(self.group)}")
+        self.tp_size = tp_size
+        me = dist.get_rank()
+        if tp_size == 1:
+            self.dp_group = self.group
+            self.tp_group = dist.new_group([me], use_local_synchronization=True)
+        else:
+            blocks, dp_groups = tensor_parallel_blocks(dist.get_process_group_ranks(self.group), tp_size)
+            self.tp_group = dist.new_group(next(b for b in blocks if me in b), use_local_synchronization=True)
+            self.dp_group = dist.new_group(next(g for g in dp_groups if me in g), use_local_synchronization=True)
+        self.self_group = self.tp_group if tp_size == 1 else dist.new_group([me], use_local_synchronization=True)
 
-    # Data parallelism: the role group.
+    # Data parallelism: the role group, or its ranks holding the same tensor-parallel shards.
     def get_data_parallel_group(self) -> dist.ProcessGroup:
         return self.dp_group
 
@@ -125,28 +157,29 @@ class DataParallelUnit:
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.dp_group)
 
-    # Model / tensor / pipeline parallelism: every rank alone.
+    # Model / tensor parallelism: the tensor-parallel block (every rank alone when tp_size is 1).
     def get_model_parallel_group(self) -> dist.ProcessGroup:
-        return self.self_group
+        return self.tp_group
 
     def get_model_parallel_world_size(self) -> int:
-        return 1
+        return self.tp_size
 
     def get_model_parallel_rank(self) -> int:
-        return 0
+        return dist.get_rank(self.tp_group)
 
     def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
-        return self.self_group
+        return self.tp_group
 
     def get_tensor_model_parallel_world_size(self) -> int:
-        return 1
+        return self.tp_size
 
     def get_tensor_model_parallel_rank(self) -> int:
-        return 0
+        return dist.get_rank(self.tp_group)
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return dist.get_rank()
+        return dist.get_global_rank(self.tp_group, 0)
 
+    # Pipeline parallelism: every rank alone.
     def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
         return self.self_group
 
@@ -193,6 +226,9 @@ def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) ->
         # Checkpoint tag validation all-reduces over the whole world; tags are ours and identical anyway.
         "checkpoint": {"tag_validation": "Ignore"},
     }
+    if training and cfg.tensor_parallel_size > 1:
+        # DeepSpeed's AutoTP training: it shards the linear layers of the model over the mpu's tensor-parallel blocks.
+        config["tensor_parallel"] = {"autotp_size": cfg.tensor_parallel_size}
     if training:
         config["gradient_clipping"] = cfg.max_norm
         config["zero_allow_untested_optimizer"] = True
@@ -308,7 +344,9 @@ def engine_scope(mpu: DataParallelUnit) -> Iterator[None]:
     - `deepspeed.utils.groups.mpu` becomes this engine's unit;
     - barriers DeepSpeed issues without a group go to the data-parallel group instead of the world;
     - ZeRO-3's check that all ranks traced the same module order (a broadcast from global rank 0 in
-      DeepSpeed) compares within the data-parallel group.
+      DeepSpeed) compares within the data-parallel group;
+    - with tensor parallelism, DeepSpeed's module-wide tensor/data-parallel groups (which an AutoTP engine reads
+      instead of its mpu, and would otherwise build over the whole world) are this unit's.
     Everything is restored on exit.
     """
     from deepspeed import comm as ds_comm
@@ -318,10 +356,11 @@ def engine_scope(mpu: DataParallelUnit) -> Iterator[None]:
     backend = ds_comm.comm.cdb
     world_barrier = backend.barrier
     dp_group = mpu.get_data_parallel_group()
+    role_group = mpu.group
 
     def group_barrier(group=None, async_op=False, device_ids=None):
         if group is None or group is dist.group.WORLD:
-            group = dp_group
+            group = role_group
         return world_barrier(group=group, async_op=async_op, device_ids=device_ids)
 
     with contextlib.ExitStack() as stack:
@@ -330,6 +369,11 @@ def engine_scope(mpu: DataParallelUnit) -> Iterator[None]:
         stack.enter_context(_patched_attribute(
             partitioned_param_coordinator, "assert_ints_same_as_other_ranks",
             lambda values: _assert_same_in_group(list(values), dp_group)))
+        if mpu.tp_size > 1:
+            for name, value in (("_TENSOR_MODEL_PARALLEL_GROUP", mpu.tp_group), ("_MODEL_PARALLEL_GROUP", mpu.tp_group),
+                                ("_DATA_PARALLEL_GROUP", dp_group),
+                                ("get_tensor_model_parallel_src_rank", mpu.get_tensor_model_parallel_src_rank)):
+                stack.enter_context(_patched_attribute(ds_groups, name, value))
         yield
 
 
@@ -355,7 +399,7 @@ def init_engine(model: torch.nn.Module, cfg: EngineConfig, dp_group: dist.Proces
     if num_training_steps < 1:
         raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}")
     _ensure_deepspeed_comm()
-    mpu = DataParallelUnit(dp_group)
+    mpu = DataParallelUnit(dp_group, tp_size=cfg.tensor_parallel_size)
     ds_config = make_ds_config(cfg, mpu.get_data_parallel_world_size(), training=True)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)

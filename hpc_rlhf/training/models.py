@@ -69,6 +69,7 @@ class ForwardOutput:
     log_probs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # a mixture-of-experts model's load-balancing loss (scalar), when asked
 
 
 LossResult = torch.Tensor | tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]
@@ -101,21 +102,27 @@ def model_inputs(batch: MicroBatch, device: torch.device, image_processor: Any =
 def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
                         temperature: float = 1.0, with_entropy: bool = False,
                         supports_logits_to_keep: bool = True, chunk_size: int = 1024,
-                        image_processor: Any = None) -> ForwardOutput:
+                        image_processor: Any = None, output_router_logits: bool = False) -> ForwardOutput:
     """Log-probs (and entropy) of the response tokens of `batch` under a causal LM (module or engine).
 
     Only the positions that predict response tokens go through the LM head (`logits_to_keep`); the log-probs are
     read from the model's logits in place (`token_log_probs` picks rows by index, no gathered copy).
+    `output_router_logits` asks a mixture-of-experts model for its load-balancing loss (`ForwardOutput.aux_loss`),
+    which transformers computes over every input token but padding (the attention mask; a packed row has none).
     """
     rows, columns, sample, offset = response_token_index(batch)
     predicting = columns - 1
     kwargs = model_inputs(batch, device, image_processor)
+    if output_router_logits:
+        kwargs["output_router_logits"] = True
     if supports_logits_to_keep:
         kept_columns = torch.unique(predicting)  # sorted
-        logits = model(**kwargs, logits_to_keep=kept_columns.to(device)).logits  # [rows, kept, V]
+        outputs = model(**kwargs, logits_to_keep=kept_columns.to(device))
+        logits = outputs.logits  # [rows, kept, V]
         flat_rows = rows * kept_columns.numel() + torch.searchsorted(kept_columns, predicting)
     else:
-        logits = model(**kwargs).logits  # [rows, seq, V]
+        outputs = model(**kwargs)
+        logits = outputs.logits  # [rows, seq, V]
         flat_rows = rows * logits.shape[1] + predicting
     labels = batch.input_ids[rows, columns]
     flat_logits = logits.reshape(-1, logits.shape[-1])
@@ -126,7 +133,14 @@ def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: to
                                          temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
     return ForwardOutput(
         log_probs=_to_response_layout(log_probs, batch, sample, offset),
-        entropy=None if entropy is None else _to_response_layout(entropy, batch, sample, offset))
+        entropy=None if entropy is None else _to_response_layout(entropy, batch, sample, offset),
+        aux_loss=outputs.aux_loss if output_router_logits else None)
+
+
+def is_mixture_of_experts(model: nn.Module) -> bool:
+    """Whether a Hugging Face model routes tokens to experts and can return router logits (its config has
+    `output_router_logits`, as Mixtral, Qwen2/3-MoE and the other transformers MoE models do)."""
+    return hasattr(getattr(model, "config", None), "output_router_logits")
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -168,15 +182,22 @@ def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {key: float(value) for key, value in metrics.items()}
 
 
+def with_aux_loss(loss: torch.Tensor, aux_loss: torch.Tensor, coef: float) -> torch.Tensor:
+    """The trained loss of a mixture-of-experts policy: the task loss plus `coef` times the router's load-balancing
+    loss (OpenRLHF's `--aux_loss_coef`)."""
+    return loss + coef * aux_loss.to(loss.device, loss.dtype)
+
+
 def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit, *,
                            merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
     """Full CPU state dict on data-parallel rank 0 (None elsewhere), tied parameters under each of their names.
 
-    ZeRO-3 shards are gathered one by one by `full_named_parameters` (every rank of the group takes part); only the
-    writer copies each one to host memory, the other ranks keep nothing. A LoRA (peft) model gives the state dict of
-    the plain model with its adapters merged, or with `merge_lora=False` its own (peft names, adapters apart).
+    ZeRO-3 and AutoTP shards are gathered one by one by `full_named_parameters` (every rank of the group takes part);
+    only the writer copies each one to host memory, the other ranks keep nothing. A LoRA (peft) model gives the state
+    dict of the plain model with its adapters merged, or with `merge_lora=False` its own (peft names, adapters apart).
     """
-    is_writer = mpu.get_data_parallel_rank() == 0
+    tp_rank = getattr(mpu, "get_tensor_model_parallel_rank", lambda: 0)()  # a unit without tensor parallelism: 0
+    is_writer = mpu.get_data_parallel_rank() == 0 and tp_rank == 0
     rename = plain_parameter_name if merge_lora and is_peft_model(model) else (lambda name: name)
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -227,7 +248,7 @@ class TrainedModel(abc.ABC):
         self.engine, self.mpu = init_engine(module, cfg, dp_group, num_training_steps)
         self.ema: EmaWeights | None = None
         if cfg.ema_beta is not None:
-            self.ema = EmaWeights(cfg.ema_beta, is_writer=self.dp_rank == 0)
+            self.ema = EmaWeights(cfg.ema_beta, is_writer=self.is_writer)
             with engine_scope(self.mpu):
                 self.ema.init(self.hf_model())
 
@@ -239,6 +260,11 @@ class TrainedModel(abc.ABC):
     @property
     def dp_size(self) -> int:
         return self.mpu.get_data_parallel_world_size()
+
+    @property
+    def is_writer(self) -> bool:
+        """The rank that writes the group's files: data-parallel rank 0 (and tensor-parallel rank 0 under AutoTP)."""
+        return self.dp_rank == 0 and self.mpu.get_tensor_model_parallel_rank() == 0
 
     @property
     def device(self) -> torch.device:
@@ -305,7 +331,9 @@ class TrainedModel(abc.ABC):
         `loss_fn` returns the mean loss of its micro-batch over `loss_weighting` units: action tokens
         ("token"), samples ("sample") or the whole micro-batch ("micro_batch"). The accumulated gradient
         is that of the mean over all units of all data-parallel ranks. Returns metrics ("loss" and those of
-        `loss_fn`) averaged the same way over the group.
+        `loss_fn`) averaged the same way over the group. When the forward gives a mixture-of-experts load-balancing
+        loss (`cfg.aux_loss_coef > 0`), each micro-batch trains on `loss + aux_loss_coef * aux_loss`; "loss" stays
+        `loss_fn`'s and "aux_loss" is logged beside it.
         """
         _check_weighting(loss_weighting)
         self.engine.train()
@@ -319,8 +347,12 @@ class TrainedModel(abc.ABC):
                 self.engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
                 output = self.forward(batch)
                 loss, metrics = _split_loss(loss_fn(batch.response_layout_to(self.device), output))
+                metrics = {"loss": float(loss.detach()), **metrics}
+                if output.aux_loss is not None:
+                    metrics["aux_loss"] = float(output.aux_loss.detach())
+                    loss = with_aux_loss(loss, output.aux_loss, self.cfg.aux_loss_coef)
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
-                for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + weight * value
             keys = sorted(sums)
             totals = all_reduce_in_group([sums[k] for k in keys], dist.ReduceOp.SUM, self.mpu)
@@ -383,7 +415,7 @@ class TrainedModel(abc.ABC):
         """Full training state (weights, optimizer, scheduler, EMA) for resume; all ranks of the group call."""
         with engine_scope(self.mpu):
             self.engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=dict(client_state or {}))
-        if self.ema is not None and self.dp_rank == 0:
+        if self.ema is not None and self.is_writer:
             torch.save(self.ema.state_dict(), os.path.join(checkpoint_dir, tag, EMA_FILE))
 
     def load_state(self, checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
@@ -392,7 +424,7 @@ class TrainedModel(abc.ABC):
             path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"no checkpoint with tag {tag!r} under {checkpoint_dir}")
-        if self.ema is not None and self.dp_rank == 0:
+        if self.ema is not None and self.is_writer:
             ema_path = os.path.join(checkpoint_dir, tag, EMA_FILE)
             if not os.path.isfile(ema_path):
                 raise FileNotFoundError(f"{ema_path} is missing: the checkpoint was saved without an EMA "
@@ -411,6 +443,10 @@ class Actor(TrainedModel):
         self.with_entropy = with_entropy
         self.image_processor = image_processor
         self._supports_logits_to_keep = _accepts_logits_to_keep(model)
+        self.output_router_logits = cfg.aux_loss_coef > 0
+        if self.output_router_logits and not is_mixture_of_experts(model):
+            raise ValueError(f"aux_loss_coef={cfg.aux_loss_coef} needs a mixture-of-experts model (one whose config "
+                             f"has output_router_logits, e.g. Mixtral or Qwen3-MoE); this is a {type(model).__name__}")
         super().__init__(model, cfg, dp_group, num_training_steps)
 
     @classmethod
@@ -428,11 +464,13 @@ class Actor(TrainedModel):
         return cls(model, cfg, dp_group, num_training_steps, **kwargs)
 
     def forward(self, batch: MicroBatch) -> ForwardOutput:
-        """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`)."""
+        """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`); the router's
+        load-balancing loss too when training with `aux_loss_coef > 0` (not in evaluation passes)."""
         return causal_lm_log_probs(self.engine, batch, self.device, temperature=self.temperature,
                                    with_entropy=self.with_entropy,
                                    supports_logits_to_keep=self._supports_logits_to_keep,
-                                   image_processor=self.image_processor)
+                                   image_processor=self.image_processor,
+                                   output_router_logits=self.output_router_logits and torch.is_grad_enabled())
 
 
 class BaseOfLoraActor:
