@@ -1,0 +1,63 @@
+"""One rank of the sequence-parallel tests: the actor, critic and reference on a role group of the whole world, with
+`ring_attn_size` ranks per sequence-parallel group; each returns what the tests compare with the one-rank run."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.training.distributed_worker import VOCAB, make_samples, policy_loss, tiny_llama, value_loss
+
+
+def tiny_critic(seed: int = 1):
+    """A tiny random LlamaForSequenceClassification (num_labels=1) with the policy's shape."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                         attn_implementation="sdpa", pad_token_id=0, num_labels=1)
+    return LlamaForSequenceClassification(config)
+
+
+def _full_grads(model) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_grad
+
+    with model.scope():
+        return {name: safe_get_full_grad(param).detach().clone() for name, param in model.module.named_parameters()}
+
+
+def run_models(ring: int, stage: int, shards: int, checkpointing: bool) -> dict:
+    """Actor, critic and reference with `ring` ranks per sequence-parallel group; `shards` is the number of
+    different sample sets (the world's ranks / ring): the ranks of sequence-parallel group g take set g."""
+    from hpc_rlhf.training import Actor, Critic, EngineConfig, Reference, make_micro_batches
+
+    rank = dist.get_rank()
+    share = rank // ring
+    samples = make_samples(40 + share, 5, min_len=3, max_len=14)
+    batches = make_micro_batches(samples, max_tokens_per_microbatch=40, packing=True)  # packed rows of 2-4 samples
+    cfg = EngineConfig(zero_stage=stage, learning_rate=1e-2, micro_train_batch_size=1, train_batch_size=shards,
+                       ring_attn_size=ring, gradient_checkpointing=checkpointing)
+    result: dict = {"share": share, "row_lengths": [b.input_ids.shape[1] for b in batches]}
+
+    actor = Actor(tiny_llama(0), cfg, None, num_training_steps=1, with_entropy=True)
+    result["sp_size"], result["batch_ranks"], result["batch_rank"] = actor.sp_size, actor.batch_ranks, actor.batch_rank
+    outputs = actor.infer(batches)
+    result["log_probs"] = [o.log_probs for o in outputs]
+    result["entropy"] = [o.entropy for o in outputs]
+    result["actor_metrics"] = actor.backward(batches, policy_loss, loss_weighting="token")
+    result["actor_grads"] = _full_grads(actor)
+    result["actor_step"] = actor.optimizer_step()
+    result["actor_state"] = actor.full_state_dict()
+    del actor
+
+    critic = Critic(tiny_critic(1), cfg, None, num_training_steps=1)
+    result["values"] = [o.values for o in critic.infer(batches)]
+    result["critic_metrics"] = critic.backward(batches, value_loss, loss_weighting="sample")
+    result["critic_grads"] = _full_grads(critic)
+    del critic
+
+    reference = Reference(tiny_llama(0), EngineConfig(zero_stage=3 if stage == 3 else 0, ring_attn_size=ring,
+                                                      train_batch_size=shards), None)
+    result["reference_log_probs"] = [o.log_probs for o in reference.infer(batches)]
+    return result
