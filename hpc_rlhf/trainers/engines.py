@@ -38,7 +38,8 @@ def engine_config(cfg: Config, section: OptimConfig) -> EngineConfig:
         micro_train_batch_size=cfg.train.micro_train_batch_size, train_batch_size=cfg.train.train_batch_size,
         attn_implementation=section.attn_implementation, optim=section.optim, muon_lr=section.muon_lr,
         muon_momentum=section.muon_momentum,
-        ema_beta=section.ema_beta if isinstance(section, ActorConfig) and section.enable_ema else None)
+        ema_beta=section.ema_beta if isinstance(section, ActorConfig) and section.enable_ema else None,
+        ring_attn_size=cfg.ds.ring_attn_size)
 
 
 def lora_settings(cfg: Config) -> LoraSettings | None:

@@ -27,7 +27,7 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
         return {name: safe_get_full_grad(param).detach().clone() for name, param in model.module.named_parameters()}
 
 
-def run_models(ring: int, stage: int, shards: int, checkpointing: bool) -> dict:
+def run_models(ring: int, stage: int, shards: int, checkpointing: bool, actor_only: bool = False) -> dict:
     """Actor, critic and reference with `ring` ranks per sequence-parallel group; `shards` is the number of
     different sample sets (the world's ranks / ring): the ranks of sequence-parallel group g take set g."""
     from hpc_rlhf.training import Actor, Critic, EngineConfig, Reference, make_micro_batches
@@ -50,6 +50,8 @@ def run_models(ring: int, stage: int, shards: int, checkpointing: bool) -> dict:
     result["actor_step"] = actor.optimizer_step()
     result["actor_state"] = actor.full_state_dict()
     del actor
+    if actor_only:
+        return result
 
     critic = Critic(tiny_critic(1), cfg, None, num_training_steps=1)
     result["values"] = [o.values for o in critic.infer(batches)]
