@@ -27,21 +27,29 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
         return {name: safe_get_full_grad(param).detach().clone() for name, param in model.module.named_parameters()}
 
 
-def run_models(ring: int, stage: int, shards: int, checkpointing: bool, actor_only: bool = False) -> dict:
-    """Actor, critic and reference with `ring` ranks per sequence-parallel group; `shards` is the number of
-    different sample sets (the world's ranks / ring): the ranks of sequence-parallel group g take set g."""
+def run_groups(groups: list[tuple[list[int], int]], stage: int, checkpointing: bool, actor_only: bool) -> dict:
+    """For each (ranks, ring_attn_size) of `groups` holding this rank: `run_models` over those ranks. Every rank
+    creates every group (in the same order), so one world runs a split and an unsplit setup side by side."""
+    made = [(dist.new_group(ranks), ranks, ring) for ranks, ring in groups]
+    return {index: run_models(group, ranks.index(dist.get_rank()) // ring, ring, len(ranks) // ring, stage,
+                              checkpointing, actor_only)
+            for index, (group, ranks, ring) in enumerate(made) if dist.get_rank() in ranks}
+
+
+def run_models(group, share: int, ring: int, shares: int, stage: int, checkpointing: bool,
+               actor_only: bool) -> dict:
+    """Actor, critic and reference over `group` with `ring` ranks per sequence-parallel group, on the samples of
+    `share` (of `shares`): several packed micro-batches of samples of different lengths."""
     from hpc_rlhf.training import Actor, Critic, EngineConfig, Reference, make_micro_batches
 
-    rank = dist.get_rank()
-    share = rank // ring
     samples = make_samples(40 + share, 5, min_len=3, max_len=14)
-    batches = make_micro_batches(samples, max_tokens_per_microbatch=40, packing=True)  # packed rows of 2-4 samples
-    cfg = EngineConfig(zero_stage=stage, learning_rate=1e-2, micro_train_batch_size=1, train_batch_size=shards,
+    batches = make_micro_batches(samples, max_tokens_per_microbatch=40, packing=True)
+    cfg = EngineConfig(zero_stage=stage, learning_rate=1e-2, micro_train_batch_size=1, train_batch_size=shares,
                        ring_attn_size=ring, gradient_checkpointing=checkpointing)
     result: dict = {"share": share, "row_lengths": [b.input_ids.shape[1] for b in batches]}
 
-    actor = Actor(tiny_llama(0), cfg, None, num_training_steps=1, with_entropy=True)
-    result["sp_size"], result["batch_ranks"], result["batch_rank"] = actor.sp_size, actor.batch_ranks, actor.batch_rank
+    actor = Actor(tiny_llama(0), cfg, group, num_training_steps=1, with_entropy=True)
+    result["sizes"] = (actor.sp_size, actor.batch_ranks, actor.batch_rank)
     outputs = actor.infer(batches)
     result["log_probs"] = [o.log_probs for o in outputs]
     result["entropy"] = [o.entropy for o in outputs]
@@ -53,13 +61,13 @@ def run_models(ring: int, stage: int, shards: int, checkpointing: bool, actor_on
     if actor_only:
         return result
 
-    critic = Critic(tiny_critic(1), cfg, None, num_training_steps=1)
+    critic = Critic(tiny_critic(1), cfg, group, num_training_steps=1)
     result["values"] = [o.values for o in critic.infer(batches)]
     result["critic_metrics"] = critic.backward(batches, value_loss, loss_weighting="sample")
     result["critic_grads"] = _full_grads(critic)
     del critic
 
     reference = Reference(tiny_llama(0), EngineConfig(zero_stage=3 if stage == 3 else 0, ring_attn_size=ring,
-                                                      train_batch_size=shards), None)
+                                                      train_batch_size=shares), group)
     result["reference_log_probs"] = [o.log_probs for o in reference.infer(batches)]
     return result
