@@ -82,6 +82,15 @@ class LayoutPlan:
             raise LayoutError(f"ds.ring_attn_size={ring} does not divide layout.{role}.gpus={len(members)}")
         return members.index(rank) // ring, len(members) // ring
 
+    def sequence_parallel_groups(self, role: str, ring_attn_size: int) -> tuple[tuple[int, ...], ...]:
+        """`role`'s ranks cut into sequence-parallel groups of `ring_attn_size` consecutive ranks (none for roles
+        that split no sequences, or when `ring_attn_size` is 1)."""
+        members = self.ranks_of(role)
+        if ring_attn_size == 1 or role not in SEQUENCE_PARALLEL_ROLES or not members:
+            return ()
+        self.data_share(role, members[0], ring_attn_size)  # raises unless ring_attn_size divides the role
+        return tuple(members[i:i + ring_attn_size] for i in range(0, len(members), ring_attn_size))
+
     def weight_sync_ranks(self) -> tuple[int, ...]:
         """The weight-broadcast group: actor rank 0 followed by every generator rank (deduplicated when colocated)."""
         actors, generators = self.ranks_of("actor"), self.ranks_of("generator")

@@ -49,7 +49,7 @@ from hpc_rlhf.training.logprobs import token_log_probs
 from hpc_rlhf.training.sequence_parallel import (
     SequenceParallel,
     SequenceShard,
-    sequence_parallel_group,
+    sequence_parallel,
     shard_packed_row,
     sum_over_group,
     use_sequence_parallel_attention,
@@ -243,9 +243,9 @@ class TrainedModel(abc.ABC):
     """A training DeepSpeed engine over one data-parallel group; subclasses define `forward`."""
 
     def __init__(self, module: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                 num_training_steps: int) -> None:
+                 num_training_steps: int, *, sp_group: dist.ProcessGroup | None = None) -> None:
         self.cfg = cfg
-        self.sp: SequenceParallel | None = sequence_parallel_group(dp_group, cfg.ring_attn_size)
+        self.sp: SequenceParallel | None = sequence_parallel(sp_group, cfg.ring_attn_size)
         self.engine, self.mpu = init_engine(module, cfg, dp_group, num_training_steps)
         self.ema: EmaWeights | None = None
         if cfg.ema_beta is not None:
@@ -437,13 +437,14 @@ class Actor(TrainedModel):
     """Policy: a causal LM on a training engine. `forward` gives log-probs (and entropy if `with_entropy`)."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                 num_training_steps: int, *, temperature: float = 1.0, with_entropy: bool = False) -> None:
+                 num_training_steps: int, *, temperature: float = 1.0, with_entropy: bool = False,
+                 sp_group: dist.ProcessGroup | None = None) -> None:
         self.temperature = temperature
         self.with_entropy = with_entropy
         self._supports_logits_to_keep = _accepts_logits_to_keep(model)
         if cfg.ring_attn_size > 1:
             use_sequence_parallel_attention(model)
-        super().__init__(model, cfg, dp_group, num_training_steps)
+        super().__init__(model, cfg, dp_group, num_training_steps, sp_group=sp_group)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
@@ -493,19 +494,19 @@ class Critic(TrainedModel):
     """Value model on a training engine. `forward` gives per-token values of the response tokens."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                 num_training_steps: int) -> None:
+                 num_training_steps: int, *, sp_group: dist.ProcessGroup | None = None) -> None:
         if cfg.ring_attn_size > 1:
             use_sequence_parallel_attention(model)
-        super().__init__(TokenValueModel(model), cfg, dp_group, num_training_steps)
+        super().__init__(TokenValueModel(model), cfg, dp_group, num_training_steps, sp_group=sp_group)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                        num_training_steps: int) -> Critic:
+                        num_training_steps: int, *, sp_group: dist.ProcessGroup | None = None) -> Critic:
         """Load a causal LM (new value head) or a reward/critic checkpoint (its head) as a critic."""
         from transformers import AutoModelForSequenceClassification
 
         model = _load(AutoModelForSequenceClassification, path, cfg, dp_group, num_labels=1)
-        return cls(model, cfg, dp_group, num_training_steps)
+        return cls(model, cfg, dp_group, num_training_steps, sp_group=sp_group)
 
     def hf_model(self) -> nn.Module:
         """The `*ForSequenceClassification` model inside the per-token wrapper."""
@@ -535,11 +536,11 @@ class Reference:
     """Frozen policy for KL: a ZeRO-3 inference engine over `dp_group` when `zero_stage == 3`, else a module."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None, *,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, sp_group: dist.ProcessGroup | None = None) -> None:
         self.cfg = cfg
         self.temperature = temperature
         self._supports_logits_to_keep = _accepts_logits_to_keep(model)
-        self.sp: SequenceParallel | None = sequence_parallel_group(dp_group, cfg.ring_attn_size)
+        self.sp: SequenceParallel | None = sequence_parallel(sp_group, cfg.ring_attn_size)
         if self.sp is not None:
             use_sequence_parallel_attention(model)
         model.requires_grad_(False)

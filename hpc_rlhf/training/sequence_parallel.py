@@ -34,25 +34,17 @@ class SequenceParallel:
     rank: int
 
 
-def group_members(role_ranks: list[int], index: int, size: int) -> list[int]:
-    """The global ranks of the sequence-parallel group of member `index` of a role group with ranks `role_ranks`."""
-    if size < 1 or len(role_ranks) % size:
-        raise ValueError(f"ring_attn_size={size} must divide the role's {len(role_ranks)} ranks")
-    start = index // size * size
-    return role_ranks[start:start + size]
-
-
-def sequence_parallel_group(role_group: dist.ProcessGroup | None, size: int) -> SequenceParallel | None:
-    """The sequence-parallel group of this rank within `role_group` (None = world); None when `size` is 1.
-
-    Called by the members of the role group only: each group is created with local synchronisation by its members.
-    """
+def sequence_parallel(group: dist.ProcessGroup | None, size: int) -> SequenceParallel | None:
+    """This rank's handle on its sequence-parallel `group` of `size` ranks (None when `size` is 1). The groups are
+    created collectively beforehand (`distributed.groups.build_role_groups`)."""
     if size == 1:
         return None
-    role_group = dist.group.WORLD if role_group is None else role_group
-    members = group_members(dist.get_process_group_ranks(role_group), dist.get_rank(role_group), size)
-    group = dist.new_group(members, use_local_synchronization=True, group_desc="sequence_parallel")
-    return SequenceParallel(group=group, size=size, rank=members.index(dist.get_rank()))
+    if group is None:
+        raise ValueError(f"ring_attn_size={size} needs this rank's sequence-parallel group; build the role groups "
+                         f"with ring_attn_size={size}")
+    if dist.get_world_size(group) != size:
+        raise ValueError(f"the sequence-parallel group has {dist.get_world_size(group)} ranks, ring_attn_size={size}")
+    return SequenceParallel(group=group, size=size, rank=dist.get_rank(group))
 
 
 def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:

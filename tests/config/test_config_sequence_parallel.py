@@ -11,7 +11,7 @@ from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.config.schema import ConfigError
 from hpc_rlhf.distributed.layout import LayoutError, plan_layout
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, make_ds_config
-from hpc_rlhf.training.sequence_parallel import group_members, segment_ids, shard_mask
+from hpc_rlhf.training.sequence_parallel import segment_ids, shard_mask
 
 # Disaggregated: generator 2, actor 4, reference 2 ranks on one node of 8; GRPO with the KL loss (a reference).
 LAYOUT = ["--slurm.gpus_per_node=8", "--layout.colocate=false", "--layout.generator.gpus=2",
@@ -74,12 +74,16 @@ def test_deepspeed_counts_each_sample_once_per_group_member():
         make_ds_config(EngineConfig(micro_train_batch_size=2, train_batch_size=6, ring_attn_size=2), dp_size=4)
 
 
-def test_groups_are_consecutive_ranks_of_the_role():
-    assert group_members([2, 3, 4, 5], 0, 2) == [2, 3]
-    assert group_members([2, 3, 4, 5], 3, 2) == [4, 5]
-    assert group_members([2, 3, 4, 5], 1, 4) == [2, 3, 4, 5]
-    with pytest.raises(ValueError, match="must divide the role's 4 ranks"):
-        group_members([2, 3, 4, 5], 0, 3)
+def test_sequence_parallel_groups_are_consecutive_ranks_of_the_role():
+    cfg = load_config(None, LAYOUT + ["--ds.ring_attn_size=2"]).config
+    plan = plan_layout(cfg.layout, world_size=8, ranks_per_node=8)
+    assert plan.sequence_parallel_groups("actor", 2) == ((2, 3), (4, 5))
+    assert plan.sequence_parallel_groups("actor", 4) == ((2, 3, 4, 5),)
+    assert plan.sequence_parallel_groups("reference", 2) == ((6, 7),)
+    assert plan.sequence_parallel_groups("generator", 2) == () and plan.sequence_parallel_groups("actor", 1) == ()
+    assert plan.sequence_parallel_groups("critic", 2) == ()  # absent
+    with pytest.raises(LayoutError, match="ds.ring_attn_size=3 does not divide layout.actor.gpus=4"):
+        plan.sequence_parallel_groups("actor", 3)
 
 
 def test_shard_mask_is_the_packed_causal_mask_cut_by_rows():

@@ -30,13 +30,21 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
 def run_groups(groups: list[tuple[list[int], int]], stage: int, checkpointing: bool, actor_only: bool) -> dict:
     """For each (ranks, ring_attn_size) of `groups` holding this rank: `run_models` over those ranks. Every rank
     creates every group (in the same order), so one world runs a split and an unsplit setup side by side."""
-    made = [(dist.new_group(ranks), ranks, ring) for ranks, ring in groups]
-    return {index: run_models(group, ranks.index(dist.get_rank()) // ring, ring, len(ranks) // ring, stage,
-                              checkpointing, actor_only)
-            for index, (group, ranks, ring) in enumerate(made) if dist.get_rank() in ranks}
+    made = []
+    for ranks, ring in groups:
+        role_group = dist.new_group(ranks)
+        mine = None
+        for start in range(0, len(ranks), ring) if ring > 1 else ():  # consecutive ranks, as build_role_groups
+            members = ranks[start:start + ring]
+            group = dist.new_group(members)
+            mine = group if dist.get_rank() in members else mine
+        made.append((role_group, mine, ranks, ring))
+    return {index: run_models(group, sp_group, ranks.index(dist.get_rank()) // ring, ring, len(ranks) // ring,
+                              stage, checkpointing, actor_only)
+            for index, (group, sp_group, ranks, ring) in enumerate(made) if dist.get_rank() in ranks}
 
 
-def run_models(group, share: int, ring: int, shares: int, stage: int, checkpointing: bool,
+def run_models(group, sp_group, share: int, ring: int, shares: int, stage: int, checkpointing: bool,
                actor_only: bool) -> dict:
     """Actor, critic and reference over `group` with `ring` ranks per sequence-parallel group, on the samples of
     `share` (of `shares`): several packed micro-batches of samples of different lengths."""
@@ -48,7 +56,7 @@ def run_models(group, share: int, ring: int, shares: int, stage: int, checkpoint
                        ring_attn_size=ring, gradient_checkpointing=checkpointing)
     result: dict = {"share": share, "row_lengths": [b.input_ids.shape[1] for b in batches]}
 
-    actor = Actor(tiny_llama(0), cfg, group, num_training_steps=1, with_entropy=True)
+    actor = Actor(tiny_llama(0), cfg, group, num_training_steps=1, with_entropy=True, sp_group=sp_group)
     result["sizes"] = (actor.sp_size, actor.batch_ranks, actor.batch_rank)
     outputs = actor.infer(batches)
     result["log_probs"] = [o.log_probs for o in outputs]
@@ -61,13 +69,13 @@ def run_models(group, share: int, ring: int, shares: int, stage: int, checkpoint
     if actor_only:
         return result
 
-    critic = Critic(tiny_critic(1), cfg, group, num_training_steps=1)
+    critic = Critic(tiny_critic(1), cfg, group, num_training_steps=1, sp_group=sp_group)
     result["values"] = [o.values for o in critic.infer(batches)]
     result["critic_metrics"] = critic.backward(batches, value_loss, loss_weighting="sample")
     result["critic_grads"] = _full_grads(critic)
     del critic
 
     reference = Reference(tiny_llama(0), EngineConfig(zero_stage=3 if stage == 3 else 0, ring_attn_size=ring,
-                                                      train_batch_size=shares), group)
+                                                      train_batch_size=shares), group, sp_group=sp_group)
     result["reference_log_probs"] = [o.log_probs for o in reference.infer(batches)]
     return result

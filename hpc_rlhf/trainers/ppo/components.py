@@ -81,16 +81,18 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
     with_entropy = cfg.algo.entropy_loss_coef > 0
     if roles.has("actor"):
         parts.actor = Actor.from_pretrained(actor_path, engine_config(cfg, cfg.actor), groups.group("actor"), steps,
-                                            temperature=max(cfg.rollout.temperature, 1e-6), with_entropy=with_entropy)
+                                            temperature=max(cfg.rollout.temperature, 1e-6), with_entropy=with_entropy,
+                                            sp_group=groups.sequence_group("actor"))
     if roles.has("critic"):
         critic_path = resolve_model_path(cfg.critic.pretrain or cfg.actor.pretrain)
         parts.critic = Critic.from_pretrained(critic_path, engine_config(cfg, cfg.critic), groups.group("critic"),
-                                              steps)
+                                              steps, sp_group=groups.sequence_group("critic"))
     if roles.has("reference"):
         ref_path = resolve_model_path(cfg.ref.pretrain or cfg.actor.pretrain)
         parts.reference = Reference.from_pretrained(ref_path, engine_config(cfg, cfg.actor),
                                                     groups.group("reference"),
-                                                    temperature=max(cfg.rollout.temperature, 1e-6))
+                                                    temperature=max(cfg.rollout.temperature, 1e-6),
+                                                    sp_group=groups.sequence_group("reference"))
     if roles.has("reward") and cfg.reward.pretrain:
         dtype = compute_dtype(cfg)
         zero3 = None
