@@ -240,7 +240,7 @@ def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
 
 def check_sequence_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
     """ds.ring_attn_size: PPO only, packed micro-batches, SDPA or eager attention, and it divides the ranks of the
-    actor, critic and reference."""
+    actor, critic, reward model and reference."""
     ring, key = cfg.ds.ring_attn_size, _src(sources, "ds.ring_attn_size")
     if ring < 1:
         return [f"{key}: must be >= 1 (1 = no sequence parallelism), got {ring}"]

@@ -7,7 +7,7 @@ plan, and always creates the groups in this fixed order:
   2. one group per generator engine (its TP ranks), in engine order;
   3. the weight-sync group: actor rank 0 and every generator rank;
   4. with `ring_attn_size` > 1 only: the sequence-parallel groups (`ring_attn_size` consecutive ranks) of the actor,
-     critic and reference, in that order; a reference that shares the actor's or critic's ranks uses their groups.
+     critic, reward and reference, in that order; a role that shares another's ranks uses that role's groups.
 A role placed with `share_with` gets no group of its own: it uses the group of the role whose ranks it shares (the
 same members, and one communicator fewer). Role groups may therefore overlap only by being the same group.
 Each rank keeps only the groups it belongs to.
@@ -85,12 +85,12 @@ def build_role_groups(plan: LayoutPlan, rank: int, *, backend: str | None = None
         if rank in members:
             result.weight_sync_group = group
     splitting = [role for role in SEQUENCE_PARALLEL_ROLES if plan.shared_with.get(role) not in SEQUENCE_PARALLEL_ROLES]
-    for role in splitting:  # roles on ranks of their own (or of the reward role): groups of their own
+    for role in splitting:  # roles on ranks of their own: groups of their own
         for members in plan.sequence_parallel_groups(role, ring_attn_size):
             group = dist.new_group(list(members), backend=backend, group_desc=f"sequence_parallel_{role}")
             if rank in members:
                 result.sequence_groups[role] = group
-    for role, owner in plan.shared_with.items():  # on an actor's or critic's ranks: the same groups
+    for role, owner in plan.shared_with.items():  # on the ranks of another splitting role: the same groups
         if role in SEQUENCE_PARALLEL_ROLES and owner in result.sequence_groups:
             result.sequence_groups[role] = result.sequence_groups[owner]
     return result

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import torch
 import torch.distributed as dist
 
@@ -48,7 +51,9 @@ def run_models(group, sp_group, share: int, ring: int, shares: int, stage: int, 
                actor_only: bool) -> dict:
     """Actor, critic and reference over `group` with `ring` ranks per sequence-parallel group, on the samples of
     `share` (of `shares`): several packed micro-batches of samples of different lengths."""
+    from hpc_rlhf.rewards import RewardModel
     from hpc_rlhf.training import Actor, Critic, EngineConfig, Reference, make_micro_batches
+    from hpc_rlhf.training.models import write_hf_checkpoint
 
     samples = make_samples(40 + share, 5, min_len=3, max_len=14)
     batches = make_micro_batches(samples, max_tokens_per_microbatch=40, packing=True)
@@ -78,4 +83,12 @@ def run_models(group, sp_group, share: int, ring: int, shares: int, stage: int, 
     reference = Reference(tiny_llama(0), EngineConfig(zero_stage=3 if stage == 3 else 0, ring_attn_size=ring,
                                                       train_batch_size=shares), group, sp_group=sp_group)
     result["reference_log_probs"] = [o.log_probs for o in reference.infer(batches)]
+    del reference
+
+    folder = tempfile.mkdtemp(prefix="tiny_reward_")  # each rank its own copy of the same seeded model
+    reward_net = tiny_critic(2)
+    write_hf_checkpoint(reward_net, reward_net.state_dict(), folder)  # save_pretrained writes on global rank 0 only
+    reward_model = RewardModel(folder, micro_batch_size=3, sp_group=sp_group)
+    result["rewards"] = reward_model.score_sequences([torch.cat([s.prompt_ids, s.response_ids]) for s in samples])
+    shutil.rmtree(folder)
     return result

@@ -1,6 +1,6 @@
 """Sequence parallelism (`ring_attn_size`) on real gloo ranks and DeepSpeed engines: log-probs, entropy, values,
 losses, gradients and the updated weights of split packed micro-batches equal those of the same micro-batches on
-one rank, for the actor, the critic and the reference; and with several sequence-parallel groups side by side (data
+one rank, for the actor, the critic, the reward model and the reference; and with several sequence-parallel groups side by side (data
 parallel x sequence parallel), the update equals plain data parallelism over the same shares."""
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def test_per_token_outputs_equal_one_rank(one_and_two_ranks):
     for rank in split:
         for key in ("log_probs", "entropy", "values", "reference_log_probs"):
             assert_close_lists(rank[key], whole[key], atol=4 * ATOL if key == "entropy" else ATOL)
+        assert rank["rewards"].shape == (5,) and rank["rewards"].abs().min() > 0
+        torch.testing.assert_close(rank["rewards"], whole["rewards"], atol=ATOL, rtol=0)
 
 
 def test_losses_gradients_and_update_equal_one_rank(one_and_two_ranks):

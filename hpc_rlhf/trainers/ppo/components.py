@@ -101,7 +101,7 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
             zero3 = EngineConfig(zero_stage=3, bf16=bf16_enabled(cfg), micro_train_batch_size=1, train_batch_size=size)
         parts.reward_model = RewardModel(resolve_model_path(cfg.reward.pretrain), device=device, dtype=dtype,
                                          micro_batch_size=cfg.reward.micro_batch_size, zero3=zero3,
-                                         group=groups.group("reward"))
+                                         group=groups.group("reward"), sp_group=groups.sequence_group("reward"))
     if roles.has("generator"):
         parts.engine, parts.executor = build_generation(cfg, actor_path, tokenizer, device, groups.tp_group)
         if cfg.reward.reward_func_path or cfg.reward.remote_url:  # else a reward model or the agent's environment

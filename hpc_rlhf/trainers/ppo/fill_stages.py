@@ -97,9 +97,11 @@ def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, name: 
     return {f"sum/{name}_tokens": float(sum(s.num_tokens for s in samples)), **metrics}
 
 
-def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: RewardModel) -> dict[str, float]:
+def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: RewardModel, *,
+                 writes: bool = True) -> dict[str, float]:
     """Reward-model scores (reward and score columns) for this member's shards. Returns this rank's metrics: the
-    tokens scored (sum/reward_model_tokens) and the times of reading, scoring (max/reward_model_s) and writing."""
+    tokens scored (sum/reward_model_tokens) and the times of reading, scoring (max/reward_model_s) and writing. Of
+    the ranks of a sequence-parallel group, only the one with `writes` commits the columns."""
     metrics: dict[str, float] = {}
     with timed(metrics, "shard_read"):
         shards = my_shards(cfg, iteration, index, size)
@@ -107,6 +109,7 @@ def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_mode
     with timed(metrics, "reward_model"):
         sequences = [torch.cat([s.prompt_ids, s.response_ids]).tolist() for s in samples]
         scores = reward_model.score_sequences(sequences).tolist()  # every member calls: ZeRO-3 forwards are collective
-    with timed(metrics, "shard_write"):
-        commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
+    if writes:
+        with timed(metrics, "shard_write"):
+            commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
     return {"sum/reward_model_tokens": float(sum(len(s) for s in sequences)), **metrics}

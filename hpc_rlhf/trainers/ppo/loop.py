@@ -164,8 +164,9 @@ class PPOTrainer:
         metrics: dict[str, float] = {}
         parts, cfg = self.parts, self.cfg
         if parts.reward_model is not None:
-            accumulate(metrics, fill_rewards(cfg, iteration, self._index("reward"), self._size("reward"),
-                                             parts.reward_model))
+            accumulate(metrics, self._per_share(fill_rewards(cfg, iteration, self._index("reward"),
+                                                             self._size("reward"), parts.reward_model,
+                                                             writes=self._leads_share("reward"))))
         if parts.reference is not None:
             accumulate(metrics, self._per_share(fill_per_token(
                 cfg, iteration, self._index("reference"), self._size("reference"), name="reference",
