@@ -355,8 +355,7 @@ class TrainedModel(abc.ABC):
             batches = self.equalize(micro_batches)
             (global_units,) = all_reduce_in_group([sum(loss_units(b, loss_weighting) for b in batches)],
                                                   dist.ReduceOp.SUM, self.mpu)
-            if self.sp_size > 1:
-                global_units /= self.sp_size
+            global_units /= self.sp_size  # a sequence-parallel group holds its units once
             weights = loss_weights(batches, loss_weighting, global_units=global_units, dp_size=self.dp_size)
             sums: dict[str, float] = {}
             for index, (batch, weight) in enumerate(zip(batches, weights)):
