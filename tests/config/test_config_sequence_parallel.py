@@ -33,8 +33,8 @@ def test_a_valid_sequence_parallel_config_loads():
     (["--train.trainer=sft", "--layout.generator.gpus=0", "--layout.reference.gpus=0", "--algo.use_kl_loss=false",
       "--layout.actor.gpus=8"], r"wired for train.trainer ppo, not sft"),
     (["--ds.ring_attn_size=0"], r"ds.ring_attn_size \(command line\): must be >= 1"),
-    (["--train.train_batch_size=6"], r"micro_train_batch_size x data-parallel ranks \(actor.gpus / "
-                                     r"ds.ring_attn_size = 4 / 2\) = 2 x 2 = 4"),
+    (["--train.train_batch_size=6"], (r"micro_train_batch_size x data-parallel ranks \(actor.gpus / "
+                                      r"ds.ring_attn_size = 4 / 2\) = 2 x 2 = 4")),
 ])
 def test_impossible_sequence_parallel_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -23,14 +23,14 @@ def assert_close_lists(split: list[torch.Tensor], whole: list[torch.Tensor], ato
 
 def assert_close_dicts(split: dict[str, torch.Tensor], whole: dict[str, torch.Tensor], atol: float) -> None:
     assert split.keys() == whole.keys()
-    for name in whole:
-        torch.testing.assert_close(split[name], whole[name], atol=atol, rtol=0, msg=name)
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=atol, rtol=0, msg=name)
 
 
 def assert_same_metrics(split: dict[str, float], whole: dict[str, float], rel: float = 1e-6) -> None:
     assert split.keys() == whole.keys()
-    for key in whole:
-        assert split[key] == pytest.approx(whole[key], rel=rel, abs=1e-7), key
+    for key, value in whole.items():
+        assert split[key] == pytest.approx(value, rel=rel, abs=1e-7), key
 
 
 @pytest.fixture(scope="module")
