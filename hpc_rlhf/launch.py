@@ -73,7 +73,7 @@ def _run_trainer(cfg: Config, world: DistributedWorld, control: ControlPlane, st
         build_builtin_models(cfg)
     control.barrier()
     plan = plan_layout(cfg.layout, info.world_size, info.local_world_size)
-    groups = build_role_groups(plan, info.rank)
+    groups = build_role_groups(plan, info.rank, ring_attn_size=cfg.ds.ring_attn_size)
     torch.manual_seed(cfg.train.seed)
     from hpc_rlhf.trainers.registry import trainer_entry  # imports DeepSpeed: only after quiet_libraries ran
 

@@ -13,7 +13,14 @@ import math
 import re
 from pathlib import Path
 
-from hpc_rlhf.config.schema import GROUP_ESTIMATORS, PAIRWISE_TRAINERS, ROLE_NAMES, SUPERVISED_TRAINERS, Config
+from hpc_rlhf.config.schema import (
+    GROUP_ESTIMATORS,
+    PAIRWISE_TRAINERS,
+    ROLE_NAMES,
+    SEQUENCE_PARALLEL_ROLES,
+    SUPERVISED_TRAINERS,
+    Config,
+)
 from hpc_rlhf.data import (
     DatasetError,
     check_prompt_rows,
@@ -216,14 +223,16 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
         errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
                       f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
                       f"of train_batch_size={train.train_batch_size}")
-    tp = cfg.ds.tensor_parallel_size
-    dp = layout.actor.gpus // tp if tp >= 1 and layout.actor.gpus % tp == 0 else 0  # check_tensor_parallel says why
+    tp, ring = cfg.ds.tensor_parallel_size, cfg.ds.ring_attn_size
+    split = max(tp, 1) * max(ring, 1)  # ranks that take the same samples: a tensor- or sequence-parallel block
+    dp = layout.actor.gpus // split if layout.actor.gpus % split == 0 else 0  # their own checks say why not
     per_step = train.micro_train_batch_size * dp
     if dp and train.train_batch_size % per_step:
-        ranks = "actor.gpus" if tp == 1 else f"(actor.gpus / ds.tensor_parallel_size = {layout.actor.gpus} / {tp})"
+        ranks = ("actor.gpus" if split == 1 else f"actor.gpus / ds.ring_attn_size = {layout.actor.gpus} / {ring}"
+                 if ring > 1 else f"actor.gpus / ds.tensor_parallel_size = {layout.actor.gpus} / {tp}")
         errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: train_batch_size="
-                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x {ranks} = "
-                      f"{train.micro_train_batch_size} x {dp} = {per_step}")
+                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x data-parallel ranks "
+                      f"({ranks}) = {train.micro_train_batch_size} x {dp} = {per_step}")
     if rollout.temperature < 0 or not 0 < rollout.top_p <= 1:
         errors.append(f"{_src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
                       f"0 < top_p <= 1")
@@ -248,6 +257,37 @@ def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
     if cfg.train.device == "cpu" and cfg.ds.bf16:
         errors.append(f"{_src(sources, 'ds.bf16', 'train.device')}: bf16 training is for GPUs; leave ds.bf16 empty "
                       f"or false on train.device: cpu")
+    return errors
+
+
+def check_sequence_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """ds.ring_attn_size: PPO only, packed micro-batches, SDPA or eager attention, and it divides the ranks of the
+    actor, critic, reward model and reference."""
+    ring, key = cfg.ds.ring_attn_size, _src(sources, "ds.ring_attn_size")
+    if ring < 1:
+        return [f"{key}: must be >= 1 (1 = no sequence parallelism), got {ring}"]
+    if ring == 1:
+        return []
+    errors = []
+    if cfg.train.trainer != "ppo":
+        errors.append(f"{key}: sequence parallelism is wired for train.trainer ppo, not {cfg.train.trainer}")
+    if not cfg.train.packing_samples:
+        errors.append(f"{key}: sequence parallelism splits packed rows; set train.packing_samples: true")
+    for section in ("actor", "critic"):
+        if getattr(cfg, section).attn_implementation == "flash_attention_2":
+            errors.append(f"{_src(sources, f'{section}.attn_implementation', 'ds.ring_attn_size')}: sequence "
+                          f"parallelism runs its own SDPA attention; use sdpa (or eager) with ds.ring_attn_size={ring}")
+    if cfg.actor.aux_loss_coef > 0:
+        errors.append(f"{_src(sources, 'ds.ring_attn_size', 'actor.aux_loss_coef')}: the MoE load-balancing loss is "
+                      f"not computed over a split sequence; use one or the other")
+    if cfg.lora.rank > 0:
+        errors.append(f"{_src(sources, 'ds.ring_attn_size', 'lora.rank')}: sequence parallelism is not wired for a "
+                      f"LoRA actor; use one or the other")
+    for role in SEQUENCE_PARALLEL_ROLES:
+        gpus = getattr(cfg.layout, role).gpus
+        if gpus > 0 and gpus % ring:
+            errors.append(f"{_src(sources, 'ds.ring_attn_size', f'layout.{role}.gpus')}: ds.ring_attn_size={ring} "
+                          f"does not divide layout.{role}.gpus={gpus} ({gpus} % {ring} = {gpus % ring})")
     return errors
 
 
@@ -408,9 +448,9 @@ def check_images(cfg: Config, sources: dict[str, str]) -> list[str]:
 def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     """All cross-field rules; an empty list means the config can run."""
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
-            + check_batches(cfg, sources) + check_modes(cfg, sources) + check_supervised(cfg, sources)
-            + check_data(cfg, sources) + check_images(cfg, sources) + check_moe(cfg, sources)
-            + check_tensor_parallel(cfg, sources))
+            + check_batches(cfg, sources) + check_modes(cfg, sources) + check_sequence_parallel(cfg, sources)
+            + check_supervised(cfg, sources) + check_data(cfg, sources) + check_images(cfg, sources)
+            + check_moe(cfg, sources) + check_tensor_parallel(cfg, sources))
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------

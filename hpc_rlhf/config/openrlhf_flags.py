@@ -319,8 +319,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, ("ds.tensor_parallel_size",), TP_TRAINERS),
     _no(("ds_tensor_parallel_size", "ds.tensor_parallel_size"), INT, "DeepSpeed AutoTP training is wired for sft "
         "only", tuple(t for t in ALL if t not in TP_TRAINERS), inert=("1",)),
-    _no(("ring_attn_size", "ds.ring_attn_size"), INT, "no ring attention (sequence parallelism)", inert=("1",)),
-    _no(("ring_head_stride", "ds.ring_attn_head_stride"), INT, "no ring attention", inert=("1",)),
+    Flag(("ring_attn_size", "ds.ring_attn_size"), INT, ("ds.ring_attn_size",), PPO,
+         how="sequence parallelism by all-gathered keys/values instead of a ring (same split, same results)"),
+    _no(("ring_head_stride", "ds.ring_attn_head_stride"), INT,
+        "no ring of heads: ds.ring_attn_size gathers whole keys and values", inert=("1",)),
     _no(("experts_implementation", "ds.experts_implementation"), STR, "MoE layers run as transformers implements "
         "them"),
     Flag(("enable_ema", "train.enable_ema"), FLAG, ("actor.enable_ema",),

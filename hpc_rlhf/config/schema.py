@@ -17,6 +17,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 OFF_POLICY_CORRECTIONS = ("none", "tis", "icepop", "seq_mask_tis")
 ROLE_NAMES = ("generator", "actor", "critic", "reward", "reference")
+SEQUENCE_PARALLEL_ROLES = ("actor", "critic", "reward", "reference")  # the roles `ds.ring_attn_size` splits
 # Trainers besides PPO: every rank is an actor (layout.colocate: true); see docs/supervised.md.
 SUPERVISED_TRAINERS = ("sft", "rm", "dpo", "iterative_dpo", "kto", "prm", "kd", "rejection_sampling")
 PAIRWISE_TRAINERS = ("rm", "dpo", "iterative_dpo")
@@ -368,6 +369,10 @@ class DsConfig:
     tensor_parallel_size: int = opt(1, "DeepSpeed AutoTP training of the actor: shard its linear layers over blocks "
                                        "of this many consecutive actor ranks; data-parallel size = actor.gpus / this "
                                        "(sft; ZeRO 0-2)")
+    ring_attn_size: int = opt(1, "sequence parallelism (ppo): ranks per group that split each packed micro-batch "
+                                 "of the actor, critic, reward model and reference along the sequence; 1 = off. "
+                                 "Needs train.packing_samples and divides each of those roles' ranks (OpenRLHF "
+                                 "--ring_attn_size)")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpc_rlhf.config.schema import layout_share_problems
+from hpc_rlhf.config.schema import SEQUENCE_PARALLEL_ROLES, layout_share_problems
 
 ROLE_ORDER: tuple[str, ...] = ("generator", "actor", "critic", "reward", "reference")
 
@@ -69,6 +69,27 @@ class LayoutPlan:
         if role not in ROLE_ORDER:
             raise LayoutError(f"unknown role {role!r}; roles are {', '.join(ROLE_ORDER)}")
         return self.role_ranks.get(role, ())
+
+    def data_share(self, role: str, rank: int, ring_attn_size: int = 1) -> tuple[int, int]:
+        """(which share, how many shares) of `role`'s samples `rank` takes. The ranks of one sequence-parallel group
+        (`ring_attn_size` consecutive ranks of the actor, critic or reference) take the same share; other roles
+        split no sequences, so each of their ranks takes its own."""
+        members = self.ranks_of(role)
+        if rank not in members:
+            raise LayoutError(f"rank {rank} does not hold the {role} role (its ranks are {list(members)})")
+        ring = ring_attn_size if role in SEQUENCE_PARALLEL_ROLES else 1
+        if ring < 1 or len(members) % ring:
+            raise LayoutError(f"ds.ring_attn_size={ring} does not divide layout.{role}.gpus={len(members)}")
+        return members.index(rank) // ring, len(members) // ring
+
+    def sequence_parallel_groups(self, role: str, ring_attn_size: int) -> tuple[tuple[int, ...], ...]:
+        """`role`'s ranks cut into sequence-parallel groups of `ring_attn_size` consecutive ranks (none for roles
+        that split no sequences, or when `ring_attn_size` is 1)."""
+        members = self.ranks_of(role)
+        if ring_attn_size == 1 or role not in SEQUENCE_PARALLEL_ROLES or not members:
+            return ()
+        self.data_share(role, members[0], ring_attn_size)  # raises unless ring_attn_size divides the role
+        return tuple(members[i:i + ring_attn_size] for i in range(0, len(members), ring_attn_size))
 
     def weight_sync_ranks(self) -> tuple[int, ...]:
         """The weight-broadcast group: actor rank 0 followed by every generator rank (deduplicated when colocated)."""

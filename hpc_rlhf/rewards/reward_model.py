@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from hpc_rlhf.rewards.result import RewardError, RewardResult, check_batch, empty_result, to_reward_result
+from hpc_rlhf.training.sequence_parallel import sequence_parallel, shard_packed_row, use_sequence_parallel_attention
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -73,10 +75,12 @@ class RewardModel:
 
     def __init__(self, model_path: str | Path, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = torch.float32, micro_batch_size: int = 8, *,
-                 zero3: Any = None, group: Any = None):
+                 zero3: Any = None, group: Any = None, sp_group: Any = None):
         """`zero3` (an EngineConfig with zero_stage=3) partitions the model over `group`, the reward role's
         process group, as for the reference: a 70B reward model then fits. Every rank of the group must then call
-        `score_sequences` together (ranks may hold different numbers of sequences)."""
+        `score_sequences` together (ranks may hold different numbers of sequences). With `sp_group` (sequence
+        parallelism, `ds.ring_attn_size`) the ranks of that group score the same sequences, each micro-batch packed
+        into one row and split between them."""
         from transformers import AutoModelForSequenceClassification
 
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
@@ -100,6 +104,9 @@ class RewardModel:
                 self.model_path, num_labels=1, dtype=resolve_dtype(dtype))
             self.model.to(self.device)
         self.model.eval().requires_grad_(False)
+        self.sp = None if sp_group is None else sequence_parallel(sp_group, dist.get_world_size(sp_group))
+        if self.sp is not None:
+            use_sequence_parallel_attention(self.model)
         config = self.model.config
         if not hasattr(self.model, "score"):
             raise RewardError(f"{type(self.model).__name__} at {self.model_path} has no `score` head; only decoder "
@@ -143,6 +150,8 @@ class RewardModel:
 
     def _score_micro_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         last = last_real_token_index(attention_mask)
+        if self.sp is not None:
+            return self._score_split(input_ids, last + 1)
         # Trim the micro-batch to its own longest row: trailing padding cannot change a right-padded score.
         width = int(last.max()) + 1
         ids = input_ids[:, :width].to(self.device)
@@ -152,14 +161,29 @@ class RewardModel:
         logits = self.model.score(hidden[rows, last.to(self.device)])
         return logits[:, 0].float().cpu()
 
+    def _score_split(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The rows packed into one row and split over the sequence-parallel group; each score is read on the rank
+        holding its sequence's last token and summed over the group."""
+        sizes = lengths.tolist()
+        packed = torch.cat([row[:size] for row, size in zip(input_ids, sizes)]).unsqueeze(0)
+        positions = torch.cat([torch.arange(size) for size in sizes]).unsqueeze(0)
+        shard = shard_packed_row(packed, positions, self.sp, device=self.device, pad_token_id=self.pad_token_id)
+        hidden = self.backbone(**shard.model_inputs()).last_hidden_state[0]
+        ends = torch.cumsum(lengths, 0) - 1
+        mine = (ends >= shard.start) & (ends < shard.stop)
+        scores = torch.zeros(len(sizes), dtype=torch.float32, device=self.device)
+        if bool(mine.any()):
+            head = self.model.score(hidden[(ends[mine] - shard.start).to(self.device)])
+            scores[mine.to(self.device)] = head[:, 0].float()
+        dist.all_reduce(scores, group=self.sp.group)
+        return scores.cpu()
+
     @contextlib.contextmanager
     def _collective_scope(self) -> Iterator[Callable[[int], int]]:
         """Yields `agreed_count(n)`: n for a plain model; the group's largest n under ZeRO-3, inside its scope."""
         if self.mpu is None:
             yield lambda count: count
             return
-        import torch.distributed as dist
-
         from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group, engine_scope
 
         with engine_scope(self.mpu):

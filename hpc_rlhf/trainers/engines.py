@@ -40,7 +40,8 @@ def engine_config(cfg: Config, section: OptimConfig) -> EngineConfig:
         muon_momentum=section.muon_momentum,
         ema_beta=section.ema_beta if isinstance(section, ActorConfig) and section.enable_ema else None,
         aux_loss_coef=section.aux_loss_coef if isinstance(section, ActorConfig) else 0.0,
-        tensor_parallel_size=cfg.ds.tensor_parallel_size if isinstance(section, ActorConfig) else 1)
+        tensor_parallel_size=cfg.ds.tensor_parallel_size if isinstance(section, ActorConfig) else 1,
+        ring_attn_size=cfg.ds.ring_attn_size)
 
 
 def lora_settings(cfg: Config) -> LoraSettings | None:

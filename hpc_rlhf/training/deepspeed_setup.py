@@ -68,6 +68,7 @@ class EngineConfig:
     ema_beta: float | None = None  # None: no EMA of the weights (`training/ema.py`)
     aux_loss_coef: float = 0.0  # > 0: a mixture-of-experts actor adds coef x its router load-balancing loss
     tensor_parallel_size: int = 1  # > 1: DeepSpeed AutoTP shards the linear layers over blocks of this many ranks
+    ring_attn_size: int = 1  # ranks per sequence-parallel group (`training/sequence_parallel.py`); 1 = off
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -99,6 +100,8 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.zero_stage > 2:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs zero_stage <= 2, got "
                              f"zero_stage={self.zero_stage}")
+        if self.ring_attn_size < 1:
+            raise ValueError(f"ring_attn_size must be >= 1, got {self.ring_attn_size}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -194,15 +197,19 @@ def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) ->
     """DeepSpeed config dict for one engine; `training=False` gives a frozen (inference) engine's config.
 
     `gradient_accumulation_steps` is what DeepSpeed checks `train_batch_size` against; the model wrappers
-    mark the accumulation boundary themselves, so a step may hold any number of micro-batches.
+    mark the accumulation boundary themselves, so a step may hold any number of micro-batches. `dp_size` is the
+    engine group's rank count; with sequence parallelism `ring_attn_size` of them share each sample, so DeepSpeed
+    counts every sample `ring_attn_size` times.
     """
     if dp_size < 1:
         raise ValueError(f"dp_size must be >= 1, got {dp_size}")
-    per_step = cfg.micro_train_batch_size * dp_size
+    if dp_size % cfg.ring_attn_size:
+        raise ValueError(f"ring_attn_size={cfg.ring_attn_size} does not divide the {dp_size} ranks of the group")
+    per_step = cfg.micro_train_batch_size * (dp_size // cfg.ring_attn_size)
     if cfg.train_batch_size % per_step != 0:
         raise ValueError(
             f"train_batch_size={cfg.train_batch_size} is not divisible by micro_train_batch_size="
-            f"{cfg.micro_train_batch_size} x data-parallel size={dp_size} (= {per_step})")
+            f"{cfg.micro_train_batch_size} x data-parallel size={dp_size // cfg.ring_attn_size} (= {per_step})")
     on_gpu = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
@@ -215,7 +222,7 @@ def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) ->
         # Small parameters (norms, biases) stay whole on every rank instead of being gathered each layer.
         zero["stage3_param_persistence_threshold"] = 10_000
     config: dict[str, Any] = {
-        "train_batch_size": cfg.train_batch_size,
+        "train_batch_size": cfg.train_batch_size * cfg.ring_attn_size,
         "train_micro_batch_size_per_gpu": cfg.micro_train_batch_size,
         "gradient_accumulation_steps": cfg.train_batch_size // per_step,
         "zero_optimization": zero,

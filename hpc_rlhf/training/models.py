@@ -57,6 +57,14 @@ from hpc_rlhf.training.deepspeed_setup import (
 from hpc_rlhf.training.ema import EmaWeights
 from hpc_rlhf.training.lora import LoraSettings, apply_lora, is_lora_model, save_adapter, unwrap
 from hpc_rlhf.training.logprobs import token_log_probs
+from hpc_rlhf.training.sequence_parallel import (
+    SequenceParallel,
+    SequenceShard,
+    sequence_parallel,
+    shard_packed_row,
+    sum_over_group,
+    use_sequence_parallel_attention,
+)
 
 VALUE_HEAD_NAMES: tuple[str, ...] = ("score", "classifier", "v_head", "value_head")
 EMA_FILE = "ema.pt"  # beside the engine's DeepSpeed files in its checkpoint folder
@@ -141,6 +149,43 @@ def is_mixture_of_experts(model: nn.Module) -> bool:
     """Whether a Hugging Face model routes tokens to experts and can return router logits (its config has
     `output_router_logits`, as Mixtral, Qwen2/3-MoE and the other transformers MoE models do)."""
     return hasattr(getattr(model, "config", None), "output_router_logits")
+
+
+def _predicting_on_shard(batch: MicroBatch, shard: SequenceShard
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The response tokens whose predicting position lies on `shard`: (input column, sample, offset, local position)."""
+    _, columns, sample, offset = response_token_index(batch)
+    predicting = columns - 1
+    mine = (predicting >= shard.start) & (predicting < shard.stop)
+    return columns[mine], sample[mine], offset[mine], predicting[mine] - shard.start
+
+
+def sequence_parallel_log_probs(model: Callable[..., Any], batch: MicroBatch, device: torch.device,
+                                sp: SequenceParallel, *, temperature: float = 1.0, with_entropy: bool = False,
+                                supports_logits_to_keep: bool = True, chunk_size: int = 1024) -> ForwardOutput:
+    """`causal_lm_log_probs` on this rank's slice of a packed micro-batch, summed over the sequence-parallel group.
+
+    Every rank keeps at least one position (a zero-weighted anchor), so every layer is in its autograd graph and the
+    backward collectives of the attention gathers run on all ranks of the group.
+    """
+    shard = shard_packed_row(batch.input_ids, batch.position_ids, sp, device=device)
+    columns, sample, offset, local = _predicting_on_shard(batch, shard)
+    kept = torch.unique(local) if local.numel() else torch.zeros(1, dtype=torch.long)
+    if supports_logits_to_keep:
+        logits = model(**shard.model_inputs(), logits_to_keep=kept.to(device)).logits[0]  # [kept, V]
+        flat_rows = torch.searchsorted(kept, local)
+    else:
+        logits = model(**shard.model_inputs()).logits[0]  # [slice, V]
+        flat_rows = local
+    labels = batch.input_ids[0, columns]
+    log_probs, entropy = token_log_probs(logits, labels, rows=flat_rows, temperature=temperature,
+                                         with_entropy=with_entropy, chunk_size=chunk_size)
+    anchor = logits[:1, :1].sum().float() * 0.0
+
+    def whole(flat: torch.Tensor) -> torch.Tensor:
+        return sum_over_group(_to_response_layout(flat, batch, sample, offset) + anchor, sp.group)
+
+    return ForwardOutput(log_probs=whole(log_probs), entropy=None if entropy is None else whole(entropy))
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -243,8 +288,9 @@ class TrainedModel(abc.ABC):
     """A training DeepSpeed engine over one data-parallel group; subclasses define `forward`."""
 
     def __init__(self, module: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                 num_training_steps: int) -> None:
+                 num_training_steps: int, *, sp_group: dist.ProcessGroup | None = None) -> None:
         self.cfg = cfg
+        self.sp: SequenceParallel | None = sequence_parallel(sp_group, cfg.ring_attn_size)
         self.engine, self.mpu = init_engine(module, cfg, dp_group, num_training_steps)
         self.ema: EmaWeights | None = None
         if cfg.ema_beta is not None:
@@ -259,12 +305,28 @@ class TrainedModel(abc.ABC):
 
     @property
     def dp_size(self) -> int:
+        """Ranks of the DeepSpeed engine's group (ZeRO partitions and gradient averaging span all of them)."""
         return self.mpu.get_data_parallel_world_size()
 
     @property
     def is_writer(self) -> bool:
         """The rank that writes the group's files: data-parallel rank 0 (and tensor-parallel rank 0 under AutoTP)."""
         return self.dp_rank == 0 and self.mpu.get_tensor_model_parallel_rank() == 0
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks of this rank's sequence-parallel group (`ring_attn_size`; 1 without sequence parallelism)."""
+        return 1 if self.sp is None else self.sp.size
+
+    @property
+    def batch_ranks(self) -> int:
+        """Ranks that take different samples: the group's ranks / `sp_size` (a sequence-parallel group shares them)."""
+        return self.dp_size // self.sp_size
+
+    @property
+    def batch_rank(self) -> int:
+        """Which share of the samples this rank takes, 0 .. batch_ranks - 1."""
+        return self.dp_rank // self.sp_size
 
     @property
     def device(self) -> torch.device:
@@ -334,6 +396,10 @@ class TrainedModel(abc.ABC):
         `loss_fn`) averaged the same way over the group. When the forward gives a mixture-of-experts load-balancing
         loss (`cfg.aux_loss_coef > 0`), each micro-batch trains on `loss + aux_loss_coef * aux_loss`; "loss" stays
         `loss_fn`'s and "aux_loss" is logged beside it.
+
+        With sequence parallelism the `sp_size` ranks of a group hold the same micro-batches (their units are counted
+        once) and each computes the same loss; their parameter gradients add up to that loss's gradient, and DeepSpeed
+        divides the sum over all `dp_size` ranks by `dp_size`, so the weights stay `units x dp_size / global units`.
         """
         _check_weighting(loss_weighting)
         self.engine.train()
@@ -341,6 +407,7 @@ class TrainedModel(abc.ABC):
             batches = self.equalize(micro_batches)
             (global_units,) = all_reduce_in_group([sum(loss_units(b, loss_weighting) for b in batches)],
                                                   dist.ReduceOp.SUM, self.mpu)
+            global_units /= self.sp_size  # a sequence-parallel group holds its units once
             weights = loss_weights(batches, loss_weighting, global_units=global_units, dp_size=self.dp_size)
             sums: dict[str, float] = {}
             for index, (batch, weight) in enumerate(zip(batches, weights)):
@@ -356,7 +423,7 @@ class TrainedModel(abc.ABC):
                     sums[key] = sums.get(key, 0.0) + weight * value
             keys = sorted(sums)
             totals = all_reduce_in_group([sums[k] for k in keys], dist.ReduceOp.SUM, self.mpu)
-        return {key: total / self.dp_size for key, total in zip(keys, totals)}
+        return {key: total / (self.dp_size * self.sp_size) for key, total in zip(keys, totals)}
 
     def optimizer_step(self) -> dict[str, float]:
         """Apply the accumulated gradients (clipped to `max_norm`); returns the grad norm and the lr used."""
@@ -438,7 +505,7 @@ class Actor(TrainedModel):
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
                  num_training_steps: int, *, temperature: float = 1.0, with_entropy: bool = False,
-                 image_processor: Any = None) -> None:
+                 image_processor: Any = None, sp_group: dist.ProcessGroup | None = None) -> None:
         self.temperature = temperature
         self.with_entropy = with_entropy
         self.image_processor = image_processor
@@ -447,7 +514,9 @@ class Actor(TrainedModel):
         if self.output_router_logits and not is_mixture_of_experts(model):
             raise ValueError(f"aux_loss_coef={cfg.aux_loss_coef} needs a mixture-of-experts model (one whose config "
                              f"has output_router_logits, e.g. Mixtral or Qwen3-MoE); this is a {type(model).__name__}")
-        super().__init__(model, cfg, dp_group, num_training_steps)
+        if cfg.ring_attn_size > 1:
+            use_sequence_parallel_attention(model)
+        super().__init__(model, cfg, dp_group, num_training_steps, sp_group=sp_group)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
@@ -466,6 +535,10 @@ class Actor(TrainedModel):
     def forward(self, batch: MicroBatch) -> ForwardOutput:
         """Log-probs of the response tokens at `temperature` (and their entropy if `with_entropy`); the router's
         load-balancing loss too when training with `aux_loss_coef > 0` (not in evaluation passes)."""
+        if self.sp is not None:
+            return sequence_parallel_log_probs(self.engine, batch, self.device, self.sp, temperature=self.temperature,
+                                               with_entropy=self.with_entropy,
+                                               supports_logits_to_keep=self._supports_logits_to_keep)
         return causal_lm_log_probs(self.engine, batch, self.device, temperature=self.temperature,
                                    with_entropy=self.with_entropy,
                                    supports_logits_to_keep=self._supports_logits_to_keep,
@@ -504,10 +577,10 @@ class TokenValueModel(nn.Module):
             raise ValueError(f"{type(model).__name__} has no value head named one of {VALUE_HEAD_NAMES}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
-        """[rows, seq] values, one per input position."""
+                position_ids: torch.Tensor, use_cache: bool = False, **kwargs: Any) -> torch.Tensor:
+        """[rows, seq] values, one per input position (`kwargs`, e.g. a sequence shard, go to the attention layers)."""
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=use_cache).last_hidden_state
+                                       position_ids=position_ids, use_cache=use_cache, **kwargs).last_hidden_state
         return getattr(self.model, self.head_name)(hidden).squeeze(-1)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
@@ -519,17 +592,19 @@ class Critic(TrainedModel):
     """Value model on a training engine. `forward` gives per-token values of the response tokens."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                 num_training_steps: int) -> None:
-        super().__init__(TokenValueModel(model), cfg, dp_group, num_training_steps)
+                 num_training_steps: int, *, sp_group: dist.ProcessGroup | None = None) -> None:
+        if cfg.ring_attn_size > 1:
+            use_sequence_parallel_attention(model)
+        super().__init__(TokenValueModel(model), cfg, dp_group, num_training_steps, sp_group=sp_group)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EngineConfig, dp_group: dist.ProcessGroup | None,
-                        num_training_steps: int) -> Critic:
+                        num_training_steps: int, *, sp_group: dist.ProcessGroup | None = None) -> Critic:
         """Load a causal LM (new value head) or a reward/critic checkpoint (its head) as a critic."""
         from transformers import AutoModelForSequenceClassification
 
         model = _load(AutoModelForSequenceClassification, path, cfg, dp_group, num_labels=1)
-        return cls(model, cfg, dp_group, num_training_steps)
+        return cls(model, cfg, dp_group, num_training_steps, sp_group=sp_group)
 
     def hf_model(self) -> nn.Module:
         """The `*ForSequenceClassification` model inside the per-token wrapper."""
@@ -537,21 +612,37 @@ class Critic(TrainedModel):
 
     def forward(self, batch: MicroBatch) -> ForwardOutput:
         """Values of the states before each response token (read one position earlier, like log-probs)."""
+        if self.sp is not None:
+            return self._sequence_parallel_forward(batch, self.sp)
         rows, columns, sample, offset = response_token_index(batch)
         values = self.engine(**model_inputs(batch, self.device))
         flat = values[rows.to(self.device), (columns - 1).to(self.device)].float()
         return ForwardOutput(values=_to_response_layout(flat, batch, sample, offset))
+
+    def _sequence_parallel_forward(self, batch: MicroBatch, sp: SequenceParallel) -> ForwardOutput:
+        """Values on this rank's slice, summed over the group (a zero-weighted anchor keeps every layer in the
+        graph, as in `sequence_parallel_log_probs`)."""
+        shard = shard_packed_row(batch.input_ids, batch.position_ids, sp, device=self.device)
+        _, sample, offset, local = _predicting_on_shard(batch, shard)
+        values = self.engine(**shard.model_inputs())[0]  # [slice]
+        flat = values[local.to(self.device)].float()
+        local_layout = _to_response_layout(flat, batch, sample, offset) + values[:1].sum().float() * 0.0
+        return ForwardOutput(values=sum_over_group(local_layout, sp.group))
 
 
 class Reference:
     """Frozen policy for KL: a ZeRO-3 inference engine over `dp_group` when `zero_stage == 3`, else a module."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, dp_group: dist.ProcessGroup | None, *,
-                 temperature: float = 1.0, image_processor: Any = None) -> None:
+                 temperature: float = 1.0, image_processor: Any = None,
+                 sp_group: dist.ProcessGroup | None = None) -> None:
         self.cfg = cfg
         self.temperature = temperature
         self.image_processor = image_processor
         self._supports_logits_to_keep = _accepts_logits_to_keep(model)
+        self.sp: SequenceParallel | None = sequence_parallel(sp_group, cfg.ring_attn_size)
+        if self.sp is not None:
+            use_sequence_parallel_attention(model)
         model.requires_grad_(False)
         if cfg.zero_stage == 3:
             self.engine, self.mpu = init_inference_engine(model, cfg, dp_group)
@@ -579,7 +670,10 @@ class Reference:
 
     @torch.no_grad()
     def forward(self, batch: MicroBatch) -> ForwardOutput:
-        """Log-probs of one micro-batch; with ZeRO-3 call it inside `scope()` on every rank of the group."""
+        """Log-probs of one micro-batch; with ZeRO-3 (or sequence parallelism) call it on every rank of the group."""
+        if self.sp is not None:
+            return sequence_parallel_log_probs(self.model, batch, self.device, self.sp, temperature=self.temperature,
+                                               supports_logits_to_keep=self._supports_logits_to_keep)
         return causal_lm_log_probs(self.model, batch, self.device, temperature=self.temperature,
                                    supports_logits_to_keep=self._supports_logits_to_keep,
                                    image_processor=self.image_processor)

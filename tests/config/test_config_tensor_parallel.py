@@ -30,11 +30,12 @@ def test_batch_arithmetic_uses_the_data_parallel_size():
     load_config(None, SFT_4 + ["--ds.tensor_parallel_size=2", "--train.train_batch_size=12",
                                "--train.micro_train_batch_size=3"])
     with pytest.raises(ConfigError, match=r"train_batch_size=12 is not a multiple of micro_train_batch_size x "
-                                          r"\(actor.gpus / ds.tensor_parallel_size = 4 / 2\) = 4 x 2 = 8"):
+                                          r"data-parallel ranks \(actor.gpus / ds.tensor_parallel_size = 4 / 2\) = "
+                                          r"4 x 2 = 8"):
         load_config(None, SFT_4 + ["--ds.tensor_parallel_size=2", "--train.train_batch_size=12",
                                    "--train.micro_train_batch_size=4"])
     with pytest.raises(ConfigError, match=r"train_batch_size=6 is not a multiple of micro_train_batch_size x "
-                                          r"actor.gpus = 3 x 4 = 12"):  # without tp, as before
+                                          r"data-parallel ranks \(actor.gpus\) = 3 x 4 = 12"):  # without tp, as before
         load_config(None, SFT_4 + ["--train.train_batch_size=6", "--train.micro_train_batch_size=3"])
 
 

@@ -124,10 +124,10 @@ def test_unknown_and_untranslatable_flags_are_listed_never_dropped():
     config, notes = translate("--pretrain m --prompt_data p.jsonl --remote_rm_url http://rm:5000/get_reward "
                               "--advantage_estimator rloo --n_samples_per_prompt 4 --vllm_num_engines 1 "
                               "--actor_num_gpus_per_node 1 --colocate_all_models --frobnicate 3 --no_such_switch "
-                              "--ring_attn_size 2 --ds_tensor_parallel_size 1 --use_wandb tok --ptx_coef 0.05")
+                              "--ring_head_stride 2 --ds_tensor_parallel_size 1 --use_wandb tok --ptx_coef 0.05")
     reasons = {note.flag: note.reason for note in notes}
     assert "unknown" in reasons["--frobnicate"] and "unknown" in reasons["--no_such_switch"]
-    assert "no equivalent" in reasons["--ring_attn_size"] and "ring attention" in reasons["--ring_attn_size"]
+    assert "no equivalent" in reasons["--ring_head_stride"] and "ring" in reasons["--ring_head_stride"]
     assert "--ptx_coef" in reasons and "--use_wandb" not in reasons
     assert config["logger"] == {"use_wandb": True}  # the key itself stays out of the config
     assert "--ds_tensor_parallel_size" not in reasons  # 1 changes nothing in OpenRLHF either
@@ -270,3 +270,10 @@ def test_vision_language_flags_translate():
                               "--data.image_key pics --data.max_images_per_prompt 2 --actor.freeze_visual_encoder")
     assert config["data"]["image_key"] == "pics" and config["data"]["max_images_per_prompt"] == 2
     assert "--actor.freeze_visual_encoder" in [note.flag for note in notes]
+
+
+def test_ring_attn_size_becomes_sequence_parallelism():
+    config, notes = translate("--pretrain m --prompt_data p.jsonl --packing_samples --ring_attn_size 2")
+    assert config["ds"]["ring_attn_size"] == 2
+    assert config["train"]["packing_samples"] is True
+    assert not [note for note in notes if note.flag == "--ring_attn_size"]

@@ -27,3 +27,16 @@ def test_role_tp_and_weight_sync_groups(launch_ranks, tmp_path):
         assert record["tp_mask"] == (mask([0, 1]) if role == "generator" else None)
         assert (record["engine"], record["tp_rank"]) == ((0, rank) if role == "generator" else (None, None))
         assert record["sync_mask"] == (mask([0, 1, 2]) if rank in (0, 1, 2) else None)
+
+
+@pytest.mark.timeout(120)
+def test_sequence_parallel_groups(launch_ranks, tmp_path):
+    # layout in workers.sequence_groups_scenario: generator 0-1, actor 2-3, reward 4-5 with the reference on them
+    runs = launch_ranks("sequence_groups", 6, timeout_s=100)
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    records = [run.record(tmp_path) for run in runs]
+    assert [record["sequence_masks"] for record in records] == [
+        {}, {}, {"actor": mask([2, 3])}, {"actor": mask([2, 3])},
+        {"reward": mask([4, 5]), "reference": mask([4, 5])}, {"reward": mask([4, 5]), "reference": mask([4, 5])}]
+    assert all(record["same_reward_reference"] for record in records[4:])

@@ -172,6 +172,27 @@ def groups_scenario(out: Path) -> None:
     world.close()
 
 
+def sequence_groups_scenario(out: Path) -> None:
+    """6 ranks, ring_attn_size 2: generator 2 (0-1), actor 2 (2-3), reward 2 (4-5) with the reference sharing them;
+    an all-reduce in every sequence-parallel group."""
+    info = detect_world()
+    world = init_distributed(info, timeout_s=60)
+    shape = layout(generator=(2, 1), actor=2, reward=2, reference=2)
+    shape.reference.share_with = "reward"
+    plan = plan_layout(shape, info.world_size, 6)
+    groups = build_role_groups(plan, info.rank, ring_attn_size=2)
+
+    def members_sum(group: dist.ProcessGroup) -> int:
+        value = torch.tensor([1 << info.rank])
+        dist.all_reduce(value, group=group)
+        return int(value.item())
+
+    record = {"sequence_masks": {name: members_sum(group) for name, group in groups.sequence_groups.items()},
+              "same_reward_reference": groups.sequence_group("reference") is groups.sequence_group("reward")}
+    write(out, info.rank, record)
+    world.close()
+
+
 # ------------------------------------------------------------------------------------------------- local spawn
 def spawned_rank(info, scale: int) -> dict:
     world = init_distributed(info, timeout_s=60)
@@ -346,6 +367,7 @@ SCENARIOS = {
     "guard": guard_scenario,
     "mpi_guard": mpi_guard_scenario,
     "groups": groups_scenario,
+    "sequence_groups": sequence_groups_scenario,
     "spawn": spawn_scenario,
     "weights": weights_scenario,
     "colocated_sync": colocated_sync_scenario,

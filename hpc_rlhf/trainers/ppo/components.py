@@ -96,11 +96,11 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
     if roles.has("actor"):
         parts.actor = Actor.from_pretrained(actor_path, engine_config(cfg, cfg.actor), groups.group("actor"), steps,
                                             lora=lora_settings(cfg), temperature=max(cfg.rollout.temperature, 1e-6),
-                                            with_entropy=with_entropy)
+                                            with_entropy=with_entropy, sp_group=groups.sequence_group("actor"))
     if roles.has("critic"):
         critic_path = resolve_model_path(cfg.critic.pretrain or cfg.actor.pretrain)
         parts.critic = Critic.from_pretrained(critic_path, engine_config(cfg, cfg.critic), groups.group("critic"),
-                                              steps)
+                                              steps, sp_group=groups.sequence_group("critic"))
     if roles.has("reference"):
         ref_path = resolve_model_path(cfg.ref.pretrain or cfg.actor.pretrain)
         if reference_is_lora_base(cfg, groups, ref_path, actor_path):
@@ -108,7 +108,8 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
         else:
             parts.reference = Reference.from_pretrained(ref_path, engine_config(cfg, cfg.actor),
                                                         groups.group("reference"),
-                                                        temperature=max(cfg.rollout.temperature, 1e-6))
+                                                        temperature=max(cfg.rollout.temperature, 1e-6),
+                                                        sp_group=groups.sequence_group("reference"))
     if roles.has("reward") and cfg.reward.pretrain:
         dtype = compute_dtype(cfg)
         zero3 = None
@@ -117,7 +118,7 @@ def build_components(cfg: Config, groups: RoleGroups, device: torch.device) -> C
             zero3 = EngineConfig(zero_stage=3, bf16=bf16_enabled(cfg), micro_train_batch_size=1, train_batch_size=size)
         parts.reward_model = RewardModel(resolve_model_path(cfg.reward.pretrain), device=device, dtype=dtype,
                                          micro_batch_size=cfg.reward.micro_batch_size, zero3=zero3,
-                                         group=groups.group("reward"))
+                                         group=groups.group("reward"), sp_group=groups.sequence_group("reward"))
     if roles.has("generator"):
         parts.engine, parts.executor = build_generation(cfg, actor_path, tokenizer, device, groups.tp_group)
         if cfg.reward.reward_func_path or cfg.reward.remote_url:  # else a reward model or the agent's environment

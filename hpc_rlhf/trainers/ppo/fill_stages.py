@@ -51,16 +51,18 @@ def shard_samples(cfg: Config, iteration: int, shards: Sequence[str]) -> tuple[l
 
 
 def per_token_outputs(infer: Infer, samples: list[TokenSample], micro_batch_size: int, field: str,
-                      pad_token_id: int) -> list[torch.Tensor]:
+                      pad_token_id: int, *, packing: bool = False) -> list[torch.Tensor]:
     """Run `infer` over micro-batches and return one per-token tensor per sample (`field` of ForwardOutput).
 
-    A rank without samples still runs one filler batch, so that ZeRO-3 collectives stay matched.
+    A rank without samples still runs one filler batch, so that ZeRO-3 collectives stay matched. Sequence
+    parallelism (`ds.ring_attn_size`) needs `packing`.
     """
     if not samples:
-        batches = make_micro_batches([FILLER], micro_batch_size=1, pad_token_id=pad_token_id)
+        batches = make_micro_batches([FILLER], micro_batch_size=1, packing=packing, pad_token_id=pad_token_id)
         infer(batches)
         return []
-    batches = make_micro_batches(samples, micro_batch_size=micro_batch_size, pad_token_id=pad_token_id)
+    batches = make_micro_batches(samples, micro_batch_size=micro_batch_size, packing=packing,
+                                 pad_token_id=pad_token_id)
     outputs = infer(batches)
     return scatter_to_samples(batches, [getattr(o, field) for o in outputs], len(samples))
 
@@ -79,24 +81,30 @@ def commit_columns(cfg: Config, iteration: int, shards: Sequence[str], counts: S
 
 
 def fill_per_token(cfg: Config, iteration: int, index: int, size: int, *, name: str, stage: str, column: str,
-                   infer: Infer, field: str, micro_batch_size: int, pad_token_id: int) -> dict[str, float]:
+                   infer: Infer, field: str, micro_batch_size: int, pad_token_id: int,
+                   packing: bool = False, writes: bool = True) -> dict[str, float]:
     """Reference log-probs or critic values for this member's shards. Returns this rank's metrics: the tokens run
-    (sum/<name>_tokens) and the times of reading, computing (max/<name>_s) and writing."""
+    (sum/<name>_tokens) and the times of reading, computing (max/<name>_s) and writing. Of the ranks of a
+    sequence-parallel group, which compute the same columns, only the one with `writes` commits them."""
     metrics: dict[str, float] = {}
     with timed(metrics, "shard_read"):
         shards = my_shards(cfg, iteration, index, size)
         samples, counts = shard_samples(cfg, iteration, shards)
     with timed(metrics, name):
         outputs = [o.float().tolist()
-                   for o in per_token_outputs(infer, samples, micro_batch_size, field, pad_token_id)]
-    with timed(metrics, "shard_write"):
-        commit_columns(cfg, iteration, shards, counts, stage, {column: outputs})
+                   for o in per_token_outputs(infer, samples, micro_batch_size, field, pad_token_id,
+                                              packing=packing)]
+    if writes:
+        with timed(metrics, "shard_write"):
+            commit_columns(cfg, iteration, shards, counts, stage, {column: outputs})
     return {f"sum/{name}_tokens": float(sum(s.num_tokens for s in samples)), **metrics}
 
 
-def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: RewardModel) -> dict[str, float]:
+def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_model: RewardModel, *,
+                 writes: bool = True) -> dict[str, float]:
     """Reward-model scores (reward and score columns) for this member's shards. Returns this rank's metrics: the
-    tokens scored (sum/reward_model_tokens) and the times of reading, scoring (max/reward_model_s) and writing."""
+    tokens scored (sum/reward_model_tokens) and the times of reading, scoring (max/reward_model_s) and writing. Of
+    the ranks of a sequence-parallel group, only the one with `writes` commits the columns."""
     metrics: dict[str, float] = {}
     with timed(metrics, "shard_read"):
         shards = my_shards(cfg, iteration, index, size)
@@ -104,6 +112,7 @@ def fill_rewards(cfg: Config, iteration: int, index: int, size: int, reward_mode
     with timed(metrics, "reward_model"):
         sequences = [torch.cat([s.prompt_ids, s.response_ids]).tolist() for s in samples]
         scores = reward_model.score_sequences(sequences).tolist()  # every member calls: ZeRO-3 forwards are collective
-    with timed(metrics, "shard_write"):
-        commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
+    if writes:
+        with timed(metrics, "shard_write"):
+            commit_columns(cfg, iteration, shards, counts, "rewards", {"reward": scores, "score": scores})
     return {"sum/reward_model_tokens": float(sum(len(s) for s in sequences)), **metrics}

@@ -118,10 +118,28 @@ class PPOTrainer:
 
     # ----- roles ---------------------------------------------------------------------------------------
     def _index(self, role: str) -> int:
-        return self.roles.role_index[role]
+        """Which share of the role's shards and samples this rank takes (a sequence-parallel group shares one)."""
+        return self.plan.data_share(role, self.roles.rank, self.cfg.ds.ring_attn_size)[0]
 
     def _size(self, role: str) -> int:
-        return len(self.plan.ranks_of(role))
+        """How many shares the role's shards and samples are split into."""
+        return self.plan.data_share(role, self.roles.rank, self.cfg.ds.ring_attn_size)[1]
+
+    @property
+    def split_sequences(self) -> bool:
+        """Sequence parallelism (`ds.ring_attn_size` > 1): the forward-only passes pack their micro-batches too."""
+        return self.cfg.ds.ring_attn_size > 1
+
+    def _leads_share(self, role: str) -> bool:
+        """Whether this rank writes what its sequence-parallel group computed (the group's first rank does)."""
+        return self.roles.role_index[role] % self.cfg.ds.ring_attn_size == 0
+
+    def _per_share(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A sequence-parallel rank's `sum/` metrics divided by the group size: its group counts them once."""
+        ring = self.cfg.ds.ring_attn_size
+        if ring == 1:
+            return metrics
+        return {key: value / ring if key.startswith("sum/") else value for key, value in metrics.items()}
 
     @property
     def writes_shards(self) -> bool:
@@ -176,18 +194,21 @@ class PPOTrainer:
         metrics: dict[str, float] = {}
         parts, cfg = self.parts, self.cfg
         if parts.reward_model is not None:
-            accumulate(metrics, fill_rewards(cfg, iteration, self._index("reward"), self._size("reward"),
-                                             parts.reward_model))
+            accumulate(metrics, self._per_share(fill_rewards(cfg, iteration, self._index("reward"),
+                                                             self._size("reward"), parts.reward_model,
+                                                             writes=self._leads_share("reward"))))
         if parts.reference is not None:
-            accumulate(metrics, fill_per_token(
+            accumulate(metrics, self._per_share(fill_per_token(
                 cfg, iteration, self._index("reference"), self._size("reference"), name="reference",
                 stage="reference", column="reference_log_probs", infer=parts.reference.infer, field="log_probs",
-                micro_batch_size=cfg.ref.micro_batch_size, pad_token_id=self.pad_id))
+                micro_batch_size=cfg.ref.micro_batch_size, pad_token_id=self.pad_id, packing=self.split_sequences,
+                writes=self._leads_share("reference"))))
         if parts.critic is not None:
-            accumulate(metrics, fill_per_token(
+            accumulate(metrics, self._per_share(fill_per_token(
                 cfg, iteration, self._index("critic"), self._size("critic"), name="critic_forward", stage="values",
                 column="values", infer=parts.critic.infer, field="values",
-                micro_batch_size=cfg.train.micro_train_batch_size, pad_token_id=self.pad_id))
+                micro_batch_size=cfg.train.micro_train_batch_size, pad_token_id=self.pad_id,
+                packing=self.split_sequences, writes=self._leads_share("critic"))))
         return metrics
 
     def _required_stages(self) -> list[str]:
@@ -232,7 +253,7 @@ class PPOTrainer:
                 skip_old = cfg.train.skip_old_logprobs and single_step_iteration(cfg, len(samples), actor)
                 if not skip_old:
                     old = per_token_outputs(actor.infer, samples, cfg.train.micro_train_batch_size, "log_probs",
-                                            self.pad_id)
+                                            self.pad_id, packing=self.split_sequences)
                     samples = [dataclasses.replace(s, response_tensors={**s.response_tensors, "old_log_probs": o})
                                for s, o in zip(samples, old)]
             frozen = iteration < cfg.critic.freezing_actor_steps
@@ -240,7 +261,7 @@ class PPOTrainer:
                 steps = [] if frozen else run_epochs(
                     actor, cfg, samples, actor_loss_fn(cfg),
                     filler=zero_filler(rollout, [*per_token] + ([] if skip_old else ["old_log_probs"]), self.pad_id),
-                    dp_size=actor.dp_size, pad_token_id=self.pad_id, iteration=iteration, salt=0)
+                    dp_size=actor.batch_ranks, pad_token_id=self.pad_id, iteration=iteration, salt=0)
         self.kl_controller.update(mean_kl, len(rollout.rewards))
         tokens = sum(s.num_tokens for s in samples)
         metrics = mean_metrics(steps, prefix="train/")
@@ -257,7 +278,7 @@ class PPOTrainer:
         })
         if skip_old:  # no log-prob pass ran: no tokens, no rate
             metrics.pop("sum/actor_logprob_tokens")
-        return metrics
+        return self._per_share(metrics)
 
     def _train_critic(self, iteration: int) -> dict[str, float]:
         critic, cfg = self.parts.critic, self.cfg
@@ -269,14 +290,14 @@ class PPOTrainer:
             samples = exp.to_token_samples(kept, {"returns": adv.returns, "old_values": kept.values})
             steps = run_epochs(critic, cfg, samples, critic_loss_fn(cfg),
                                filler=zero_filler(rollout, ["returns", "old_values"], self.pad_id),
-                               dp_size=critic.dp_size, pad_token_id=self.pad_id, iteration=iteration, salt=1)
+                               dp_size=critic.batch_ranks, pad_token_id=self.pad_id, iteration=iteration, salt=1)
             if not self.roles.has("actor"):
                 self.kl_controller.update(exp.advantages_and_returns(cfg, kept, kept.rewards, 0.0, None)[1],
                                           len(rollout.rewards))
         metrics = mean_metrics(steps, prefix="critic/")
         metrics.update({"sum/critic_train_tokens": float(sum(s.num_tokens for s in samples) * cfg.train.max_epochs),
                         **times})
-        return metrics
+        return self._per_share(metrics)
 
     # ----- weights -------------------------------------------------------------------------------------
     def _sync_weights(self, version: int) -> dict[str, float]:

@@ -87,7 +87,7 @@ def optimizer_batches(num_samples: int, per_rank_batch: int, *, seed: int, itera
 def single_step_iteration(cfg: Config, num_samples: int, model: TrainedModel) -> bool:
     """Whether this iteration's update is one optimizer step on every rank (one epoch, every rank's samples within
     its share of train_batch_size): then the policy before the step is the one the step's forward computes."""
-    per_rank = max(cfg.train.train_batch_size // model.dp_size, 1)
+    per_rank = max(cfg.train.train_batch_size // model.batch_ranks, 1)
     (largest,) = all_reduce_in_group([num_samples], dist.ReduceOp.MAX, model.mpu)
     return cfg.train.max_epochs == 1 and int(largest) <= per_rank
 
@@ -99,6 +99,7 @@ def run_epochs(model: TrainedModel, cfg: Config, samples: list[TokenSample], los
 
     Ranks may hold different numbers of samples (groups are kept whole, filters drop groups); each rank runs the
     step count of the largest so that collectives match, and a rank out of samples runs `filler` with weight 0.
+    `dp_size` is the number of ranks that take different samples (`TrainedModel.batch_ranks`).
     """
     per_rank = max(cfg.train.train_batch_size // dp_size, 1)
     metrics = []
