@@ -12,6 +12,7 @@ import math
 import re
 from pathlib import Path
 
+from hpc_rlhf.config.layout_scaling import ScaleError, scale_role_sizes
 from hpc_rlhf.config.schema import GROUP_ESTIMATORS, PAIRWISE_TRAINERS, ROLE_NAMES, SUPERVISED_TRAINERS, Config
 from hpc_rlhf.data import (
     DatasetError,
@@ -69,6 +70,11 @@ def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
                       f"divide slurm.gpus_per_node={per_node} so that no TP group spans two nodes")
     job = slurm.nodes * per_node
     present = {n: r.gpus for n, r in roles.items() if r.gpus > 0}
+    if layout.scale == "proportional":
+        return errors + scaled_layout_problems(cfg, sources)
+    if slurm.min_nodes:
+        errors.append(f"{_src(sources, 'slurm.min_nodes')}: a range of node counts (min_nodes={slurm.min_nodes}) "
+                      f"needs a layout that is re-planned for the ranks the job gets: set layout.scale: proportional")
     if layout.colocate:
         wrong = {n: g for n, g in present.items() if g != job}
         if wrong:
@@ -85,6 +91,26 @@ def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
             errors.append(f"layout ({', '.join(sorted({sources.get(f'layout.{n}.gpus', 'default') for n in ROLE_NAMES}))})"
                           f": {terms} = {total} ranks{sharing}, but the job has slurm.nodes x slurm.gpus_per_node = "
                           f"{slurm.nodes} x {per_node} = {job}")
+    return errors
+
+
+def scaled_layout_problems(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """A proportional layout must fit every allocation the job may start on: slurm.min_nodes (or slurm.nodes) up to
+    slurm.nodes nodes; checked at both ends and at the job size."""
+    layout, slurm = cfg.layout, cfg.slurm
+    roles = layout.roles()
+    if slurm.min_nodes < 0 or slurm.min_nodes > slurm.nodes:
+        return [f"{_src(sources, 'slurm.min_nodes')}: must lie in [0, slurm.nodes={slurm.nodes}], "
+                f"got {slurm.min_nodes}"]
+    sizes = {name: (role.gpus, role.tp) for name, role in roles.items()}
+    shares = {name: role.share_with for name, role in roles.items() if role.share_with}
+    errors = []
+    for nodes in sorted({slurm.min_nodes or slurm.nodes, slurm.nodes}):
+        try:
+            scale_role_sizes(sizes, shares, layout.colocate, nodes * slurm.gpus_per_node, ROLE_NAMES)
+        except ScaleError as err:
+            errors.append(f"{_src(sources, 'layout.scale')} on {nodes} node(s) x {slurm.gpus_per_node} "
+                          f"(slurm.min_nodes..slurm.nodes): {err}")
     return errors
 
 

@@ -65,6 +65,7 @@ class EngineConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     ema_beta: float | None = None  # None: no EMA of the weights (`training/ema.py`)
+    load_universal: bool = False  # loads read DeepSpeed's universal form (`hpc_rlhf.run.universal`), ZeRO 1-3
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -193,6 +194,8 @@ def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) ->
         # Checkpoint tag validation all-reduces over the whole world; tags are ours and identical anyway.
         "checkpoint": {"tag_validation": "Ignore"},
     }
+    if cfg.load_universal and cfg.zero_stage > 0:  # stage 0 states are whole on every rank: nothing to reshard
+        config["checkpoint"]["load_universal"] = True
     if training:
         config["gradient_clipping"] = cfg.max_norm
         config["zero_allow_untested_optimizer"] = True
