@@ -131,7 +131,9 @@ def prepare_run_dir(loaded: LoadedConfig, *, overwrite: bool = False, write: boo
 def run_local(loaded: LoadedConfig, *, overwrite_run_dir: bool = False) -> int:
     """`python -m hpc_rlhf.train`: one process per rank of the layout on this machine."""
     cfg = loaded.config
-    world_size = cfg.layout.world_size()
+    # A proportional layout is planned for the job's ranks: locally, the config's slurm.nodes x gpus_per_node.
+    world_size = cfg.slurm.nodes * cfg.slurm.gpus_per_node if cfg.layout.scale == "proportional" \
+        else cfg.layout.world_size()
     quiet_libraries(cpu_only=not use_cuda(cfg))
     prepare_run_dir(loaded, overwrite=overwrite_run_dir, write=False)  # every check before anything is written
     check_before_start(loaded, ranks_here=world_size)
