@@ -17,6 +17,7 @@ from tests.multiproc import run_ranks
 
 STAGES = [2, 3]
 LEGS = [("first", 3, 2), ("fewer", 2, 3), ("more", 3, 4)]  # (leg, ranks, steps done when it saves)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

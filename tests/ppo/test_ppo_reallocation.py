@@ -20,6 +20,7 @@ SCALED = ["--layout.scale=proportional", "--ds.universal_ckpt=true", "--ckpt.sav
           "--rollout.batch_size=6", "--train.train_batch_size=12"]  # 6 prompts x 2 samples: divisible by 2 and 3
 LEGS = [(3, 1), (2, 2), (3, 3)]  # (ranks, iterations trained when the job ends)
 NUM_PROMPTS, SEED = 3000, 42  # data/arithmetic/train.jsonl, train.seed
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(400)
