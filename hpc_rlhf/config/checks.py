@@ -200,6 +200,26 @@ def check_rewards(cfg: Config, sources: dict[str, str]) -> list[str]:
     return []
 
 
+def planned_role_sizes(cfg: Config) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """(where, {role: (gpus, tp)}) for every allocation the job may get: the configured counts, or with
+    layout.scale: proportional the counts re-planned for each node count from slurm.min_nodes (or slurm.nodes) to
+    slurm.nodes (`where` says which; allocations the layout cannot fit are left to `scaled_layout_problems`)."""
+    layout, slurm = cfg.layout, cfg.slurm
+    sizes = {name: (role.gpus, role.tp) for name, role in layout.roles().items()}
+    if layout.scale != "proportional":
+        return [("", sizes)]
+    shares = {name: role.share_with for name, role in layout.roles().items() if role.share_with}
+    planned = []
+    for nodes in range(max(1, slurm.min_nodes or slurm.nodes), slurm.nodes + 1):
+        ranks = nodes * slurm.gpus_per_node
+        try:
+            planned.append((f", as re-planned for {nodes} node(s) x {slurm.gpus_per_node} = {ranks} ranks",
+                            scale_role_sizes(sizes, shares, layout.colocate, ranks, ROLE_NAMES)))
+        except ScaleError:
+            continue
+    return planned
+
+
 def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
     """Batch sizes must divide evenly across engines and optimizer steps."""
     errors = []
@@ -212,22 +232,22 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
             errors.append(f"{_src(sources, key)}: must be >= 1")
     if errors:
         return errors
-    engines = layout.generator.gpus // max(layout.generator.tp, 1)
-    if engines and rollout.batch_size % engines:
-        errors.append(f"{_src(sources, 'rollout.batch_size')}: {rollout.batch_size} prompts do not split evenly over "
-                      f"{engines} generator engines (generator.gpus / tp = {layout.generator.gpus} / "
-                      f"{layout.generator.tp})")
     samples = rollout.batch_size * rollout.n_samples_per_prompt
     if train.trainer == "ppo" and samples % train.train_batch_size:
         errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
                       f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
                       f"of train_batch_size={train.train_batch_size}")
-    dp = layout.actor.gpus
-    per_step = train.micro_train_batch_size * dp
-    if dp and train.train_batch_size % per_step:
-        errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: train_batch_size="
-                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x actor.gpus = "
-                      f"{train.micro_train_batch_size} x {dp} = {per_step}")
+    for where, sizes in planned_role_sizes(cfg):
+        (generators, tp), (dp, _) = sizes["generator"], sizes["actor"]
+        engines = generators // max(tp, 1)
+        if engines and rollout.batch_size % engines:
+            errors.append(f"{_src(sources, 'rollout.batch_size')}: {rollout.batch_size} prompts do not split evenly "
+                          f"over {engines} generator engines (generator.gpus / tp = {generators} / {tp}{where})")
+        per_step = train.micro_train_batch_size * dp
+        if dp and train.train_batch_size % per_step:
+            errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: "
+                          f"train_batch_size={train.train_batch_size} is not a multiple of micro_train_batch_size x "
+                          f"actor.gpus = {train.micro_train_batch_size} x {dp} = {per_step}{where}")
     if rollout.temperature < 0 or not 0 < rollout.top_p <= 1:
         errors.append(f"{_src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
                       f"0 < top_p <= 1")
