@@ -65,7 +65,7 @@ _ENGINE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 VOLATILE_SECTIONS: tuple[str, ...] = ("eval", "ckpt", "logger", "slurm")
 VOLATILE_KEYS: tuple[str, ...] = (
     "train.max_iterations", "train.run_dir",
-    "ds.adam_offload", "ds.param_offload", "ds.overlap_comm",
+    "ds.adam_offload", "ds.param_offload", "ds.overlap_comm", "ds.universal_ckpt",
     "vllm.gpu_memory_utilization", "vllm.enable_sleep", "vllm.enable_prefix_caching", "vllm.enforce_eager",
     "vllm.max_num_seqs", "vllm.weight_sync_bucket_mb",
     "reward.remote_url", "reward.remote_timeout_s", "reward.remote_max_retries", "reward.remote_backoff_s",
