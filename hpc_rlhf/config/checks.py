@@ -223,7 +223,7 @@ def planned_role_sizes(cfg: Config) -> list[tuple[str, dict[str, tuple[int, int]
 def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
     """Batch sizes must divide evenly across engines and optimizer steps."""
     errors = []
-    rollout, train, layout = cfg.rollout, cfg.train, cfg.layout
+    rollout, train = cfg.rollout, cfg.train
     for key in ("rollout.batch_size", "rollout.n_samples_per_prompt", "rollout.micro_batch_size",
                 "rollout.generate_max_len", "rollout.prompt_max_len", "train.train_batch_size",
                 "train.micro_train_batch_size", "train.num_episodes", "train.max_epochs"):
