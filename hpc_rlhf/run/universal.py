@@ -60,8 +60,8 @@ def convert_engine(engine_dir: str | os.PathLike, tag: str) -> Path | None:
                               # our saves have no universal_checkpoint_info record: DeepSpeed's own default for it
                               inject_missing_state=True)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            ds_to_universal.main(args)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)  # its progress bars; an error still raises
         for entry in source.iterdir():  # the wrappers' own files (ema.pt), beside DeepSpeed's
             if entry.is_file() and not entry.name.startswith(_DEEPSPEED_PREFIXES):
                 shutil.copy2(entry, temporary / entry.name)
