@@ -28,6 +28,7 @@ from hpc_rlhf.config.schema import Config  # noqa: E402
 from hpc_rlhf.distributed import (  # noqa: E402
     ControlPlane,
     DistributedWorld,
+    LayoutError,
     WorldInfo,
     build_control_plane,
     build_role_groups,
@@ -73,6 +74,8 @@ def _run_trainer(cfg: Config, world: DistributedWorld, control: ControlPlane, st
         build_builtin_models(cfg)
     control.barrier()
     plan = plan_layout(cfg.layout, info.world_size, info.local_world_size)
+    if info.rank == 0 and plan.scaled_from is not None:  # layout.scale: proportional: say what this start got
+        print(plan.describe(), flush=True)
     groups = build_role_groups(plan, info.rank, ring_attn_size=cfg.ds.ring_attn_size)
     torch.manual_seed(cfg.train.seed)
     from hpc_rlhf.trainers.registry import trainer_entry  # imports DeepSpeed: only after quiet_libraries ran
@@ -94,6 +97,15 @@ def check_before_start(loaded: LoadedConfig, *, ranks_here: int = 1) -> None:
     problems = check_machine(loaded.config, loaded.sources, ranks_here=ranks_here)
     if problems:
         raise UsageError("\n".join(problems))
+
+
+def check_layout_fits(cfg: Config, info: WorldInfo) -> None:
+    """The layout must fit the ranks this job got (SLURM_NTASKS, re-planned with layout.scale: proportional); refused
+    before the ranks connect, with the arithmetic."""
+    try:
+        plan_layout(cfg.layout, info.world_size, info.local_world_size)
+    except LayoutError as err:
+        raise UsageError(f"this job has {info.world_size} rank(s), {info.local_world_size} per node: {err}") from None
 
 
 def prepare_run_dir(loaded: LoadedConfig, *, overwrite: bool = False, write: bool = True) -> Path:
@@ -119,7 +131,9 @@ def prepare_run_dir(loaded: LoadedConfig, *, overwrite: bool = False, write: boo
 def run_local(loaded: LoadedConfig, *, overwrite_run_dir: bool = False) -> int:
     """`python -m hpc_rlhf.train`: one process per rank of the layout on this machine."""
     cfg = loaded.config
-    world_size = cfg.layout.world_size()
+    # A proportional layout is planned for the job's ranks: locally, the config's slurm.nodes x gpus_per_node.
+    world_size = cfg.slurm.nodes * cfg.slurm.gpus_per_node if cfg.layout.scale == "proportional" \
+        else cfg.layout.world_size()
     quiet_libraries(cpu_only=not use_cuda(cfg))
     prepare_run_dir(loaded, overwrite=overwrite_run_dir, write=False)  # every check before anything is written
     check_before_start(loaded, ranks_here=world_size)
@@ -148,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_libraries(cpu_only=not use_cuda(loaded.config))
         prepare_run_dir(loaded, overwrite=args.overwrite_run_dir, write=False)  # every check before any write
         check_before_start(loaded)  # GPUs per task depend on SLURM's binding: only check that there are some
+        check_layout_fits(loaded.config, info)
         prepare_run_dir(loaded, overwrite=args.overwrite_run_dir, write=info.rank == 0)
         rank_main(info, loaded.config)
         return 0

@@ -27,12 +27,13 @@ from hpc_rlhf.cli import DEBUG_ENV, build_parser, run_entry
 from hpc_rlhf.config.schema import Config, ConfigError
 from hpc_rlhf.config.loading import LoadedConfig, config_to_dict, config_to_yaml, load_config
 from hpc_rlhf.slurm.filesystem import shared_path_problem, writable_dir_problem
-from hpc_rlhf.slurm.job_spec import allocation_problems, parse_time_limit, time_limit_minutes, uses_gpus
+from hpc_rlhf.slurm.job_spec import allocation_problems, node_count, parse_time_limit, time_limit_minutes, uses_gpus
 
 SUBMITIT_FOLDER = "submitit"  # under the run directory: pickled entry, submission script, one log per task
 CHECKPOINTS_FOLDER = "checkpoints"  # under the run directory, where the trainer saves and resumes
 SLURM_FLAGS = (  # (flag, config key, type, help)
-    ("--nodes", "slurm.nodes", int, "nodes of the job"),
+    ("--nodes", "slurm.nodes", str, "nodes of the job: N, or MIN-MAX for a job that may start on MIN to MAX "
+                                    "nodes (sets slurm.min_nodes; needs layout.scale: proportional)"),
     ("--gpus-per-node", "slurm.gpus_per_node", int, "GPUs per node = ranks per node (processes per node on CPU)"),
     ("--cpus-per-task", "slurm.cpus_per_task", int, "CPU cores per rank"),
     ("--mem", "slurm.mem", str, "memory per node, e.g. 480G"),
@@ -69,8 +70,17 @@ def slurm_overrides(args: argparse.Namespace) -> list[str]:
     for flag, key, _, _ in SLURM_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
-            overrides.append(f"--{key}={value}")
+            overrides += node_range_overrides(value) if key == "slurm.nodes" else [f"--{key}={value}"]
     return overrides
+
+
+def node_range_overrides(value: str) -> list[str]:
+    """`--nodes 4` -> slurm.nodes=4 (slurm.min_nodes=0: exactly 4); `--nodes 2-6` -> min_nodes=2, nodes=6. A value
+    that is neither passes through for the config's own error."""
+    low, dash, high = value.partition("-")
+    if dash and low.strip().isdigit() and high.strip().isdigit():
+        return [f"--slurm.min_nodes={int(low)}", f"--slurm.nodes={int(high)}"]
+    return [f"--slurm.nodes={value}", "--slurm.min_nodes=0"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, LoadedConfig]:
@@ -169,7 +179,7 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
         additional["mem"] = slurm.mem  # submitit's own `mem` wants gigabytes as a number; pass SLURM's form through
     params: dict[str, Any] = {
         "job_name": slurm.job_name,
-        "nodes": slurm.nodes,
+        "nodes": slurm.nodes if node_count(slurm) == str(slurm.nodes) else node_count(slurm),  # "2-6": a range
         "ntasks_per_node": slurm.gpus_per_node,  # one task (rank) per GPU
         "cpus_per_task": slurm.cpus_per_task,
         "time": time_limit_minutes(slurm.time),
@@ -263,7 +273,7 @@ def how_to_follow(job: Submitted, cfg: Config) -> str:
     slurm = cfg.slurm
     last = job.num_tasks - 1
     return "\n".join([
-        f"submitted job {job.job_id}: {slurm.job_name}, {slurm.nodes} node(s) x {slurm.gpus_per_node} rank(s), "
+        f"submitted job {job.job_id}: {slurm.job_name}, {node_count(slurm)} node(s) x {slurm.gpus_per_node} rank(s), "
         f"time limit {slurm.time} ({parse_time_limit(slurm.time)} s) per run",
         f"  run dir   {job.run_dir}",
         f"  logs      {job.log_path(0)}   (rank 0; rank R writes {job.job_id}_R_log.out, up to R={last})",

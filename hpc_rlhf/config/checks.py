@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+from hpc_rlhf.config.layout_scaling import ScaleError, scale_role_sizes
 from hpc_rlhf.config.schema import (
     GROUP_ESTIMATORS,
     PAIRWISE_TRAINERS,
@@ -77,6 +78,11 @@ def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
                       f"divide slurm.gpus_per_node={per_node} so that no TP group spans two nodes")
     job = slurm.nodes * per_node
     present = {n: r.gpus for n, r in roles.items() if r.gpus > 0}
+    if layout.scale == "proportional":
+        return errors + scaled_layout_problems(cfg, sources)
+    if slurm.min_nodes:
+        errors.append(f"{_src(sources, 'slurm.min_nodes')}: a range of node counts (min_nodes={slurm.min_nodes}) "
+                      f"needs a layout that is re-planned for the ranks the job gets: set layout.scale: proportional")
     if layout.colocate:
         wrong = {n: g for n, g in present.items() if g != job}
         if wrong:
@@ -93,6 +99,26 @@ def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
             errors.append(f"layout ({', '.join(sorted({sources.get(f'layout.{n}.gpus', 'default') for n in ROLE_NAMES}))})"
                           f": {terms} = {total} ranks{sharing}, but the job has slurm.nodes x slurm.gpus_per_node = "
                           f"{slurm.nodes} x {per_node} = {job}")
+    return errors
+
+
+def scaled_layout_problems(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """A proportional layout must fit every allocation the job may start on: slurm.min_nodes (or slurm.nodes) up to
+    slurm.nodes nodes; checked at both ends and at the job size."""
+    layout, slurm = cfg.layout, cfg.slurm
+    roles = layout.roles()
+    if slurm.min_nodes < 0 or slurm.min_nodes > slurm.nodes:
+        return [f"{_src(sources, 'slurm.min_nodes')}: must lie in [0, slurm.nodes={slurm.nodes}], "
+                f"got {slurm.min_nodes}"]
+    sizes = {name: (role.gpus, role.tp) for name, role in roles.items()}
+    shares = {name: role.share_with for name, role in roles.items() if role.share_with}
+    errors = []
+    for nodes in sorted({slurm.min_nodes or slurm.nodes, slurm.nodes}):
+        try:
+            scale_role_sizes(sizes, shares, layout.colocate, nodes * slurm.gpus_per_node, ROLE_NAMES)
+        except ScaleError as err:
+            errors.append(f"{_src(sources, 'layout.scale')} on {nodes} node(s) x {slurm.gpus_per_node} "
+                          f"(slurm.min_nodes..slurm.nodes): {err}")
     return errors
 
 
@@ -201,10 +227,30 @@ def check_rewards(cfg: Config, sources: dict[str, str]) -> list[str]:
     return []
 
 
+def planned_role_sizes(cfg: Config) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """(where, {role: (gpus, tp)}) for every allocation the job may get: the configured counts, or with
+    layout.scale: proportional the counts re-planned for each node count from slurm.min_nodes (or slurm.nodes) to
+    slurm.nodes (`where` says which; allocations the layout cannot fit are left to `scaled_layout_problems`)."""
+    layout, slurm = cfg.layout, cfg.slurm
+    sizes = {name: (role.gpus, role.tp) for name, role in layout.roles().items()}
+    if layout.scale != "proportional":
+        return [("", sizes)]
+    shares = {name: role.share_with for name, role in layout.roles().items() if role.share_with}
+    planned = []
+    for nodes in range(max(1, slurm.min_nodes or slurm.nodes), slurm.nodes + 1):
+        ranks = nodes * slurm.gpus_per_node
+        try:
+            planned.append((f", as re-planned for {nodes} node(s) x {slurm.gpus_per_node} = {ranks} ranks",
+                            scale_role_sizes(sizes, shares, layout.colocate, ranks, ROLE_NAMES)))
+        except ScaleError:
+            continue
+    return planned
+
+
 def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
     """Batch sizes must divide evenly across engines and optimizer steps."""
     errors = []
-    rollout, train, layout = cfg.rollout, cfg.train, cfg.layout
+    rollout, train = cfg.rollout, cfg.train
     for key in ("rollout.batch_size", "rollout.n_samples_per_prompt", "rollout.micro_batch_size",
                 "rollout.generate_max_len", "rollout.prompt_max_len", "train.train_batch_size",
                 "train.micro_train_batch_size", "train.num_episodes", "train.max_epochs"):
@@ -213,26 +259,27 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
             errors.append(f"{_src(sources, key)}: must be >= 1")
     if errors:
         return errors
-    engines = layout.generator.gpus // max(layout.generator.tp, 1)
-    if engines and rollout.batch_size % engines:
-        errors.append(f"{_src(sources, 'rollout.batch_size')}: {rollout.batch_size} prompts do not split evenly over "
-                      f"{engines} generator engines (generator.gpus / tp = {layout.generator.gpus} / "
-                      f"{layout.generator.tp})")
     samples = rollout.batch_size * rollout.n_samples_per_prompt
     if train.trainer == "ppo" and samples % train.train_batch_size:
         errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
                       f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
                       f"of train_batch_size={train.train_batch_size}")
-    tp, ring = cfg.ds.tensor_parallel_size, cfg.ds.ring_attn_size
-    split = max(tp, 1) * max(ring, 1)  # ranks that take the same samples: a tensor- or sequence-parallel block
-    dp = layout.actor.gpus // split if layout.actor.gpus % split == 0 else 0  # their own checks say why not
-    per_step = train.micro_train_batch_size * dp
-    if dp and train.train_batch_size % per_step:
-        ranks = ("actor.gpus" if split == 1 else f"actor.gpus / ds.ring_attn_size = {layout.actor.gpus} / {ring}"
-                 if ring > 1 else f"actor.gpus / ds.tensor_parallel_size = {layout.actor.gpus} / {tp}")
-        errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: train_batch_size="
-                      f"{train.train_batch_size} is not a multiple of micro_train_batch_size x data-parallel ranks "
-                      f"({ranks}) = {train.micro_train_batch_size} x {dp} = {per_step}")
+    tp_size, ring = cfg.ds.tensor_parallel_size, cfg.ds.ring_attn_size
+    split = max(tp_size, 1) * max(ring, 1)  # ranks that take the same samples: a tensor- or sequence-parallel block
+    for where, sizes in planned_role_sizes(cfg):
+        (generators, tp), (actors, _) = sizes["generator"], sizes["actor"]
+        engines = generators // max(tp, 1)
+        if engines and rollout.batch_size % engines:
+            errors.append(f"{_src(sources, 'rollout.batch_size')}: {rollout.batch_size} prompts do not split evenly "
+                          f"over {engines} generator engines (generator.gpus / tp = {generators} / {tp}{where})")
+        dp = actors // split if actors % split == 0 else 0  # the parallelism checks say why not
+        per_step = train.micro_train_batch_size * dp
+        if dp and train.train_batch_size % per_step:
+            ranks = ("actor.gpus" if split == 1 else f"actor.gpus / ds.ring_attn_size = {actors} / {ring}"
+                     if ring > 1 else f"actor.gpus / ds.tensor_parallel_size = {actors} / {tp_size}")
+            errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: "
+                          f"train_batch_size={train.train_batch_size} is not a multiple of micro_train_batch_size x "
+                          f"data-parallel ranks ({ranks}) = {train.micro_train_batch_size} x {dp} = {per_step}{where}")
     if rollout.temperature < 0 or not 0 < rollout.top_p <= 1:
         errors.append(f"{_src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
                       f"0 < top_p <= 1")

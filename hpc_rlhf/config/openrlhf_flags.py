@@ -303,8 +303,7 @@ FLAGS: tuple[Flag, ...] = (
     _no(("disable_ds_ckpt", "ckpt.disable_ds"), FLAG, "a requeued job resumes from the DeepSpeed states, so they "
         "are always saved"),
     _no(("max_ckpt_mem", "ckpt.max_mem"), FLOAT, "checkpoints are limited by count (ckpt.max_ckpt_num), not size"),
-    _no(("use_ds_universal_ckpt", "ds.use_universal_ckpt"), FLAG, "no universal checkpoints: a run resumes on the "
-        "layout it was saved with"),
+    Flag(("use_ds_universal_ckpt", "ds.use_universal_ckpt"), FLAG, ("ds.universal_ckpt",)),
     Flag(("ckpt.best_metric_key",), STR, ("ckpt.best_metric_key",), convert=_best_metric,
          how="eval_*_pass1 (and the auto-detecting empty value) -> eval/accuracy; none -> empty (off)"),
     _no(("deepcompile", "ds.deepcompile"), FLAG, "no DeepCompile"),

@@ -373,6 +373,9 @@ class DsConfig:
                                  "of the actor, critic, reward model and reference along the sequence; 1 = off. "
                                  "Needs train.packing_samples and divides each of those roles' ranks (OpenRLHF "
                                  "--ring_attn_size)")
+    universal_ckpt: bool = opt(False, "resume through DeepSpeed's universal checkpoint: each engine's ZeRO states are "
+                                      "converted once (ds_to_universal) and loaded into the current partitioning, "
+                                      "so a job may resume on a different number of ranks")
 
 
 @dataclass
@@ -467,6 +470,10 @@ class LayoutConfig:
     reward: RoleConfig = _role(0)
     reference: RoleConfig = _role(0)
     colocate: bool = opt(True, "every rank holds every role and switches between them (hybrid engine)")
+    scale: str = opt("fixed", "fixed: the job must have exactly the ranks the layout gives out; proportional: the "
+                              "layout is re-planned at every start for the ranks the job got (SLURM_NTASKS): "
+                              "colocated roles span them all, disaggregated role counts scale with the job",
+                     ("fixed", "proportional"))
 
     def roles(self) -> dict[str, RoleConfig]:
         return {name: getattr(self, name) for name in ROLE_NAMES}
@@ -499,6 +506,8 @@ class SlurmConfig:
     constraint: Optional[str] = opt(None, "node feature constraint")
     time: str = opt("24:00:00", "time limit per job run; the job requeues itself before it")
     job_name: str = opt("hpc_rlhf", "job name")
+    min_nodes: int = opt(0, "with layout.scale: proportional, the job may start on min_nodes to nodes nodes "
+                            "(sbatch --nodes=MIN-MAX; submit --nodes 2-6); 0 = exactly slurm.nodes")
     signal_delay_s: int = opt(300, "seconds before the limit that the stop signal arrives")
     max_requeue: int = opt(20, "refuse to requeue after this many restarts")
     exclusive: bool = opt(True, "ask for whole nodes")

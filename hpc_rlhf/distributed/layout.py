@@ -7,6 +7,9 @@ of its own: it is placed on exactly the ranks of `other` (same `gpus` count), so
 a reference can live on one GPU; such a rank holds both roles and runs them one after the other. Colocated mode gives
 every rank every present role. A role with `gpus = 0` is absent. Every inconsistency raises one `LayoutError` that
 shows the arithmetic.
+
+With `layout.scale: proportional` the configured counts are proportions, re-planned for the ranks the job actually has
+(`hpc_rlhf.config.layout_scaling`) before the plan is made.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpc_rlhf.config.layout_scaling import ScaleError, configured_world_size, scale_role_sizes
 from hpc_rlhf.config.schema import SEQUENCE_PARALLEL_ROLES, layout_share_problems
 
 ROLE_ORDER: tuple[str, ...] = ("generator", "actor", "critic", "reward", "reference")
@@ -54,6 +58,17 @@ class LayoutPlan:
     engines: tuple[tuple[int, ...], ...]
     ranks: tuple[RankRoles, ...]
     shared_with: Mapping[str, str] = field(default_factory=dict)
+    scaled_from: int | None = None  # the ranks the configured counts add up to, when re-planned proportionally
+
+    def describe(self) -> str:
+        """The plan in one line, e.g. 'layout for 2 nodes x 1 = 2 ranks: generator 1, actor 1 (scaled from 3)'."""
+        roles = ", ".join(f"{name} {len(ranks)}" + (f" (on the {self.shared_with[name]} ranks)"
+                                                    if name in self.shared_with else "")
+                          for name, ranks in self.role_ranks.items())
+        kind = "colocated, every rank is " + ", ".join(self.role_ranks) if self.colocate else roles
+        scaled = f" (scaled from {self.scaled_from})" if self.scaled_from not in (None, self.world_size) else ""
+        return (f"layout for {self.num_nodes} node{'s' if self.num_nodes != 1 else ''} x {self.ranks_per_node} = "
+                f"{self.world_size} ranks: {kind}{scaled}")
 
     @property
     def num_nodes(self) -> int:
@@ -165,10 +180,18 @@ def _check(sizes: dict[str, tuple[int, int]], shares: dict[str, str], colocate: 
 def plan_layout(layout: Any, world_size: int, ranks_per_node: int) -> LayoutPlan:
     """Assign roles to the ranks of a `world_size`-rank job with `ranks_per_node` ranks per node.
 
-    `layout` is a `hpc_rlhf.config.schema.LayoutConfig` (or any object with the same attributes). Raises `LayoutError`.
+    `layout` is a `hpc_rlhf.config.schema.LayoutConfig` (or any object with the same attributes); with
+    `scale: proportional` its counts are re-planned for `world_size` first. Raises `LayoutError`.
     """
     sizes, shares = _role_sizes(layout)
     colocate = bool(getattr(layout, "colocate", False))
+    scaled_from = None
+    if getattr(layout, "scale", "fixed") == "proportional":
+        scaled_from = configured_world_size(sizes, shares, colocate)
+        try:
+            sizes = scale_role_sizes(sizes, shares, colocate, world_size, ROLE_ORDER)
+        except ScaleError as err:
+            raise LayoutError(str(err)) from None
     errors = _check(sizes, shares, colocate, world_size, ranks_per_node)
     if errors:
         raise LayoutError("\n".join(errors))
@@ -198,4 +221,5 @@ def plan_layout(layout: Any, world_size: int, ranks_per_node: int) -> LayoutPlan
         ranks.append(RankRoles(rank=rank, node=rank // ranks_per_node, roles=roles, role_index=index,
                                generator_engine=engine, tp_rank=tp_rank))
     return LayoutPlan(world_size=world_size, ranks_per_node=ranks_per_node, colocate=colocate, generator_tp=tp,
-                      role_ranks=role_ranks, engines=engines, ranks=tuple(ranks), shared_with=dict(shares))
+                      role_ranks=role_ranks, engines=engines, ranks=tuple(ranks), shared_with=dict(shares),
+                      scaled_from=scaled_from)

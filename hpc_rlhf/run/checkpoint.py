@@ -44,6 +44,7 @@ import torch
 
 from hpc_rlhf import __version__
 from hpc_rlhf.run.durable import atomic_write_bytes, fsync_dir, synced_file
+from hpc_rlhf.run.universal import universal_tag
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
@@ -64,7 +65,7 @@ _ENGINE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 VOLATILE_SECTIONS: tuple[str, ...] = ("eval", "ckpt", "logger", "slurm")
 VOLATILE_KEYS: tuple[str, ...] = (
     "train.max_iterations", "train.run_dir",
-    "ds.adam_offload", "ds.param_offload", "ds.overlap_comm",
+    "ds.adam_offload", "ds.param_offload", "ds.overlap_comm", "ds.universal_ckpt",
     "vllm.gpu_memory_utilization", "vllm.enable_sleep", "vllm.enable_prefix_caching", "vllm.enforce_eager",
     "vllm.max_num_seqs", "vllm.weight_sync_bucket_mb",
     "reward.remote_url", "reward.remote_timeout_s", "reward.remote_max_retries", "reward.remote_backoff_s",
@@ -306,10 +307,12 @@ def _save_engine(obj: Any, folder: Path, tag: str, rank: int) -> None:
         _torch_save_durable({"state_dict": obj.state_dict()}, folder / _rank_file(rank))
 
 
-def _load_engine(obj: Any, folder: Path, tag: str, rank: int, name: str) -> None:
+def _load_engine(obj: Any, folder: Path, tag: str, rank: int, name: str, universal: bool = False) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint {folder.parent} has no state for engine {name!r} (no folder {folder})")
     kind = _engine_kind(obj)
+    if universal and kind in ("wrapper", "deepspeed") and (folder / universal_tag(tag)).is_dir():
+        tag = universal_tag(tag)
     if kind == "wrapper":
         obj.load_state(str(folder), tag)
         return
@@ -488,10 +491,12 @@ def _read_state_file(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, *, rank: int, engines: Mapping[str, Any], config_fingerprint: str,
-                    restore_rng: bool = True) -> dict[str, Any]:
+                    restore_rng: bool = True, universal: bool = False) -> dict[str, Any]:
     """Restore this rank's engines (and RNG states) from checkpoint `path`; returns the saved trainer state.
 
     Every rank calls it with the engines it holds (DeepSpeed loads are collective over the engine's group).
+    `universal`: DeepSpeed engines load the universal form of their folder where `hpc_rlhf.run.universal` wrote one
+    (the engines must be built with `"checkpoint": {"load_universal": true}`).
     Raises `IncompatibleCheckpointError` when `config_fingerprint` differs from the saved one, before touching any
     engine. Global rank 0 also removes leftovers of interrupted saves next to `path`.
     """
@@ -514,7 +519,7 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int, engines: Mapping[str,
         remove_stale(path.parent, keep=path)
     tag = meta.get("name", path.name)
     for name, obj in present.items():
-        _load_engine(obj, path / name, tag, rank, name)
+        _load_engine(obj, path / name, tag, rank, name, universal)
     if restore_rng:  # last, so nothing the engines draw while loading shifts the restored streams
         restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return state

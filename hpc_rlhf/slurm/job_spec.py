@@ -48,6 +48,13 @@ def time_limit_minutes(text: str) -> int:
     return math.ceil(parse_time_limit(text) / 60)
 
 
+def node_count(slurm: SlurmConfig) -> str:
+    """sbatch's --nodes value: `slurm.nodes`, or MIN-MAX when `slurm.min_nodes` lets the job start on fewer."""
+    if slurm.min_nodes and slurm.min_nodes < slurm.nodes:
+        return f"{slurm.min_nodes}-{slurm.nodes}"
+    return str(slurm.nodes)
+
+
 def allocation_problems(slurm: SlurmConfig) -> list[str]:
     """What in the slurm section SLURM would reject or that defeats the requeue, one message per problem."""
     problems = []
@@ -105,14 +112,18 @@ def sbatch_options(cfg: Config) -> list[SbatchOption]:
     """The options of a batch script for `cfg`, in the order a reader wants them: who, where, how long, restart."""
     slurm = cfg.slurm
     ranks = slurm.nodes * slurm.gpus_per_node
+    nodes = node_count(slurm)
     unit = ("GPU" if uses_gpus(cfg) else "process") + ("" if slurm.gpus_per_node == 1 else
                                                        ("s" if uses_gpus(cfg) else "es"))
     options = [
         SbatchOption("job-name", slurm.job_name, "shown by squeue; %x in the log file name"),
-        SbatchOption("nodes", str(slurm.nodes),
+        SbatchOption("nodes", nodes,
                      f"{slurm.nodes} node{'' if slurm.nodes == 1 else 's'} x {slurm.gpus_per_node} {unit} = the "
                      f"{ranks} rank{'' if ranks == 1 else 's'} of the layout "
-                     f"({layout_summary(cfg)})"),
+                     f"({layout_summary(cfg)})" if nodes == str(slurm.nodes) else
+                     f"any of {nodes} nodes x {slurm.gpus_per_node} {unit}: the layout "
+                     f"({layout_summary(cfg)}) is re-planned for the ranks the job gets (layout.scale: "
+                     f"proportional)"),
         SbatchOption("ntasks-per-node", str(slurm.gpus_per_node),
                      "one task (one rank, one torch.distributed process) per GPU" if uses_gpus(cfg) else
                      "one task (one rank, one torch.distributed process) each; train.device is cpu: no GPUs"),

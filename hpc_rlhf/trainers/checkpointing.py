@@ -5,6 +5,12 @@ optimizer and scheduler states), every rank's RNG state and the trainer's own st
 `state_dict()` returns (JSON-serialisable), given back to its `load_state_dict()` on resume. Global rank 0 picks the
 checkpoint and runs the trainer's resume check (the PPO family checks its rollouts on disk) before any rank loads,
 so every rank loads the same checkpoint, or every rank refuses with the same error.
+
+A job may resume on another number of ranks (`layout.scale: proportional`, e.g. a requeue on fewer nodes): with
+`ds.universal_ckpt` global rank 0 first converts the checkpoint's ZeRO-partitioned engines to DeepSpeed's universal
+form (`hpc_rlhf.run.universal`), which every rank then loads into its own partitioning; without it such a resume is
+refused with the key to set. A rank that exists in both jobs restores its RNG state; a rank the saving job did not
+have keeps the state it was seeded with at start (train.seed), and states of ranks gone are not used.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from hpc_rlhf.run.checkpoint import (
     config_fingerprint,
     latest_checkpoint,
     load_checkpoint,
+    read_metadata,
     read_trainer_state,
     save_checkpoint,
 )
+from hpc_rlhf.run.universal import convert_checkpoint, saved_partitions
 from hpc_rlhf.run.durable import atomic_write_bytes, fsync_dir
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.config.loading import config_to_dict
@@ -114,6 +122,7 @@ class CheckpointService:
         self.trainer = trainer
         self.resume_check = resume_check
         self.load_enabled = cfg.ckpt.load_checkpoint
+        self.universal = cfg.ds.universal_ckpt
         self.save_steps = cfg.ckpt.save_steps
         self.keep_last = cfg.ckpt.max_ckpt_num
         self.fingerprint = config_fingerprint(config_to_dict(cfg))
@@ -202,9 +211,12 @@ class CheckpointService:
             return None
         path = latest_checkpoint(self.root)
         refusal: Optional[ResumeRefused] = None
-        if self.rank == 0 and self.resume_check is not None:
+        if self.rank == 0:
             try:
-                self.resume_check(path)
+                if self.resume_check is not None:
+                    self.resume_check(path)
+                if path is not None:
+                    self._prepare_partitions(path)
             except ResumeRefused as error:
                 refusal = error
         # Rank 0 decides, so all ranks load the same checkpoint even if a shared filesystem lags somewhere.
@@ -213,9 +225,28 @@ class CheckpointService:
             raise refusal
         if chosen is None:
             return None
+        saved_world = int(read_metadata(chosen).get("world_size", self.world_size))
         state = load_checkpoint(Path(chosen), rank=self.rank, engines=self.engines,
-                                config_fingerprint=self.fingerprint)
+                                config_fingerprint=self.fingerprint, restore_rng=self.rank < saved_world,
+                                universal=self.universal)
         self.trainer.load_state_dict(state)
         if self.best is not None:
             self.best.load_state_dict(state.get(BEST_STATE_KEY, {}))
         return Path(chosen)
+
+    def _prepare_partitions(self, path: Path) -> None:
+        """Global rank 0, before any rank loads: with ds.universal_ckpt, convert the checkpoint's ZeRO-partitioned
+        engines to DeepSpeed's universal form (once); without it, refuse a checkpoint saved by another number of
+        ranks whose ZeRO states are partitioned (DeepSpeed cannot load them into other partitions)."""
+        meta = read_metadata(path)
+        tag, saved_world = meta.get("name", path.name), int(meta.get("world_size", self.world_size))
+        if self.universal:
+            for line in convert_checkpoint(path, tag):
+                print(line, flush=True)
+            return
+        partitioned = saved_partitions(path, tag)
+        if saved_world != self.world_size and partitioned:
+            engines = ", ".join(f"{name} ({count} partitions)" for name, count in partitioned.items())
+            raise ResumeRefused(f"checkpoint {path} was saved by a job of {saved_world} ranks and this job has "
+                                f"{self.world_size}: the ZeRO states of {engines} are split per data-parallel rank; "
+                                f"set ds.universal_ckpt=true to load them into this job's partitioning")

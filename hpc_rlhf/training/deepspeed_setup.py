@@ -69,6 +69,7 @@ class EngineConfig:
     aux_loss_coef: float = 0.0  # > 0: a mixture-of-experts actor adds coef x its router load-balancing loss
     tensor_parallel_size: int = 1  # > 1: DeepSpeed AutoTP shards the linear layers over blocks of this many ranks
     ring_attn_size: int = 1  # ranks per sequence-parallel group (`training/sequence_parallel.py`); 1 = off
+    load_universal: bool = False  # loads read DeepSpeed's universal form (`hpc_rlhf.run.universal`), ZeRO 1-3
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -236,6 +237,8 @@ def make_ds_config(cfg: EngineConfig, dp_size: int, *, training: bool = True) ->
     if training and cfg.tensor_parallel_size > 1:
         # DeepSpeed's AutoTP training: it shards the linear layers of the model over the mpu's tensor-parallel blocks.
         config["tensor_parallel"] = {"autotp_size": cfg.tensor_parallel_size}
+    if cfg.load_universal and cfg.zero_stage > 0:  # stage 0 states are whole on every rank: nothing to reshard
+        config["checkpoint"]["load_universal"] = True
     if training:
         config["gradient_clipping"] = cfg.max_norm
         config["zero_allow_untested_optimizer"] = True

@@ -134,6 +134,14 @@ def test_unknown_and_untranslatable_flags_are_listed_never_dropped():
     assert config["reward"]["remote_url"] == "http://rm:5000/get_reward"
 
 
+@pytest.mark.parametrize("spelling", ["--use_ds_universal_ckpt", "--ds.use_universal_ckpt"])
+def test_universal_checkpoint_flag_sets_ds_universal_ckpt(spelling):
+    config, notes = translate(f"--pretrain m --prompt_data p.jsonl --remote_rm_url http://rm:5000/get_reward "
+                              f"--vllm_num_engines 1 --actor_num_gpus_per_node 1 --colocate_all_models {spelling}")
+    assert config["ds"]["universal_ckpt"] is True
+    assert spelling not in {note.flag for note in notes}
+
+
 @pytest.mark.parametrize("command, flag, words", [
     ("--rollout_batch_size abc", "--rollout_batch_size", "'abc'"),
     ("--n_samples_per_prompt 1.5", "--n_samples_per_prompt", "'1.5'"),

@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hpc_rlhf.config.loading import load_config
-from hpc_rlhf.slurm.job_spec import SlurmTimeError, allocation_problems, parse_time_limit, time_limit_minutes
+from hpc_rlhf.slurm.job_spec import SlurmTimeError, allocation_problems, parse_time_limit, sbatch_options, \
+    time_limit_minutes
 from hpc_rlhf.submit import (
     RankEntry,
     executor_parameters,
@@ -197,3 +198,25 @@ def test_dry_run_still_prints_but_fails_on_a_problem(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2 and captured.out.startswith("#!/bin/bash")
     assert "error (submitting would stop here): slurm.signal_delay_s=90" in captured.err
+
+
+def test_a_node_range_asks_sbatch_for_it_when_the_layout_scales(tmp_path, capsys):
+    scaled = [*CPU_3NODE, "--layout.scale=proportional",
+              f"--train.run_dir={tmp_path / 'run'}"]
+    args, loaded = parse_args([*scaled, "--nodes", "2-3"])  # generator 1 + actor 1 on 2 nodes, 1 + 2 on 3
+    assert slurm_overrides(args) == ["--slurm.min_nodes=2", "--slurm.nodes=3"]
+    assert (loaded.config.slurm.min_nodes, loaded.config.slurm.nodes) == (2, 3)
+    assert executor_parameters(loaded.config)["nodes"] == "2-3"
+    assert "#SBATCH --nodes=2-3" in render_submitit_script(loaded.config).splitlines()
+    nodes = next(o for o in sbatch_options(loaded.config) if o.name == "nodes")
+    assert nodes.flag() == "--nodes=2-3" and "re-planned for the ranks the job gets" in nodes.why
+    with pytest.raises(SystemExit):  # on 4 nodes the 3 actor ranks would not split train_batch_size=4
+        parse_args([*scaled, "--nodes", "2-4"])
+    assert ("train_batch_size=4 is not a multiple of micro_train_batch_size x actor.gpus = 2 x 3 = 6, as re-planned "
+            "for 4 node(s) x 1 = 4 ranks") in capsys.readouterr().err
+    # without --nodes the config's count stands, and a plain count means exactly that many nodes
+    assert executor_parameters(parse_args([*scaled, "--slurm.nodes=3"])[1].config)["nodes"] == 3
+    assert executor_parameters(parse_args([*scaled, "--slurm.min_nodes=2", "--nodes", "3"])[1].config)["nodes"] == 3
+    with pytest.raises(SystemExit):  # a fixed layout cannot take a range
+        parse_args([*CPU_3NODE, "--nodes", "2-3", "--dry-run"])
+    assert "needs a layout that is re-planned for the ranks the job gets" in capsys.readouterr().err

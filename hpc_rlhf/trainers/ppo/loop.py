@@ -31,6 +31,7 @@ from hpc_rlhf.rollouts import (
     RolloutReader,
     commit_iteration,
     generator_shard_name,
+    load_manifest,
     wait_for_iteration,
     wait_for_shards,
 )
@@ -76,6 +77,7 @@ class TrainerState:
     kl_controller: dict = field(default_factory=dict)
     reward_moments: dict = field(default_factory=dict)
     data_position: int = 0  # dynamic sampling: prompts of the stream drawn by the iterations generated so far
+    generator_engines: int = 0  # of the layout that saved it (0: not recorded); a resume may have another count
 
 
 class PPOTrainer:
@@ -152,6 +154,8 @@ class PPOTrainer:
     # ----- stages --------------------------------------------------------------------------------------
     def _generate(self, iteration: int) -> dict[str, float]:
         parts = self.parts
+        if load_manifest(self.run_dir, iteration).complete:  # generated before a resume, maybe by another layout
+            return {}
         result = run_generation(self.cfg, iteration=iteration, engine_index=self.roles.generator_engine,
                                 num_engines=self.num_engines, writes=self.writes_shards, executor=parts.executor,
                                 tokenizer=parts.tokenizer, prompts=parts.prompts, reward_source=parts.reward_source,
@@ -460,6 +464,7 @@ class PPOTrainer:
         data position of dynamic sampling."""
         self.state.kl_controller = self.kl_controller.state_dict()
         self.state.reward_moments = self.reward_moments.state_dict()
+        self.state.generator_engines = self.num_engines
         return self.state.__dict__.copy()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -3,6 +3,12 @@
 A checkpoint is taken at the end of a tick, after every rank agreed on it, so it records a consistent cut: the next
 iteration to train, the weight version, the KL controller and reward statistics, and each rank's RNG. Rollout shards
 of iterations not yet trained stay on disk and are reused by the resumed run instead of being generated again.
+
+A run may resume with another number of generator engines (`layout.scale: proportional` on another allocation).
+An iteration the old layout completed is read as it is (readers partition an iteration's committed rows, whatever
+shards hold them, and its MANIFEST.json names the shards it was completed with); the committed shards of an
+iteration the old layout left incomplete split the prompts the old way, so they are set aside and the iteration is
+generated again by the new engines, with the weights the first generation would have used.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ from typing import Optional
 from hpc_rlhf.run.checkpoint import complete_checkpoints, read_trainer_state
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.rollouts.errors import RolloutError
-from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards, iterations_started
+from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards, iterations_started, load_manifest
 from hpc_rlhf.rollouts.paths import iteration_dir
-from hpc_rlhf.rollouts.verify import damaged_in_run, set_aside
+from hpc_rlhf.rollouts.verify import DamagedFile, damaged_in_run, set_aside
 from hpc_rlhf.trainers.checkpointing import CHECKPOINTS_DIR, ResumeRefused
 
 
@@ -36,15 +42,46 @@ def resumed_weight_version(iteration: int, start: int, async_queue: int) -> int:
     return start if iteration <= start + async_queue else iteration - async_queue
 
 
+def set_aside_replanned(run_dir: str | Path, start: int, async_queue: int, engines: int, saved_engines: int
+                        ) -> list[str]:
+    """Set aside the committed shards of iterations from `start` on that the checkpoint's layout of `saved_engines`
+    generator engines left incomplete (this run has `engines`); they are generated again. Lines to print."""
+    if saved_engines in (0, engines):
+        return []
+    lines = []
+    for iteration in iterations_started(run_dir):
+        manifest = load_manifest(run_dir, iteration)
+        if iteration < start or manifest.complete or not manifest.shards:
+            continue
+        was, now = original_weight_version(iteration, async_queue), resumed_weight_version(iteration, start,
+                                                                                         async_queue)
+        if was != now:
+            raise RolloutRepairError(
+                f"rollouts of iteration {iteration} are incomplete and were split over {saved_engines} generator "
+                f"engines; this run has {engines} and would generate them with weight version {now}, not {was}: "
+                f"resume on {saved_engines} engines' worth of ranks, or start the run again")
+        directory = iteration_dir(run_dir, iteration)
+        problem = f"was written by a layout of {saved_engines} generator engines"
+        items = [DamagedFile(directory / record.file, record, problem) for record in manifest.shards]
+        target = set_aside(run_dir, iteration, items)
+        lines.append(f"rollouts: iteration {iteration} was left incomplete by {saved_engines} generator engines "
+                     f"({len(items)} shard(s) committed); moved to {Path(target).relative_to(Path(run_dir))}/ and "
+                     f"generated again by this run's {engines}")
+    return lines
+
+
 def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int, expected_shards: list[str],
-                   checkpoints: list[tuple[int, str]] = (), regenerate_from: Optional[int] = None) -> list[str]:
+                   checkpoints: list[tuple[int, str]] = (), regenerate_from: Optional[int] = None,
+                   saved_engines: int = 0) -> list[str]:
     """What a run resuming at iteration `start` finds in RUN_DIR/rollouts, as lines to print; repairs what it can.
 
     - temp files and shards without a commit record (a writer killed halfway) are deleted;
     - committed files of iterations still to be trained are checked (size and sha256); a damaged one, or a missing
       shard, is generated again when this run would use the very weights the first generation used (the damaged
       file is set aside in rollouts/damaged/), else RolloutRepairError says why not and what to do;
-    - files of iterations already trained are checked too and reported in one line (the run does not read them).
+    - files of iterations already trained are checked too and reported in one line (the run does not read them);
+    - with `saved_engines` (the checkpoint's generator engine count) other than len(expected_shards), incomplete
+      iterations are set aside (`set_aside_replanned`); a complete one is checked against the shards it names.
     `checkpoints` are the complete checkpoints as (next_iteration, folder name), for the advice.
     With dynamic sampling (`regenerate_from` set) the prompts of an iteration depend on the data position the
     checkpoint holds, which counts the iterations generated before it was taken: rollouts of later iterations
@@ -63,6 +100,7 @@ def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int
         if later:
             lines.append(f"rollouts: iterations {later[0]}..{later[-1]} were generated after the checkpoint; with "
                          f"rollout.dynamic_filtering they are generated again from the checkpoint's data position")
+    lines += set_aside_replanned(run_dir, start, async_queue, len(expected_shards), saved_engines)
     damaged = damaged_in_run(run_dir)
     trained = [item for it, items in damaged.items() if it < start for item in items]
     if trained:
@@ -74,7 +112,9 @@ def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int
         missing = []
         if start > 0 and iteration < start + async_queue:  # generated before the checkpoint was taken: needed
             known = {d.record.shard for d in items}
-            missing = [s for s in expected_shards if s not in committed_shards(run_dir, iteration) and s not in known]
+            manifest = load_manifest(run_dir, iteration)
+            wanted = manifest.expected_shards if manifest.complete and manifest.expected_shards else expected_shards
+            missing = [s for s in wanted if s not in committed_shards(run_dir, iteration) and s not in known]
         if not items and not missing:
             continue
         what = "; ".join([d.describe(run_dir) for d in items] +
@@ -120,11 +160,12 @@ class RolloutCheck:
         self.expected_shards = expected_shards
 
     def __call__(self, path: Optional[Path]) -> None:
-        start = int(read_trainer_state(path).get("next_iteration", 0)) if path is not None else 0
+        state = read_trainer_state(path) if path is not None else {}
+        start = int(state.get("next_iteration", 0))
         root = Path(self.run_dir) / CHECKPOINTS_DIR
         kept = sorted((iteration, folder.name) for iteration, folder in complete_checkpoints(root))
         # A checkpoint taken after training iteration start - 1 follows the generation of start + async_queue - 1.
         regenerate_from = (start + self.async_queue if path is not None else 0) if self.dynamic_filtering else None
         for line in check_rollouts(self.run_dir, start, self.total, self.async_queue, self.expected_shards, kept,
-                                   regenerate_from):
+                                   regenerate_from, saved_engines=int(state.get("generator_engines", 0))):
             print(line, flush=True)

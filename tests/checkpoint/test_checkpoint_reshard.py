@@ -1,0 +1,54 @@
+"""Resuming real DeepSpeed engines on another number of ranks through the universal checkpoint (gloo, CPU).
+
+A 3-rank job trains 2 steps and checkpoints; a 2-rank job converts that checkpoint (`hpc_rlhf.run.universal`), loads
+it into its own ZeRO partitions, trains one step and checkpoints; a 3-rank job does the same from the 2-rank
+checkpoint. What each job holds right after its load (fp32 master weights and both Adam moments, gathered whole per
+parameter, step count and learning rate) must equal bit for bit what the job before it held when it saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.multiproc import run_ranks
+
+STAGES = [2, 3]
+LEGS = [("first", 3, 2), ("fewer", 2, 3), ("more", 3, 4)]  # (leg, ranks, steps done when it saves)
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def legs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.checkpoint.workers.reshard import run_leg  # imports DeepSpeed: only when these tests run
+
+    out = tmp_path_factory.mktemp("reshard")
+    for leg, ranks, step in LEGS:
+        run_ranks(run_leg, ranks, str(out), leg, step, STAGES, timeout_s=150, init_process_group=False)
+    return out
+
+
+def _record(out: Path, leg: str, stage: int) -> dict:
+    return torch.load(out / f"{leg}_stage{stage}.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_job_loads_exactly_what_the_previous_job_saved(legs: Path, stage: int) -> None:
+    for (before, ranks_before, step), (after, ranks_after, _) in zip(LEGS, LEGS[1:]):
+        saved, resumed = _record(legs, before, stage), _record(legs, after, stage)
+        assert saved["world"] == ranks_before and resumed["world"] == ranks_after
+        assert resumed["loaded_from"] == (f"iter_{step:06d}", ranks_before, {"next_iteration": step})
+        assert len(resumed["converted"]) == 1 and f"{ranks_before} data-parallel rank(s)" in resumed["converted"][0]
+        loaded = resumed["loaded"]
+        assert loaded["global_steps"] == saved["saved"]["global_steps"] == step
+        assert loaded["lr"] == saved["saved"]["lr"]
+        keys = [key for key in saved["saved"] if ":" in key]
+        assert len(keys) == 21 * 3  # 21 parameters, each fp32 weights and two moments
+        for key in keys:
+            assert torch.equal(loaded[key], saved["saved"][key]), f"{before} -> {after}: {key} differs"
+        moved = [key for key in keys if key.endswith(":fp32")
+                 and not torch.equal(resumed["saved"][key], loaded[key])]
+        assert len(moved) >= 20, "the step after the load changes the weights: the comparison is not vacuous"
