@@ -105,5 +105,5 @@ def test_config_checks_min_nodes_and_both_ends_of_the_range(tmp_path):
     assert (loaded.config.slurm.min_nodes, loaded.config.slurm.nodes) == (2, 3)
     # batch sizes must split over every allocation of the range: on 5 nodes, 6 actor ranks
     with pytest.raises(ConfigError, match=r"train_batch_size=8 is not a multiple of micro_train_batch_size x "
-                                          r"actor.gpus = 2 x 6 = 12, as re-planned for 5 node\(s\) x 2 = 10 ranks"):
+                                          r"data-parallel ranks \(actor.gpus\) = 2 x 6 = 12, as re-planned for 5 node\(s\) x 2 = 10 ranks"):
         _load(tmp_path, DISAGGREGATED % ", scale: proportional", "{gpus_per_node: 2, nodes: 6, min_nodes: 2}")
