@@ -212,8 +212,8 @@ def test_a_node_range_asks_sbatch_for_it_when_the_layout_scales(tmp_path, capsys
     assert nodes.flag() == "--nodes=2-3" and "re-planned for the ranks the job gets" in nodes.why
     with pytest.raises(SystemExit):  # on 4 nodes the 3 actor ranks would not split train_batch_size=4
         parse_args([*scaled, "--nodes", "2-4"])
-    assert ("train_batch_size=4 is not a multiple of micro_train_batch_size x data-parallel ranks (actor.gpus) = 2 x 3 = 6, as re-planned "
-            "for 4 node(s) x 1 = 4 ranks") in capsys.readouterr().err
+    assert ("train_batch_size=4 is not a multiple of micro_train_batch_size x data-parallel ranks (actor.gpus) = "
+            "2 x 3 = 6, as re-planned for 4 node(s) x 1 = 4 ranks") in capsys.readouterr().err
     # without --nodes the config's count stands, and a plain count means exactly that many nodes
     assert executor_parameters(parse_args([*scaled, "--slurm.nodes=3"])[1].config)["nodes"] == 3
     assert executor_parameters(parse_args([*scaled, "--slurm.min_nodes=2", "--nodes", "3"])[1].config)["nodes"] == 3
