@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from hpc_rlhf.builtin_models.resolve import resolve_model_path  # noqa: E402
 from hpc_rlhf.cli import build_parser, parse_config_args, quiet_libraries, run_entry  # noqa: E402
-from hpc_rlhf.config.checks import check_machine  # noqa: E402
+from hpc_rlhf.config.preflight import check_machine  # noqa: E402
 from hpc_rlhf.config.loading import LoadedConfig, config_to_dict  # noqa: E402
 from hpc_rlhf.config.schema import Config  # noqa: E402
 from hpc_rlhf.distributed import (  # noqa: E402

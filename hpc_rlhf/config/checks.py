@@ -1,17 +1,13 @@
 """Cross-field rules of a `Config`: combinations that cannot run, reported before any process starts.
 
 Each rule returns messages that name the keys involved and where their values came from, and show the arithmetic
-when numbers disagree, so a user can fix the YAML without reading code. `check_machine` adds the checks that need the
-machine the run starts on (device, model folders, dataset files and rows); the entry points run it before any model
-loads, `load_config` does not.
+when numbers disagree, so a user can fix the YAML without reading code. `preflight.check_machine` adds the checks
+that need the machine the run starts on (device, model folders, dataset files and rows).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from pathlib import Path
 
 from hpc_rlhf.config.layout_scaling import ScaleError, scale_role_sizes
 from hpc_rlhf.config.schema import (
@@ -24,10 +20,7 @@ from hpc_rlhf.config.schema import (
 )
 from hpc_rlhf.data import (
     DatasetError,
-    check_prompt_rows,
-    check_records,
     dataset_paths,
-    interleave_order,
     probability_problems,
 )
 
@@ -35,7 +28,16 @@ from hpc_rlhf.data import (
 MIXING_TRAINERS = {"data.prompt_data": ("ppo",), "data.dataset": ("sft", "rm", "dpo", "kto", "kd")}
 
 
-def _src(sources: dict[str, str], *keys: str) -> str:
+PROMPT_TRAINERS = ("ppo", "rejection_sampling", "iterative_dpo")  # the trainers that sample from prompts
+
+
+def value_at(cfg: Config, key: str):
+    """The value of a dotted config key ("section.name"), None where the config has no such key."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section, None), name, None)
+
+
+def src(sources: dict[str, str], *keys: str) -> str:
     """`key (source)` for the first key that was set explicitly, else the first key (default)."""
     for key in keys:
         if key in sources:
@@ -57,37 +59,37 @@ def check_layout(cfg: Config, sources: dict[str, str]) -> list[str]:
         errors.append(f"{problem} ({where})" if where else problem)
     for name, role in roles.items():
         if role.gpus < 0:
-            errors.append(f"{_src(sources, f'layout.{name}.gpus')}: must be >= 0, got {role.gpus}")
+            errors.append(f"{src(sources, f'layout.{name}.gpus')}: must be >= 0, got {role.gpus}")
         if name != "generator" and role.tp != 1:
-            errors.append(f"{_src(sources, f'layout.{name}.tp')}: tensor parallelism is only for the generator")
+            errors.append(f"{src(sources, f'layout.{name}.tp')}: tensor parallelism is only for the generator")
     gen = layout.generator
     if gen.tp < 1:
-        errors.append(f"{_src(sources, 'layout.generator.tp')}: must be >= 1, got {gen.tp}")
+        errors.append(f"{src(sources, 'layout.generator.tp')}: must be >= 1, got {gen.tp}")
         return errors
     if gen.gpus < 1 or layout.actor.gpus < 1:
-        errors.append(f"{_src(sources, 'layout.generator.gpus', 'layout.actor.gpus')}: "
+        errors.append(f"{src(sources, 'layout.generator.gpus', 'layout.actor.gpus')}: "
                       f"a run needs at least one generator and one actor rank "
                       f"(generator.gpus={gen.gpus}, actor.gpus={layout.actor.gpus})")
         return errors
     if gen.gpus % gen.tp:
-        errors.append(f"{_src(sources, 'layout.generator.tp', 'layout.generator.gpus')}: generator.gpus={gen.gpus} "
+        errors.append(f"{src(sources, 'layout.generator.tp', 'layout.generator.gpus')}: generator.gpus={gen.gpus} "
                       f"is not a multiple of generator.tp={gen.tp} ({gen.gpus} % {gen.tp} = {gen.gpus % gen.tp})")
     per_node = slurm.gpus_per_node
     if per_node % gen.tp:
-        errors.append(f"{_src(sources, 'layout.generator.tp', 'slurm.gpus_per_node')}: generator.tp={gen.tp} must "
+        errors.append(f"{src(sources, 'layout.generator.tp', 'slurm.gpus_per_node')}: generator.tp={gen.tp} must "
                       f"divide slurm.gpus_per_node={per_node} so that no TP group spans two nodes")
     job = slurm.nodes * per_node
     present = {n: r.gpus for n, r in roles.items() if r.gpus > 0}
     if layout.scale == "proportional":
         return errors + scaled_layout_problems(cfg, sources)
     if slurm.min_nodes:
-        errors.append(f"{_src(sources, 'slurm.min_nodes')}: a range of node counts (min_nodes={slurm.min_nodes}) "
+        errors.append(f"{src(sources, 'slurm.min_nodes')}: a range of node counts (min_nodes={slurm.min_nodes}) "
                       f"needs a layout that is re-planned for the ranks the job gets: set layout.scale: proportional")
     if layout.colocate:
         wrong = {n: g for n, g in present.items() if g != job}
         if wrong:
             detail = ", ".join(f"{n}.gpus={g}" for n, g in wrong.items())
-            errors.append(f"{_src(sources, 'layout.colocate')}: colocated roles must each span the whole job of "
+            errors.append(f"{src(sources, 'layout.colocate')}: colocated roles must each span the whole job of "
                           f"slurm.nodes x slurm.gpus_per_node = {slurm.nodes} x {per_node} = {job} ranks; {detail}")
     else:
         owners = {n: g for n, g in present.items() if not roles[n].share_with}
@@ -108,7 +110,7 @@ def scaled_layout_problems(cfg: Config, sources: dict[str, str]) -> list[str]:
     layout, slurm = cfg.layout, cfg.slurm
     roles = layout.roles()
     if slurm.min_nodes < 0 or slurm.min_nodes > slurm.nodes:
-        return [f"{_src(sources, 'slurm.min_nodes')}: must lie in [0, slurm.nodes={slurm.nodes}], "
+        return [f"{src(sources, 'slurm.min_nodes')}: must lie in [0, slurm.nodes={slurm.nodes}], "
                 f"got {slurm.min_nodes}"]
     sizes = {name: (role.gpus, role.tp) for name, role in roles.items()}
     shares = {name: role.share_with for name, role in roles.items() if role.share_with}
@@ -117,7 +119,7 @@ def scaled_layout_problems(cfg: Config, sources: dict[str, str]) -> list[str]:
         try:
             scale_role_sizes(sizes, shares, layout.colocate, nodes * slurm.gpus_per_node, ROLE_NAMES)
         except ScaleError as err:
-            errors.append(f"{_src(sources, 'layout.scale')} on {nodes} node(s) x {slurm.gpus_per_node} "
+            errors.append(f"{src(sources, 'layout.scale')} on {nodes} node(s) x {slurm.gpus_per_node} "
                           f"(slurm.min_nodes..slurm.nodes): {err}")
     return errors
 
@@ -128,41 +130,41 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
     algo, layout, rollout = cfg.algo, cfg.layout, cfg.rollout
     uses_critic = algo.advantage_estimator == "gae"
     if uses_critic and layout.critic.gpus == 0:
-        errors.append(f"{_src(sources, 'algo.advantage_estimator')}: gae (PPO) needs a critic: set layout.critic.gpus")
+        errors.append(f"{src(sources, 'algo.advantage_estimator')}: gae (PPO) needs a critic: set layout.critic.gpus")
     if not uses_critic and (layout.critic.gpus > 0 or cfg.critic.pretrain):
         key = "layout.critic.gpus" if layout.critic.gpus > 0 else "critic.pretrain"
-        errors.append(f"{_src(sources, key)}: a critic is only used by PPO (algo.advantage_estimator: gae), "
+        errors.append(f"{src(sources, key)}: a critic is only used by PPO (algo.advantage_estimator: gae), "
                       f"not by {algo.advantage_estimator}")
     needs_ref = algo.init_kl_coef > 0 or algo.use_kl_loss
     if needs_ref and layout.reference.gpus == 0:
-        errors.append(f"{_src(sources, 'algo.init_kl_coef', 'algo.use_kl_loss')}: KL needs a reference model: "
+        errors.append(f"{src(sources, 'algo.init_kl_coef', 'algo.use_kl_loss')}: KL needs a reference model: "
                       f"set layout.reference.gpus")
     if not needs_ref and layout.reference.gpus > 0:
-        errors.append(f"{_src(sources, 'layout.reference.gpus')}: the reference group is unused because KL is off "
+        errors.append(f"{src(sources, 'layout.reference.gpus')}: the reference group is unused because KL is off "
                       f"(algo.init_kl_coef = 0 and algo.use_kl_loss = false)")
     if algo.advantage_estimator in GROUP_ESTIMATORS and rollout.n_samples_per_prompt < 2:
-        errors.append(f"{_src(sources, 'rollout.n_samples_per_prompt')}: {algo.advantage_estimator} compares samples "
+        errors.append(f"{src(sources, 'rollout.n_samples_per_prompt')}: {algo.advantage_estimator} compares samples "
                       f"of one prompt, so it needs n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})")
     if rollout.dynamic_filtering:
         errors += check_dynamic_filtering(cfg, sources)
     if algo.advantage_estimator in GROUP_ESTIMATORS and algo.gamma != 1.0:
-        errors.append(f"{_src(sources, 'algo.gamma')}: {algo.advantage_estimator} uses a per-prompt baseline of "
+        errors.append(f"{src(sources, 'algo.gamma')}: {algo.advantage_estimator} uses a per-prompt baseline of "
                       f"sequence rewards, so it needs gamma = 1.0 (got {algo.gamma})")
     if algo.use_kl_loss and algo.init_kl_coef > 0:
-        errors.append(f"{_src(sources, 'algo.use_kl_loss', 'algo.init_kl_coef')}: choose KL in the loss "
+        errors.append(f"{src(sources, 'algo.use_kl_loss', 'algo.init_kl_coef')}: choose KL in the loss "
                       f"(use_kl_loss) or in the reward (init_kl_coef > 0), not both")
     if algo.eps_clip_low <= 0 or algo.eps_clip_high <= 0:
-        errors.append(f"{_src(sources, 'algo.eps_clip_low', 'algo.eps_clip_high')}: clip epsilons must be > 0")
+        errors.append(f"{src(sources, 'algo.eps_clip_low', 'algo.eps_clip_high')}: clip epsilons must be > 0")
     if algo.dual_clip is not None and algo.dual_clip <= 1:
-        errors.append(f"{_src(sources, 'algo.dual_clip')}: must be > 1, got {algo.dual_clip}")
+        errors.append(f"{src(sources, 'algo.dual_clip')}: must be > 1, got {algo.dual_clip}")
     if not algo.is_low < algo.is_high:
-        errors.append(f"{_src(sources, 'algo.is_low', 'algo.is_high')}: need is_low < is_high")
+        errors.append(f"{src(sources, 'algo.is_low', 'algo.is_high')}: need is_low < is_high")
     low, high = algo.reward_clip_range if len(algo.reward_clip_range) == 2 else (1, 0)
     if not low < high:
-        errors.append(f"{_src(sources, 'algo.reward_clip_range')}: must be [low, high] with low < high")
+        errors.append(f"{src(sources, 'algo.reward_clip_range')}: must be [low, high] with low < high")
     coef = algo.stop_properly_penalty_coef
     if coef is not None and (math.isnan(coef) or coef > 1):
-        errors.append(f"{_src(sources, 'algo.stop_properly_penalty_coef')}: must be in [0, 1] (scales the reward of "
+        errors.append(f"{src(sources, 'algo.stop_properly_penalty_coef')}: must be in [0, 1] (scales the reward of "
                       f"a cut response) or < 0 (replaces it), got {coef}")
     return errors
 
@@ -172,14 +174,14 @@ def check_dynamic_filtering(cfg: Config, sources: dict[str, str]) -> list[str]:
     errors = []
     rollout = cfg.rollout
     if rollout.n_samples_per_prompt < 2:
-        errors.append(f"{_src(sources, 'rollout.dynamic_filtering', 'rollout.n_samples_per_prompt')}: filtering keeps "
+        errors.append(f"{src(sources, 'rollout.dynamic_filtering', 'rollout.n_samples_per_prompt')}: filtering keeps "
                       f"groups whose scores differ, so it needs n_samples_per_prompt >= 2")
     if cfg.reward.pretrain:
-        errors.append(f"{_src(sources, 'rollout.dynamic_filtering', 'reward.pretrain')}: the generators filter groups "
+        errors.append(f"{src(sources, 'rollout.dynamic_filtering', 'reward.pretrain')}: the generators filter groups "
                       f"by score and draw replacement prompts, but a reward model scores later on its own ranks; use "
                       f"reward.reward_func_path or reward.remote_url")
     if rollout.dynamic_filtering_max_rounds < 1:
-        errors.append(f"{_src(sources, 'rollout.dynamic_filtering_max_rounds')}: must be >= 1 (1 = the first round "
+        errors.append(f"{src(sources, 'rollout.dynamic_filtering_max_rounds')}: must be >= 1 (1 = the first round "
                       f"only)")
     return errors
 
@@ -196,16 +198,16 @@ def check_data(cfg: Config, sources: dict[str, str]) -> list[str]:
     key = data_key(trainer)
     probabilities_key = f"{key}_probs"
     try:
-        count = len(dataset_paths(_value(cfg, key)))
+        count = len(dataset_paths(value_at(cfg, key)))
     except DatasetError as err:
-        return [f"{_src(sources, key)}: {err}"]
-    probabilities = _value(cfg, probabilities_key)
+        return [f"{src(sources, key)}: {err}"]
+    probabilities = value_at(cfg, probabilities_key)
     if probabilities is None:
         return []
     if trainer not in MIXING_TRAINERS[key]:
-        return [f"{_src(sources, probabilities_key)}: train.trainer {trainer} reads the datasets of {key} one after "
+        return [f"{src(sources, probabilities_key)}: train.trainer {trainer} reads the datasets of {key} one after "
                 f"another; mixing them is wired for {', '.join(MIXING_TRAINERS[key])} (leave it empty)"]
-    return [f"{_src(sources, probabilities_key, key)}: {problem}" for problem in probability_problems(count,
+    return [f"{src(sources, probabilities_key, key)}: {problem}" for problem in probability_problems(count,
                                                                                                       probabilities)]
 
 
@@ -217,12 +219,12 @@ def check_rewards(cfg: Config, sources: dict[str, str]) -> list[str]:
         return []  # the agent's environment returns the rewards
     if len(given) != 1:
         keys = ", ".join(f"reward.{k}" for k in given) or "none"
-        return [f"{_src(sources, *(f'reward.{k}' for k in given or ['reward_func_path']))}: set exactly one of "
+        return [f"{src(sources, *(f'reward.{k}' for k in given or ['reward_func_path']))}: set exactly one of "
                 f"reward.pretrain, reward.reward_func_path, reward.remote_url (set: {keys})"]
     if reward.pretrain and layout.reward.gpus == 0:
-        return [f"{_src(sources, 'reward.pretrain')}: a reward model needs ranks: set layout.reward.gpus"]
+        return [f"{src(sources, 'reward.pretrain')}: a reward model needs ranks: set layout.reward.gpus"]
     if not reward.pretrain and layout.reward.gpus > 0:
-        return [f"{_src(sources, 'layout.reward.gpus')}: the reward group is unused because rewards come from "
+        return [f"{src(sources, 'layout.reward.gpus')}: the reward group is unused because rewards come from "
                 f"reward.{given[0]}"]
     return []
 
@@ -256,12 +258,12 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
                 "train.micro_train_batch_size", "train.num_episodes", "train.max_epochs"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
-            errors.append(f"{_src(sources, key)}: must be >= 1")
+            errors.append(f"{src(sources, key)}: must be >= 1")
     if errors:
         return errors
     samples = rollout.batch_size * rollout.n_samples_per_prompt
     if train.trainer == "ppo" and samples % train.train_batch_size:
-        errors.append(f"{_src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
+        errors.append(f"{src(sources, 'train.train_batch_size')}: rollout.batch_size x n_samples_per_prompt = "
                       f"{rollout.batch_size} x {rollout.n_samples_per_prompt} = {samples} samples is not a multiple "
                       f"of train_batch_size={train.train_batch_size}")
     tp_size, ring = cfg.ds.tensor_parallel_size, cfg.ds.ring_attn_size
@@ -270,18 +272,18 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
         (generators, tp), (actors, _) = sizes["generator"], sizes["actor"]
         engines = generators // max(tp, 1)
         if engines and rollout.batch_size % engines:
-            errors.append(f"{_src(sources, 'rollout.batch_size')}: {rollout.batch_size} prompts do not split evenly "
+            errors.append(f"{src(sources, 'rollout.batch_size')}: {rollout.batch_size} prompts do not split evenly "
                           f"over {engines} generator engines (generator.gpus / tp = {generators} / {tp}{where})")
         dp = actors // split if actors % split == 0 else 0  # the parallelism checks say why not
         per_step = train.micro_train_batch_size * dp
         if dp and train.train_batch_size % per_step:
             ranks = ("actor.gpus" if split == 1 else f"actor.gpus / ds.ring_attn_size = {actors} / {ring}"
                      if ring > 1 else f"actor.gpus / ds.tensor_parallel_size = {actors} / {tp_size}")
-            errors.append(f"{_src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: "
+            errors.append(f"{src(sources, 'train.train_batch_size', 'train.micro_train_batch_size')}: "
                           f"train_batch_size={train.train_batch_size} is not a multiple of micro_train_batch_size x "
                           f"data-parallel ranks ({ranks}) = {train.micro_train_batch_size} x {dp} = {per_step}{where}")
     if rollout.temperature < 0 or not 0 < rollout.top_p <= 1:
-        errors.append(f"{_src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
+        errors.append(f"{src(sources, 'rollout.temperature', 'rollout.top_p')}: need temperature >= 0 and "
                       f"0 < top_p <= 1")
     return errors
 
@@ -290,19 +292,19 @@ def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
     """Async, backends and multi-turn settings that cannot work together."""
     errors = []
     if cfg.rollout.async_queue < 0:
-        errors.append(f"{_src(sources, 'rollout.async_queue')}: must be >= 0")
+        errors.append(f"{src(sources, 'rollout.async_queue')}: must be >= 0")
     if cfg.rollout.async_queue > 0 and cfg.layout.colocate:
-        errors.append(f"{_src(sources, 'rollout.async_queue', 'layout.colocate')}: async generation runs generators "
+        errors.append(f"{src(sources, 'rollout.async_queue', 'layout.colocate')}: async generation runs generators "
                       f"beside the actor, so it needs layout.colocate: false")
     if cfg.vllm.backend == "hf" and cfg.layout.generator.tp > 1:
-        errors.append(f"{_src(sources, 'layout.generator.tp', 'vllm.backend')}: the hf backend has no tensor "
+        errors.append(f"{src(sources, 'layout.generator.tp', 'vllm.backend')}: the hf backend has no tensor "
                       f"parallelism; use vllm.backend: vllm or generator.tp: 1")
     if cfg.rollout.max_turns > 1 and not cfg.rollout.agent_func_path:
-        errors.append(f"{_src(sources, 'rollout.max_turns')}: multi-turn rollouts need rollout.agent_func_path")
+        errors.append(f"{src(sources, 'rollout.max_turns')}: multi-turn rollouts need rollout.agent_func_path")
     if cfg.ds.param_offload and cfg.ds.zero_stage != 3:
-        errors.append(f"{_src(sources, 'ds.param_offload')}: parameter offload needs ds.zero_stage: 3")
+        errors.append(f"{src(sources, 'ds.param_offload')}: parameter offload needs ds.zero_stage: 3")
     if cfg.train.device == "cpu" and cfg.ds.bf16:
-        errors.append(f"{_src(sources, 'ds.bf16', 'train.device')}: bf16 training is for GPUs; leave ds.bf16 empty "
+        errors.append(f"{src(sources, 'ds.bf16', 'train.device')}: bf16 training is for GPUs; leave ds.bf16 empty "
                       f"or false on train.device: cpu")
     return errors
 
@@ -310,7 +312,7 @@ def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
 def check_sequence_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
     """ds.ring_attn_size: PPO only, packed micro-batches, SDPA or eager attention, and it divides the ranks of the
     actor, critic, reward model and reference."""
-    ring, key = cfg.ds.ring_attn_size, _src(sources, "ds.ring_attn_size")
+    ring, key = cfg.ds.ring_attn_size, src(sources, "ds.ring_attn_size")
     if ring < 1:
         return [f"{key}: must be >= 1 (1 = no sequence parallelism), got {ring}"]
     if ring == 1:
@@ -322,18 +324,18 @@ def check_sequence_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
         errors.append(f"{key}: sequence parallelism splits packed rows; set train.packing_samples: true")
     for section in ("actor", "critic"):
         if getattr(cfg, section).attn_implementation == "flash_attention_2":
-            errors.append(f"{_src(sources, f'{section}.attn_implementation', 'ds.ring_attn_size')}: sequence "
+            errors.append(f"{src(sources, f'{section}.attn_implementation', 'ds.ring_attn_size')}: sequence "
                           f"parallelism runs its own SDPA attention; use sdpa (or eager) with ds.ring_attn_size={ring}")
     if cfg.actor.aux_loss_coef > 0:
-        errors.append(f"{_src(sources, 'ds.ring_attn_size', 'actor.aux_loss_coef')}: the MoE load-balancing loss is "
+        errors.append(f"{src(sources, 'ds.ring_attn_size', 'actor.aux_loss_coef')}: the MoE load-balancing loss is "
                       f"not computed over a split sequence; use one or the other")
     if cfg.lora.rank > 0:
-        errors.append(f"{_src(sources, 'ds.ring_attn_size', 'lora.rank')}: sequence parallelism is not wired for a "
+        errors.append(f"{src(sources, 'ds.ring_attn_size', 'lora.rank')}: sequence parallelism is not wired for a "
                       f"LoRA actor; use one or the other")
     for role in SEQUENCE_PARALLEL_ROLES:
         gpus = getattr(cfg.layout, role).gpus
         if gpus > 0 and gpus % ring:
-            errors.append(f"{_src(sources, 'ds.ring_attn_size', f'layout.{role}.gpus')}: ds.ring_attn_size={ring} "
+            errors.append(f"{src(sources, 'ds.ring_attn_size', f'layout.{role}.gpus')}: ds.ring_attn_size={ring} "
                           f"does not divide layout.{role}.gpus={gpus} ({gpus} % {ring} = {gpus % ring})")
     return errors
 
@@ -346,55 +348,55 @@ def check_supervised(cfg: Config, sources: dict[str, str]) -> list[str]:
         return errors
     layout, pref = cfg.layout, cfg.pref
     if not layout.colocate:
-        errors.append(f"{_src(sources, 'layout.colocate', 'train.trainer')}: train.trainer {trainer} runs every role "
+        errors.append(f"{src(sources, 'layout.colocate', 'train.trainer')}: train.trainer {trainer} runs every role "
                       f"on every rank; set layout.colocate: true")
     if layout.critic.gpus > 0:
-        errors.append(f"{_src(sources, 'layout.critic.gpus')}: train.trainer {trainer} has no critic")
+        errors.append(f"{src(sources, 'layout.critic.gpus')}: train.trainer {trainer} has no critic")
     if cfg.data.max_len < 2:
-        errors.append(f"{_src(sources, 'data.max_len')}: must be >= 2 (one prompt and one response token)")
+        errors.append(f"{src(sources, 'data.max_len')}: must be >= 2 (one prompt and one response token)")
     if trainer in PAIRWISE_TRAINERS and cfg.train.max_tokens_per_microbatch is not None:
-        errors.append(f"{_src(sources, 'train.max_tokens_per_microbatch', 'train.trainer')}: {trainer} keeps "
+        errors.append(f"{src(sources, 'train.max_tokens_per_microbatch', 'train.trainer')}: {trainer} keeps "
                       f"compared samples in one micro-batch, so it batches by train.micro_train_batch_size only")
     if trainer in ("dpo", "iterative_dpo", "kto") and pref.beta <= 0:
-        errors.append(f"{_src(sources, 'pref.beta')}: must be > 0, got {pref.beta}")
+        errors.append(f"{src(sources, 'pref.beta')}: must be > 0, got {pref.beta}")
     if not 0.0 <= pref.label_smoothing < 0.5:
-        errors.append(f"{_src(sources, 'pref.label_smoothing')}: must be in [0, 0.5), got {pref.label_smoothing}")
+        errors.append(f"{src(sources, 'pref.label_smoothing')}: must be in [0, 0.5), got {pref.label_smoothing}")
     if pref.loss_type == "ipo" and pref.label_smoothing > 0:
-        errors.append(f"{_src(sources, 'pref.label_smoothing', 'pref.loss_type')}: label smoothing (cDPO) applies "
+        errors.append(f"{src(sources, 'pref.label_smoothing', 'pref.loss_type')}: label smoothing (cDPO) applies "
                       f"to pref.loss_type dpo, not ipo")
     if (pref.ref_chosen_logps_key is None) != (pref.ref_rejected_logps_key is None):
-        errors.append(f"{_src(sources, 'pref.ref_chosen_logps_key', 'pref.ref_rejected_logps_key')}: precomputed "
+        errors.append(f"{src(sources, 'pref.ref_chosen_logps_key', 'pref.ref_rejected_logps_key')}: precomputed "
                       f"reference log-probs need both columns, or neither")
     if trainer == "iterative_dpo" and pref.ref_chosen_logps_key is not None:
-        errors.append(f"{_src(sources, 'pref.ref_chosen_logps_key')}: iterative_dpo scores its own generated pairs "
+        errors.append(f"{src(sources, 'pref.ref_chosen_logps_key')}: iterative_dpo scores its own generated pairs "
                       f"with the reference model; precomputed columns cannot exist for them")
     if trainer == "kto":
         per_rank = cfg.train.train_batch_size // max(layout.actor.gpus, 1)
         if per_rank < 2:
-            errors.append(f"{_src(sources, 'train.train_batch_size')}: kto pairs each prompt with another sample's "
+            errors.append(f"{src(sources, 'train.train_batch_size')}: kto pairs each prompt with another sample's "
                           f"response, so each actor rank needs >= 2 samples per step (train_batch_size / actor.gpus "
                           f"= {cfg.train.train_batch_size} / {layout.actor.gpus} = {per_rank})")
     if trainer == "iterative_dpo":
         if pref.rounds < 1:
-            errors.append(f"{_src(sources, 'pref.rounds')}: must be >= 1, got {pref.rounds}")
+            errors.append(f"{src(sources, 'pref.rounds')}: must be >= 1, got {pref.rounds}")
         if cfg.rollout.n_samples_per_prompt < 2:
-            errors.append(f"{_src(sources, 'rollout.n_samples_per_prompt')}: iterative_dpo pairs the best and the "
+            errors.append(f"{src(sources, 'rollout.n_samples_per_prompt')}: iterative_dpo pairs the best and the "
                           f"worst of each prompt's responses, so it needs n_samples_per_prompt >= 2")
     if trainer == "kd":
         if not cfg.kd.teacher_pretrain:
-            errors.append(f"{_src(sources, 'kd.teacher_pretrain', 'train.trainer')}: knowledge distillation needs a "
+            errors.append(f"{src(sources, 'kd.teacher_pretrain', 'train.trainer')}: knowledge distillation needs a "
                           f"teacher model")
         if not 0.0 <= cfg.kd.kd_coef <= 1.0:
-            errors.append(f"{_src(sources, 'kd.kd_coef')}: must be in [0, 1], got {cfg.kd.kd_coef}")
+            errors.append(f"{src(sources, 'kd.kd_coef')}: must be in [0, 1], got {cfg.kd.kd_coef}")
     if trainer == "prm" and len(cfg.prm.reward_tokens) != 2:
-        errors.append(f"{_src(sources, 'prm.reward_tokens')}: needs exactly [good, bad], got {cfg.prm.reward_tokens}")
+        errors.append(f"{src(sources, 'prm.reward_tokens')}: needs exactly [good, bad], got {cfg.prm.reward_tokens}")
     if trainer == "rejection_sampling" and cfg.rejection_sampling.rounds < 1:
-        errors.append(f"{_src(sources, 'rejection_sampling.rounds')}: must be >= 1")
+        errors.append(f"{src(sources, 'rejection_sampling.rounds')}: must be >= 1")
     if trainer == "sft" and cfg.sft.pretrain_mode and cfg.sft.multiturn:
-        errors.append(f"{_src(sources, 'sft.pretrain_mode', 'sft.multiturn')}: choose pretrain_mode (plain text) or "
+        errors.append(f"{src(sources, 'sft.pretrain_mode', 'sft.multiturn')}: choose pretrain_mode (plain text) or "
                       f"multiturn (chats), not both")
     if trainer == "sft" and cfg.sft.multiturn and not cfg.data.apply_chat_template:
-        errors.append(f"{_src(sources, 'sft.multiturn', 'data.apply_chat_template')}: multi-turn chats are rendered "
+        errors.append(f"{src(sources, 'sft.multiturn', 'data.apply_chat_template')}: multi-turn chats are rendered "
                       f"with the chat template; set data.apply_chat_template: true")
     return errors
 
@@ -410,9 +412,9 @@ def check_moe(cfg: Config, sources: dict[str, str]) -> list[str]:
     """actor.aux_loss_coef: >= 0, and only for the trainers that train the causal-LM actor."""
     coef = cfg.actor.aux_loss_coef
     if coef < 0:
-        return [f"{_src(sources, 'actor.aux_loss_coef')}: must be >= 0 (0 = off), got {coef}"]
+        return [f"{src(sources, 'actor.aux_loss_coef')}: must be >= 0 (0 = off), got {coef}"]
     if coef > 0 and cfg.train.trainer not in AUX_LOSS_TRAINERS:
-        return [f"{_src(sources, 'actor.aux_loss_coef', 'train.trainer')}: the MoE load-balancing loss is added by "
+        return [f"{src(sources, 'actor.aux_loss_coef', 'train.trainer')}: the MoE load-balancing loss is added by "
                 f"the causal-LM actor of {', '.join(AUX_LOSS_TRAINERS)}, not by train.trainer {cfg.train.trainer}; "
                 f"set it to 0"]
     return []
@@ -427,25 +429,25 @@ def check_tensor_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
     """ds.tensor_parallel_size: the actor's ranks split into whole blocks inside a node, ZeRO 0-2, sft only."""
     tp, actor_gpus, per_node = cfg.ds.tensor_parallel_size, cfg.layout.actor.gpus, cfg.slurm.gpus_per_node
     if tp < 1:
-        return [f"{_src(sources, 'ds.tensor_parallel_size')}: must be >= 1, got {tp}"]
+        return [f"{src(sources, 'ds.tensor_parallel_size')}: must be >= 1, got {tp}"]
     if tp == 1:
         return []
-    key = _src(sources, "ds.tensor_parallel_size")
+    key = src(sources, "ds.tensor_parallel_size")
     errors = []
     if cfg.train.trainer not in TP_TRAINERS:
         errors.append(f"{key}: DeepSpeed AutoTP training is wired for train.trainer {', '.join(TP_TRAINERS)}, not "
                       f"{cfg.train.trainer}")
     if cfg.ds.zero_stage > 2:
-        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'ds.zero_stage')}: AutoTP training needs "
+        errors.append(f"{src(sources, 'ds.tensor_parallel_size', 'ds.zero_stage')}: AutoTP training needs "
                       f"ds.zero_stage <= 2, got {cfg.ds.zero_stage}")
     if actor_gpus % tp:
         errors.append(f"{key}: actor.gpus={actor_gpus} is not a multiple of ds.tensor_parallel_size={tp} "
                       f"({actor_gpus} % {tp} = {actor_gpus % tp})")
     if per_node % tp:
-        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'slurm.gpus_per_node')}: {tp} must divide "
+        errors.append(f"{src(sources, 'ds.tensor_parallel_size', 'slurm.gpus_per_node')}: {tp} must divide "
                       f"slurm.gpus_per_node={per_node} so that no tensor-parallel block spans two nodes")
     if cfg.lora.rank > 0:
-        errors.append(f"{_src(sources, 'ds.tensor_parallel_size', 'lora.rank')}: AutoTP shards the base model's "
+        errors.append(f"{src(sources, 'ds.tensor_parallel_size', 'lora.rank')}: AutoTP shards the base model's "
                       f"linear layers, which LoRA wraps; use one or the other")
     return errors
 
@@ -455,21 +457,21 @@ def check_lora(cfg: Config, sources: dict[str, str]) -> list[str]:
     errors = []
     lora = cfg.lora
     if lora.rank < 0:
-        errors.append(f"{_src(sources, 'lora.rank')}: must be >= 0 (0 = off), got {lora.rank}")
+        errors.append(f"{src(sources, 'lora.rank')}: must be >= 0 (0 = off), got {lora.rank}")
     if lora.rank > 0 and lora.alpha <= 0:
-        errors.append(f"{_src(sources, 'lora.alpha')}: must be > 0, got {lora.alpha}")
+        errors.append(f"{src(sources, 'lora.alpha')}: must be > 0, got {lora.alpha}")
     if not 0.0 <= lora.dropout < 1.0:
-        errors.append(f"{_src(sources, 'lora.dropout')}: must be in [0, 1), got {lora.dropout}")
+        errors.append(f"{src(sources, 'lora.dropout')}: must be in [0, 1), got {lora.dropout}")
     if lora.rank > 0 and not lora.target_modules:
-        errors.append(f"{_src(sources, 'lora.target_modules')}: name at least one module (or all-linear)")
+        errors.append(f"{src(sources, 'lora.target_modules')}: name at least one module (or all-linear)")
     if lora.load_in_4bit and lora.rank == 0:
-        errors.append(f"{_src(sources, 'lora.load_in_4bit', 'lora.rank')}: QLoRA trains LoRA adapters on a 4-bit "
+        errors.append(f"{src(sources, 'lora.load_in_4bit', 'lora.rank')}: QLoRA trains LoRA adapters on a 4-bit "
                       f"base; set lora.rank > 0")
     if lora.rank > 0 and cfg.train.trainer == "prm":
-        errors.append(f"{_src(sources, 'lora.rank', 'train.trainer')}: LoRA is wired for sft, rm, dpo, kto, kd, ppo, "
+        errors.append(f"{src(sources, 'lora.rank', 'train.trainer')}: LoRA is wired for sft, rm, dpo, kto, kd, ppo, "
                       f"rejection_sampling and iterative_dpo, not prm")
     if lora.load_in_4bit and cfg.train.trainer in GENERATING_TRAINERS:
-        errors.append(f"{_src(sources, 'lora.load_in_4bit', 'train.trainer')}: {cfg.train.trainer} merges the adapters "
+        errors.append(f"{src(sources, 'lora.load_in_4bit', 'train.trainer')}: {cfg.train.trainer} merges the adapters "
                       f"into the base weights for its generator, which a 4-bit base cannot take; set "
                       f"lora.load_in_4bit: false")
     return errors
@@ -481,7 +483,7 @@ def check_images(cfg: Config, sources: dict[str, str]) -> list[str]:
     count = cfg.data.max_images_per_prompt
     if not count:
         return []
-    key = _src(sources, "data.max_images_per_prompt")
+    key = src(sources, "data.max_images_per_prompt")
     if count < 0:
         return [f"{key}: must be >= 0 (0 = text only), got {count}"]
     unsupported = [(cfg.train.trainer != "ppo", "train.trainer must be ppo"),
@@ -501,134 +503,3 @@ def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------
-
-MODEL_KEYS = ("actor.pretrain", "critic.pretrain", "ref.pretrain", "reward.pretrain", "kd.teacher_pretrain")
-PROMPT_TRAINERS = ("ppo", "rejection_sampling", "iterative_dpo")  # the trainers that sample from prompts
-MODEL_FILES = ("config.json", "adapter_config.json")  # a model folder (or a LoRA adapter folder) has one of these
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")  # `name` or `org/name`
-CHECK_ROWS = 10_000  # rows of each dataset read before starting: enough for the usual mistakes, cheap on big files
-
-
-def _value(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section, None), name, None)
-
-
-def model_spec_problem(spec: str) -> str | None:
-    """Why a model spec cannot load (None when it can, or when it is a hub name this machine cannot check)."""
-    from hpc_rlhf.builtin_models import resolve as builtin_models
-
-    if spec.startswith(builtin_models.BUILTIN_PREFIX):
-        return builtin_models.unknown_builtin(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not any((path / name).is_file() for name in MODEL_FILES):
-            return f"{spec} is a folder but not a model folder (it has no {' or '.join(MODEL_FILES)})"
-        return None
-    if path.exists():
-        return f"{spec} is a file; expected a model folder (with config.json) or a hub name like org/name"
-    if spec.startswith(("/", ".", "~")) or not HUB_ID.match(spec):
-        return f"{spec} does not exist (not a folder on this machine, and not a hub name like org/name)"
-    return None
-
-
-def check_model_paths(cfg: Config, sources: dict[str, str]) -> list[str]:
-    """Every model the run will load exists: a model folder, a known `builtin:` name, or a hub-style name."""
-    errors = []
-    for key in MODEL_KEYS:
-        if key == "kd.teacher_pretrain" and cfg.train.trainer != "kd":
-            continue
-        spec = _value(cfg, key)
-        problem = model_spec_problem(spec) if spec else None
-        if problem:
-            errors.append(f"{_src(sources, key)}: {problem}")
-    return errors
-
-
-def model_is_moe(spec: str) -> bool | None:
-    """Whether a model spec names a mixture-of-experts model (its config.json has `output_router_logits`); None when
-    this machine cannot tell (a hub name, a LoRA adapter folder, an unreadable config)."""
-    from hpc_rlhf.builtin_models import resolve as builtin_models
-
-    if spec.startswith(builtin_models.BUILTIN_PREFIX):
-        name = spec[len(builtin_models.BUILTIN_PREFIX):].partition("/")[0]
-        return name in builtin_models.MOE_BUILTIN_MODELS
-    config_file = Path(spec).expanduser() / "config.json"
-    try:
-        return "output_router_logits" in json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def check_moe_model(cfg: Config, sources: dict[str, str]) -> list[str]:
-    """actor.aux_loss_coef > 0 needs a mixture-of-experts actor.pretrain (checked where its config can be read)."""
-    coef, spec = cfg.actor.aux_loss_coef, cfg.actor.pretrain
-    if coef > 0 and model_is_moe(spec) is False:
-        return [f"{_src(sources, 'actor.aux_loss_coef')}: {coef} needs a mixture-of-experts actor.pretrain (a model "
-                f"whose config has output_router_logits, e.g. Mixtral, Qwen3-MoE, builtin:tiny-moe); {spec} is not "
-                f"one, so set actor.aux_loss_coef: 0"]
-    return []
-
-
-def check_data_files(cfg: Config, sources: dict[str, str], *, limit: int = CHECK_ROWS) -> list[str]:
-    """The datasets the trainer reads exist and their first `limit` rows are readable (with the prompt and label
-    columns for the trainers that sample prompts), so a bad file is reported before any model loads."""
-    data = cfg.data
-    prompts = cfg.train.trainer in PROMPT_TRAINERS
-    keys = [data_key(cfg.train.trainer)] + (["eval.data"] if cfg.eval.data else [])
-    errors = []
-    for key in keys:
-        value = _value(cfg, key)
-        try:
-            lengths, complete = [], True
-            for path in dataset_paths(value):
-                if not prompts:
-                    check_records(path, limit=limit)
-                    continue
-                rows, whole = check_prompt_rows(path, input_key=data.input_key, label_key=data.label_key,
-                                                apply_chat_template=data.apply_chat_template, limit=limit,
-                                                image_key=data.image_key, max_images=data.max_images_per_prompt)
-                lengths.append(min(rows, data.max_samples) if data.max_samples else rows)
-                complete = complete and whole
-            if key == "data.prompt_data" and complete:
-                usable = _mixed_size(lengths, data.prompt_data_probs if cfg.train.trainer == "ppo" else None,
-                                     cfg.train.seed, data.max_samples)
-                if usable < cfg.rollout.batch_size:
-                    errors.append(f"{_src(sources, key, 'rollout.batch_size')}: {value} has {usable} usable prompts, "
-                                  f"fewer than rollout.batch_size={cfg.rollout.batch_size}")
-        except DatasetError as err:
-            errors.append(f"{_src(sources, key)}: {err}")
-        except OSError as err:
-            errors.append(f"{_src(sources, key)}: cannot read {value}: {err}")
-    return errors
-
-
-def _mixed_size(lengths: list[int], probabilities: list[float] | None, seed: int, max_samples: int | None) -> int:
-    """Rows of the datasets' mix (hpc_rlhf.data.mixing) or concatenation, capped at max_samples."""
-    mixes = probabilities and all(lengths) and not probability_problems(len(lengths), probabilities)
-    size = len(interleave_order(lengths, probabilities, seed)) if mixes else sum(lengths)
-    return min(size, max_samples) if max_samples else size
-
-
-def check_device(cfg: Config, sources: dict[str, str], *, ranks_here: int = 1) -> list[str]:
-    """train.device: cuda needs GPUs that torch can use, one per rank on this machine."""
-    if cfg.train.device != "cuda":
-        return []
-    import torch
-
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        return [f"{_src(sources, 'train.device')}: cuda, but torch sees no GPU on this machine (torch "
-                f"{torch.__version__}, {build}); use --train.device=cpu (or auto)"]
-    count = torch.cuda.device_count()
-    if ranks_here > count:
-        return [f"{_src(sources, 'train.device')}: cuda with {ranks_here} ranks on this machine, but torch sees "
-                f"{count} GPU(s); each rank needs its own"]
-    return []
-
-
-def check_machine(cfg: Config, sources: dict[str, str], *, ranks_here: int = 1) -> list[str]:
-    """The checks that need this machine (device, models, data files); run by the entry points before any rank
-    starts, not by `load_config` (a config may be written on one machine for another)."""
-    return (check_device(cfg, sources, ranks_here=ranks_here) + check_model_paths(cfg, sources)
-            + check_moe_model(cfg, sources) + check_data_files(cfg, sources))

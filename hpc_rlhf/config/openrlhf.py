@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hpc_rlhf.config.schema import Config
-from hpc_rlhf.config.checks import HUB_ID
+from hpc_rlhf.config.preflight import HUB_ID
 from hpc_rlhf.config.loading import apply_mapping
 from hpc_rlhf.data.records import FILE_SUFFIXES
 from hpc_rlhf.config.openrlhf_flags import (ENTRY_TRAINERS, FLAG, FLOAT, FLOATS, INT, OPENRLHF_DEFAULTS,

@@ -42,7 +42,8 @@ from hpc_rlhf.trainers.engines import engine_config, lora_settings
 from hpc_rlhf.trainers.supervised_data import LoadReport, PairExample
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, response_token_index
 from hpc_rlhf.training.deepspeed_setup import EngineConfig, all_reduce_in_group
-from hpc_rlhf.training.models import ForwardOutput, LossFn, Reference, model_inputs
+from hpc_rlhf.training.models import LossFn, Reference
+from hpc_rlhf.training.forwards import ForwardOutput, model_inputs
 from hpc_rlhf.training.models import TrainedModel
 
 T = TypeVar("T")

@@ -58,7 +58,8 @@ from hpc_rlhf.trainers.rounds import Rounds, RoundTraining, round_schedule, run_
 from hpc_rlhf.trainers.sampling import RoundSampler, ScoredGroup, load_eval_prompt_rows, load_prompt_rows
 from hpc_rlhf.trainers.supervised_data import Encoded, PairExample, load_pairs, read_jsonl
 from hpc_rlhf.training.batching import MicroBatch
-from hpc_rlhf.training.models import Actor, ForwardOutput, LossFn, LossResult, Reference
+from hpc_rlhf.training.models import Actor, LossFn, LossResult, Reference
+from hpc_rlhf.training.forwards import ForwardOutput
 
 ROUNDS_DIR = "iterative_dpo"
 

@@ -37,7 +37,8 @@ from hpc_rlhf.trainers.common import (
 )
 from hpc_rlhf.trainers.supervised_data import Encoded, load_sft_examples
 from hpc_rlhf.training.batching import MicroBatch, response_token_index
-from hpc_rlhf.training.models import Actor, ForwardOutput, LossResult, Reference
+from hpc_rlhf.training.models import Actor, LossResult, Reference
+from hpc_rlhf.training.forwards import ForwardOutput
 
 
 @dataclass

@@ -43,7 +43,8 @@ from hpc_rlhf.trainers.common import (
 )
 from hpc_rlhf.trainers.supervised_data import Encoded, LabelledExample, load_unpaired
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
-from hpc_rlhf.training.models import Actor, ForwardOutput, LossFn, LossResult, Reference
+from hpc_rlhf.training.models import Actor, LossFn, LossResult, Reference
+from hpc_rlhf.training.forwards import ForwardOutput
 
 
 def mismatched_samples(examples: Sequence[LabelledExample], max_len: int) -> list[TokenSample]:

@@ -41,7 +41,8 @@ from hpc_rlhf.trainers.common import (
 from hpc_rlhf.trainers.supervised_data import LoadReport, TextEncoder, encode_rows, field_of
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
-from hpc_rlhf.training.models import Actor, ForwardOutput, LossResult
+from hpc_rlhf.training.models import Actor, LossResult
+from hpc_rlhf.training.forwards import ForwardOutput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -46,7 +46,8 @@ from hpc_rlhf.trainers.common import (
 from hpc_rlhf.trainers.supervised_data import PairExample, load_pairs
 from hpc_rlhf.training.batching import MicroBatch
 from hpc_rlhf.training.deepspeed_setup import EngineConfig
-from hpc_rlhf.training.models import ForwardOutput, LossFn, LossResult, TrainedModel, model_inputs
+from hpc_rlhf.training.models import LossFn, LossResult, TrainedModel
+from hpc_rlhf.training.forwards import ForwardOutput, model_inputs
 
 STATS_PAIRS = 1024
 

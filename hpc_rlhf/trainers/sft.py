@@ -33,7 +33,8 @@ from hpc_rlhf.trainers.common import (
 )
 from hpc_rlhf.trainers.supervised_data import Encoded, load_sft_examples
 from hpc_rlhf.training.batching import MicroBatch
-from hpc_rlhf.training.models import Actor, ForwardOutput
+from hpc_rlhf.training.models import Actor
+from hpc_rlhf.training.forwards import ForwardOutput
 
 
 def nll_loss_fn(batch: MicroBatch, output: ForwardOutput) -> torch.Tensor:

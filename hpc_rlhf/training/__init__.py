@@ -15,8 +15,9 @@ from hpc_rlhf.training.deepspeed_setup import (
     init_inference_engine,
     make_ds_config,
 )
+from hpc_rlhf.training.forwards import ForwardOutput
 from hpc_rlhf.training.logprobs import token_log_probs
-from hpc_rlhf.training.models import Actor, Critic, ForwardOutput, Reference, TokenValueModel
+from hpc_rlhf.training.models import Actor, Critic, Reference, TokenValueModel
 
 __all__ = [
     "Actor",

@@ -11,7 +11,7 @@ Vision-language models (`AutoModelForImageTextToText` folders) load with their i
 images gets their vision tensors (`pixel_values`, ...) rebuilt from the PNG bytes in its forward pass.
 
 The log-prob / value of response token j is read from the model output one position before it (the
-logits there predict it). The loss functions live elsewhere: `backward` runs the caller's
+logits there predict it; `forwards.py` holds the forward passes themselves). The loss functions live elsewhere: `backward` runs the caller's
 `loss_fn(micro_batch, output)` per micro-batch and weights the results so that the gradient is that of
 the mean over all tokens (or samples) of the whole data-parallel batch, whatever the micro-batching.
 """
@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +33,6 @@ from hpc_rlhf.data.images import (
     check_plain_positions,
     is_vision_language,
     load_image_processor,
-    vision_tensors,
 )
 from hpc_rlhf.distributed.weights import full_named_parameters, is_peft_model, plain_parameter_name
 from hpc_rlhf.training.batching import (
@@ -55,11 +52,19 @@ from hpc_rlhf.training.deepspeed_setup import (
     init_inference_engine,
 )
 from hpc_rlhf.training.ema import EmaWeights
+from hpc_rlhf.training.forwards import (
+    ForwardOutput,
+    accepts_logits_to_keep,
+    causal_lm_log_probs,
+    is_mixture_of_experts,
+    model_inputs,
+    predicting_on_shard,
+    sequence_parallel_log_probs,
+    to_response_layout,
+)
 from hpc_rlhf.training.lora import LoraSettings, apply_lora, is_lora_model, save_adapter, unwrap
-from hpc_rlhf.training.logprobs import token_log_probs
 from hpc_rlhf.training.sequence_parallel import (
     SequenceParallel,
-    SequenceShard,
     sequence_parallel,
     shard_packed_row,
     sum_over_group,
@@ -69,127 +74,8 @@ from hpc_rlhf.training.sequence_parallel import (
 VALUE_HEAD_NAMES: tuple[str, ...] = ("score", "classifier", "v_head", "value_head")
 EMA_FILE = "ema.pt"  # beside the engine's DeepSpeed files in its checkpoint folder
 
-
-@dataclass
-class ForwardOutput:
-    """Per-token results of one micro-batch in the response layout [num_samples, max_response_len] (fp32)."""
-
-    log_probs: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # a mixture-of-experts model's load-balancing loss (scalar), when asked
-
-
 LossResult = torch.Tensor | tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]
 LossFn = Callable[[MicroBatch, ForwardOutput], LossResult]
-
-
-def _to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Tensor,
-                        offset: torch.Tensor) -> torch.Tensor:
-    out = flat.new_zeros(batch.action_mask.shape)
-    return out.index_put((sample.to(flat.device), offset.to(flat.device)), flat)
-
-
-def model_inputs(batch: MicroBatch, device: torch.device, image_processor: Any = None) -> dict[str, Any]:
-    """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed), with the vision tensors
-    of its images (`image_processor` is the vision-language model's)."""
-    kwargs = {
-        "input_ids": batch.input_ids.to(device),
-        "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
-        "position_ids": batch.position_ids.to(device),
-        "use_cache": False,
-    }
-    if batch.images:
-        if image_processor is None:
-            raise ValueError("a micro-batch has images but the model was loaded without an image processor (is it a "
-                             "vision-language model?)")
-        kwargs.update({key: value.to(device) for key, value in vision_tensors(image_processor, batch.images).items()})
-    return kwargs
-
-
-def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: torch.device, *,
-                        temperature: float = 1.0, with_entropy: bool = False,
-                        supports_logits_to_keep: bool = True, chunk_size: int = 1024,
-                        image_processor: Any = None, output_router_logits: bool = False) -> ForwardOutput:
-    """Log-probs (and entropy) of the response tokens of `batch` under a causal LM (module or engine).
-
-    Only the positions that predict response tokens go through the LM head (`logits_to_keep`); the log-probs are
-    read from the model's logits in place (`token_log_probs` picks rows by index, no gathered copy).
-    `output_router_logits` asks a mixture-of-experts model for its load-balancing loss (`ForwardOutput.aux_loss`),
-    which transformers computes over every input token but padding (the attention mask; a packed row has none).
-    """
-    rows, columns, sample, offset = response_token_index(batch)
-    predicting = columns - 1
-    kwargs = model_inputs(batch, device, image_processor)
-    if output_router_logits:
-        kwargs["output_router_logits"] = True
-    if supports_logits_to_keep:
-        kept_columns = torch.unique(predicting)  # sorted
-        outputs = model(**kwargs, logits_to_keep=kept_columns.to(device))
-        logits = outputs.logits  # [rows, kept, V]
-        flat_rows = rows * kept_columns.numel() + torch.searchsorted(kept_columns, predicting)
-    else:
-        outputs = model(**kwargs)
-        logits = outputs.logits  # [rows, seq, V]
-        flat_rows = rows * logits.shape[1] + predicting
-    labels = batch.input_ids[rows, columns]
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    count = flat_rows.numel()
-    if count == flat_logits.shape[0] and torch.equal(flat_rows, torch.arange(count, device=flat_rows.device)):
-        flat_rows = None  # every kept position predicts a response token, in order: read the logits as they are
-    log_probs, entropy = token_log_probs(flat_logits, labels, rows=flat_rows,
-                                         temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
-    return ForwardOutput(
-        log_probs=_to_response_layout(log_probs, batch, sample, offset),
-        entropy=None if entropy is None else _to_response_layout(entropy, batch, sample, offset),
-        aux_loss=outputs.aux_loss if output_router_logits else None)
-
-
-def is_mixture_of_experts(model: nn.Module) -> bool:
-    """Whether a Hugging Face model routes tokens to experts and can return router logits (its config has
-    `output_router_logits`, as Mixtral, Qwen2/3-MoE and the other transformers MoE models do)."""
-    return hasattr(getattr(model, "config", None), "output_router_logits")
-
-
-def _predicting_on_shard(batch: MicroBatch, shard: SequenceShard
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The response tokens whose predicting position lies on `shard`: (input column, sample, offset, local position)."""
-    _, columns, sample, offset = response_token_index(batch)
-    predicting = columns - 1
-    mine = (predicting >= shard.start) & (predicting < shard.stop)
-    return columns[mine], sample[mine], offset[mine], predicting[mine] - shard.start
-
-
-def sequence_parallel_log_probs(model: Callable[..., Any], batch: MicroBatch, device: torch.device,
-                                sp: SequenceParallel, *, temperature: float = 1.0, with_entropy: bool = False,
-                                supports_logits_to_keep: bool = True, chunk_size: int = 1024) -> ForwardOutput:
-    """`causal_lm_log_probs` on this rank's slice of a packed micro-batch, summed over the sequence-parallel group.
-
-    Every rank keeps at least one position (a zero-weighted anchor), so every layer is in its autograd graph and the
-    backward collectives of the attention gathers run on all ranks of the group.
-    """
-    shard = shard_packed_row(batch.input_ids, batch.position_ids, sp, device=device)
-    columns, sample, offset, local = _predicting_on_shard(batch, shard)
-    kept = torch.unique(local) if local.numel() else torch.zeros(1, dtype=torch.long)
-    if supports_logits_to_keep:
-        logits = model(**shard.model_inputs(), logits_to_keep=kept.to(device)).logits[0]  # [kept, V]
-        flat_rows = torch.searchsorted(kept, local)
-    else:
-        logits = model(**shard.model_inputs()).logits[0]  # [slice, V]
-        flat_rows = local
-    labels = batch.input_ids[0, columns]
-    log_probs, entropy = token_log_probs(logits, labels, rows=flat_rows, temperature=temperature,
-                                         with_entropy=with_entropy, chunk_size=chunk_size)
-    anchor = logits[:1, :1].sum().float() * 0.0
-
-    def whole(flat: torch.Tensor) -> torch.Tensor:
-        return sum_over_group(_to_response_layout(flat, batch, sample, offset) + anchor, sp.group)
-
-    return ForwardOutput(log_probs=whole(log_probs), entropy=None if entropy is None else whole(entropy))
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _local_device() -> torch.device:
@@ -509,7 +395,7 @@ class Actor(TrainedModel):
         self.temperature = temperature
         self.with_entropy = with_entropy
         self.image_processor = image_processor
-        self._supports_logits_to_keep = _accepts_logits_to_keep(model)
+        self._supports_logits_to_keep = accepts_logits_to_keep(model)
         self.output_router_logits = cfg.aux_loss_coef > 0
         if self.output_router_logits and not is_mixture_of_experts(model):
             raise ValueError(f"aux_loss_coef={cfg.aux_loss_coef} needs a mixture-of-experts model (one whose config "
@@ -617,16 +503,16 @@ class Critic(TrainedModel):
         rows, columns, sample, offset = response_token_index(batch)
         values = self.engine(**model_inputs(batch, self.device))
         flat = values[rows.to(self.device), (columns - 1).to(self.device)].float()
-        return ForwardOutput(values=_to_response_layout(flat, batch, sample, offset))
+        return ForwardOutput(values=to_response_layout(flat, batch, sample, offset))
 
     def _sequence_parallel_forward(self, batch: MicroBatch, sp: SequenceParallel) -> ForwardOutput:
         """Values on this rank's slice, summed over the group (a zero-weighted anchor keeps every layer in the
         graph, as in `sequence_parallel_log_probs`)."""
         shard = shard_packed_row(batch.input_ids, batch.position_ids, sp, device=self.device)
-        _, sample, offset, local = _predicting_on_shard(batch, shard)
+        _, sample, offset, local = predicting_on_shard(batch, shard)
         values = self.engine(**shard.model_inputs())[0]  # [slice]
         flat = values[local.to(self.device)].float()
-        local_layout = _to_response_layout(flat, batch, sample, offset) + values[:1].sum().float() * 0.0
+        local_layout = to_response_layout(flat, batch, sample, offset) + values[:1].sum().float() * 0.0
         return ForwardOutput(values=sum_over_group(local_layout, sp.group))
 
 
@@ -639,7 +525,7 @@ class Reference:
         self.cfg = cfg
         self.temperature = temperature
         self.image_processor = image_processor
-        self._supports_logits_to_keep = _accepts_logits_to_keep(model)
+        self._supports_logits_to_keep = accepts_logits_to_keep(model)
         self.sp: SequenceParallel | None = sequence_parallel(sp_group, cfg.ring_attn_size)
         if self.sp is not None:
             use_sequence_parallel_attention(model)

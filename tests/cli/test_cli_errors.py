@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hpc_rlhf.cli import UsageError, describe_failure, run_entry
-from hpc_rlhf.config.checks import check_machine, model_spec_problem
+from hpc_rlhf.config.preflight import check_machine, model_spec_problem
 from hpc_rlhf.config.loading import load_config
 
 REPO = Path(__file__).resolve().parents[2]

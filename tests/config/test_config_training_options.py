@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_rlhf.config.checks import check_data_files
+from hpc_rlhf.config.preflight import check_data_files
 from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.config.openrlhf import migrate
 from hpc_rlhf.config.schema import ConfigError

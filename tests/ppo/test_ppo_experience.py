@@ -14,7 +14,7 @@ from hpc_rlhf.rollouts import to_rollout_table
 from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, loss_weighting, optimizer_batches
 from hpc_rlhf.training.batching import MicroBatch
-from hpc_rlhf.training.models import ForwardOutput
+from hpc_rlhf.training.forwards import ForwardOutput
 
 
 def rows(rewards, scores, lengths, n):

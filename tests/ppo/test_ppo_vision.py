@@ -21,7 +21,7 @@ from hpc_rlhf.generation.engine import SamplingParams
 from hpc_rlhf.generation.hf_engine import HFEngine
 from hpc_rlhf.rollouts import RolloutReader
 from hpc_rlhf.training.batching import TokenSample, make_micro_batches
-from hpc_rlhf.training.models import causal_lm_log_probs
+from hpc_rlhf.training.forwards import causal_lm_log_probs
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 

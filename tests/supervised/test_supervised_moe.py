@@ -73,7 +73,7 @@ def test_aux_loss_evens_out_the_router(moe_dir, train, series, tmp_path):
 
 def test_a_dense_actor_with_aux_loss_is_refused_in_one_line(tmp_path, moe_dir):
     from hpc_rlhf.builtin_models.tiny import build_tiny_model
-    from hpc_rlhf.config.checks import check_moe_model
+    from hpc_rlhf.config.preflight import check_moe_model
     from hpc_rlhf.training.deepspeed_setup import EngineConfig
     from hpc_rlhf.training.models import Actor
 

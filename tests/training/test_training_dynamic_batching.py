@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpc_rlhf.training.batching import loss_units, loss_weights, make_micro_batches
-from hpc_rlhf.training.models import causal_lm_log_probs
+from hpc_rlhf.training.forwards import causal_lm_log_probs
 
 
 def full_batch_reference_grads(worker, samples) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hpc_rlhf.training.batching import make_micro_batches
-from hpc_rlhf.training.models import TokenValueModel, causal_lm_log_probs
+from hpc_rlhf.training.models import TokenValueModel
+from hpc_rlhf.training.forwards import causal_lm_log_probs
 
 CPU = torch.device("cpu")
 

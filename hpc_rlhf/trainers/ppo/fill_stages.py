@@ -18,7 +18,7 @@ from hpc_rlhf.rollouts import RolloutReader, ShardWriter
 from hpc_rlhf.rollouts.manifest import find_record
 from hpc_rlhf.rollouts.paths import iteration_dir
 from hpc_rlhf.training.batching import MicroBatch, TokenSample, make_micro_batches, scatter_to_samples
-from hpc_rlhf.training.models import ForwardOutput
+from hpc_rlhf.training.forwards import ForwardOutput
 
 Infer = Callable[[Sequence[MicroBatch]], list[ForwardOutput]]  # a model's forward pass without gradients
 

@@ -17,7 +17,8 @@ from hpc_rlhf.config.schema import Config
 from hpc_rlhf.trainers.common import micro_batches
 from hpc_rlhf.training.batching import MicroBatch, TokenSample
 from hpc_rlhf.training.deepspeed_setup import all_reduce_in_group
-from hpc_rlhf.training.models import ForwardOutput, LossFn, LossResult
+from hpc_rlhf.training.models import LossFn, LossResult
+from hpc_rlhf.training.forwards import ForwardOutput
 from hpc_rlhf.training.models import TrainedModel
 
 
