@@ -275,6 +275,7 @@ class PPOTrainer:
             "rollout/kl": mean_kl, "rollout/kl_coef": float(self.kl_controller.value),
             "rollout/response_length": rollout.response_lengths().float().mean().item(),
             "rollout/kept_fraction": len(kept.rewards) / max(len(rollout.rewards), 1),
+            "rollout/truncated_rate": shaped.truncated.float().mean().item() if len(shaped.truncated) else 0.0,
             "rollout/staleness": iteration - rollout.weight_versions.float().mean().item(),
             "train/optimizer_steps": float(len(steps)),
             "sum/train_tokens": float(tokens) * (0 if frozen else cfg.train.max_epochs),
