@@ -37,7 +37,9 @@ class SamplingParams:
     `include_stop_token` keeps the token that ended a response (and its log-prob) at the end of `response_ids`,
     which RL wants: the policy must learn to emit eos. `seed` makes sampling reproducible: the same seed, prompts and
     weights give bitwise-identical samples on the hf backend (and per request on vLLM). `top_k <= 0` and `top_p == 1`
-    switch those filters off; `temperature == 0` is greedy decoding.
+    switch those filters off; `temperature == 0` is greedy decoding. `suppressed_token_ids` are never sampled (a
+    vision-language model's image placeholder: in a response it would make the trainer's forward expect an image);
+    the log-probs reported stay those of the model's whole distribution, as the trainer recomputes them.
     """
 
     max_new_tokens: int = 1024
@@ -49,9 +51,11 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     include_stop_token: bool = True
     ignore_eos: bool = False
+    suppressed_token_ids: Sequence[int] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "suppressed_token_ids", tuple(int(t) for t in self.suppressed_token_ids))
         problems = []
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
@@ -67,6 +71,9 @@ class SamplingParams:
             problems.append(f"seed must be an integer or None, got {self.seed!r}")
         if any(t < 0 for t in self.stop_token_ids):
             problems.append(f"stop_token_ids must be non-negative token ids, got {list(self.stop_token_ids)}")
+        if any(t < 0 for t in self.suppressed_token_ids):
+            problems.append(f"suppressed_token_ids must be non-negative token ids, got "
+                            f"{list(self.suppressed_token_ids)}")
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
 

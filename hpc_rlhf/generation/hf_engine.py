@@ -183,7 +183,8 @@ class HFEngine:
         rows = RowTracker(budgets, stops)
         while True:
             tokens, token_log_probs = sample_next_tokens(logits, temperature=params.temperature, top_k=params.top_k,
-                                                         top_p=params.top_p, generator=generator)
+                                                         top_p=params.top_p, generator=generator,
+                                                         suppressed=params.suppressed_token_ids)
             if rows.record(tokens, token_log_probs):
                 break
             finished = rows.finished(self.device)

@@ -6,6 +6,8 @@ and by tests that check the log-prob convention described in `engine`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -38,17 +40,22 @@ def behaviour_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tenso
 
 
 def sample_next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None, suppressed: Sequence[int] = ()
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of last-position logits [B, V]; returns (tokens [B] int64, log-probs [B] float32).
 
     Greedy (temperature 0) takes the argmax. Otherwise tokens are drawn from softmax of the temperature-scaled logits
     after top-k/top-p filtering, and the log-prob is taken before filtering (the `engine` module's convention).
+    `suppressed` token ids are never chosen; the log-probs stay those of the unfiltered distribution.
     """
     log_probs = behaviour_log_probs(logits, temperature)
+    choice = log_probs
+    if suppressed:
+        choice = log_probs.index_fill(-1, torch.tensor(list(suppressed), device=logits.device), float("-inf"))
     if temperature == 0.0:
-        tokens = log_probs.argmax(dim=-1)
+        tokens = choice.argmax(dim=-1)
     else:
-        filtered = filter_top_k_top_p(log_probs, top_k, top_p)
+        filtered = filter_top_k_top_p(choice, top_k, top_p)
         probs = torch.softmax(filtered, dim=-1)
         tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -199,7 +199,8 @@ class StaticDecoder:
         step = 0
         while True:
             tokens, token_log_probs = sample_next_tokens(logits, temperature=params.temperature, top_k=params.top_k,
-                                                         top_p=params.top_p, generator=generator)
+                                                         top_p=params.top_p, generator=generator,
+                                                         suppressed=params.suppressed_token_ids)
             if rows.record(tokens, token_log_probs):
                 break
             step_ids = torch.where(rows.finished(self.device), torch.full_like(tokens, self.pad_token_id), tokens)

@@ -128,12 +128,15 @@ def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence
             if max_tokens < 1:
                 raise GenerationError(f"prompt row {p} has {len(ids)} tokens, which leaves no room for a response "
                                       f"under max_model_len={max_model_len}")
+        # vLLM adds a logit bias before sampling; -100 keeps a suppressed token out of any draw
+        suppressed = {"logit_bias": {t: -100.0 for t in params.suppressed_token_ids}} if params.suppressed_token_ids \
+            else {}
         for s in range(params.n):
             requests.append(vllm.SamplingParams(
                 n=1, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
                 top_k=max(params.top_k, 0), seed=sample_seed(params.seed, p, s, params.n),
                 stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, logprobs=0,
-                detokenize=False))
+                detokenize=False, **suppressed))
     return requests
 
 

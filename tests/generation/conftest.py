@@ -97,7 +97,7 @@ class FakeRequestOutput:
 # refuse any other, so that a misspelt or removed argument fails here rather than on the GPU.
 VLLM_SAMPLING_FIELDS = frozenset({"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                                   "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
-                                  "detokenize", "skip_special_tokens", "include_stop_str_in_output"})
+                                  "detokenize", "skip_special_tokens", "include_stop_str_in_output", "logit_bias"})
 VLLM_LLM_KWARGS = frozenset({"model", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization",
                              "enable_sleep_mode", "enable_prefix_caching", "enforce_eager", "max_num_seqs",
                              "max_model_len", "logprobs_mode", "distributed_executor_backend", "max_logprobs"})

@@ -88,6 +88,18 @@ def test_greedy_takes_the_argmax():
     assert lps.tolist() == pytest.approx(torch.log_softmax(logits.double(), -1)[[0, 1], [1, 0]].tolist(), abs=1e-6)
 
 
+def test_suppressed_tokens_are_never_chosen_and_log_probs_keep_the_whole_distribution():
+    logits = torch.tensor([[0.0, 4.0, 3.0, -1.0]]).repeat(2000, 1)  # token 1 holds ~70% of the mass
+    full = torch.log_softmax(logits[0].double(), dim=-1)
+    greedy, greedy_lps = sample_next_tokens(logits[:1], temperature=0.0, top_k=-1, top_p=1.0, generator=None,
+                                            suppressed=(1,))
+    assert greedy.tolist() == [2] and greedy_lps.item() == pytest.approx(full[2].item(), abs=1e-6)
+    tokens, lps = sample_next_tokens(logits, temperature=1.0, top_k=-1, top_p=1.0,
+                                     generator=torch.Generator().manual_seed(0), suppressed=(1,))
+    assert 1 not in tokens.tolist() and set(tokens.tolist()) >= {0, 2}
+    assert lps.double().tolist() == pytest.approx([full[t].item() for t in tokens.tolist()], abs=1e-6)
+
+
 def test_sample_frequencies_match_the_distribution():
     logits = torch.tensor([1.0, 0.0, -0.5, 0.5])
     rows = 20000

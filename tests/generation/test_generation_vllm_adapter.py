@@ -80,6 +80,14 @@ def test_one_request_per_sample_with_distinct_seeds(fake_vllm):
     assert [len(row) for row in out] == [3, 3] and out[1][0].prompt_ids == [7] * 9
 
 
+def test_suppressed_tokens_become_a_logit_bias_only_where_asked(fake_vllm):
+    engine = build(fake_vllm)
+    engine.generate([[3, 4]], SamplingParams(max_new_tokens=2, n=2, seed=1, suppressed_token_ids=(9,)))
+    assert [r.kwargs["logit_bias"] for r in engine.llm.last_requests] == [{9: -100.0}, {9: -100.0}]
+    engine.generate([[3, 4]], SamplingParams(max_new_tokens=2, seed=1))
+    assert "logit_bias" not in engine.llm.last_requests[0].kwargs
+
+
 def test_outputs_become_samples_with_the_sampled_token_log_probs(fake_vllm):
     engine = build(fake_vllm)
     params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=None, stop_token_ids=[6])

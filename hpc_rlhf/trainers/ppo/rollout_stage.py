@@ -13,6 +13,7 @@ iteration starts in the stream is the trainer's data position (kept in checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -147,7 +148,10 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
 
 def run_executor(cfg: Config, executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
                  processor: Any, prompts: Sequence[PromptExample], params: Any) -> list[Trajectory]:
-    """Encode the prompts (with their images, if any) and run the executor over them."""
+    """Encode the prompts (with their images, if any) and run the executor over them; a vision-language model never
+    samples its image placeholder (a response holding one would make the trainer's forward expect another image)."""
+    if processor is not None:
+        params = dataclasses.replace(params, suppressed_token_ids=(image_token_of(tokenizer, processor),))
     texts = [p.prompt for p in prompts]
     images = prompt_images(prompts)
     ids = encode_prompts(cfg, tokenizer, texts, images, processor)
