@@ -113,7 +113,6 @@ def build_tiny_model(
 ) -> Path:
     """Write a random-init `LlamaForCausalLM` + tokenizer to `out_dir` and a `LlamaForSequenceClassification`
     (num_labels=1, the value/reward model) + tokenizer to `out_dir/reward`. Same seed, same weights."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -136,20 +135,8 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlamaConfig(**llama_fields)
-    reward_config = LlamaConfig(**llama_fields, num_labels=1)
-
-    # Weight init draws from torch's global generator: seed a forked copy so the caller's RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        policy = LlamaForCausalLM(config)
-        reward = LlamaForSequenceClassification(reward_config)
-
-    policy.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    reward.save_pretrained(reward_dir, safe_serialization=True)
-    tokenizer.save_pretrained(reward_dir)
-    return out
+    return _write_policy_and_reward(out, tokenizer, LlamaForCausalLM, LlamaForSequenceClassification,
+                                    LlamaConfig(**llama_fields), LlamaConfig(**llama_fields, num_labels=1), seed)
 
 
 def build_tiny_moe_model(
@@ -169,7 +156,6 @@ def build_tiny_moe_model(
     `num_experts_per_tok` routing) + the tiny tokenizer to `out_dir`, and its `Qwen3MoeForSequenceClassification`
     (num_labels=1) to `out_dir/reward`, like `build_tiny_model`. Its config has `output_router_logits`, which marks
     a mixture-of-experts model for `actor.aux_loss_coef`."""
-    import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification
 
     _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -201,18 +187,24 @@ def build_tiny_moe_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = Qwen3MoeConfig(**moe_fields)
-    reward_config = Qwen3MoeConfig(**moe_fields, num_labels=1)
+    return _write_policy_and_reward(out, tokenizer, Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification,
+                                    Qwen3MoeConfig(**moe_fields), Qwen3MoeConfig(**moe_fields, num_labels=1), seed)
 
+
+def _write_policy_and_reward(out: Path, tokenizer: PreTrainedTokenizerFast, policy_class: type, reward_class: type,
+                             config: object, reward_config: object, seed: int) -> Path:
+    """Build the policy then the reward model from `seed` and save each with the tokenizer (`out`, `out/reward`)."""
+    import torch
+
+    # Weight init draws from torch's global generator: seed a forked copy so the caller's RNG state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        policy = Qwen3MoeForCausalLM(config)
-        reward = Qwen3MoeForSequenceClassification(reward_config)
-
+        policy = policy_class(config)
+        reward = reward_class(reward_config)
     policy.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    reward.save_pretrained(reward_dir, safe_serialization=True)
-    tokenizer.save_pretrained(reward_dir)
+    reward.save_pretrained(out / REWARD_SUBDIR, safe_serialization=True)
+    tokenizer.save_pretrained(out / REWARD_SUBDIR)
     return out
 
 
