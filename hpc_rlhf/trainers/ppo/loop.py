@@ -41,6 +41,7 @@ from hpc_rlhf.trainers.engines import compute_dtype
 from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.components import Components, build_components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
+from hpc_rlhf.trainers.ppo.partial_rollout import PartialRollouts, outcome_metrics
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import Refill, run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
@@ -105,7 +106,7 @@ class PPOTrainer:
         self.checkpoint = CheckpointService(
             cfg, rank=world.info.rank, world_size=world.info.world_size, control=control,
             engines={"actor": self.parts.actor, "critic": self.parts.critic}, trainer=self,
-            resume_check=RolloutCheck(cfg, self.total, self._expected_shards()))
+            resume_check=RolloutCheck(cfg, self.total, self._expected_shards(), self.num_engines))
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main,
                                     use_tensorboard=cfg.logger.use_tensorboard, progress_bar=cfg.logger.progress_bar,
                                     total_steps=self.total, logging_steps=cfg.logger.logging_steps,
@@ -116,6 +117,12 @@ class PPOTrainer:
         self.reward_moments = RunningMoments()
         self._moments_iteration: Optional[int] = None
         self.state = TrainerState()
+        self.partial: Optional[PartialRollouts] = None  # rollout.partial_rollout: this engine's carried responses
+        if cfg.rollout.partial_rollout and self.roles.has("generator"):
+            self.partial = PartialRollouts(cfg, engine_index=self.roles.generator_engine, num_engines=self.num_engines,
+                                           executor=self.parts.executor, tokenizer=self.parts.tokenizer,
+                                           prompts=self.parts.prompts, reward_source=self.parts.reward_source,
+                                           writes=self.writes_shards)
         self.agreed_metrics: dict[str, float] = {}  # the last merged metrics, with ckpt.best_metric_key only
 
     # ----- roles ---------------------------------------------------------------------------------------
@@ -178,6 +185,18 @@ class PPOTrainer:
         return {**metrics, "sum/generate_tokens": result.response_tokens, "max/generate_s": result.seconds,
                 "sum/generate_samples": result.samples, "max/generate_engine_s": result.engine_seconds,
                 "max/reward_fn_s": result.reward_seconds, "max/shard_write_s": result.write_seconds}
+
+    def _generate_partial(self, tick: int) -> dict[str, float]:
+        """rollout.partial_rollout: continue the carried responses, start iteration `tick`, and complete the
+        iteration trained in this tick (every engine has finished it: its budget was unlimited)."""
+        outcome = self.partial.step(tick, self.state.weight_version, self.total)
+        due = tick - self.q
+        if self.roles.role_index["generator"] == 0 and 0 <= due < self.total and tick > self.partial.done_through \
+                and not load_manifest(self.run_dir, due).complete:
+            expected = self._expected_shards()
+            wait_for_shards(self.run_dir, due, expected)
+            commit_iteration(self.run_dir, due, expected)
+        return outcome_metrics(outcome) if self.writes_shards else {}
 
     def _refill(self) -> Optional[Refill]:
         """Dynamic sampling's inputs for this iteration (None without rollout.dynamic_filtering)."""
@@ -349,6 +368,8 @@ class PPOTrainer:
     def run(self) -> dict[str, float]:
         """Run ticks until the last iteration is trained or a stop is requested; returns the last metrics."""
         start = self.resume()
+        if self.partial is not None:
+            self.partial.restore(start)
         if start > 0 and (self.roles.has("generator") or self.roles.has("actor")):
             self._sync_weights(start)
         last: dict[str, float] = {}
@@ -357,11 +378,12 @@ class PPOTrainer:
             gen_it, train_it = tick, tick - self.q
             metrics: dict[str, float] = dict(carried)
             with timed(metrics, "iteration"):
-                if self.roles.has("generator") and gen_it < self.total:
+                if self.roles.has("generator") and (gen_it < self.total or self.partial is not None):
                     accumulate(metrics, self._wake_generator())
-                    if self._eval_due(gen_it):
+                    if gen_it < self.total and self._eval_due(gen_it):
                         metrics.update(self._eval())
-                    accumulate(metrics, self._generate(gen_it))
+                    accumulate(metrics, self._generate(gen_it) if self.partial is None
+                               else self._generate_partial(gen_it))
                     accumulate(metrics, self._sleep_generator())
                 evaluated = self.state.next_iteration  # iterations the weights evaluated this tick have trained
                 eval_tick = gen_it < self.total and self._eval_due(gen_it)
