@@ -150,7 +150,3 @@ def test_partial_rollout_loads_and_refuses_what_it_cannot_continue():
         queue = [] if words.startswith("needs") else asynchronous
         with pytest.raises(ConfigError, match=words):
             load_config(None, ["--rollout.partial_rollout=true", *queue, *extra])
-    for flag in ("--partial_rollout", "--train.partial_rollout_enable"):
-        config, _ = migrate(["--pretrain", "m", "--prompt_data", "p.jsonl", "--remote_rm_url", "http://x",
-                             "--async_train", flag])
-        assert config["rollout"]["partial_rollout"] is True

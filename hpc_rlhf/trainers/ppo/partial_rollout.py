@@ -138,6 +138,9 @@ class PartialRollouts:
             budget = rollout.generate_max_len if due else rollout.partial_rollout_max_new_tokens
             outcome.response_tokens += self._extend(carried, carried.unfinished(), budget, weight_version,
                                                     tick - carried.iteration)
+            if due:  # trained in this tick: whatever stopped a response (e.g. the engine's max length) ends it
+                for response in carried.responses:
+                    response.finished = True
             outcome.samples_written += self._write_if_finished(carried)
         if tick < total:
             carried = self._start(tick)
