@@ -1,7 +1,7 @@
-"""Partial rollouts in a real asynchronous job (2 gloo ranks: one generator, one actor; hf generation): responses pause
-after rollout.partial_rollout_max_new_tokens tokens and finish in the next tick with the weights of the update in
-between; the shard holds whole responses, the tokens drawn before the update unchanged, each row's versions in its
-`extra` JSON and the oldest as weight_version; and a run resumed from a mid-run checkpoint (with responses in
+"""Partial rollouts in a real asynchronous job (3 gloo ranks: two generator engines, one actor; hf generation):
+responses pause after rollout.partial_rollout_max_new_tokens tokens and finish in the next tick with the weights of the
+update in between; the shard holds whole responses, the tokens drawn before the update unchanged, each row's versions
+in its `extra` JSON and the oldest as weight_version; and a run resumed from a mid-run checkpoint (with responses in
 progress) writes the same shards and trains the same weights as the uninterrupted run.
 
 With rollout.async_queue = 1 the generator holds version max(0, t - 1) in tick t, so iteration i starts with version
@@ -23,7 +23,9 @@ from tests.ppo.conftest import run_train
 from tests.ppo.test_ppo_dynamic_sampling import actor_weights, sha256s
 
 ITERATIONS, MAX_LEN, BUDGET = 4, 8, 1
-SETTINGS = ["--layout.colocate=false", "--slurm.gpus_per_node=2", "--rollout.async_queue=1",
+ENGINES = 2
+SETTINGS = ["--layout.colocate=false", f"--layout.generator.gpus={ENGINES}", "--layout.actor.gpus=1",
+            f"--slurm.gpus_per_node={ENGINES + 1}", "--rollout.async_queue=1",
             "--rollout.partial_rollout=true", f"--rollout.partial_rollout_max_new_tokens={BUDGET}",
             f"--rollout.generate_max_len={MAX_LEN}", f"--train.max_iterations={ITERATIONS}",
             "--ckpt.save_steps=2", "--ckpt.save_hf_model=true"]
@@ -42,29 +44,38 @@ def test_responses_span_a_weight_update_and_keep_their_first_tokens(partial_run)
     assert iterations_completed(partial_run) == list(range(ITERATIONS))
     spanned = 0
     for iteration in range(ITERATIONS):
-        rows = RolloutReader(partial_run).read(iteration).to_pylist()
-        assert len(rows) == 2 * 2
-        started, finished = max(0, iteration - 1), iteration
-        # What the generator carried after the tick that started the iteration: at most BUDGET tokens each.
-        carried = {c.iteration: c for c in load_carried(partial_run, iteration, 0)}
-        assert iteration in carried, "the tiny model's answers are longer than one token"
-        for row, before in zip(rows, carried[iteration].responses):
-            extra = json.loads(row["extra"])
-            assert extra["finish_reason"] == "stop" or len(row["response_ids"]) == MAX_LEN, "whole responses"
-            assert len(row["behaviour_log_probs"]) == len(row["response_ids"])
-            assert before.versions == [started] * len(before.response_ids)
-            if before.finished:  # done within the first tick's budget: one version
-                assert (row["response_ids"], extra["weight_versions"]) == (before.response_ids, [started])
-            else:  # the tokens drawn before the update are kept unchanged, then the new weights finish it
-                assert len(before.response_ids) == BUDGET < len(row["response_ids"])
-                assert row["response_ids"][:BUDGET] == before.response_ids
-                assert row["behaviour_log_probs"][:BUDGET] == before.log_probs
-                assert extra["weight_versions"] == sorted({started, finished})
-                spanned += len(extra["weight_versions"]) == 2
-            assert row["weight_version"] == started, "the oldest version that drew a token"
-        assert load_carried(partial_run, iteration + 1, 0) == [c for c in load_carried(partial_run, iteration + 1, 0)
-                                                               if c.iteration == iteration + 1], "finished in a tick"
+        assert RolloutReader(partial_run).read(iteration).num_rows == 2 * 2
+        for engine in range(ENGINES):
+            rows = RolloutReader(partial_run).read_shard(iteration, generator_shard_name(engine)).to_pylist()
+            spanned += check_engine_rows(partial_run, iteration, engine, rows)
     assert spanned >= ITERATIONS, "most responses of iterations 1.. span versions i - 1 and i"
+
+
+def check_engine_rows(run_dir: Path, iteration: int, engine: int, rows: list[dict]) -> int:
+    """One engine's rows of `iteration` against what it carried after the tick that started it (at most BUDGET
+    tokens each); returns how many rows span two versions."""
+    started, finished = max(0, iteration - 1), iteration
+    carried = {c.iteration: c for c in load_carried(run_dir, iteration, engine)}
+    assert iteration in carried, "the tiny model's answers are longer than one token"
+    assert len(rows) == len(carried[iteration].responses) == 2
+    spanned = 0
+    for row, before in zip(rows, carried[iteration].responses):
+        extra = json.loads(row["extra"])
+        assert extra["finish_reason"] == "stop" or len(row["response_ids"]) == MAX_LEN, "whole responses"
+        assert len(row["behaviour_log_probs"]) == len(row["response_ids"])
+        assert before.prompt_ids == row["prompt_ids"] and before.versions == [started] * len(before.response_ids)
+        if before.finished:  # done within the first tick's budget: one version
+            assert (row["response_ids"], extra["weight_versions"]) == (before.response_ids, [started])
+        else:  # the tokens drawn before the update are kept unchanged, then the new weights finish it
+            assert len(before.response_ids) == BUDGET < len(row["response_ids"])
+            assert row["response_ids"][:BUDGET] == before.response_ids
+            assert row["behaviour_log_probs"][:BUDGET] == before.log_probs
+            assert extra["weight_versions"] == sorted({started, finished})
+            spanned += len(extra["weight_versions"]) == 2
+        assert row["weight_version"] == started, "the oldest version that drew a token"
+    later = load_carried(run_dir, iteration + 1, engine)
+    assert [c.iteration for c in later] in ([], [iteration + 1]), "finished in the tick that trains it"
+    return spanned
 
 
 @pytest.mark.timeout(300)
@@ -82,18 +93,25 @@ def test_a_resume_with_responses_in_progress_repeats_the_uninterrupted_run(parti
     shutil.copytree(partial_run, run_dir)
     (run_dir / "checkpoints" / "latest").write_text("iter_000002\n")
     # The checkpoint after training iteration 1 follows tick 2, which left iteration 2 in progress (not committed).
-    assert [c.iteration for c in load_carried(run_dir, 2, 0)] == [2]
+    for engine in range(ENGINES):
+        assert [c.iteration for c in load_carried(run_dir, 2, engine)] == [2]
     for iteration in (2, 3):  # later rows are generated again, from the saved responses in progress
         shutil.rmtree(run_dir / "rollouts" / f"iter_{iteration:06d}")
     shutil.rmtree(run_dir / "hf")
-    run_train(run_dir, *SETTINGS)
+    result = run_train(run_dir, *SETTINGS)
+    assert "resumed from" in result.stdout + result.stderr
     assert sha256s(run_dir) == sha256s(partial_run)
     got, want = actor_weights(run_dir), actor_weights(partial_run)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_snapshot_names_the_generator_shard(tmp_path):
-    from hpc_rlhf.trainers.ppo.partial_rollout import CarriedIteration, Response, carried_shards, save_carried
+    from hpc_rlhf.trainers.ppo.partial_rollout import (
+        CarriedIteration,
+        Response,
+        carried_shards,
+        save_carried,
+    )
 
     response = Response(prompt_ids=[1, 5], response_ids=[7], log_probs=[-0.25], versions=[3])
     save_carried(tmp_path, 4, 1, [CarriedIteration(iteration=4, prompt_indices=[9], responses=[response])])

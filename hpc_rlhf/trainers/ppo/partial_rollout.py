@@ -219,5 +219,6 @@ class PartialRollouts:
 
 def outcome_metrics(outcome: TickOutcome) -> dict[str, Any]:
     """One engine's tick in the metric families of run/rank_metrics.py."""
-    return {"sum/generate_tokens": float(outcome.response_tokens), "sum/generate_samples": float(outcome.samples_written),
+    return {"sum/generate_tokens": float(outcome.response_tokens),
+            "sum/generate_samples": float(outcome.samples_written),
             "sum/generate_carried_responses": float(outcome.carried_responses), "max/generate_s": outcome.seconds}
