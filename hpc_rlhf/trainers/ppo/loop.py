@@ -402,7 +402,7 @@ class PPOTrainer:
                     if self.parts.actor is not None:
                         accumulate(metrics, self._train_actor(train_it))
                     self.state.next_iteration = train_it + 1
-                if train_it >= start and tick + 1 < self.total and self._in_weight_path():
+                if train_it >= start and tick < self._last_generation_tick() and self._in_weight_path():
                     accumulate(metrics, self._sync_weights(train_it + 1))
                 elif train_it >= start:
                     self.state.weight_version = train_it + 1
@@ -429,6 +429,12 @@ class PPOTrainer:
             self._agree(self.total, self._eval())
             self.checkpoint.settle_best_candidate(self.state.next_iteration, self.agreed_metrics)
         return last
+
+    def _last_generation_tick(self) -> int:
+        """The last tick that generates: the last iteration's, or with partial rollouts the one that trains it
+        (its responses still in progress finish there, with the weights sent at the end of the tick before). Every
+        rank of the weight broadcast decides the same from the config."""
+        return self.total - 1 + (self.q if self.cfg.rollout.partial_rollout else 0)
 
     def _sleep_generator(self) -> dict[str, float]:
         """After generating, colocated ranks free the engine's memory (vllm.enable_sleep) and bring the trainers'
