@@ -6,7 +6,8 @@ the same shards and trains the same weights as the uninterrupted run.
 
 Derivation of the versions: with rollout.async_queue = q the generator holds version max(0, t - q) in tick t. With a
 budget of B tokens per tick, token k of a response of iteration i is drawn in tick i + min(k // B, q): ticks i .. i+q-1
-give B tokens each and tick i + q, which trains iteration i, finishes it.
+give B tokens each and tick i + q, which trains iteration i, finishes it. A checkpoint after every iteration keeps
+the responses in progress of every tick from q on (the tick that trains iteration 0) on disk.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import pytest
 import torch
 
 from hpc_rlhf.rollouts import RolloutReader, generator_shard_name, iterations_completed
-from hpc_rlhf.trainers.ppo.partial_rollout import CarriedIteration, Response, carried_shards, load_carried, save_carried
+from hpc_rlhf.trainers.ppo.partial_rollout import (
+    CarriedIteration,
+    Response,
+    carried_shards,
+    load_carried,
+    save_carried,
+    snapshot_ticks,
+)
 from tests.ppo.conftest import read_metrics, run_train
 from tests.ppo.test_ppo_dynamic_sampling import actor_weights, sha256s
 
@@ -33,7 +41,7 @@ def settings(queue: int, engines: int) -> list[str]:
             f"--slurm.gpus_per_node={engines + 1}", f"--rollout.async_queue={queue}",
             "--rollout.partial_rollout=true", f"--rollout.partial_rollout_max_new_tokens={BUDGET}",
             f"--rollout.generate_max_len={MAX_LEN}", f"--train.max_iterations={ITERATIONS}",
-            "--ckpt.save_steps=2", "--ckpt.save_hf_model=true"]
+            "--ckpt.save_steps=1", "--ckpt.max_ckpt_num=10", "--ckpt.save_hf_model=true"]
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
@@ -53,37 +61,51 @@ def token_versions(iteration: int, length: int, queue: int) -> list[int]:
 def test_responses_span_weight_updates_and_keep_their_first_tokens(partial_run):
     run_dir, queue, engines = partial_run
     assert iterations_completed(run_dir) == list(range(ITERATIONS))
-    spanned = 0
+    spanned = compared = 0
+    for engine in range(engines):  # kept: the ticks that checkpoints resume after; the others are deleted
+        assert snapshot_ticks(run_dir, engine) == list(range(queue, ITERATIONS + queue))
     for iteration in range(ITERATIONS):
         assert RolloutReader(run_dir).read(iteration).num_rows == 2 * 2
         for engine in range(engines):
             rows = RolloutReader(run_dir).read_shard(iteration, generator_shard_name(engine)).to_pylist()
-            spanned += check_engine_rows(run_dir, iteration, engine, rows, queue, engines)
+            assert len(rows) == 2 * 2 // engines
+            spanned += sum(check_row(row, iteration, queue) for row in rows)
+            compared += compare_with_carried(run_dir, iteration, engine, rows, queue)
     assert spanned >= ITERATIONS, "most responses span updates"
+    assert compared >= (ITERATIONS - queue) * 4, "every iteration from queue on was compared with its saved state"
 
 
-def check_engine_rows(run_dir: Path, iteration: int, engine: int, rows: list[dict], queue: int, engines: int) -> int:
-    """One engine's rows of `iteration` against what it carried after the tick that started it (at most BUDGET tokens
-    each); returns how many rows span more than one version."""
-    carried = {c.iteration: c for c in load_carried(run_dir, iteration, engine)}
-    assert iteration in carried, "the tiny model's answers are longer than one token"
-    assert len(rows) == len(carried[iteration].responses) == 2 * 2 // engines
-    spanned = 0
-    for row, before in zip(rows, carried[iteration].responses):
-        extra, length = json.loads(row["extra"]), len(row["response_ids"])
-        versions = token_versions(iteration, length, queue)
-        assert extra["finish_reason"] == "stop" or length == MAX_LEN, "whole responses"
-        assert len(row["behaviour_log_probs"]) == length and before.prompt_ids == row["prompt_ids"]
-        assert len(before.response_ids) == min(BUDGET, length)
-        assert row["response_ids"][:BUDGET] == before.response_ids, "drawn before the update, kept unchanged"
-        assert row["behaviour_log_probs"][:BUDGET] == before.log_probs
-        assert before.versions == versions[:BUDGET]
-        assert extra["weight_versions"] == sorted(set(versions))
-        assert row["weight_version"] == versions[0] == max(0, iteration - queue), "the oldest version"
-        spanned += len(extra["weight_versions"]) > 1
-    trained_tick = [c.iteration for c in load_carried(run_dir, iteration + queue, engine)]
-    assert iteration not in trained_tick, "finished in the tick that trains it at the latest"
-    return spanned
+def check_row(row: dict, iteration: int, queue: int) -> bool:
+    """A whole response with the hand-derived versions; returns whether it spans more than one."""
+    extra, length = json.loads(row["extra"]), len(row["response_ids"])
+    versions = token_versions(iteration, length, queue)
+    assert extra["finish_reason"] == "stop" or length == MAX_LEN, "whole responses"
+    assert len(row["behaviour_log_probs"]) == length
+    assert extra["weight_versions"] == sorted(set(versions))
+    assert row["weight_version"] == versions[0] == max(0, iteration - queue), "the oldest version"
+    return len(extra["weight_versions"]) > 1
+
+
+def compare_with_carried(run_dir: Path, iteration: int, engine: int, rows: list[dict], queue: int) -> int:
+    """The rows against the responses in progress saved after each tick that carried them (B tokens a tick): the
+    tokens and log-probs drawn before an update are kept unchanged. Returns how many rows were compared."""
+    compared = 0
+    for tick in range(iteration, iteration + queue + 1):
+        if tick not in snapshot_ticks(run_dir, engine):
+            continue
+        carried = {c.iteration: c for c in load_carried(run_dir, tick, engine)}
+        if tick == iteration + queue:
+            assert iteration not in carried, "finished in the tick that trains it"
+            continue
+        assert iteration in carried, "the tiny model's answers are longer than one token"
+        for row, before in zip(rows, carried[iteration].responses, strict=True):
+            drawn = min(len(row["response_ids"]), (tick - iteration + 1) * BUDGET)
+            assert before.prompt_ids == row["prompt_ids"] and len(before.response_ids) == drawn
+            assert row["response_ids"][:drawn] == before.response_ids
+            assert row["behaviour_log_probs"][:drawn] == before.log_probs
+            assert before.versions == token_versions(iteration, len(row["response_ids"]), queue)[:drawn]
+            compared += 1
+    return compared
 
 
 @pytest.mark.timeout(300)

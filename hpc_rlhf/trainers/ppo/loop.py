@@ -417,8 +417,11 @@ class PPOTrainer:
             # phase times are not, so that every logged iteration_s is one tick.
             carried = {} if train_it >= start else {k: v for k, v in metrics.items() if not is_phase_time(k)}
             last = metrics
-            if train_it >= start and self.checkpoint.due(train_it + 1, stop=stop):
+            saved = train_it >= start and self.checkpoint.due(train_it + 1, stop=stop)
+            if saved:
                 self.checkpoint.save(self.state.next_iteration)
+            if self.partial is not None:
+                self.partial.settle(tick, self.checkpoint.root, saved=saved)
             if stop:
                 return {"stopped": 1.0, **last}
         if self.parts.eval_prompts and self.cfg.eval.data:

@@ -10,12 +10,14 @@ the tick that trains it. A row's weight_version is the oldest version that produ
 JSON lists every version (`weight_versions`); each behaviour log-prob is the one of the weights that drew the token.
 
 The carried responses of each tick are written to RUN_DIR/rollouts/partial/ after the tick's generation, so a run
-resumed from the checkpoint of that tick continues them exactly as the uninterrupted run did.
+resumed from the checkpoint of that tick continues them exactly as the uninterrupted run did. Only the files of ticks
+whose checkpoint is kept stay: the others are deleted at the end of their tick.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
 from hpc_rlhf.rollouts.atomic import atomic_write_bytes
 from hpc_rlhf.rollouts.paths import rollouts_dir
+from hpc_rlhf.run.checkpoint import complete_checkpoints
 from hpc_rlhf.trainers.generation_setup import sampling_params, sampling_seed
 from hpc_rlhf.trainers.ppo.rollout_stage import encode_prompts, score_trajectories, trajectory_rows
 
@@ -93,6 +96,18 @@ def load_carried(run_dir: str | Path, tick: int, engine: int) -> Optional[list[C
                              responses=[Response(**r) for r in c["responses"]]) for c in json.loads(path.read_text())]
 
 
+def snapshot_ticks(run_dir: str | Path, engine: int) -> list[int]:
+    """The ticks whose carried responses of `engine` are on disk, in order."""
+    name = f"{generator_shard_name(engine)}.json"
+    folder = rollouts_dir(run_dir) / PARTIAL_DIR
+    return sorted(int(d.name.removeprefix("tick_")) for d in folder.glob("tick_*") if (d / name).exists())
+
+
+def resume_tick(next_iteration: int, async_queue: int) -> int:
+    """The tick after which a checkpoint that resumes at `next_iteration` was taken."""
+    return next_iteration + async_queue - 1
+
+
 def carried_shards(run_dir: str | Path, tick: int, engines: int) -> dict[int, set[str]]:
     """Iteration -> the generator shards still carried after `tick` (what a resume may find uncommitted)."""
     out: dict[int, set[str]] = {}
@@ -119,8 +134,26 @@ class PartialRollouts:
         carry what the last of them left."""
         if start == 0:
             return
-        self.done_through = start + self.cfg.rollout.async_queue - 1
+        self.done_through = resume_tick(start, self.cfg.rollout.async_queue)
         self.carried = load_carried(self.cfg.train.run_dir, self.done_through, self.engine_index) or []
+
+    def settle(self, tick: int, checkpoint_root: str | Path, *, saved: bool) -> None:
+        """At the end of `tick`, after its checkpoint (`saved`: one was taken): keep the carried responses of the
+        ticks that the complete checkpoints resume after, delete this engine's others up to `tick`."""
+        if not self.writes:
+            return
+        run_dir, queue = self.cfg.train.run_dir, self.cfg.rollout.async_queue
+        keep = {resume_tick(step, queue) for step, _ in complete_checkpoints(checkpoint_root)}
+        if saved:  # complete by now; listed here in case its marker is not visible on this node yet
+            keep.add(tick)
+        for old in snapshot_ticks(run_dir, self.engine_index):
+            if old <= tick and old not in keep:
+                path = snapshot_path(run_dir, old, self.engine_index)
+                path.unlink(missing_ok=True)
+                try:  # the last engine to leave the tick's folder removes it
+                    os.rmdir(path.parent)
+                except OSError:
+                    pass
 
     @property
     def pending(self) -> bool:
