@@ -115,6 +115,8 @@ def test_training_runs_on_the_partial_rollouts(partial_run):
     assert [r["step"] for r in trained] == list(range(ITERATIONS))
     assert all(torch.isfinite(torch.tensor(r["train/policy_loss"])) for r in trained)
     assert sum(r.get("count/generate_samples", 0) for r in rows) == ITERATIONS * 4, "every sample written once"
+    carried = [r["count/generate_carried_samples"] for r in rows if "count/generate_carried_samples" in r]
+    assert carried and max(carried) > 0 and carried[-1] == 0, "responses were carried; none is left at the end"
 
 
 @pytest.mark.timeout(400)

@@ -251,7 +251,9 @@ class PartialRollouts:
 
 
 def outcome_metrics(outcome: TickOutcome) -> dict[str, Any]:
-    """One engine's tick in the metric families of run/rank_metrics.py."""
+    """One engine's tick in the metric families of run/rank_metrics.py (logged as count/generate_samples,
+    count/generate_carried_samples and throughput/generate_tokens_per_s)."""
     return {"sum/generate_tokens": float(outcome.response_tokens),
             "sum/generate_samples": float(outcome.samples_written),
-            "sum/generate_carried_responses": float(outcome.carried_responses), "max/generate_s": outcome.seconds}
+            "sum/generate_carried_samples": float(outcome.carried_responses),
+            "max/generate_s": outcome.seconds, "max/generate_engine_s": outcome.seconds}
