@@ -147,6 +147,8 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
                       f"of one prompt, so it needs n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})")
     if rollout.dynamic_filtering:
         errors += check_dynamic_filtering(cfg, sources)
+    if rollout.partial_rollout:
+        errors += check_partial_rollout(cfg, sources)
     if algo.advantage_estimator in GROUP_ESTIMATORS and algo.gamma != 1.0:
         errors.append(f"{src(sources, 'algo.gamma')}: {algo.advantage_estimator} uses a per-prompt baseline of "
                       f"sequence rewards, so it needs gamma = 1.0 (got {algo.gamma})")
@@ -183,6 +185,27 @@ def check_dynamic_filtering(cfg: Config, sources: dict[str, str]) -> list[str]:
     if rollout.dynamic_filtering_max_rounds < 1:
         errors.append(f"{src(sources, 'rollout.dynamic_filtering_max_rounds')}: must be >= 1 (1 = the first round "
                       f"only)")
+    return errors
+
+
+def check_partial_rollout(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Partial rollouts continue single-turn text responses across a weight update of the async schedule."""
+    errors = []
+    rollout = cfg.rollout
+    if rollout.async_queue < 1:
+        errors.append(f"{src(sources, 'rollout.partial_rollout', 'rollout.async_queue')}: responses continue after "
+                      f"a weight update, which needs asynchronous training (rollout.async_queue >= 1)")
+    if rollout.agent_func_path:
+        errors.append(f"{src(sources, 'rollout.partial_rollout', 'rollout.agent_func_path')}: only single-turn "
+                      f"responses are continued; multi-turn agents generate whole trajectories")
+    if rollout.dynamic_filtering:
+        errors.append(f"{src(sources, 'rollout.partial_rollout', 'rollout.dynamic_filtering')}: dynamic sampling "
+                      f"filters finished groups in rounds within one tick; use one of the two")
+    if cfg.data.max_images_per_prompt > 0:
+        errors.append(f"{src(sources, 'rollout.partial_rollout', 'data.max_images_per_prompt')}: prompts with "
+                      f"images are not continued; set data.max_images_per_prompt = 0")
+    if rollout.partial_rollout_max_new_tokens < 1:
+        errors.append(f"{src(sources, 'rollout.partial_rollout_max_new_tokens')}: must be >= 1")
     return errors
 
 

@@ -360,6 +360,10 @@ def _derive_ppo_layout(m: _Migration) -> None:
     elif m.given.get("async_train"):
         m.note(m.flag("async_train"), "async generation needs generator GPUs of its own: colocated, the run is "
                "synchronous")
+    if m.given.get("partial_rollout") and not asynchronous:
+        m.config.pop("rollout.partial_rollout", None)
+        m.note(m.flag("partial_rollout"), "unused: responses continue across a weight update only in an "
+               "asynchronous run (--async_train with generator GPUs of its own)")
     if all_together and not asynchronous:
         if engines * tp != actors:
             m.errors.append(f"{m.flag('vllm_num_engines')}: colocated, vllm_num_engines x vllm_tensor_parallel_size "

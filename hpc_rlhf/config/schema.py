@@ -140,6 +140,10 @@ class RolloutConfig:
     dynamic_filtering_max_rounds: int = opt(10, "dynamic_filtering: generate-and-filter rounds per iteration at most, "
                                                 "the first included; an iteration that still misses groups then "
                                                 "trains on fewer (1 = never draw more prompts)")
+    partial_rollout: bool = opt(False, "async: generation pauses for the weight update and unfinished responses "
+                                "continue with the new weights in the next tick (OpenRLHF partial_rollout)")
+    partial_rollout_max_new_tokens: int = opt(256, "partial_rollout: tokens each unfinished response generates per "
+                                              "tick before it pauses (the iteration trained in that tick finishes)")
 
 
 @dataclass

@@ -131,3 +131,22 @@ def test_dynamic_sampling_loads_checked_and_translated():
                          "--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.1", "0.9"])
     assert config["rollout"]["dynamic_filtering"] is True
     assert config["rollout"]["dynamic_filtering_reward_range"] == [0.1, 0.9]
+
+
+# ----- partial rollouts -------------------------------------------------------------------------------------------
+def test_partial_rollout_loads_and_refuses_what_it_cannot_continue():
+    asynchronous = ["--rollout.async_queue=1", "--layout.colocate=false", "--slurm.gpus_per_node=2"]
+    rollout = load_config(None, ["--rollout.partial_rollout=true", *asynchronous]).config.rollout
+    assert rollout.partial_rollout and rollout.partial_rollout_max_new_tokens == 256
+    assert load_config(None, []).config.rollout.partial_rollout is False, "off by default"
+    refused = {
+        "needs asynchronous training": [],
+        "only single-turn responses are continued": ["--rollout.agent_func_path=agent.py"],
+        "dynamic sampling filters finished groups": ["--rollout.dynamic_filtering=true"],
+        "prompts with images are not continued": ["--data.max_images_per_prompt=1"],
+        r"rollout.partial_rollout_max_new_tokens.*: must be >= 1": ["--rollout.partial_rollout_max_new_tokens=0"],
+    }
+    for words, extra in refused.items():
+        queue = [] if words.startswith("needs") else asynchronous
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, ["--rollout.partial_rollout=true", *queue, *extra])

@@ -285,3 +285,13 @@ def test_ring_attn_size_becomes_sequence_parallelism():
     assert config["ds"]["ring_attn_size"] == 2
     assert config["train"]["packing_samples"] is True
     assert not [note for note in notes if note.flag == "--ring_attn_size"]
+
+
+@pytest.mark.parametrize("flag", ["--partial_rollout", "--train.partial_rollout_enable"])
+def test_partial_rollout_translates_with_async_training(flag):
+    config, notes = translate(f"--pretrain m --prompt_data p.jsonl --async_train --vllm_num_engines 2 {flag}")
+    assert config["rollout"]["partial_rollout"] is True and config["rollout"]["async_queue"] == 1
+    assert not [note for note in notes if note.flag == flag]
+    config, notes = translate(f"--pretrain m --prompt_data p.jsonl {flag}")  # synchronous: listed, not set
+    assert "partial_rollout" not in config["rollout"]
+    assert [note.flag for note in notes if note.flag == flag] == [flag]

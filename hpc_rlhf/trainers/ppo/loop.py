@@ -41,6 +41,7 @@ from hpc_rlhf.trainers.engines import compute_dtype
 from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.components import Components, build_components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
+from hpc_rlhf.trainers.ppo.partial_rollout import PartialRollouts, outcome_metrics
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import Refill, run_eval, run_generation
 from hpc_rlhf.trainers.ppo.update import actor_loss_fn, critic_loss_fn, run_epochs, single_step_iteration
@@ -105,7 +106,7 @@ class PPOTrainer:
         self.checkpoint = CheckpointService(
             cfg, rank=world.info.rank, world_size=world.info.world_size, control=control,
             engines={"actor": self.parts.actor, "critic": self.parts.critic}, trainer=self,
-            resume_check=RolloutCheck(cfg, self.total, self._expected_shards()))
+            resume_check=RolloutCheck(cfg, self.total, self._expected_shards(), self.num_engines))
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main,
                                     use_tensorboard=cfg.logger.use_tensorboard, progress_bar=cfg.logger.progress_bar,
                                     total_steps=self.total, logging_steps=cfg.logger.logging_steps,
@@ -116,6 +117,12 @@ class PPOTrainer:
         self.reward_moments = RunningMoments()
         self._moments_iteration: Optional[int] = None
         self.state = TrainerState()
+        self.partial: Optional[PartialRollouts] = None  # rollout.partial_rollout: this engine's carried responses
+        if cfg.rollout.partial_rollout and self.roles.has("generator"):
+            self.partial = PartialRollouts(cfg, engine_index=self.roles.generator_engine, num_engines=self.num_engines,
+                                           executor=self.parts.executor, tokenizer=self.parts.tokenizer,
+                                           prompts=self.parts.prompts, reward_source=self.parts.reward_source,
+                                           writes=self.writes_shards)
         self.agreed_metrics: dict[str, float] = {}  # the last merged metrics, with ckpt.best_metric_key only
 
     # ----- roles ---------------------------------------------------------------------------------------
@@ -178,6 +185,18 @@ class PPOTrainer:
         return {**metrics, "sum/generate_tokens": result.response_tokens, "max/generate_s": result.seconds,
                 "sum/generate_samples": result.samples, "max/generate_engine_s": result.engine_seconds,
                 "max/reward_fn_s": result.reward_seconds, "max/shard_write_s": result.write_seconds}
+
+    def _generate_partial(self, tick: int) -> dict[str, float]:
+        """rollout.partial_rollout: continue the carried responses, start iteration `tick`, and complete the
+        iteration trained in this tick (every engine has finished it: its budget was unlimited)."""
+        outcome = self.partial.step(tick, self.state.weight_version, self.total)
+        due = tick - self.q
+        if self.roles.role_index["generator"] == 0 and 0 <= due < self.total and tick > self.partial.done_through \
+                and not load_manifest(self.run_dir, due).complete:
+            expected = self._expected_shards()
+            wait_for_shards(self.run_dir, due, expected)
+            commit_iteration(self.run_dir, due, expected)
+        return outcome_metrics(outcome) if self.writes_shards else {}
 
     def _refill(self) -> Optional[Refill]:
         """Dynamic sampling's inputs for this iteration (None without rollout.dynamic_filtering)."""
@@ -350,6 +369,8 @@ class PPOTrainer:
     def run(self) -> dict[str, float]:
         """Run ticks until the last iteration is trained or a stop is requested; returns the last metrics."""
         start = self.resume()
+        if self.partial is not None:
+            self.partial.restore(start)
         if start > 0 and (self.roles.has("generator") or self.roles.has("actor")):
             self._sync_weights(start)
         last: dict[str, float] = {}
@@ -358,11 +379,12 @@ class PPOTrainer:
             gen_it, train_it = tick, tick - self.q
             metrics: dict[str, float] = dict(carried)
             with timed(metrics, "iteration"):
-                if self.roles.has("generator") and gen_it < self.total:
+                if self.roles.has("generator") and (gen_it < self.total or self.partial is not None):
                     accumulate(metrics, self._wake_generator())
-                    if self._eval_due(gen_it):
+                    if gen_it < self.total and self._eval_due(gen_it):
                         metrics.update(self._eval())
-                    accumulate(metrics, self._generate(gen_it))
+                    accumulate(metrics, self._generate(gen_it) if self.partial is None
+                               else self._generate_partial(gen_it))
                     accumulate(metrics, self._sleep_generator())
                 evaluated = self.state.next_iteration  # iterations the weights evaluated this tick have trained
                 eval_tick = gen_it < self.total and self._eval_due(gen_it)
@@ -381,7 +403,7 @@ class PPOTrainer:
                     if self.parts.actor is not None:
                         accumulate(metrics, self._train_actor(train_it))
                     self.state.next_iteration = train_it + 1
-                if train_it >= start and tick + 1 < self.total and self._in_weight_path():
+                if train_it >= start and tick < self._last_generation_tick() and self._in_weight_path():
                     accumulate(metrics, self._sync_weights(train_it + 1))
                 elif train_it >= start:
                     self.state.weight_version = train_it + 1
@@ -396,8 +418,11 @@ class PPOTrainer:
             # phase times are not, so that every logged iteration_s is one tick.
             carried = {} if train_it >= start else {k: v for k, v in metrics.items() if not is_phase_time(k)}
             last = metrics
-            if train_it >= start and self.checkpoint.due(train_it + 1, stop=stop):
+            saved = train_it >= start and self.checkpoint.due(train_it + 1, stop=stop)
+            if saved:
                 self.checkpoint.save(self.state.next_iteration)
+            if self.partial is not None:
+                self.partial.settle(tick, self.checkpoint.root, saved=saved)
             if stop:
                 return {"stopped": 1.0, **last}
         if self.parts.eval_prompts and self.cfg.eval.data:
@@ -408,6 +433,12 @@ class PPOTrainer:
             self._agree(self.total, self._eval())
             self.checkpoint.settle_best_candidate(self.state.next_iteration, self.agreed_metrics)
         return last
+
+    def _last_generation_tick(self) -> int:
+        """The last tick that generates: the last iteration's, or with partial rollouts the one that trains it
+        (its responses still in progress finish there, with the weights sent at the end of the tick before). Every
+        rank of the weight broadcast decides the same from the config."""
+        return self.total - 1 + (self.q if self.cfg.rollout.partial_rollout else 0)
 
     def _sleep_generator(self) -> dict[str, float]:
         """After generating, colocated ranks free the engine's memory (vllm.enable_sleep) and bring the trainers'

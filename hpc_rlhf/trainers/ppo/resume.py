@@ -24,6 +24,7 @@ from hpc_rlhf.rollouts.manifest import cleanup_uncommitted, committed_shards, it
 from hpc_rlhf.rollouts.paths import iteration_dir
 from hpc_rlhf.rollouts.verify import DamagedFile, damaged_in_run, set_aside
 from hpc_rlhf.trainers.checkpointing import CHECKPOINTS_DIR, ResumeRefused
+from hpc_rlhf.trainers.ppo.partial_rollout import carried_shards
 
 
 class RolloutRepairError(RolloutError, ResumeRefused):
@@ -72,7 +73,7 @@ def set_aside_replanned(run_dir: str | Path, start: int, async_queue: int, engin
 
 def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int, expected_shards: list[str],
                    checkpoints: list[tuple[int, str]] = (), regenerate_from: Optional[int] = None,
-                   saved_engines: int = 0) -> list[str]:
+                   saved_engines: int = 0, carried: Optional[dict[int, set[str]]] = None) -> list[str]:
     """What a run resuming at iteration `start` finds in RUN_DIR/rollouts, as lines to print; repairs what it can.
 
     - temp files and shards without a commit record (a writer killed halfway) are deleted;
@@ -83,6 +84,8 @@ def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int
     - with `saved_engines` (the checkpoint's generator engine count) other than len(expected_shards), incomplete
       iterations are set aside (`set_aside_replanned`); a complete one is checked against the shards it names.
     `checkpoints` are the complete checkpoints as (next_iteration, folder name), for the advice.
+    With partial rollouts, `carried` names the shards whose responses were still in progress at the checkpoint
+    (iteration -> shard names, from RUN_DIR/rollouts/partial/): they are not missing, the resumed run finishes them.
     With dynamic sampling (`regenerate_from` set) the prompts of an iteration depend on the data position the
     checkpoint holds, which counts the iterations generated before it was taken: rollouts of later iterations
     (`regenerate_from` on) are deleted and generated again from that position (the same weights and seeds, so the
@@ -114,7 +117,9 @@ def check_rollouts(run_dir: str | Path, start: int, total: int, async_queue: int
             known = {d.record.shard for d in items}
             manifest = load_manifest(run_dir, iteration)
             wanted = manifest.expected_shards if manifest.complete and manifest.expected_shards else expected_shards
-            missing = [s for s in wanted if s not in committed_shards(run_dir, iteration) and s not in known]
+            in_progress = (carried or {}).get(iteration, set())
+            missing = [s for s in wanted if s not in committed_shards(run_dir, iteration) and s not in known
+                       and s not in in_progress]
         if not items and not missing:
             continue
         what = "; ".join([d.describe(run_dir) for d in items] +
@@ -152,8 +157,10 @@ class RolloutCheck:
     """The PPO family's resume check (`CheckpointService`'s resume_check): `check_rollouts` for the iteration the
     checkpoint resumes at (0 on a fresh start), printing what it repaired; RolloutRepairError when it cannot."""
 
-    def __init__(self, cfg: Config, total: int, expected_shards: list[str]) -> None:
+    def __init__(self, cfg: Config, total: int, expected_shards: list[str], engines: int = 0) -> None:
         self.run_dir = cfg.train.run_dir
+        self.partial_rollout = cfg.rollout.partial_rollout
+        self.engines = engines
         self.async_queue = cfg.rollout.async_queue
         self.dynamic_filtering = cfg.rollout.dynamic_filtering
         self.total = total
@@ -166,6 +173,14 @@ class RolloutCheck:
         kept = sorted((iteration, folder.name) for iteration, folder in complete_checkpoints(root))
         # A checkpoint taken after training iteration start - 1 follows the generation of start + async_queue - 1.
         regenerate_from = (start + self.async_queue if path is not None else 0) if self.dynamic_filtering else None
+        saved_engines = int(state.get("generator_engines", 0))
+        carried = None
+        if self.partial_rollout and start > 0:
+            if saved_engines not in (0, self.engines):
+                raise RolloutRepairError(
+                    f"rollout.partial_rollout: the checkpoint's {saved_engines} generator engines left responses in "
+                    f"progress that this run's {self.engines} cannot continue; resume on the same number of engines")
+            carried = carried_shards(self.run_dir, start + self.async_queue - 1, self.engines)
         for line in check_rollouts(self.run_dir, start, self.total, self.async_queue, self.expected_shards, kept,
-                                   regenerate_from, saved_engines=int(state.get("generator_engines", 0))):
+                                   regenerate_from, saved_engines=saved_engines, carried=carried):
             print(line, flush=True)
