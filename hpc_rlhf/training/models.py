@@ -10,9 +10,9 @@
 Vision-language models (`AutoModelForImageTextToText` folders) load with their image processor; a micro-batch with
 images gets their vision tensors (`pixel_values`, ...) rebuilt from the PNG bytes in its forward pass.
 
-The log-prob / value of response token j is read from the model output one position before it (the
-logits there predict it; `forwards.py` holds the forward passes themselves). The loss functions live elsewhere: `backward` runs the caller's
-`loss_fn(micro_batch, output)` per micro-batch and weights the results so that the gradient is that of
+The log-prob / value of response token j is read from the model output one position before it (the logits there
+predict it; `forwards.py` holds the forward passes themselves). The loss functions live elsewhere: `backward` runs
+the caller's `loss_fn(micro_batch, output)` per micro-batch and weights the results so that the gradient is that of
 the mean over all tokens (or samples) of the whole data-parallel batch, whatever the micro-batching.
 """
 

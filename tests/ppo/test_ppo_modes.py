@@ -3,9 +3,9 @@
 The estimators whose roles differ (gae: a critic; reinforce: a reference for the KL penalty; group_norm: neither) run
 in every schedule; the other group estimators (reinforce_baseline, rloo, dr_grpo) differ from group_norm only in the
 advantage arithmetic, which tests/algos checks by hand, so they run in the schedule with the most moving parts
-(disaggregated async). Short real jobs (gloo processes, DeepSpeed, hf generation) that must finish with finite losses, one training row per
-iteration, every iteration's shards committed once with the full sample count, and weight versions that advance
-with the expected staleness (version = iteration - async_queue, floored at 0).
+(disaggregated async). Short real jobs (gloo processes, DeepSpeed, hf generation) that must finish with finite
+losses, one training row per iteration, every iteration's shards committed once with the full sample count, and
+weight versions that advance with the expected staleness (version = iteration - async_queue, floored at 0).
 """
 
 from __future__ import annotations
