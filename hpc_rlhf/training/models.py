@@ -34,7 +34,7 @@ from hpc_rlhf.data.images import (
     is_vision_language,
     load_image_processor,
 )
-from hpc_rlhf.distributed.weights import full_named_parameters, is_peft_model, plain_parameter_name
+from hpc_rlhf.distributed.weights import full_named_parameters, plain_parameter_name
 from hpc_rlhf.training.batching import (
     LOSS_WEIGHTINGS,
     MicroBatch,
@@ -129,7 +129,7 @@ def gather_full_state_dict(model: nn.Module, mpu: DataParallelUnit, *,
     """
     tp_rank = getattr(mpu, "get_tensor_model_parallel_rank", lambda: 0)()  # a unit without tensor parallelism: 0
     is_writer = mpu.get_data_parallel_rank() == 0 and tp_rank == 0
-    rename = plain_parameter_name if merge_lora and is_peft_model(model) else (lambda name: name)
+    rename = plain_parameter_name if merge_lora and is_lora_model(model) else (lambda name: name)
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if rename(name) is not None:

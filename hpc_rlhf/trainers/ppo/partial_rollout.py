@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from hpc_rlhf.config.schema import Config
-from hpc_rlhf.data import PromptExample, epoch_and_iteration, prompt_indices_for
+from hpc_rlhf.data import PromptExample
 from hpc_rlhf.generation import SingleTurnExecutor, Trajectory
 from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
@@ -34,7 +34,12 @@ from hpc_rlhf.rollouts.atomic import atomic_write_bytes
 from hpc_rlhf.rollouts.paths import rollouts_dir
 from hpc_rlhf.run.checkpoint import complete_checkpoints
 from hpc_rlhf.trainers.generation_setup import sampling_params, sampling_seed
-from hpc_rlhf.trainers.ppo.rollout_stage import encode_prompts, score_trajectories, trajectory_rows
+from hpc_rlhf.trainers.ppo.rollout_stage import (
+    encode_prompts,
+    engine_prompt_indices,
+    score_trajectories,
+    trajectory_rows,
+)
 
 PARTIAL_DIR = "partial"
 
@@ -190,11 +195,7 @@ class PartialRollouts:
     def _start(self, iteration: int) -> CarriedIteration:
         """This engine's prompts of `iteration` (as run_generation picks them), each with n empty responses."""
         cfg = self.cfg
-        epoch, in_epoch = epoch_and_iteration(iteration, num_prompts=len(self.prompts),
-                                              rollout_batch_size=cfg.rollout.batch_size)
-        indices = prompt_indices_for(len(self.prompts), seed=cfg.train.seed, epoch=epoch, iteration=in_epoch,
-                                     rollout_batch_size=cfg.rollout.batch_size, rank=self.engine_index,
-                                     num_ranks=self.num_engines)
+        indices = engine_prompt_indices(cfg, iteration, len(self.prompts), self.engine_index, self.num_engines)
         ids = encode_prompts(cfg, self.tokenizer, [self.prompts[i].prompt for i in indices])
         n = cfg.rollout.n_samples_per_prompt
         return CarriedIteration(iteration=iteration, prompt_indices=list(indices),

@@ -161,6 +161,15 @@ def run_executor(cfg: Config, executor: SingleTurnExecutor | MultiTurnExecutor, 
     return executor.run(ids, params, prompt_texts=texts, labels=labels, images=images)
 
 
+def engine_prompt_indices(cfg: Config, iteration: int, num_prompts: int, engine_index: int,
+                          num_engines: int) -> list[int]:
+    """Which prompts engine `engine_index` of `num_engines` answers in `iteration` (without dynamic sampling)."""
+    epoch, in_epoch = epoch_and_iteration(iteration, num_prompts=num_prompts, rollout_batch_size=cfg.rollout.batch_size)
+    return list(prompt_indices_for(num_prompts, seed=cfg.train.seed, epoch=epoch, iteration=in_epoch,
+                                   rollout_batch_size=cfg.rollout.batch_size, rank=engine_index,
+                                   num_ranks=num_engines))
+
+
 def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engines: int, writes: bool,
                    executor: SingleTurnExecutor | MultiTurnExecutor, tokenizer: PreTrainedTokenizerBase,
                    prompts: Sequence[PromptExample], reward_source: Optional[RewardSource],
@@ -175,12 +184,7 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
     n = cfg.rollout.n_samples_per_prompt
     per_engine = cfg.rollout.batch_size // num_engines
     if refill is None:
-        epoch, in_epoch = epoch_and_iteration(iteration, num_prompts=len(prompts),
-                                              rollout_batch_size=cfg.rollout.batch_size)
-        indices = prompt_indices_for(len(prompts), seed=cfg.train.seed, epoch=epoch, iteration=in_epoch,
-                                     rollout_batch_size=cfg.rollout.batch_size, rank=engine_index,
-                                     num_ranks=num_engines)
-        chosen = [prompts[i] for i in indices]
+        chosen = [prompts[i] for i in engine_prompt_indices(cfg, iteration, len(prompts), engine_index, num_engines)]
         batch = sample_groups(cfg, executor, tokenizer, chosen, reward_source,
                               sampling_seed(cfg.train.seed, iteration, engine_index), processor)
         outcome = None
