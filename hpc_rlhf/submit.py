@@ -129,14 +129,17 @@ def preflight(cfg: Config) -> Preflight:
     for key in RL_INPUT_KEYS if cfg.train.trainer == "ppo" else SUPERVISED_INPUT_KEYS:  # the paths the ranks read
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if not isinstance(value, str) or not value or not _looks_like_path(value):
+        if not isinstance(value, str) or not value:
             continue
-        if not Path(value).expanduser().exists():
-            found.warnings.append(f"{key}: {value} does not exist on this machine; every compute node must see it")
-            continue
-        problem = shared_path_problem(value, nodes)
-        if problem:
-            found.warnings.append(f"{key}: {problem}")
+        # a data key may name several datasets, comma-separated (OpenRLHF's rule); each is checked
+        paths = [part.strip() for part in value.split(",")] if section in ("data", "eval") else [value]
+        for path in (p for p in paths if p and _looks_like_path(p)):
+            if not Path(path).expanduser().exists():
+                found.warnings.append(f"{key}: {path} does not exist on this machine; every compute node must see it")
+                continue
+            problem = shared_path_problem(path, nodes)
+            if problem:
+                found.warnings.append(f"{key}: {problem}")
     found.resume_from, problem = resume_check(cfg)
     if problem:
         found.errors.append(problem)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from hpc_rlhf.generation import HFEngine, SamplingParams
-from hpc_rlhf.generation.factory import DTYPES
+from hpc_rlhf.dtypes import DTYPES
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
 MODES = {"dynamic": {"static_decode": False}, "static_eager": {"static_decode": True, "cuda_graphs": False},

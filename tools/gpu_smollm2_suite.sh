@@ -12,9 +12,10 @@
 #   tools/gpu_smollm2_suite.sh decode OUT          # there: CUDA tests of the hf engine + decode paths timed
 #   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
 #   tools/gpu_smollm2_suite.sh report OUT          # anywhere: table + curves from OUT/*.json
-#   tools/gpu_smollm2_suite.sh all OUT             # there: TRL then hpc_rlhf on 3-digit sums (each until 80% held-out
-#                                                  # or its budget), then hpc_rlhf on multi-step expressions; OUT/all.log
-#                                                  # ends with "all done" (start it detached and poll on a busy machine)
+#   tools/gpu_smollm2_suite.sh all OUT             # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
+#                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
+#                                                  # multi-step expressions; its output ends with "all done" (start
+#                                                  # it detached and poll on a machine held only between calls)
 #
 # Every step after `setup` expects `. tools/gpu_smollm2_suite.sh env` semantics: PYTHONPATH=/tmp/site.
 set -euo pipefail
@@ -82,9 +83,22 @@ case "$step" in
     multistep=(--data.prompt_data=data/chat_arithmetic/multistep/train.jsonl
                --eval.data=data/chat_arithmetic/multistep/test.jsonl)
     run() { python tools/bench_accuracy.py "$@" --config "$CONFIG" --out "$out" "${common[@]}" || echo "FAILED: $*"; }
-    run trl --budget-s 900 --stop-at-accuracy 0.8
-    run hpc --budget-s 450 --stop-at-accuracy 0.8
-    run hpc --budget-s 240 --label _multistep "${multistep[@]}"
+    run hpc --budget-s 420 --stop-at-accuracy 0.8
+    # the peer gets twice hpc_rlhf's time to 80% plus one evaluation interval: enough to tell whether hpc_rlhf
+    # reaches each threshold in half the peer's time, without spending machine time beyond that
+    peer_budget=$(python - "$out/hpc_rlhf.json" <<'PY'
+import json, sys
+try:
+    curve = json.load(open(sys.argv[1]))["curve"]
+except (OSError, ValueError, KeyError):
+    curve = []
+t80 = next((p["train_s"] for p in curve if p["accuracy"] >= 0.8), None)
+print(700 if t80 is None else int(min(700, max(300, 2 * t80 + 60))))
+PY
+)
+    echo "peer budget: $peer_budget s"
+    run trl --budget-s "$peer_budget" --stop-at-accuracy 0.8
+    run hpc --budget-s 150 --label _multistep "${multistep[@]}"
     echo "all done" ;;
   *)
     echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report|all ..." >&2; exit 2 ;;

@@ -23,7 +23,8 @@ import torch
 from hpc_rlhf.rewards.batching import BatchingScorer
 from hpc_rlhf.rewards.result import RewardError
 from hpc_rlhf.rewards.reward_func import RewardFunction
-from hpc_rlhf.rewards.reward_model import DTYPES, RewardModel
+from hpc_rlhf.dtypes import DTYPES
+from hpc_rlhf.rewards.reward_model import RewardModel
 from hpc_rlhf.rewards.server import RewardServer
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
 

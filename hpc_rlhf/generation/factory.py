@@ -17,21 +17,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpc_rlhf.dtypes import torch_dtype
 from hpc_rlhf.generation.engine import GenerationEngine, GenerationError
 from hpc_rlhf.generation.hosted import EngineSpec, ProcessHostedEngine
 
 BACKENDS = ("hf", "vllm")
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
 VLLM_FACTORY = "hpc_rlhf.generation.vllm_engine:VllmEngine"
-
-
-def torch_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {value!r}")
-    return DTYPES[value]
 
 
 def dtype_name(value: str | torch.dtype) -> str:

@@ -20,20 +20,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpc_rlhf.dtypes import torch_dtype
 from hpc_rlhf.rewards.result import RewardError, RewardResult, check_batch, empty_result, to_reward_result
 from hpc_rlhf.training.sequence_parallel import sequence_parallel, shard_packed_row, use_sequence_parallel_attention
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """A torch dtype from a dtype or its name ("bfloat16", "bf16", "float32", ...)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise RewardError(f"reward model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    try:
+        return torch_dtype(dtype, "reward model dtype")
+    except ValueError as err:
+        raise RewardError(str(err)) from None
 
 
 def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,17 @@ def test_preflight_names_the_run_dir_problems(tmp_path):
         assert any(w.startswith("train.run_dir:") and "3-node job" in w for w in found.warnings)
 
 
+def test_preflight_checks_each_dataset_of_a_comma_separated_list(tmp_path):
+    real = REPO / "data" / "chat_arithmetic" / "sum3" / "test.jsonl"
+    cfg = load_config(TINY, [*CPU_3NODE[2:], "--slurm.nodes=3", f"--train.run_dir={tmp_path}",
+                             f"--eval.data={real}, /no/such/prompts.jsonl"]).config
+    found = preflight(cfg)
+    missing = [w for w in found.warnings if w.startswith("eval.data:") and "does not exist" in w]
+    # the missing second dataset is named on its own; the first one exists and is not reported missing
+    assert missing == ["eval.data: /no/such/prompts.jsonl does not exist on this machine; every compute node must "
+                       "see it"]
+
+
 def test_executor_parameters_follow_the_config():
     cfg = load_config(PPO_70B, ["--slurm.partition=gpu", "--slurm.mem=480G",
                                                "--slurm.setup=[module load cuda]"]).config
