@@ -17,40 +17,18 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hpc_rlhf.run.checkpoint import config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.checkpoint.workers.tiny_engine import VOCAB, build_tiny_engine
 
 STEPS_BEFORE_SAVE = 3
 STEPS_AFTER_SAVE = 3
-VOCAB = 128
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_engine(stage: int):
-    """A tiny LlamaForCausalLM under DeepSpeed ZeRO `stage` with torch AdamW and DeepSpeed's WarmupLR schedule."""
-    torch.manual_seed(0)  # the same initial weights on every rank
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": 2 * dist.get_world_size(),
-        "zero_optimization": {"stage": stage},
-        "gradient_clipping": 1.0,
-        "zero_allow_untested_optimizer": True,
-        "scheduler": {"type": "WarmupLR",
-                      "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 10}},
-        "steps_per_print": 1_000_000,
-    }
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine, scheduler
 
 
 class ScopedEngine:
@@ -95,7 +73,7 @@ def run_stage(mode: str, stage: int, out: Path) -> None:
     root = out / f"stage{stage}" / "checkpoints"
     fingerprint = config_fingerprint({"layout": {"actor": {"gpus": dist.get_world_size()}},
                                       "ds": {"zero_stage": stage}, "train": {"seed": 1}})
-    engine, scheduler = build_engine(stage)
+    engine, scheduler = build_tiny_engine(stage, micro_batch_size=2)
     # ZeRO-2 goes through the raw engine, ZeRO-3 through the wrapper interface: both kinds the module accepts.
     engines = {"actor": engine if stage == 2 else ScopedEngine(engine)}
     saved_params = None

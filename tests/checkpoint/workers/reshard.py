@@ -16,37 +16,19 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hpc_rlhf.run.checkpoint import config_fingerprint, latest_checkpoint, load_checkpoint, read_metadata, \
     save_checkpoint
 from hpc_rlhf.run.universal import convert_checkpoint
+from tests.checkpoint.workers.tiny_engine import VOCAB, build_tiny_engine
 
-VOCAB = 128
 FINGERPRINT = config_fingerprint({"layout": {"scale": "proportional"}, "ds": {"universal_ckpt": True}})
 
 
 def build_engine(stage: int, load_universal: bool):
-    """A tiny LlamaForCausalLM under ZeRO `stage`, AdamW and DeepSpeed's WarmupLR; 12 samples per step on any size."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    world = dist.get_world_size()
-    config = {
-        "train_micro_batch_size_per_gpu": 12 // world // 2,
-        "gradient_accumulation_steps": 2,
-        "train_batch_size": 12,
-        "zero_optimization": {"stage": stage},
-        "gradient_clipping": 1.0,
-        "zero_allow_untested_optimizer": True,
-        "scheduler": {"type": "WarmupLR",
-                      "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 10}},
-        "steps_per_print": 1_000_000,
-        "checkpoint": {"tag_validation": "Ignore", "load_universal": load_universal},
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
+    """The tiny engine with 12 samples per step on any number of ranks (2 micro-batches each)."""
+    return build_tiny_engine(stage, micro_batch_size=12 // dist.get_world_size() // 2, accumulation=2,
+                             checkpoint={"tag_validation": "Ignore", "load_universal": load_universal})[0]
 
 
 def train_step(engine, step: int) -> None:
