@@ -84,8 +84,8 @@ case "$step" in
                --eval.data=data/chat_arithmetic/multistep/test.jsonl)
     run() { python tools/bench_accuracy.py "$@" --config "$CONFIG" --out "$out" "${common[@]}" || echo "FAILED: $*"; }
     run hpc --budget-s 420 --stop-at-accuracy 0.8
-    # the peer gets twice hpc_rlhf's time to 80% plus one evaluation interval: enough to tell whether hpc_rlhf
-    # reaches each threshold in half the peer's time, without spending machine time beyond that
+    # the peer gets twice hpc_rlhf's time to 80% (its last evaluation comes at or after that): enough to tell
+    # whether hpc_rlhf reaches each threshold in half the peer's time or less, without machine time beyond that
     peer_budget=$(python - "$out/hpc_rlhf.json" <<'PY'
 import json, sys
 try:
@@ -93,7 +93,7 @@ try:
 except (OSError, ValueError, KeyError):
     curve = []
 t80 = next((p["train_s"] for p in curve if p["accuracy"] >= 0.8), None)
-print(700 if t80 is None else int(min(700, max(300, 2 * t80 + 60))))
+print(600 if t80 is None else int(min(600, max(300, 2 * t80 + 1))))
 PY
 )
     echo "peer budget: $peer_budget s"
