@@ -12,6 +12,7 @@
 #   tools/gpu_smollm2_suite.sh decode OUT          # there: CUDA tests of the hf engine + decode paths timed
 #   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
 #   tools/gpu_smollm2_suite.sh report OUT          # anywhere: table + curves from OUT/*.json
+#   tools/gpu_smollm2_suite.sh progress OUT        # anywhere: each run's curve so far (iteration:seconds:accuracy)
 #   tools/gpu_smollm2_suite.sh all OUT             # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
 #                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
 #                                                  # multi-step expressions; its output ends with "all done" (start
@@ -75,6 +76,19 @@ case "$step" in
     python tools/bench_accuracy.py "$system" --config "$CONFIG" --budget-s "$budget" --out "$out" "$@" ;;
   report)
     python tools/bench_accuracy.py report "${1:?report needs OUT}" ;;
+  progress)
+    # each run's held-out curve so far (hpc_rlhf from its metrics.jsonl, TRL from the JSON it writes at each eval)
+    python - "${1:?progress needs OUT}" <<'PY'
+import json, sys
+from pathlib import Path
+from hpc_rlhf.benchmarks.accuracy import curve_from_json, curve_from_metrics, read_metrics
+out = Path(sys.argv[1])
+runs = {p.parent.name: curve_from_metrics(read_metrics(p)) for p in sorted(out.glob("hpc*/metrics.jsonl"))}
+runs.update({p.stem: curve_from_json(json.loads(p.read_text())["curve"]) for p in sorted(out.glob("trl*.json"))})
+for name, curve in runs.items():
+    print(name, " ".join(f"{p.iteration}:{p.train_s:.0f}s:{p.accuracy:.2f}" for p in curve))
+PY
+    ;;
   all)
     out="${1:?all needs OUT}"; mkdir -p "$out"
     common=(--train.skip_old_logprobs=true --vllm.enable_sleep=false --train.micro_train_batch_size=64
@@ -101,5 +115,5 @@ PY
     run hpc --budget-s 150 --label _multistep "${multistep[@]}"
     echo "all done" ;;
   *)
-    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report|all ..." >&2; exit 2 ;;
+    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report|progress|all ..." >&2; exit 2 ;;
 esac
