@@ -241,7 +241,7 @@ class CheckpointService:
         meta = read_metadata(path)
         tag, saved_world = meta.get("name", path.name), int(meta.get("world_size", self.world_size))
         if self.universal:
-            for line in convert_checkpoint(path, tag):
+            for line in convert_checkpoint(path, tag, announce=lambda line: print(line, flush=True)):
                 print(line, flush=True)
             return
         partitioned = saved_partitions(path, tag)

@@ -52,3 +52,48 @@ def test_each_job_loads_exactly_what_the_previous_job_saved(legs: Path, stage: i
         moved = [key for key in keys if key.endswith(":fp32")
                  and not torch.equal(resumed["saved"][key], loaded[key])]
         assert len(moved) >= 20, "the step after the load changes the weights: the comparison is not vacuous"
+
+
+def _universal_tensors(checkpoint: Path) -> dict[str, object]:
+    """Every file of the checkpoint's universal folders, loaded, by its path below the checkpoint."""
+    return {str(f.relative_to(checkpoint)): torch.load(f, map_location="cpu", weights_only=False)
+            for f in sorted(checkpoint.glob("*/*_universal/**/*")) if f.is_file() and f.suffix == ".pt"}
+
+
+@pytest.mark.timeout(300)
+def test_converting_ahead_from_the_command_line_writes_what_the_resume_would(legs: Path, tmp_path: Path) -> None:
+    """`python -m hpc_rlhf.run.universal CHECKPOINT --workers 2` (processes reading and merging in parallel) writes
+    the same universal form as the single-process conversion a resuming rank 0 runs; bad input is one line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from hpc_rlhf.run.universal import convert_checkpoint
+
+    saved = legs / "stage2" / "checkpoints" / "iter_000004"  # the last 3-rank save, never converted
+    in_process, ahead = tmp_path / "a" / saved.name, tmp_path / "b" / saved.name
+    shutil.copytree(saved, in_process)
+    shutil.copytree(saved, ahead)
+    announced: list[str] = []
+    assert len(convert_checkpoint(in_process, saved.name, announce=announced.append)) == 1
+    assert announced == ["checkpoint iter_000004: converting actor's ZeRO states of 3 data-parallel rank(s) to "
+                         "DeepSpeed's universal form ..."]
+
+    command = [sys.executable, "-m", "hpc_rlhf.run.universal", str(ahead), "--workers", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [announced[0], "checkpoint iter_000004: actor's ZeRO states of 3 "
+                                          "data-parallel rank(s) converted to DeepSpeed's universal form "
+                                          "(actor/iter_000004_universal)"]
+    expected, written = _universal_tensors(in_process), _universal_tensors(ahead)
+    assert sorted(written) == sorted(expected) and len(written) >= 21 * 3
+    for name, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(written[name], value), name
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == ("checkpoint iter_000004: already converted "
+                                                              "(actor/iter_000004_universal)")
+    missing = subprocess.run([sys.executable, "-m", "hpc_rlhf.run.universal", str(tmp_path / "nothing")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].endswith("no such checkpoint folder")
