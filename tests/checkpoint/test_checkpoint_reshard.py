@@ -3,16 +3,21 @@
 A 3-rank job trains 2 steps and checkpoints; a 2-rank job converts that checkpoint (`hpc_rlhf.run.universal`), loads
 it into its own ZeRO partitions, trains one step and checkpoints; a 3-rank job does the same from the 2-rank
 checkpoint. What each job holds right after its load (fp32 master weights and both Adam moments, gathered whole per
-parameter, step count and learning rate) must equal bit for bit what the job before it held when it saved.
+parameter, step count and learning rate) must equal bit for bit what the job before it held when it saved. The
+command-line conversion ahead of a resume (several processes) must write what rank 0's conversion writes.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from hpc_rlhf.run.universal import convert_checkpoint
 from tests.multiproc import run_ranks
 
 STAGES = [2, 3]
@@ -64,12 +69,6 @@ def _universal_tensors(checkpoint: Path) -> dict[str, object]:
 def test_converting_ahead_from_the_command_line_writes_what_the_resume_would(legs: Path, tmp_path: Path) -> None:
     """`python -m hpc_rlhf.run.universal CHECKPOINT --workers 2` (processes reading and merging in parallel) writes
     the same universal form as the single-process conversion a resuming rank 0 runs; bad input is one line."""
-    import shutil
-    import subprocess
-    import sys
-
-    from hpc_rlhf.run.universal import convert_checkpoint
-
     saved = legs / "stage2" / "checkpoints" / "iter_000004"  # the last 3-rank save, never converted
     in_process, ahead = tmp_path / "a" / saved.name, tmp_path / "b" / saved.name
     shutil.copytree(saved, in_process)
