@@ -26,6 +26,7 @@ from typing import Any
 from hpc_rlhf.cli import DEBUG_ENV, build_parser, run_entry
 from hpc_rlhf.config.schema import Config, ConfigError
 from hpc_rlhf.config.loading import LoadedConfig, config_to_dict, config_to_yaml, load_config
+from hpc_rlhf.data.records import DatasetError, dataset_paths
 from hpc_rlhf.slurm.filesystem import shared_path_problem, writable_dir_problem
 from hpc_rlhf.slurm.job_spec import allocation_problems, node_count, parse_time_limit, time_limit_minutes, uses_gpus
 
@@ -131,9 +132,11 @@ def preflight(cfg: Config) -> Preflight:
         value = getattr(getattr(cfg, section), name)
         if not isinstance(value, str) or not value:
             continue
-        # a data key may name several datasets, comma-separated (OpenRLHF's rule); each is checked
-        paths = [part.strip() for part in value.split(",")] if section in ("data", "eval") else [value]
-        for path in (p for p in paths if p and _looks_like_path(p)):
+        try:  # a data key may name several datasets (the readers' own rule); each is checked
+            paths = [str(p) for p in dataset_paths(value)] if section in ("data", "eval") else [value]
+        except DatasetError:
+            continue  # a malformed list: the ranks' pre-flight names it in one line
+        for path in (p for p in paths if _looks_like_path(p)):
             if not Path(path).expanduser().exists():
                 found.warnings.append(f"{key}: {path} does not exist on this machine; every compute node must see it")
                 continue
