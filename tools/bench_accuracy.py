@@ -6,9 +6,10 @@
 
 Both systems read one hpc_rlhf config (plus `--section.key=value` overrides), so the model, prompts, group size,
 lengths, learning rate and batch shapes are the same by construction. Each run trains until `--budget-s` seconds of
-training have passed (evaluation and start-up excluded) and writes OUT/<system>.json: the held-out greedy accuracy
-curve against training seconds (`hpc_rlhf.benchmarks.accuracy`), per-iteration seconds and token counts. `report`
-prints the table (seconds to 50% and 80%, final accuracy, median iteration) and draws the curves.
+training have passed (evaluation and start-up excluded) or train.max_iterations iterations are done, and writes
+OUT/<system>.json: the held-out greedy accuracy curve against training seconds (`hpc_rlhf.benchmarks.accuracy`),
+per-iteration seconds and token counts. `report` prints the table (seconds to 50% and 80%, final accuracy, median
+iteration) and draws the curves. `tools/trl_parity.py` checks, on one batch, that the two take the same step.
 
 - hpc: runs `python -m hpc_rlhf.train` as it is and reads its metrics.jsonl: the trainer evaluates greedily on
   eval.data every eval.steps iterations and times that evaluation (time/eval_s), which is taken off the clock. When
@@ -122,49 +123,42 @@ def reached_target(curve: list[CurvePoint], target: float | None) -> bool:
 
 
 # ----- TRL ---------------------------------------------------------------------------------------------------------
-def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    """GRPOTrainer on the config's model, prompts and settings, with timed held-out evaluation between steps."""
-    import torch
-    import datasets
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from hpc_rlhf.config.loading import load_config
-    from hpc_rlhf.data.prompts import load_prompts
+def trl_rows(cfg: Any) -> list[dict[str, Any]]:
+    """The config's training prompts as TRL conversations (one user message; TRL applies the chat template)."""
     from hpc_rlhf.data.records import iter_records
-    from hpc_rlhf.rewards.reward_func import load_reward_func
-    from hpc_rlhf.tasks.evaluation import evaluate
-    from hpc_rlhf.builtin_models.resolve import resolve_model_path
 
-    started = time.time()
-    cfg = load_config(args.config, overrides).config
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    model_path = resolve_model_path(cfg.actor.pretrain)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
     data = cfg.data
-    rows = [{"prompt": [{"role": "user", "content": row[data.input_key]}], "label": str(row[data.label_key])}
+    return [{"prompt": [{"role": "user", "content": row[data.input_key]}], "label": str(row[data.label_key])}
             for _, row in iter_records(data.prompt_data, columns=[data.input_key, data.label_key])]
-    eval_examples = load_prompts(cfg.eval.data, input_key=data.input_key, label_key=data.label_key,
-                                 apply_chat_template=True, tokenizer=tokenizer, max_samples=cfg.eval.max_samples)
-    task_reward = load_reward_func(cfg.reward.reward_func_path)
+
+
+def trl_reward(tokenizer: Any, task_reward: Any) -> Any:
+    """The task's reward function (hpc_rlhf's signature: queries, prompts, labels) behind TRL's signature."""
 
     def reward(prompts: list, completions: list, label: list[str], **_unused: Any) -> list[float]:
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
         queries = [t + c[0]["content"] for t, c in zip(texts, completions)]
         return [float(x) for x in task_reward(queries, texts, label)["rewards"]]
 
+    return reward
+
+
+def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool) -> Any:
+    """The GRPOConfig of an hpc_rlhf config: same batch shapes, lengths, clip range, learning rate and optimizer."""
+    from trl import GRPOConfig
+
     rollout, train, actor, algo = cfg.rollout, cfg.train, cfg.actor, cfg.algo
     sequences = rollout.batch_size * rollout.n_samples_per_prompt
     steps_per_iteration = sequences // train.train_batch_size
     # hpc_rlhf warms up over lr_warmup_ratio of max_iterations' optimizer steps; TRL takes the same count of steps
     warmup_steps = math.ceil(actor.lr_warmup_ratio * (train.max_iterations or 0) * steps_per_iteration)
-    config = GRPOConfig(
-        output_dir=str(Path(args.out_dir) / f"trl{args.label}"),
+    return GRPOConfig(
+        output_dir=str(output_dir),
         per_device_train_batch_size=train.micro_train_batch_size,
         gradient_accumulation_steps=train.train_batch_size // train.micro_train_batch_size,
         generation_batch_size=sequences, num_generations=rollout.n_samples_per_prompt,
-        max_completion_length=rollout.generate_max_len, max_steps=10**6, num_iterations=train.max_epochs,
+        max_completion_length=rollout.generate_max_len,
+        max_steps=(train.max_iterations or 10**6) * steps_per_iteration, num_iterations=train.max_epochs,
         beta=algo.init_kl_coef if algo.use_kl_loss else 0.0,
         loss_type="dapo" if algo.loss_agg_mode == "token_mean" else "grpo",
         epsilon=algo.eps_clip_low, epsilon_high=algo.eps_clip_high, scale_rewards="group",
@@ -178,6 +172,36 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         shuffle_dataset=True, seed=train.seed, use_cpu=not cuda, report_to="none", logging_strategy="steps",
         logging_steps=steps_per_iteration, save_strategy="no", eval_strategy="no", disable_tqdm=True,
     )
+
+
+def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """GRPOTrainer on the config's model, prompts and settings, with timed held-out evaluation between steps."""
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOTrainer
+
+    from hpc_rlhf.builtin_models.resolve import resolve_model_path
+    from hpc_rlhf.config.loading import load_config
+    from hpc_rlhf.data.prompts import load_prompts
+    from hpc_rlhf.rewards.reward_func import load_reward_func
+    from hpc_rlhf.tasks.evaluation import evaluate
+
+    started = time.time()
+    cfg = load_config(args.config, overrides).config
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    model_path = resolve_model_path(cfg.actor.pretrain)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    data = cfg.data
+    rows = trl_rows(cfg)
+    eval_examples = load_prompts(cfg.eval.data, input_key=data.input_key, label_key=data.label_key,
+                                 apply_chat_template=True, tokenizer=tokenizer, max_samples=cfg.eval.max_samples)
+    task_reward = load_reward_func(cfg.reward.reward_func_path)
+    reward = trl_reward(tokenizer, task_reward)
+    rollout = cfg.rollout
+    steps_per_iteration = rollout.batch_size * rollout.n_samples_per_prompt // cfg.train.train_batch_size
+    config = trl_grpo_config(cfg, Path(args.out_dir) / f"trl{args.label}", cuda)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class Clock(TrainerCallback):
@@ -215,7 +239,7 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             self.iteration_s.append(now - self._mark)
             self.train_s += now - self._mark
             iteration = state.global_step // steps_per_iteration
-            done = self.train_s >= args.budget_s
+            done = self.train_s >= args.budget_s or state.global_step >= state.max_steps
             if done or (cfg.eval.steps > 0 and iteration % cfg.eval.steps == 0):
                 model.eval()
                 self._evaluate(model, iteration)

@@ -17,6 +17,9 @@
 #                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
 #                                                  # multi-step expressions; its output ends with "all done" (start
 #                                                  # it detached and poll on a machine held only between calls)
+#   tools/gpu_smollm2_suite.sh seeds OUT SYSTEM ITERATIONS SEED... [--key=value ...]   # there: learning per iteration of one system
+#                                                  # (hpc or trl) over several seeds, ITERATIONS each, evaluated
+#                                                  # every 10; `progress OUT` prints the curves by iteration
 #
 # Every step after `setup` expects `. tools/gpu_smollm2_suite.sh env` semantics: PYTHONPATH=/tmp/site.
 set -euo pipefail
@@ -29,6 +32,11 @@ GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CONFIG=configs/smollm2_grpo_1gpu.yaml
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_CUDA_ARCH_LIST=9.0  # the image may set arch names like 9.0a, which DeepSpeed's JIT build rejects
+
+# the settings of every timed run on top of $CONFIG (the same for both systems)
+COMMON=(--train.skip_old_logprobs=true --vllm.enable_sleep=false --train.micro_train_batch_size=64
+        --eval.max_samples=300 --eval.steps=10 --train.max_iterations=2000 --logger.use_tensorboard=false
+        --ckpt.save_hf_model=false)
 
 step="${1:-}"
 shift || true
@@ -91,12 +99,9 @@ PY
     ;;
   all)
     out="${1:?all needs OUT}"; mkdir -p "$out"
-    common=(--train.skip_old_logprobs=true --vllm.enable_sleep=false --train.micro_train_batch_size=64
-            --eval.max_samples=300 --eval.steps=10 --train.max_iterations=2000 --logger.use_tensorboard=false
-            --ckpt.save_hf_model=false)
     multistep=(--data.prompt_data=data/chat_arithmetic/multistep/train.jsonl
                --eval.data=data/chat_arithmetic/multistep/test.jsonl)
-    run() { python tools/bench_accuracy.py "$@" --config "$CONFIG" --out "$out" "${common[@]}" || echo "FAILED: $*"; }
+    run() { python tools/bench_accuracy.py "$@" --config "$CONFIG" --out "$out" "${COMMON[@]}" || echo "FAILED: $*"; }
     run hpc --budget-s 420 --stop-at-accuracy 0.8
     # the peer gets twice hpc_rlhf's time to 80% (its last evaluation comes at or after that): enough to tell
     # whether hpc_rlhf reaches each threshold in half the peer's time or less, without machine time beyond that
@@ -114,6 +119,19 @@ PY
     run trl --budget-s "$peer_budget" --stop-at-accuracy 0.8
     run hpc --budget-s 150 --label _multistep "${multistep[@]}"
     echo "all done" ;;
+  seeds)
+    out="${1:?seeds needs OUT}"; system="${2:?seeds needs SYSTEM (hpc or trl)}"
+    iterations="${3:?seeds needs ITERATIONS}"; shift 3
+    seeds=(); extra=()  # SEED... and any --key=value overrides, in any order
+    for arg in "$@"; do if [[ "$arg" == --* ]]; then extra+=("$arg"); else seeds+=("$arg"); fi; done
+    [ "${#seeds[@]}" -gt 0 ] || { echo "seeds needs at least one SEED" >&2; exit 2; }
+    mkdir -p "$out"
+    for seed in "${seeds[@]}"; do
+      python tools/bench_accuracy.py "$system" --config "$CONFIG" --out "$out" --label "_seed$seed" --budget-s 3600 \
+        "${COMMON[@]}" --train.seed="$seed" --train.max_iterations="$iterations" "${extra[@]}" \
+        || echo "FAILED: seed $seed"
+    done
+    echo "seeds done" ;;
   *)
-    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report|progress|all ..." >&2; exit 2 ;;
+    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report|progress|all|seeds ..." >&2; exit 2 ;;
 esac
