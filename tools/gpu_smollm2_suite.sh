@@ -17,9 +17,10 @@
 #                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
 #                                                  # multi-step expressions; its output ends with "all done" (start
 #                                                  # it detached and poll on a machine held only between calls)
-#   tools/gpu_smollm2_suite.sh seeds OUT SYSTEM ITERATIONS SEED... [--key=value ...]   # there: learning per iteration of one system
-#                                                  # (hpc or trl) over several seeds, ITERATIONS each, evaluated
-#                                                  # every 10; `progress OUT` prints the curves by iteration
+#   tools/gpu_smollm2_suite.sh seeds OUT SYSTEM ITERATIONS SEED... [--key=value ...]
+#                                                  # there: learning per iteration of one system (hpc or trl) over
+#                                                  # several seeds, ITERATIONS each, evaluated every 10; `progress
+#                                                  # OUT` prints the curves by iteration
 #
 # Every step after `setup` expects `. tools/gpu_smollm2_suite.sh env` semantics: PYTHONPATH=/tmp/site.
 set -euo pipefail
