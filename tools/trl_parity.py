@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def total_variation(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Total variation distance between the empirical distribution of `counts` and `probs`."""
+    """Total variation distance between the distribution `counts` is proportional to (draws, or probabilities) and
+    `probs`."""
     return 0.5 * float((counts / counts.sum() - probs).abs().sum())
 
 
@@ -129,7 +130,7 @@ def check_sampling(cfg: Any, model_path: str, trainer: Any, prompt_ids: list[int
           for name, tokens in (("trl_generate", theirs), ("hpc_hf_engine", ours), ("exact_multinomial", exact_draws))}
     top = torch.topk(probs, 3)
     return {"check": "first_token_sampling", "draws": draws, "total_variation": tv,
-            "bf16_weights_vs_fp32_exact_tv": 0.5 * float((bf16_probs - probs).abs().sum()),
+            "bf16_weights_vs_fp32_exact_tv": total_variation(bf16_probs, probs),
             "top3_exact": {str(int(t)): round(float(p), 4) for p, t in zip(top.values, top.indices)},
             "generation_config": {k: getattr(config, k) for k in ("do_sample", "temperature", "top_p", "top_k",
                                                                   "min_p", "repetition_penalty")},
@@ -212,8 +213,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Iterator[dict]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rows = trl_rows(cfg)[: rollout.batch_size]
     reward = trl_reward(tokenizer, load_reward_func(cfg.reward.reward_func_path))
-    scratch = Path(tempfile.mkdtemp(prefix="trl_parity-"))  # TRL's output_dir: it writes nothing there here
-    trainer = GRPOTrainer(model=model_path, reward_funcs=reward, args=trl_grpo_config(cfg, scratch, cuda=False),
+    scratch = tempfile.TemporaryDirectory(prefix="trl_parity-")  # TRL's output_dir: it writes nothing there here
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward, args=trl_grpo_config(cfg, Path(scratch.name),
+                                                                                     cuda=False),
                           train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
     prompts, our_prompt_ids = check_prompts(cfg, tokenizer, trainer, rows)
     yield prompts
@@ -221,12 +223,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Iterator[dict]:
 
     torch.manual_seed(cfg.train.seed)
     trainer.model.train()
-    batch = trainer._generate_and_score_completions([row for row in rows for _ in range(n)])
+    groups = [row for row in rows for _ in range(n)]  # each prompt n times in a row, as TRL's sampler gives them
+    batch = trainer._generate_and_score_completions(groups)
     completions = tokenizer.batch_decode(batch["completion_ids"] * batch["completion_mask"],
                                          skip_special_tokens=True)
-    rewards = torch.tensor(reward([row["prompt"] for row in rows for _ in range(n)],
+    rewards = torch.tensor(reward([row["prompt"] for row in groups],
                                   [[{"role": "assistant", "content": c}] for c in completions],
-                                  [row["label"] for row in rows for _ in range(n)]))
+                                  [row["label"] for row in groups]))
     same_eps = group_normalized_rewards(rewards, n, TRL_GROUP_STD_EPS)
     configured = group_normalized_rewards(rewards, n, cfg.algo.group_std_eps)
     varied = bool((rewards.view(-1, n).std(dim=-1) > 0).any())
