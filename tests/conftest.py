@@ -2,18 +2,75 @@
 
 `slurm_cluster` starts the cluster once per session (stopping it at the end only if it started it). It skips, with a
 warning that names the reason, only where this machine cannot host a cluster (not root, SLURM missing and no apt-get);
-with the environment variable CI set it fails instead, so CI never passes by skipping.
+with the environment variable CI set it fails instead, so CI never passes by skipping. It holds a lock while in use, so
+that a second pytest process (or xdist worker) asking for the cluster fails at once instead of sharing it.
+
+Under pytest-xdist (setup.cfg: two workers, --dist loadscope) a scope is a folder under tests/: a worker runs a whole
+folder in its usual order, so each folder's session fixtures are built once; tests/slurm and tests/submit, the only
+folders whose tests may use the cluster, are one scope, run by one worker. The longest scopes are handed out first.
+
+OpenMP threads (torch's, here and in every process the tests start) wait passively: on a machine that is busy with
+other work (the other xdist worker, other jobs), threads spinning at a barrier take the CPU from the threads doing the
+work and a 30 s run takes minutes. Only how idle threads wait changes, not the threads or the results.
 """
 
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch (and its OpenMP runtime) is loaded
+
+import fcntl
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hpc_rlhf.slurm.local_cluster import LocalCluster, cannot_host_cluster, local_cluster
+
+CLUSTER_FOLDERS = ("slurm", "submit")
+CLUSTER_SCOPE = "+".join(CLUSTER_FOLDERS)
+# The scopes that take longest (measured on two workers), longest first: handed out first, so that none is left for
+# the end; the others follow in collection order.
+LONGEST_SCOPES = (CLUSTER_SCOPE, "ppo", "training", "pretrained", "benchmarks", "checkpoint", "supervised",
+                  "distributed", "tiny", "golden")
+CLUSTER_LOCK = Path("/tmp/hpc_rlhf_slurm_tests.lock")
+
+
+def scope_of(nodeid: str) -> str:
+    """The xdist scope of a test id: its folder under tests/ (a module directly in tests/ is its own scope)."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    folder = parts[1] if len(parts) > 2 else parts[-1]
+    return CLUSTER_SCOPE if folder in CLUSTER_FOLDERS else folder
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """--dist loadscope with `scope_of` as the scope."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return FolderScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a cluster test outside the cluster's folders; in an xdist worker, put the longest scopes first."""
+    misplaced = [item.nodeid for item in items
+                 if "slurm_cluster" in getattr(item, "fixturenames", ()) and scope_of(item.nodeid) != CLUSTER_SCOPE]
+    if misplaced:
+        raise pytest.UsageError(f"tests using slurm_cluster must live in tests/{{{','.join(CLUSTER_FOLDERS)}}}/ (one "
+                                f"xdist scope): {misplaced}")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {scope: position for position, scope in enumerate(LONGEST_SCOPES)}
+        items.sort(key=lambda item: rank.get(scope_of(item.nodeid), len(rank)))
 
 
 def skip_or_fail_without_cluster() -> None:
@@ -28,12 +85,27 @@ def skip_or_fail_without_cluster() -> None:
     pytest.skip(message)
 
 
+def build_deepspeed_comm_op() -> None:
+    """Compile DeepSpeed's shared-memory comm op (built on DeepSpeed's first use on the CPU) before any job runs: the
+    tests stop and kill jobs, and a rank killed while compiling leaves torch's build lock behind for good."""
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        pytest.fail(f"building DeepSpeed's comm op failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[LocalCluster]:
     """The local SLURM cluster of the test suite (3 nodes x 8 fake GPUs)."""
     skip_or_fail_without_cluster()
-    try:
-        with local_cluster() as cluster:
-            yield cluster
-    except RuntimeError as error:  # it could not be started: a failure, with the script's output
-        pytest.fail(str(error))
+    with open(CLUSTER_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pytest.fail(f"another pytest process holds {CLUSTER_LOCK}: the SLURM cluster is in use")
+        build_deepspeed_comm_op()
+        try:
+            with local_cluster() as cluster:
+                yield cluster
+        except RuntimeError as error:  # it could not be started: a failure, with the script's output
+            pytest.fail(str(error))

@@ -65,10 +65,11 @@ def test_bench_e2e_disaggregated_async_overlaps_generation_and_training(tmp_path
     assert [r["step"] for r in rows] == [0, 1, 2]
     # Versions 1 is broadcast after iteration 0; the generator has already made the last iteration by then.
     assert "time/weight_sync_s" in rows[0] and "time/weight_sync_s" not in rows[2]
-    # Generator and actor ranks work at the same time: the slowest rank's tick is shorter than generation plus the
-    # actor's phases done one after the other would be, in at least one measured iteration.
+    # Generator and actor ranks work at the same time: the next batch is generated while the actor trains, so in at
+    # least one measured iteration the actor waits for its data far less than generating it took (run one after the
+    # other, it would wait the whole generation). A ratio of the job's own phases, so a busy machine slows both sides
+    # alike; the wall-clock gain itself is a GPU benchmark's figure (docs/benchmarks.md), not a CPU test's.
     both = [r for r in rows if "time/generate_engine_s" in r and "time/actor_update_s" in r]
     assert [r["step"] for r in both] == [0, 1], "the last iteration is trained after the generator has finished"
-    assert any(r["time/iteration_s"] < r["time/generate_engine_s"] + r["time/actor_update_s"]
-               + r["time/actor_logprob_s"] for r in both)
+    assert any(r["time/wait_data_s"] < 0.5 * r["time/generate_engine_s"] for r in both[1:])
     assert all(r["rollout/staleness"] == pytest.approx(1.0) for r in rows[1:]), "async: one version behind"
