@@ -1,15 +1,17 @@
 """Time to accuracy on a real model: hpc_rlhf's GRPO against TRL's GRPOTrainer, same model, task and settings.
 
-    python tools/bench_accuracy.py hpc --config configs/smollm2_grpo_1gpu.yaml --budget-s 300 --out bench/  [--key=value ...]
-    python tools/bench_accuracy.py trl --config configs/smollm2_grpo_1gpu.yaml --budget-s 300 --out bench/  [--key=value ...]
-    python tools/bench_accuracy.py report bench/ [--png bench/curves.png]
+    python tools/bench_accuracy.py hpc --config configs/smollm2_grpo_1gpu.yaml --budget-s 300 --out bench/ [--k=v ...]
+    python tools/bench_accuracy.py trl --config configs/smollm2_grpo_1gpu.yaml --budget-s 300 --out bench/ [--k=v ...]
+    python tools/bench_accuracy.py report bench/ [more_results/ ...] [--png bench/curves.png]
 
 Both systems read one hpc_rlhf config (plus `--section.key=value` overrides), so the model, prompts, group size,
 lengths, learning rate and batch shapes are the same by construction. Each run trains until `--budget-s` seconds of
 training have passed (evaluation and start-up excluded) or train.max_iterations iterations are done, and writes
 OUT/<system>.json: the held-out greedy accuracy curve against training seconds (`hpc_rlhf.benchmarks.accuracy`),
 per-iteration seconds and token counts. `report` prints the table (seconds to 50% and 80%, final accuracy, median
-iteration) and draws the curves. `tools/trl_parity.py` checks, on one batch, that the two take the same step.
+iteration), each hpc_rlhf run's ratio to the TRL run of the same label, accuracy by iteration, iteration time and
+completion tokens/s early and late, and draws the curves. `tools/trl_parity.py` checks, on one batch, that the two
+take the same step.
 
 - hpc: runs `python -m hpc_rlhf.train` as it is and reads its metrics.jsonl: the trainer evaluates greedily on
   eval.data every eval.steps iterations and times that evaluation (time/eval_s), which is taken off the clock. When
@@ -40,9 +42,11 @@ sys.path.insert(0, str(REPO))
 
 from hpc_rlhf.benchmarks.accuracy import (  # noqa: E402
     CurvePoint,
+    accuracy_at,
     curve_from_json,
     curve_from_metrics,
     curve_to_json,
+    phase_speed,
     plot_curves,
     ratio_line,
     read_metrics,
@@ -57,11 +61,11 @@ SYSTEMS = ("hpc", "trl")
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("system", choices=SYSTEMS + ("report",))
-    p.add_argument("out", nargs="?", help="report: the folder holding hpc.json / trl.json")
+    p.add_argument("out", nargs="*", help="report: the folders holding the hpc_rlhf*.json / trl*.json results")
     p.add_argument("--config", help="hpc_rlhf YAML config both systems run")
     p.add_argument("--budget-s", type=float, default=300.0, help="training seconds (evaluation excluded)")
     p.add_argument("--out", dest="out_dir", help="folder for <system>.json (and the hpc run dir)")
-    p.add_argument("--png", help="report: write the curves here (default OUT/curves.png)")
+    p.add_argument("--png", help="report: write the curves here (default: curves.png in the first folder)")
     p.add_argument("--label", default="", help="a word added to the run's name in the report")
     p.add_argument("--stop-at-accuracy", type=float, default=None,
                    help="also stop once a held-out evaluation reaches this accuracy (saves machine time)")
@@ -108,7 +112,7 @@ def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     first_end = rows[0].get("time/end_unix_s", started) if rows else started
     iteration_s = [training_seconds(r) for r in rows if "time/iteration_s" in r]
     keep = ("time/iteration_s", "time/eval_s", "time/generate_engine_s", "time/actor_update_s",
-            "time/actor_logprob_s", "time/weight_sync_s", "rollout/reward_mean", "rollout/response_length_mean",
+            "time/actor_logprob_s", "time/weight_sync_s", "rollout/reward_mean", "rollout/response_length",
             "throughput/generate_tokens_per_s", "throughput/train_tokens_per_s", "eval/accuracy")
     return {"system": "hpc_rlhf", "name": f"hpc_rlhf{args.label}", "curve": curve_to_json(curve),
             "iteration_s": iteration_s,
@@ -143,13 +147,18 @@ def trl_reward(tokenizer: Any, task_reward: Any) -> Any:
     return reward
 
 
+def optimizer_steps_per_iteration(cfg: Any) -> int:
+    """Optimizer steps of one iteration: its samples over the train batch (TRL counts steps, hpc_rlhf iterations)."""
+    return cfg.rollout.batch_size * cfg.rollout.n_samples_per_prompt // cfg.train.train_batch_size
+
+
 def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool) -> Any:
     """The GRPOConfig of an hpc_rlhf config: same batch shapes, lengths, clip range, learning rate and optimizer."""
     from trl import GRPOConfig
 
     rollout, train, actor, algo = cfg.rollout, cfg.train, cfg.actor, cfg.algo
     sequences = rollout.batch_size * rollout.n_samples_per_prompt
-    steps_per_iteration = sequences // train.train_batch_size
+    steps_per_iteration = optimizer_steps_per_iteration(cfg)
     # hpc_rlhf warms up over lr_warmup_ratio of max_iterations' optimizer steps; TRL takes the same count of steps
     warmup_steps = math.ceil(actor.lr_warmup_ratio * (train.max_iterations or 0) * steps_per_iteration)
     return GRPOConfig(
@@ -200,7 +209,7 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     task_reward = load_reward_func(cfg.reward.reward_func_path)
     reward = trl_reward(tokenizer, task_reward)
     rollout = cfg.rollout
-    steps_per_iteration = rollout.batch_size * rollout.n_samples_per_prompt // cfg.train.train_batch_size
+    steps_per_iteration = optimizer_steps_per_iteration(cfg)
     config = trl_grpo_config(cfg, Path(args.out_dir) / f"trl{args.label}", cuda)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -280,28 +289,79 @@ def versions() -> dict[str, Any]:
 
 
 # ----- report ------------------------------------------------------------------------------------------------------
-def report(folder: Path, png: Path | None) -> str:
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
-               if p.stem.startswith(SYSTEMS)]
-    if not results:
-        raise SystemExit(f"{folder}: no hpc*.json or trl*.json results")
+def completion_tokens(result: dict[str, Any], sequences: int) -> list[float]:
+    """Completion tokens of each timed iteration of a result (in the order of its iteration_s): hpc_rlhf's from the
+    generation engine's tokens/s and seconds, TRL's from its logged mean completion length (one log per iteration)."""
+    if result["system"] == "hpc_rlhf":
+        return [r.get("throughput/generate_tokens_per_s", 0.0) * r.get("time/generate_engine_s", 0.0)
+                for r in result["iterations"] if "time/iteration_s" in r]
+    return [e["completions/mean_length"] * sequences for e in result.get("trl_logs", [])
+            if "completions/mean_length" in e]
+
+
+def sequences_per_iteration(result: dict[str, Any]) -> int:
+    """Samples per iteration of the config and overrides the run was made with."""
+    from hpc_rlhf.config.loading import load_config
+
+    rollout = load_config(str(REPO / result["config"]), result["overrides"]).config.rollout
+    return rollout.batch_size * rollout.n_samples_per_prompt
+
+
+def speed_rows(results: list[dict[str, Any]], first_span: int = 12, last_span: int = 10) -> list[dict[str, Any]]:
+    """Iteration time and completion tokens/s of each run over iterations 1-12 (long early responses; iteration 0
+    warms up) and over the last 10 iterations that it and its peer (same label) both ran (short responses)."""
+    label = {r["name"]: r["name"].removeprefix(r["system"]) for r in results}
+    ran = {r["name"]: len(r["iteration_s"]) for r in results}
+    rows = []
+    for result in results:
+        if "config" not in result:  # a partial result (its run was cut off) does not say its batch
+            continue
+        common = min(n for name, n in ran.items() if label[name] == label[result["name"]])
+        sequences = sequences_per_iteration(result)
+        tokens = completion_tokens(result, sequences)
+        spans = ((1, min(1 + first_span, common)), (max(1, common - last_span), common))
+        for first, last in dict.fromkeys(spans):  # one row where the run is too short for two spans
+            if last <= first:
+                continue
+            speed = phase_speed(result["iteration_s"], tokens, sequences, first, last)
+            rows.append({"run": result["name"], "span": f"{speed.first}-{speed.last - 1}",
+                         "iter_s": speed.median_iteration_s, "length": speed.completion_length,
+                         "tokens_per_s": speed.completion_tokens_per_s})
+    return rows
+
+
+def report(folders: list[Path], png: Path | None) -> str:
+    """The time-to-accuracy table, the ratio of each hpc_rlhf run to the peer run of its label, accuracy by
+    iteration, the speed of early and late iterations, and the curves as a PNG."""
+    paths = sorted(p for folder in folders for p in folder.glob("*.json") if p.stem.startswith(SYSTEMS))
+    if not paths:
+        raise SystemExit(f"{', '.join(map(str, folders))}: no hpc*.json or trl*.json results")
+    results = [json.loads(p.read_text()) for p in paths]
     summaries = {r["name"]: summarize(r["name"], curve_from_json(r["curve"]), r["iteration_s"]) for r in results}
     rows = [{"run": s.name, "iterations": s.iterations, "train_s": s.train_s, "iter_s": s.median_iteration_s,
              "start": s.start_accuracy, "final": s.final_accuracy, "best": s.best_accuracy,
              "t50": s.seconds_to["0.5"], "t80": s.seconds_to["0.8"]} for s in summaries.values()]
-    table = markdown_table(rows, [("run", "run", ""), ("iterations", "iterations", "d"),
-                                  ("train_s", "training s", ".0f"), ("iter_s", "median s/iteration", ".2f"),
-                                  ("start", "accuracy at start", ".3f"), ("final", "final", ".3f"),
-                                  ("best", "best", ".3f"), ("t50", "s to 50%", ".0f"), ("t80", "s to 80%", ".0f")])
-    lines = [table]
-    ours = [s for s in summaries.values() if s.name.startswith("hpc")]
-    peers = [s for s in summaries.values() if s.name.startswith("trl")]
-    for a in ours:
-        for b in peers:
-            lines += [ratio_line(a, b, t) for t in ("0.5", "0.8")]
+    lines = [markdown_table(rows, [("run", "run", ""), ("iterations", "iterations", "d"),
+                                   ("train_s", "training s", ".0f"), ("iter_s", "median s/iteration", ".2f"),
+                                   ("start", "accuracy at start", ".3f"), ("final", "final", ".3f"),
+                                   ("best", "best", ".3f"), ("t50", "s to 50%", ".0f"), ("t80", "s to 80%", ".0f")])]
+    for result in results:
+        peer = "trl" + result["name"].removeprefix("hpc_rlhf")
+        if result["system"] == "hpc_rlhf" and peer in summaries:
+            lines += [ratio_line(summaries[result["name"]], summaries[peer], t) for t in ("0.5", "0.8")]
+    evaluated = sorted({p["iteration"] for r in results for p in r["curve"] if p["iteration"] <= 100})[:12]
+    by_iteration = [{"run": r["name"], **dict(zip(map(str, evaluated), accuracy_at(curve_from_json(r["curve"]),
+                                                                                  evaluated)))} for r in results]
+    lines += ["", "held-out accuracy after each evaluated iteration:",
+              markdown_table(by_iteration, [("run", "run", ""), *[(str(i), str(i), ".2f") for i in evaluated]])]
+    lines += ["", "speed (training seconds; completion tokens of all samples over them):",
+              markdown_table(speed_rows(results), [("run", "run", ""), ("span", "iterations", ""),
+                                                   ("iter_s", "median s/iteration", ".2f"),
+                                                   ("length", "mean completion tokens", ".1f"),
+                                                   ("tokens_per_s", "completion tokens/s", ",.0f")])]
     text = "\n".join(lines)
     print(text)
-    target = png or folder / "curves.png"
+    target = png or folders[0] / "curves.png"
     plot_curves({r["name"]: curve_from_json(r["curve"]) for r in results}, target,
                 title="held-out greedy accuracy vs training time")
     print(f"curves: {target}")
@@ -311,7 +371,7 @@ def report(folder: Path, png: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     if args.system == "report":
-        report(Path(args.out), Path(args.png) if args.png else None)
+        report([Path(folder) for folder in args.out], Path(args.png) if args.png else None)
         return 0
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     result = run_hpc(args, overrides) if args.system == "hpc" else run_trl(args, overrides)

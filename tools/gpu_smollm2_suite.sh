@@ -11,7 +11,7 @@
 #   tools/gpu_smollm2_suite.sh setup DIR           # there: join the halves, install the wheels, build the model
 #   tools/gpu_smollm2_suite.sh decode OUT          # there: CUDA tests of the hf engine + decode paths timed
 #   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
-#   tools/gpu_smollm2_suite.sh report OUT          # anywhere: table + curves from OUT/*.json
+#   tools/gpu_smollm2_suite.sh report OUT...       # anywhere: tables + curves from OUT/*.json
 #   tools/gpu_smollm2_suite.sh progress OUT        # anywhere: each run's curve so far (iteration:seconds:accuracy)
 #   tools/gpu_smollm2_suite.sh all OUT             # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
 #                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
@@ -84,7 +84,7 @@ case "$step" in
     shift 3
     python tools/bench_accuracy.py "$system" --config "$CONFIG" --budget-s "$budget" --out "$out" "$@" ;;
   report)
-    python tools/bench_accuracy.py report "${1:?report needs OUT}" ;;
+    python tools/bench_accuracy.py report "${@:?report needs OUT}" ;;
   progress)
     # each run's held-out curve so far (hpc_rlhf from its metrics.jsonl, TRL from the JSON it writes at each eval)
     python - "${1:?progress needs OUT}" <<'PY'

@@ -100,31 +100,69 @@ class RunSummary:
     seconds_to: dict[str, float | None]
 
 
+def upper_median(values: Sequence[float]) -> float:
+    """The middle value (the upper one of the two middles for an even count); NaN for no values."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
 def summarize(name: str, curve: Sequence[CurvePoint], iteration_seconds: Sequence[float],
               thresholds: Sequence[float] = (0.5, 0.8)) -> RunSummary:
     """Summary of one run: start/final/best accuracy, the seconds to each threshold and the median iteration."""
     if not curve:
         raise ValueError(f"{name}: no eval points (was eval.data set and eval.steps > 0?)")
-    ordered = sorted(iteration_seconds)
-    median = ordered[len(ordered) // 2] if ordered else float("nan")
     return RunSummary(name=name, iterations=curve[-1].iteration, train_s=curve[-1].train_s,
-                      median_iteration_s=median, start_accuracy=curve[0].accuracy,
+                      median_iteration_s=upper_median(iteration_seconds), start_accuracy=curve[0].accuracy,
                       final_accuracy=curve[-1].accuracy, best_accuracy=max(p.accuracy for p in curve),
                       seconds_to={f"{t:g}": seconds_to_reach(curve, t) for t in thresholds})
 
 
 def ratio_line(ours: RunSummary, peer: RunSummary, threshold: str) -> str:
-    """`peer seconds / our seconds` to a threshold, in words (a ratio > 1 means we got there sooner)."""
+    """`peer seconds / our seconds` to a threshold, in words (a ratio > 1 means we got there sooner). Where only one
+    run got there, the other's whole training time bounds the ratio."""
     a, b = ours.seconds_to.get(threshold), peer.seconds_to.get(threshold)
     if a is None and b is None:
         return f"accuracy {threshold}: reached by neither"
     if a is None:
-        return f"accuracy {threshold}: {peer.name} in {b:.0f} s, {ours.name} did not reach it"
+        bound = f" (more than {ours.train_s / b:.2f}x slower)" if 0 < b <= ours.train_s else ""
+        return f"accuracy {threshold}: {peer.name} in {b:.0f} s, {ours.name} not within its {ours.train_s:.0f} s{bound}"
     if b is None:
-        return f"accuracy {threshold}: {ours.name} in {a:.0f} s, {peer.name} did not reach it"
+        bound = f" (more than {peer.train_s / a:.2f}x faster)" if 0 < a <= peer.train_s else ""
+        return f"accuracy {threshold}: {ours.name} in {a:.0f} s, {peer.name} not within its {peer.train_s:.0f} s{bound}"
     return (f"accuracy {threshold}: {ours.name} {a:.0f} s, {peer.name} {b:.0f} s "
             f"({b / a:.2f}x {'faster' if b >= a else 'slower'})" if a > 0 else
             f"accuracy {threshold}: {ours.name} from the start, {peer.name} {b:.0f} s")
+
+
+def accuracy_at(curve: Sequence[CurvePoint], iterations: Sequence[int]) -> list[float | None]:
+    """The held-out accuracy measured after each of `iterations` (None where the run did not evaluate there): the
+    per-iteration view, which takes the systems' speed out of the comparison."""
+    by_iteration = {p.iteration: p.accuracy for p in curve}
+    return [by_iteration.get(i) for i in iterations]
+
+
+@dataclass(frozen=True)
+class PhaseSpeed:
+    """Iteration time and completion throughput over iterations [first, last) of one run."""
+
+    first: int
+    last: int
+    median_iteration_s: float
+    completion_length: float  # mean completion tokens per sample
+    completion_tokens_per_s: float  # completion tokens over training seconds (generation and update together)
+
+
+def phase_speed(iteration_seconds: Sequence[float], completion_tokens: Sequence[float], samples_per_iteration: int,
+                first: int, last: int) -> PhaseSpeed:
+    """The speed of iterations [first, last); `completion_tokens[i]` is iteration i's total over its samples. The
+    span is cut to the iterations the run has."""
+    last = min(last, len(iteration_seconds), len(completion_tokens))
+    if not 0 <= first < last:
+        raise ValueError(f"no iterations in [{first}, {last})")
+    seconds, tokens = iteration_seconds[first:last], completion_tokens[first:last]
+    return PhaseSpeed(first=first, last=last, median_iteration_s=upper_median(seconds),
+                      completion_length=sum(tokens) / (len(tokens) * samples_per_iteration),
+                      completion_tokens_per_s=sum(tokens) / sum(seconds))
 
 
 def plot_curves(curves: Mapping[str, Sequence[CurvePoint]], path: str | Path, *, title: str) -> Path:
