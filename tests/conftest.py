@@ -5,9 +5,10 @@ warning that names the reason, only where this machine cannot host a cluster (no
 with the environment variable CI set it fails instead, so CI never passes by skipping. It holds a lock while in use, so
 that a second pytest process (or xdist worker) asking for the cluster fails at once instead of sharing it.
 
-Under pytest-xdist (setup.cfg: two workers, --dist loadscope) a scope is a folder under tests/: a worker runs a whole
-folder in its usual order, so each folder's session fixtures are built once; tests/slurm and tests/submit, the only
-folders whose tests may use the cluster, are one scope, run by one worker. The longest scopes are handed out first.
+Under pytest-xdist (setup.cfg: three workers, --dist loadscope) a scope is a test module, run whole by one worker,
+except that tests/slurm and tests/submit, the only folders whose tests may use the cluster, are one scope: one worker
+starts, uses and stops the cluster (mostly waiting on the scheduler) while the other two share the other modules.
+Modules of the longest folders are handed out first, so that no long one is left for the end.
 
 OpenMP threads (torch's, here and in every process the tests start) wait passively: on a machine that is busy with
 other work (the other xdist worker, other jobs), threads spinning at a barrier take the CPU from the threads doing the
@@ -33,18 +34,22 @@ from hpc_rlhf.slurm.local_cluster import LocalCluster, cannot_host_cluster, loca
 
 CLUSTER_FOLDERS = ("slurm", "submit")
 CLUSTER_SCOPE = "+".join(CLUSTER_FOLDERS)
-# The scopes that take longest (measured on two workers), longest first: handed out first, so that none is left for
-# the end; the others follow in collection order.
-LONGEST_SCOPES = (CLUSTER_SCOPE, "ppo", "training", "pretrained", "benchmarks", "checkpoint", "supervised",
-                  "distributed", "tiny", "golden")
+# The folders whose tests take longest (summed durations of a three-worker run), longest first: their modules are
+# handed out first; the others follow in collection order.
+LONGEST_FOLDERS = (*CLUSTER_FOLDERS, "ppo", "training", "benchmarks", "checkpoint", "supervised", "tiny",
+                   "pretrained", "distributed", "golden")
 CLUSTER_LOCK = Path("/tmp/hpc_rlhf_slurm_tests.lock")
 
 
-def scope_of(nodeid: str) -> str:
-    """The xdist scope of a test id: its folder under tests/ (a module directly in tests/ is its own scope)."""
+def folder_of(nodeid: str) -> str:
+    """The folder under tests/ of a test id (a module directly in tests/ stands for itself)."""
     parts = nodeid.split("::", 1)[0].split("/")
-    folder = parts[1] if len(parts) > 2 else parts[-1]
-    return CLUSTER_SCOPE if folder in CLUSTER_FOLDERS else folder
+    return parts[1] if len(parts) > 2 else parts[-1]
+
+
+def scope_of(nodeid: str) -> str:
+    """The xdist scope of a test id: its module, or CLUSTER_SCOPE for every module of the cluster's folders."""
+    return CLUSTER_SCOPE if folder_of(nodeid) in CLUSTER_FOLDERS else nodeid.split("::", 1)[0]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -54,23 +59,23 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class FolderScheduling(LoadScopeScheduling):
+    class ModuleOrClusterScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return scope_of(nodeid)
 
-    return FolderScheduling(config, log)
+    return ModuleOrClusterScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse a cluster test outside the cluster's folders; in an xdist worker, put the longest scopes first."""
+    """Refuse a cluster test outside the cluster's folders; in an xdist worker, put the longest folders first."""
     misplaced = [item.nodeid for item in items
                  if "slurm_cluster" in getattr(item, "fixturenames", ()) and scope_of(item.nodeid) != CLUSTER_SCOPE]
     if misplaced:
         raise pytest.UsageError(f"tests using slurm_cluster must live in tests/{{{','.join(CLUSTER_FOLDERS)}}}/ (one "
                                 f"xdist scope): {misplaced}")
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        rank = {scope: position for position, scope in enumerate(LONGEST_SCOPES)}
-        items.sort(key=lambda item: rank.get(scope_of(item.nodeid), len(rank)))
+        rank = {folder: position for position, folder in enumerate(LONGEST_FOLDERS)}
+        items.sort(key=lambda item: rank.get(folder_of(item.nodeid), len(rank)))
 
 
 def skip_or_fail_without_cluster() -> None:

@@ -88,8 +88,12 @@ def test_picked_rows_match_the_gathered_reference_in_values_and_gradients(total_
         torch.testing.assert_close(entropy.double(), want_entropy.detach(), atol=1e-5, rtol=1e-5)
     else:
         assert entropy is None
-    # Rows that were not picked get exactly zero gradient.
-    torch.testing.assert_close(logits.grad.double(), logits64.grad, atol=1e-6, rtol=1e-5)
+    # Rows that were not picked get exactly zero gradient; picked rows match float64 to float32 rounding, which for
+    # logits up to ~25 after the temperature (3 sigma x 3 / 0.6) is a few 1e-6 (1.4e-6 seen at seed 7601).
+    unpicked = torch.ones(total_rows, dtype=torch.bool)
+    unpicked[picked] = False
+    assert torch.count_nonzero(logits.grad[unpicked]) == 0
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_hand_derived_gradient_of_a_uniform_row():
