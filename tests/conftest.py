@@ -5,13 +5,14 @@ warning that names the reason, only where this machine cannot host a cluster (no
 with the environment variable CI set it fails instead, so CI never passes by skipping. It holds a lock while in use, so
 that a second pytest process (or xdist worker) asking for the cluster fails at once instead of sharing it.
 
-Under pytest-xdist (setup.cfg: three workers, --dist loadscope) a scope is a test module, run whole by one worker,
+Under pytest-xdist (setup.cfg: two workers, --dist loadscope) a scope is a test module, run whole by one worker,
 except that tests/slurm and tests/submit, the only folders whose tests may use the cluster, are one scope: one worker
-starts, uses and stops the cluster (mostly waiting on the scheduler) while the other two share the other modules.
-Modules of the longest folders are handed out first, so that no long one is left for the end.
+starts, uses and stops the cluster (mostly waiting on the scheduler) and then helps with the other modules. Modules
+of the longest folders are handed out first, so that no long one is left for the end. DeepSpeed's ops are compiled
+before the workers start.
 
 OpenMP threads (torch's, here and in every process the tests start) wait passively: on a machine that is busy with
-other work (the other xdist worker, other jobs), threads spinning at a barrier take the CPU from the threads doing the
+other work (the other xdist workers, other jobs), threads spinning at a barrier take the CPU from the threads doing the
 work and a 30 s run takes minutes. Only how idle threads wait changes, not the threads or the results.
 """
 
@@ -90,13 +91,27 @@ def skip_or_fail_without_cluster() -> None:
     pytest.skip(message)
 
 
-def build_deepspeed_comm_op() -> None:
-    """Compile DeepSpeed's shared-memory comm op (built on DeepSpeed's first use on the CPU) before any job runs: the
-    tests stop and kill jobs, and a rank killed while compiling leaves torch's build lock behind for good."""
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+DEEPSPEED_OPS = ("CPUAdamBuilder", "FusedAdamBuilder")  # optimizer offload; the Adam half of Muon on the CPU
+
+
+def build_deepspeed_ops() -> None:
+    """Compile the DeepSpeed ops the tests load (the shared-memory comm op of every CPU job, CPU Adam, the CPU
+    FusedAdam) once, before any test runs. Compiled inside a test they take minutes of its time limit on a busy
+    machine, and a rank killed while compiling leaves torch's build lock behind for good. Built ops load in seconds."""
+    code = ("from deepspeed.accelerator import get_accelerator\n"
+            "from deepspeed.comm.torch import build_shm_op\n"
+            "build_shm_op()\n"
+            f"for name in {DEEPSPEED_OPS!r}:\n"
+            "    get_accelerator().create_op_builder(name).load()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
     if done.returncode != 0:
-        pytest.fail(f"building DeepSpeed's comm op failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        raise pytest.UsageError(f"building DeepSpeed's ops failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the process that starts the xdist workers (or the only one), before any test: build DeepSpeed's ops."""
+    if not hasattr(config, "workerinput"):
+        build_deepspeed_ops()
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +123,6 @@ def slurm_cluster() -> Iterator[LocalCluster]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pytest.fail(f"another pytest process holds {CLUSTER_LOCK}: the SLURM cluster is in use")
-        build_deepspeed_comm_op()
         try:
             with local_cluster() as cluster:
                 yield cluster

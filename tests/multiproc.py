@@ -118,6 +118,8 @@ def _rank_main(rank: int, world_size: int, port: int, payload: bytes, init_proce
 
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
             value = fn(*args)
+            # rank 0 hosts the store that new groups are made through: no rank leaves before every rank is done
+            dist.barrier()
             dist.destroy_process_group()
         else:
             value = fn(*args)
