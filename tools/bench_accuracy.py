@@ -118,7 +118,7 @@ def run_hpc(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             "iteration_s": iteration_s,
             "startup_s": first_end - started - (rows[0].get("time/iteration_s", 0.0) if rows else 0.0),
             "iterations": [{k: r[k] for k in ("step", *keep) if k in r} for r in rows],
-            "command": command, "versions": versions()}
+            "generation": generation_of(args.config, overrides), "command": command, "versions": versions()}
 
 
 def reached_target(curve: list[CurvePoint], target: float | None) -> bool:
@@ -152,8 +152,9 @@ def optimizer_steps_per_iteration(cfg: Any) -> int:
     return cfg.rollout.batch_size * cfg.rollout.n_samples_per_prompt // cfg.train.train_batch_size
 
 
-def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool) -> Any:
-    """The GRPOConfig of an hpc_rlhf config: same batch shapes, lengths, clip range, learning rate and optimizer."""
+def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool, use_vllm: bool = False) -> Any:
+    """The GRPOConfig of an hpc_rlhf config: same batch shapes, lengths, clip range, learning rate and optimizer;
+    with `use_vllm`, TRL's colocated vLLM engine with the config's memory share and sleep setting."""
     from trl import GRPOConfig
 
     rollout, train, actor, algo = cfg.rollout, cfg.train, cfg.actor, cfg.algo
@@ -180,7 +181,15 @@ def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool) -> Any:
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"}, disable_dropout=True,
         shuffle_dataset=True, seed=train.seed, use_cpu=not cuda, report_to="none", logging_strategy="steps",
         logging_steps=steps_per_iteration, save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        use_vllm=use_vllm, **(trl_vllm_kwargs(cfg) if use_vllm else {}),
     )
+
+
+def trl_vllm_kwargs(cfg: Any) -> dict[str, Any]:
+    """TRL's colocated vLLM settings that match hpc_rlhf's engine of the same config."""
+    return {"vllm_mode": "colocate", "vllm_gpu_memory_utilization": cfg.vllm.gpu_memory_utilization,
+            "vllm_enable_sleep_mode": cfg.vllm.enable_sleep,
+            "vllm_max_model_length": cfg.rollout.prompt_max_len + cfg.rollout.generate_max_len}
 
 
 def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
@@ -195,6 +204,7 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     from hpc_rlhf.data.prompts import load_prompts
     from hpc_rlhf.rewards.reward_func import load_reward_func
     from hpc_rlhf.tasks.evaluation import evaluate
+    from hpc_rlhf.trainers.generation_setup import generation_backend
 
     started = time.time()
     cfg = load_config(args.config, overrides).config
@@ -210,7 +220,12 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     reward = trl_reward(tokenizer, task_reward)
     rollout = cfg.rollout
     steps_per_iteration = optimizer_steps_per_iteration(cfg)
-    config = trl_grpo_config(cfg, Path(args.out_dir) / f"trl{args.label}", cuda)
+    # the generation backend hpc_rlhf would pick for this config (vllm.backend: auto = vLLM where installed)
+    use_vllm = cuda and generation_backend(cfg) == "vllm"
+    if use_vllm:  # PyTorch's top-k/top-p sampler, as in hpc_rlhf's engine (`prepare_vllm_env`): FlashInfer's is optional
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    config = trl_grpo_config(cfg, Path(args.out_dir) / f"trl{args.label}", cuda, use_vllm=use_vllm)
+    print(f"trl generation: {'vLLM (colocate)' if use_vllm else 'Hugging Face generate'}", flush=True)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class Clock(TrainerCallback):
@@ -267,7 +282,15 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     trainer.train()
     return {"system": "trl", "name": f"trl{args.label}", "curve": curve_to_json(clock.curve),
             "iteration_s": clock.iteration_s, "startup_s": startup_s, "command": sys.argv,
-            "trl_logs": trainer.state.log_history, "versions": versions()}
+            "trl_logs": trainer.state.log_history, "generation": "vllm" if use_vllm else "hf", "versions": versions()}
+
+
+def generation_of(config: str, overrides: list[str]) -> str:
+    """The generation backend a run of this config uses here (`vllm.backend: auto` resolved)."""
+    from hpc_rlhf.config.loading import load_config
+    from hpc_rlhf.trainers.generation_setup import generation_backend
+
+    return generation_backend(load_config(config, overrides).config)
 
 
 def versions() -> dict[str, Any]:

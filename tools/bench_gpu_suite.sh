@@ -3,6 +3,8 @@
 #
 #   tools/bench_gpu_suite.sh one-gpu RESULTS    # ceilings; GRPO and PPO (hf); GRPO without KL vs TRL; the same on vLLM
 #   tools/bench_gpu_suite.sh two-gpu RESULTS    # GRPO on 2 GPUs: colocated, disaggregated sync, disaggregated async
+#   tools/bench_gpu_suite.sh train-mfu RESULTS  # GRPO (hf, no KL) at BENCH_SHAPE (set qwen2.5-1.5b): the update padded
+#                                               # in micro-batches of 16, then packed into 8k-token micro-batches
 #
 # Environment: BENCH_SHAPE (qwen2.5-0.5b), BENCH_ITERATIONS (4), BENCH_WORK_DIR (/tmp/hpc_rlhf_bench),
 # BENCH_BACKENDS ("hf vllm": vllm runs are skipped when vllm is not importable), BENCH_TRL (1: run the TRL peer),
@@ -60,5 +62,19 @@ json.dump(c, open('$results/ceilings.json', 'w'), indent=1)"
       run "$name" tools/bench_e2e.py --algo grpo --no-kl --backend "$backend" --gpus 2 --layout $layout
     done
     ;;
-  *) echo "unknown mode $mode (one-gpu or two-gpu)" >&2; exit 2 ;;
+  train-mfu)
+    # 512 sequences of 128 + 128 tokens per iteration, one optimizer step: the training phases' MFU at this shape
+    python -c "
+import json, dataclasses
+from hpc_rlhf.benchmarks.ceilings import measure_ceilings
+c = dataclasses.asdict(measure_ceilings('$device')); print(c)
+json.dump(c, open('$results/ceilings.json', 'w'), indent=1)"
+    sizes=(--shape "$shape" --iterations "${BENCH_ITERATIONS:-4}" --warmup 1 --rollout-batch-size 64 --n-samples 8
+           --prompt-len 128 --gen-len 128 --train-batch-size 512 --work-dir "$work" --device "$device")
+    run "mfu_padded_$shape" tools/bench_e2e.py --algo grpo --no-kl --backend hf --micro-batch-size 16 \
+      --ceilings "$results/ceilings.json"
+    run "mfu_packed_$shape" tools/bench_e2e.py --algo grpo --no-kl --backend hf --micro-batch-size 128 \
+      --set train.packing_samples=true --set train.max_tokens_per_microbatch=8192 --ceilings "$results/ceilings.json"
+    ;;
+  *) echo "unknown mode $mode (one-gpu, two-gpu or train-mfu)" >&2; exit 2 ;;
 esac

@@ -9,14 +9,19 @@
 #   tools/gpu_smollm2_suite.sh pack DIR            # here: download, split, build the wheels into DIR
 #   tools/gpu_smollm2_suite.sh stage-a DIR         # there: keep the first half
 #   tools/gpu_smollm2_suite.sh setup DIR           # there: join the halves, install the wheels, build the model
+#   tools/gpu_smollm2_suite.sh pack-vllm DIR       # here: vLLM 0.26.0 cut to dense offline generation + the wheels
+#                                                  # of its imports the GPU image lacks, in 25 MB parts (DIR/v)
+#   tools/gpu_smollm2_suite.sh stage DIR...        # there: keep parts of any DIR (and DIR/whl) in /tmp/stage
+#   tools/gpu_smollm2_suite.sh setup-vllm          # there: join the staged vLLM parts into /tmp/site, check it runs
 #   tools/gpu_smollm2_suite.sh decode OUT          # there: CUDA tests of the hf engine + decode paths timed
 #   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
 #   tools/gpu_smollm2_suite.sh report OUT...       # anywhere: tables + curves from OUT/*.json
 #   tools/gpu_smollm2_suite.sh progress OUT        # anywhere: each run's curve so far (iteration:seconds:accuracy)
 #   tools/gpu_smollm2_suite.sh all OUT             # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
 #                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
-#                                                  # multi-step expressions; its output ends with "all done" (start
+#                                                  # multi-step expressions (SUITE_MULTISTEP=0: not); its output ends with "all done" (start
 #                                                  # it detached and poll on a machine held only between calls)
+#   tools/gpu_smollm2_suite.sh ppo OUT ITERATIONS  # there: configs/smollm2_ppo_1gpu.yaml for ITERATIONS (OUT/ppo)
 #   tools/gpu_smollm2_suite.sh seeds OUT SYSTEM ITERATIONS SEED... [--key=value ...]
 #                                                  # there: learning per iteration of one system (hpc or trl) over
 #                                                  # several seeds, ITERATIONS each, evaluated every 10; `progress
@@ -27,6 +32,18 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 SITE=/tmp/site
+STAGE=/tmp/stage
+VLLM_VERSION=0.26.0  # the newest release that pins torch 2.11, the GPU image's torch
+# what dense offline generation on Hopper does without (each import is optional in vLLM): FlashAttention-2 (Hopper
+# runs FlashAttention-3), the MoE kernels, the Rust server front end, DeepGEMM (FP8) and Blackwell attention
+VLLM_DROP=(vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs
+           vllm/third_party/deep_gemm vllm/third_party/fmha_sm100)
+# vLLM's imports on that path that the image lacks (found by importing its engine, worker, model runner, attention,
+# sampler and compilation modules against the image's package list); xgrammar 0.2.8 loads with tvm-ffi 0.1.11
+VLLM_DEPS=(apache-tvm-ffi==0.1.11 cachetools==8.0.2 cbor2==6.3.0 fastapi==0.136.3 httpx2==2.17.0 httpcore2==2.17.0
+           llguidance==1.7.6 msgspec==0.23.0 openai==3.63.0 openai-harmony==0.0.8 partial-json-parser==0.2.1.1.post7
+           pybase64==1.5.1 pyzmq==27.3.0 sniffio==1.3.1 starlette==1.10.0 xgrammar==0.2.8 jiter==0.19.0
+           distro==1.9.0)
 GGUF_DIR=/tmp/gguf
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -58,6 +75,44 @@ case "$step" in
     mv "$dir"/b/whl/deepspeed-* "$dir"/b/whl/pydantic* "$dir"/b/whl/annotated_types* "$dir"/b/whl/typing_* \
       "$dir"/b/whl/hjson* "$dir/a/whl/"
     rm -rf "$dir/tmp"; du -sh "$dir/a" "$dir/b" ;;
+  pack-vllm)
+    dir="${1:?pack-vllm needs DIR}"
+    mkdir -p "$dir/v/whl" "$dir/tmp/site"
+    python -m pip download -q --no-deps "vllm==$VLLM_VERSION" -d "$dir/tmp"
+    unzip -q -o "$dir"/tmp/vllm-"$VLLM_VERSION"-*.whl -d "$dir/tmp/site"
+    (cd "$dir/tmp/site" && rm -rf "${VLLM_DROP[@]}")
+    tar -C "$dir/tmp/site" -cf - . | xz -T0 -6 > "$dir/tmp/vllm_site.tar.xz"
+    (cd "$dir/tmp" && sha256sum vllm_site.tar.xz > "../v/vllm_site.sha256")
+    split -b 25m -d "$dir/tmp/vllm_site.tar.xz" "$dir/v/vllm_site.tar.xz.part_"
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+      --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d "$dir/v/whl" "${VLLM_DEPS[@]}"
+    rm -rf "$dir/tmp"; du -sh "$dir/v"; ls "$dir/v" ;;
+  stage)
+    mkdir -p "$STAGE/whl"
+    for dir in "${@:?stage needs DIR...}"; do
+      find "$dir" -maxdepth 1 -type f -exec cp {} "$STAGE/" \;
+      [ -d "$dir/whl" ] && cp "$dir"/whl/*.whl "$STAGE/whl/"
+    done
+    ls -la "$STAGE" "$STAGE/whl" | tail -n +1 | wc -l ;;
+  setup-vllm)
+    (cd "$STAGE" && cat vllm_site.tar.xz.part_* > vllm_site.tar.xz && sha256sum -c vllm_site.sha256)
+    mkdir -p "$SITE"; tar -C "$SITE" -xJf "$STAGE/vllm_site.tar.xz"
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$STAGE"/whl/*.whl
+    python - <<'PY'
+import time
+from hpc_rlhf.builtin_models.resolve import resolve_model_path
+from hpc_rlhf.generation.vllm_engine import prepare_vllm_env
+prepare_vllm_env()
+import vllm
+started = time.time()
+llm = vllm.LLM(resolve_model_path("builtin:smollm2-135m-instruct"), dtype="bfloat16", gpu_memory_utilization=0.3,
+               max_model_len=512, seed=0)
+out = llm.generate(["What is 12+34?"] * 4, vllm.SamplingParams(temperature=0.0, max_tokens=24))
+print("vllm", vllm.__version__, f"engine + generate {time.time() - started:.1f} s:", repr(out[0].outputs[0].text))
+PY
+    ;;
   stage-a)
     dir="${1:?stage-a needs DIR}"
     mkdir -p "$GGUF_DIR"; cp "$dir/a/part_00" "$GGUF_DIR/"
@@ -118,8 +173,14 @@ PY
 )
     echo "peer budget: $peer_budget s"
     run trl --budget-s "$peer_budget" --stop-at-accuracy 0.8
-    run hpc --budget-s 150 --label _multistep "${multistep[@]}"
+    [ "${SUITE_MULTISTEP:-1}" = 1 ] && run hpc --budget-s 150 --label _multistep "${multistep[@]}"
     echo "all done" ;;
+  ppo)
+    out="${1:?ppo needs OUT}"; iterations="${2:?ppo needs ITERATIONS}"; mkdir -p "$out"
+    python -m hpc_rlhf.train --config configs/smollm2_ppo_1gpu.yaml --train.run_dir="$out/ppo" --overwrite-run-dir \
+      --train.max_iterations="$iterations" --eval.steps=5 --eval.max_samples=300 --logger.use_tensorboard=false \
+      --ckpt.save_hf_model=false || echo "FAILED: ppo"
+    echo "ppo done" ;;
   seeds)
     out="${1:?seeds needs OUT}"; system="${2:?seeds needs SYSTEM (hpc or trl)}"
     iterations="${3:?seeds needs ITERATIONS}"; shift 3
@@ -134,5 +195,6 @@ PY
     done
     echo "seeds done" ;;
   *)
-    echo "usage: tools/gpu_smollm2_suite.sh pack|stage-a|setup|decode|race|report|progress|all|seeds ..." >&2; exit 2 ;;
+    echo "usage: tools/gpu_smollm2_suite.sh pack|pack-vllm|stage|stage-a|setup|setup-vllm|decode|race|report|progress|all|seeds ..." >&2
+    exit 2 ;;
 esac

@@ -44,6 +44,7 @@ def test_both_systems_run_to_the_budget_and_report(tmp_path):
         assert [p["iteration"] for p in curve] == sorted(p["iteration"] for p in curve)
         assert result["iteration_s"] and all(s > 0 for s in result["iteration_s"])
         assert result["curve"][-1]["train_s"] >= 3.0 or len(result["iteration_s"]) >= 1
+        assert result["generation"] == "hf"  # on the CPU both generate with Hugging Face models
     report = run_tool("report", str(out)).stdout
     assert "| hpc_rlhf |" in report and "| trl |" in report
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -53,3 +54,18 @@ def test_arguments_are_checked_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_accuracy.py"), "hpc", "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "needs --config and --out" in result.stderr
+
+
+def test_trl_takes_the_configs_vllm_settings_in_colocate_mode(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_accuracy
+    from hpc_rlhf.config.loading import load_config
+
+    cfg = load_config(str(REPO / "configs" / "smollm2_grpo_1gpu.yaml"),
+                      ["--vllm.gpu_memory_utilization=0.3", "--vllm.enable_sleep=true"]).config
+    plain = bench_accuracy.trl_grpo_config(cfg, tmp_path, cuda=False)
+    assert plain.use_vllm is False
+    config = bench_accuracy.trl_grpo_config(cfg, tmp_path, cuda=False, use_vllm=True)
+    assert config.use_vllm is True and config.vllm_mode == "colocate"
+    assert config.vllm_gpu_memory_utilization == 0.3 and config.vllm_enable_sleep_mode is True
+    assert config.vllm_max_model_length == 128 + 200  # the config's prompt_max_len + generate_max_len

@@ -69,7 +69,7 @@ def test_reference_sharing_the_reward_rank_runs_stops_and_resumes_on_two_nodes(s
         slurm_cluster.wait_for_path(run_dir / "rollouts" / "iter_000001" / "MANIFEST.json", timeout_s=180,
                                     job_id=job_id)
         slurm_cluster.signal_batch(job_id, "USR1")
-        record = slurm_cluster.wait_for_state(job_id, {"COMPLETED"}, timeout_s=200, min_restarts=1)
+        record = slurm_cluster.wait_for_state(job_id, {"COMPLETED"}, timeout_s=200, min_restarts=1, log=log)
     finally:
         slurm_cluster.cancel(job_id)  # a no-op once the job has completed
     output = slurm_cluster.read_output(log)
