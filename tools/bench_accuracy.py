@@ -147,9 +147,14 @@ def trl_reward(tokenizer: Any, task_reward: Any) -> Any:
     return reward
 
 
+def samples_per_iteration(cfg: Any) -> int:
+    """Samples generated in one iteration: prompts x samples per prompt."""
+    return cfg.rollout.batch_size * cfg.rollout.n_samples_per_prompt
+
+
 def optimizer_steps_per_iteration(cfg: Any) -> int:
     """Optimizer steps of one iteration: its samples over the train batch (TRL counts steps, hpc_rlhf iterations)."""
-    return cfg.rollout.batch_size * cfg.rollout.n_samples_per_prompt // cfg.train.train_batch_size
+    return samples_per_iteration(cfg) // cfg.train.train_batch_size
 
 
 def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool, use_vllm: bool = False) -> Any:
@@ -158,7 +163,7 @@ def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool, use_vllm: bool = Fal
     from trl import GRPOConfig
 
     rollout, train, actor, algo = cfg.rollout, cfg.train, cfg.actor, cfg.algo
-    sequences = rollout.batch_size * rollout.n_samples_per_prompt
+    sequences = samples_per_iteration(cfg)
     steps_per_iteration = optimizer_steps_per_iteration(cfg)
     # hpc_rlhf warms up over lr_warmup_ratio of max_iterations' optimizer steps; TRL takes the same count of steps
     warmup_steps = math.ceil(actor.lr_warmup_ratio * (train.max_iterations or 0) * steps_per_iteration)
@@ -326,8 +331,7 @@ def sequences_per_iteration(result: dict[str, Any]) -> int:
     """Samples per iteration of the config and overrides the run was made with."""
     from hpc_rlhf.config.loading import load_config
 
-    rollout = load_config(str(REPO / result["config"]), result["overrides"]).config.rollout
-    return rollout.batch_size * rollout.n_samples_per_prompt
+    return samples_per_iteration(load_config(str(REPO / result["config"]), result["overrides"]).config)
 
 
 def speed_rows(results: list[dict[str, Any]], first_span: int = 12, last_span: int = 10) -> list[dict[str, Any]]:

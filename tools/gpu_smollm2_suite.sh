@@ -19,8 +19,9 @@
 #   tools/gpu_smollm2_suite.sh progress OUT        # anywhere: each run's curve so far (iteration:seconds:accuracy)
 #   tools/gpu_smollm2_suite.sh all OUT             # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
 #                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
-#                                                  # multi-step expressions (SUITE_MULTISTEP=0: not); its output ends with "all done" (start
-#                                                  # it detached and poll on a machine held only between calls)
+#                                                  # multi-step expressions (not with SUITE_MULTISTEP=0); its output
+#                                                  # ends with "all done" (start it detached and poll on a machine
+#                                                  # held only between calls)
 #   tools/gpu_smollm2_suite.sh ppo OUT ITERATIONS  # there: configs/smollm2_ppo_1gpu.yaml for ITERATIONS (OUT/ppo)
 #   tools/gpu_smollm2_suite.sh seeds OUT SYSTEM ITERATIONS SEED... [--key=value ...]
 #                                                  # there: learning per iteration of one system (hpc or trl) over
@@ -95,21 +96,24 @@ case "$step" in
       find "$dir" -maxdepth 1 -type f -exec cp {} "$STAGE/" \;
       [ -d "$dir/whl" ] && cp "$dir"/whl/*.whl "$STAGE/whl/"
     done
-    ls -la "$STAGE" "$STAGE/whl" | tail -n +1 | wc -l ;;
+    ls "$STAGE" "$STAGE/whl" ;;
   setup-vllm)
     (cd "$STAGE" && cat vllm_site.tar.xz.part_* > vllm_site.tar.xz && sha256sum -c vllm_site.sha256)
     mkdir -p "$SITE"; tar -C "$SITE" -xJf "$STAGE/vllm_site.tar.xz"
     python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$STAGE"/whl/*.whl
     python - <<'PY'
 import time
+from transformers import AutoTokenizer
 from hpc_rlhf.builtin_models.resolve import resolve_model_path
 from hpc_rlhf.generation.vllm_engine import prepare_vllm_env
 prepare_vllm_env()
 import vllm
+path = resolve_model_path("builtin:smollm2-135m-instruct")
+prompt = AutoTokenizer.from_pretrained(path).apply_chat_template(
+    [{"role": "user", "content": "What is 12 + 34?"}], tokenize=False, add_generation_prompt=True)
 started = time.time()
-llm = vllm.LLM(resolve_model_path("builtin:smollm2-135m-instruct"), dtype="bfloat16", gpu_memory_utilization=0.3,
-               max_model_len=512, seed=0)
-out = llm.generate(["What is 12+34?"] * 4, vllm.SamplingParams(temperature=0.0, max_tokens=24))
+llm = vllm.LLM(path, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=512, seed=0)
+out = llm.generate([prompt], vllm.SamplingParams(temperature=0.0, max_tokens=32))
 print("vllm", vllm.__version__, f"engine + generate {time.time() - started:.1f} s:", repr(out[0].outputs[0].text))
 PY
     ;;
