@@ -207,6 +207,7 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     from hpc_rlhf.builtin_models.resolve import resolve_model_path
     from hpc_rlhf.config.loading import load_config
     from hpc_rlhf.data.prompts import load_prompts
+    from hpc_rlhf.generation.vllm_engine import prefer_torch_sampler
     from hpc_rlhf.rewards.reward_func import load_reward_func
     from hpc_rlhf.tasks.evaluation import evaluate
     from hpc_rlhf.trainers.generation_setup import generation_backend
@@ -227,8 +228,8 @@ def run_trl(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     steps_per_iteration = optimizer_steps_per_iteration(cfg)
     # the generation backend hpc_rlhf would pick for this config (vllm.backend: auto = vLLM where installed)
     use_vllm = cuda and generation_backend(cfg) == "vllm"
-    if use_vllm:  # PyTorch's top-k/top-p sampler, as in hpc_rlhf's engine (`prepare_vllm_env`): FlashInfer's is optional
-        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    if use_vllm:
+        prefer_torch_sampler()  # the sampler of hpc_rlhf's engine; FlashInfer's is optional
     config = trl_grpo_config(cfg, Path(args.out_dir) / f"trl{args.label}", cuda, use_vllm=use_vllm)
     print(f"trl generation: {'vLLM (colocate)' if use_vllm else 'Hugging Face generate'}", flush=True)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -36,13 +36,17 @@ run() {  # run NAME TOOL ARGS...: one benchmark, its table on stdout, everything
   [ $rc -eq 0 ] || { echo "$name failed (exit $rc); last lines of $results/$name.log:"; tail -15 "$results/$name.log"; }
 }
 
-case $mode in
-  one-gpu)
-    python -c "
+measure_ceilings() {  # this device's matmul and copy ceilings into RESULTS/ceilings.json, the limits of every table
+  python -c "
 import json, dataclasses
 from hpc_rlhf.benchmarks.ceilings import measure_ceilings
 c = dataclasses.asdict(measure_ceilings('$device')); print(c)
 json.dump(c, open('$results/ceilings.json', 'w'), indent=1)"
+}
+
+case $mode in
+  one-gpu)
+    measure_ceilings
     for backend in "${backend_list[@]}"; do
       run "grpo_$backend" tools/bench_e2e.py --algo grpo --backend "$backend" --ceilings "$results/ceilings.json"
       run "ppo_$backend" tools/bench_e2e.py --algo ppo --backend "$backend" --ceilings "$results/ceilings.json"
@@ -64,11 +68,7 @@ json.dump(c, open('$results/ceilings.json', 'w'), indent=1)"
     ;;
   train-mfu)
     # 512 sequences of 128 + 128 tokens per iteration, one optimizer step: the training phases' MFU at this shape
-    python -c "
-import json, dataclasses
-from hpc_rlhf.benchmarks.ceilings import measure_ceilings
-c = dataclasses.asdict(measure_ceilings('$device')); print(c)
-json.dump(c, open('$results/ceilings.json', 'w'), indent=1)"
+    measure_ceilings
     sizes=(--shape "$shape" --iterations "${BENCH_ITERATIONS:-4}" --warmup 1 --rollout-batch-size 64 --n-samples 8
            --prompt-len 128 --gen-len 128 --train-batch-size 512 --work-dir "$work" --device "$device")
     run "mfu_padded_$shape" tools/bench_e2e.py --algo grpo --no-kl --backend hf --micro-batch-size 16 \

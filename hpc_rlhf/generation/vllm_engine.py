@@ -220,6 +220,12 @@ def prepare_vllm_env(environ: dict | None = None) -> None:
     """
     environ = os.environ if environ is None else environ
     environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    prefer_torch_sampler(environ)
+
+
+def prefer_torch_sampler(environ: dict | None = None) -> None:
+    """VLLM_USE_FLASHINFER_SAMPLER=0 unless the user set it: vLLM samples with PyTorch, and needs no flashinfer."""
+    environ = os.environ if environ is None else environ
     environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
