@@ -169,6 +169,8 @@ def trl_grpo_config(cfg: Any, output_dir: Path, cuda: bool, use_vllm: bool = Fal
     warmup_steps = math.ceil(actor.lr_warmup_ratio * (train.max_iterations or 0) * steps_per_iteration)
     return GRPOConfig(
         output_dir=str(output_dir),
+        # TRL has no token-budget micro-batches: it takes micro_train_batch_size samples per pass whatever
+        # train.max_tokens_per_microbatch says
         per_device_train_batch_size=train.micro_train_batch_size,
         gradient_accumulation_steps=train.train_batch_size // train.micro_train_batch_size,
         generation_batch_size=sequences, num_generations=rollout.n_samples_per_prompt,

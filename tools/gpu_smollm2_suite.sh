@@ -17,7 +17,8 @@
 #   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
 #   tools/gpu_smollm2_suite.sh report OUT...       # anywhere: tables + curves from OUT/*.json
 #   tools/gpu_smollm2_suite.sh progress OUT        # anywhere: each run's curve so far (iteration:seconds:accuracy)
-#   tools/gpu_smollm2_suite.sh all OUT             # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
+#   tools/gpu_smollm2_suite.sh all OUT [--key=value ...]
+#                                                  # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
 #                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
 #                                                  # multi-step expressions (not with SUITE_MULTISTEP=0); its output
 #                                                  # ends with "all done" (start it detached and poll on a machine
@@ -158,10 +159,11 @@ for name, curve in runs.items():
 PY
     ;;
   all)
-    out="${1:?all needs OUT}"; mkdir -p "$out"
+    out="${1:?all needs OUT}"; shift; extra=("$@"); mkdir -p "$out"  # extra: overrides for every run
     multistep=(--data.prompt_data=data/chat_arithmetic/multistep/train.jsonl
                --eval.data=data/chat_arithmetic/multistep/test.jsonl)
-    run() { python tools/bench_accuracy.py "$@" --config "$CONFIG" --out "$out" "${COMMON[@]}" || echo "FAILED: $*"; }
+    run() { python tools/bench_accuracy.py "$@" --config "$CONFIG" --out "$out" "${COMMON[@]}" "${extra[@]}" \
+              || echo "FAILED: $*"; }
     run hpc --budget-s 420 --stop-at-accuracy 0.8
     # the peer gets twice hpc_rlhf's time to 80% (its last evaluation comes at or after that): enough to tell
     # whether hpc_rlhf reaches each threshold in half the peer's time or less, without machine time beyond that

@@ -171,9 +171,9 @@ def hpc_gradient(cfg: Any, model_path: str, batch: dict, pad_token_id: int, *,
     `bf16`: bf16 weights and gradients as on GPUs (DeepSpeed keeps the fp32 master copy in its optimizer)."""
     import torch.distributed as dist
     from hpc_rlhf.distributed.world import free_port
-    from hpc_rlhf.trainers.common import actor_engine_config, micro_batches
+    from hpc_rlhf.trainers.common import actor_engine_config
     from hpc_rlhf.trainers.ppo.update import actor_loss_fn, loss_weighting
-    from hpc_rlhf.training.batching import TokenSample
+    from hpc_rlhf.training.batching import TokenSample, make_micro_batches
     from hpc_rlhf.training.models import Actor
 
     if not dist.is_initialized():
@@ -187,9 +187,12 @@ def hpc_gradient(cfg: Any, model_path: str, batch: dict, pad_token_id: int, *,
         advantage = torch.full((response.numel(),), float(batch["advantages"][row]))
         samples.append(TokenSample(prompt_ids=prompt, response_ids=response, response_tensors={
             "advantages": advantage, "behaviour_log_probs": torch.zeros_like(advantage)}))
-    engine_cfg = dataclasses.replace(actor_engine_config(cfg), bf16=bf16)
+    # ZeRO-0 whatever the config says: it leaves the step's gradient in each parameter's .grad, where it is read below
+    engine_cfg = dataclasses.replace(actor_engine_config(cfg), bf16=bf16, zero_stage=0)
     actor = Actor.from_pretrained(model_path, engine_cfg, None, 1, temperature=max(cfg.rollout.temperature, 1e-6))
-    metrics = actor.backward(micro_batches(cfg, samples, pad_token_id), actor_loss_fn(cfg),
+    # TRL's micro-batches (micro_train_batch_size samples each), also where the config sets a token budget
+    batches = make_micro_batches(samples, micro_batch_size=cfg.train.micro_train_batch_size, pad_token_id=pad_token_id)
+    metrics = actor.backward(batches, actor_loss_fn(cfg),
                              loss_weighting(cfg.algo.loss_agg_mode))
     grads = {name: p.grad.detach().float().clone() for name, p in actor.engine.module.named_parameters()
              if p.grad is not None}

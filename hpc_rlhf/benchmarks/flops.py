@@ -86,6 +86,16 @@ def train_flops(shape: ModelShape, sequence_lengths: Sequence[int], *, vocab_hea
     return 3 * forward_flops(shape, sequence_lengths, vocab_head=vocab_head)
 
 
+def policy_update_flops(shape: ModelShape, prompt_lengths: Sequence[int], response_lengths: Sequence[int]) -> int:
+    """Training FLOPs of a policy update that runs the LM head only where a response token is predicted (one position
+    per response token, `logits_to_keep`): `train_flops` without the head, plus the head at those positions."""
+    if len(prompt_lengths) != len(response_lengths):
+        raise ValueError(f"need one response length per prompt, got {len(prompt_lengths)} and {len(response_lengths)}")
+    _check_lengths(response_lengths)
+    lengths = [int(p) + int(r) for p, r in zip(prompt_lengths, response_lengths)]
+    return train_flops(shape, lengths, vocab_head=False) + 3 * 2 * lm_head_params(shape) * sum(response_lengths)
+
+
 def mfu(flops: float, seconds: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved FLOP/s as a fraction of the device's peak."""
     if flops < 0:

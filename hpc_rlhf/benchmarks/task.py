@@ -54,6 +54,7 @@ class ModelShape:
 
 # Dimensions from the published configs of the Qwen2.5 and Llama 3.1 models; "tiny" keeps CPU tests fast.
 MODEL_SHAPES: dict[str, ModelShape] = {
+    "smollm2-135m": ModelShape(49152, 576, 1536, 30, 9, 3, True, max_position_embeddings=8192),
     "qwen2.5-0.5b": ModelShape(151936, 896, 4864, 24, 14, 2, True),
     "qwen2.5-1.5b": ModelShape(151936, 1536, 8960, 28, 12, 2, True),
     "qwen2.5-7b": ModelShape(152064, 3584, 18944, 28, 28, 4, False),

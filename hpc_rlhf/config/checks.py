@@ -329,6 +329,10 @@ def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
     if cfg.train.device == "cpu" and cfg.ds.bf16:
         errors.append(f"{src(sources, 'ds.bf16', 'train.device')}: bf16 training is for GPUs; leave ds.bf16 empty "
                       f"or false on train.device: cpu")
+    for section in ("actor", "critic"):
+        if getattr(cfg, section).compile and (cfg.ds.zero_stage == 3 or cfg.ds.ring_attn_size > 1):
+            errors.append(f"{src(sources, f'{section}.compile', 'ds.zero_stage', 'ds.ring_attn_size')}: compiled "
+                          f"layers are wired for ZeRO stages 0-2 without sequence parallelism")
     return errors
 
 

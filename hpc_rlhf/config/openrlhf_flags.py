@@ -307,7 +307,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("use_ds_universal_ckpt", "ds.use_universal_ckpt"), FLAG, ("ds.universal_ckpt",)),
     Flag(("ckpt.best_metric_key",), STR, ("ckpt.best_metric_key",), convert=_best_metric,
          how="eval_*_pass1 (and the auto-detecting empty value) -> eval/accuracy; none -> empty (off)"),
-    _no(("deepcompile", "ds.deepcompile"), FLAG, "no DeepCompile"),
+    _no(("deepcompile", "ds.deepcompile"), FLAG, "no DeepCompile; actor.compile / critic.compile torch.compile "
+        "each decoder layer instead"),
     _no(("zpg", "ds.zpg"), INT, "no ZeRO++ hierarchical partitioning", inert=("1",)),
     _no(("grad_accum_dtype", "ds.grad_accum_dtype"), STR, "gradients accumulate in DeepSpeed's default dtype"),
     _no(("use_liger_kernel", "ds.use_liger_kernel"), FLAG, "no Liger kernels"),

@@ -51,6 +51,9 @@ class OptimConfig:
     max_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     attn_implementation: str = opt("sdpa", "attention kernel", ("sdpa", "eager", "flash_attention_2"))
+    compile: bool = opt(False, "torch.compile each decoder layer for training (norms, activations and rotary "
+                        "embeddings fused: far fewer kernels, which is what a small model's update waits on); "
+                        "the first steps of a new input shape compile")
     optim: str = opt("adam", "optimizer: adam = AdamW; muon = DeepSpeed's Muon on 2-D hidden weights, AdamW "
                      "(learning_rate, adam_betas) on embeddings, heads, norms and biases", ("adam", "muon"))
     muon_lr: float = opt(0.02, "learning rate of Muon's 2-D weights (optim: muon)")
@@ -115,6 +118,11 @@ class VllmConfig:
     enable_prefix_caching: bool = opt(True, "share the prompt's KV cache across n_samples_per_prompt")
     enforce_eager: bool = opt(False, "disable CUDA graphs (vLLM, and the hf backend's decode step)")
     max_num_seqs: int = opt(256, "sequences a vLLM engine decodes at once")
+    seed_per_request: bool = opt(False, "give every (prompt, sample) request its own seed, so that a sample's draw "
+                                 "does not depend on the rest of the batch; vLLM then samples the seeded requests "
+                                 "one by one at each decoded token (a few ms per step for 256 requests). Default: "
+                                 "one seed per generate call (the batch is drawn at once; a resumed run redraws "
+                                 "the same samples all the same)")
     dtype: str = opt("bfloat16", "generator weights dtype", ("bfloat16", "float16", "float32"))
     weight_sync_bucket_mb: int = opt(512, "bucket size of the actor -> generator weight broadcast")
 

@@ -33,15 +33,15 @@ def dtype_name(value: str | torch.dtype) -> str:
 def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "float32",
                 device: str | torch.device = "cpu", tp: int = 1, gpu_memory_utilization: float = 0.85,
                 enable_sleep: bool = False, enable_prefix_caching: bool = True, enforce_eager: bool = False,
-                max_num_seqs: int = 256, micro_batch_size: int = 64, max_model_len: int | None = None,
-                seed: int = 0, pad_token_id: int | None = None, shared_world: bool = False,
-                tp_group: dist.ProcessGroup | None = None) -> GenerationEngine:
+                max_num_seqs: int = 256, seed_per_request: bool = False, micro_batch_size: int = 64,
+                max_model_len: int | None = None, seed: int = 0, pad_token_id: int | None = None,
+                shared_world: bool = False, tp_group: dist.ProcessGroup | None = None) -> GenerationEngine:
     """The generation engine for `backend`.
 
     hf: `micro_batch_size` sequences per forward pass, `pad_token_id` pads prompts (default: the model's);
     on CUDA it decodes with CUDA graphs unless `enforce_eager`.
     vllm: `gpu_memory_utilization`, `enable_sleep`, `enable_prefix_caching`, `enforce_eager`, `max_num_seqs`
-    go to `vllm.LLM`; `shared_world` and `tp_group` choose the placement (module docstring).
+    go to `vllm.LLM`; `seed_per_request` seeds each request instead of each call (`VllmEngine`); `shared_world` and `tp_group` choose the placement (module docstring).
     """
     if backend not in BACKENDS:
         raise ValueError(f"vllm.backend must be one of {BACKENDS}, got {backend!r}")
@@ -61,7 +61,8 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
     vllm_kwargs: dict[str, Any] = {
         "dtype": dtype_name(dtype), "tp": tp, "gpu_memory_utilization": gpu_memory_utilization,
         "enable_sleep": enable_sleep, "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
-        "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "seed": seed}
+        "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "seed": seed,
+        "seed_per_request": seed_per_request}
     placement = vllm_placement(tp=tp, shared_world=shared_world)
     if placement == "standalone":
         from hpc_rlhf.generation.vllm_engine import VllmEngine

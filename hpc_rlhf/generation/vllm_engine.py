@@ -10,8 +10,13 @@ What the adapter does with vLLM:
     (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, see `prepare_vllm_env`), so that weight updates reach the model by reference.
     vLLM re-seeds this process's global torch/numpy/random generators with `seed` while it builds the engine;
   * generates from `TokensPrompt(prompt_token_ids=...)`, one request per (prompt, sample) with `n=1`, `logprobs=0`
-    (only the sampled token's log-prob), `detokenize=False` and a distinct per-request seed derived from
-    `SamplingParams.seed`. The n requests of one prompt share its KV blocks through prefix caching;
+    (only the sampled token's log-prob) and `detokenize=False`. The n requests of one prompt share its KV blocks
+    through prefix caching. Seeds: by default the call's `SamplingParams.seed` seeds this process's CUDA generators
+    just before `llm.generate`, and the requests carry none, so vLLM draws the whole batch with one noise kernel per
+    step (the engine core runs in this process, so its sampler uses these generators; every TP rank seeds alike).
+    With `seed_per_request` each request gets its own seed derived from `SamplingParams.seed` instead: its draw then
+    does not depend on the rest of the batch, but vLLM's sampler handles seeded requests one by one, one small
+    kernel per request and decoded token;
   * loads new weights in place with `llm.apply_model(lambda model: model.load_weights(weights))`, then drops the
     prefix cache unless sleeping already did (its KV blocks were computed by the old weights);
   * sleeps with `llm.sleep(level)` and wakes with `llm.wake_up(tags)`: only the weights are woken for a weight update
@@ -115,8 +120,9 @@ def llm_kwargs(model_path: str, *, dtype: str, tp: int, gpu_memory_utilization: 
 
 
 def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence[Sequence[int]],
-                            max_model_len: int | None) -> list[Any]:
-    """One `vllm.SamplingParams` per (prompt, sample), prompt-major, each with n=1 and its own seed.
+                            max_model_len: int | None, *, seed_per_request: bool = False) -> list[Any]:
+    """One `vllm.SamplingParams` per (prompt, sample), prompt-major, each with n=1 (and its own seed when
+    `seed_per_request`).
 
     A request's `max_tokens` is cut to what fits under `max_model_len`; a prompt that already fills it is an error.
     """
@@ -134,7 +140,8 @@ def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence
         for s in range(params.n):
             requests.append(vllm.SamplingParams(
                 n=1, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
-                top_k=max(params.top_k, 0), seed=sample_seed(params.seed, p, s, params.n),
+                top_k=max(params.top_k, 0),
+                seed=sample_seed(params.seed, p, s, params.n) if seed_per_request else None,
                 stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, logprobs=0,
                 detokenize=False, **suppressed))
     return requests
@@ -248,9 +255,10 @@ class VllmEngine:
     def __init__(self, model_path: str, *, dtype: str = "bfloat16", tp: int = 1, gpu_memory_utilization: float = 0.85,
                  enable_sleep: bool = False, enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  max_num_seqs: int = 256, max_model_len: int | None = None, seed: int = 0,
-                 executor_backend: str | None = None, vllm_module: Any = None,
+                 seed_per_request: bool = False, executor_backend: str | None = None, vllm_module: Any = None,
                  image_token_id: int | None = None) -> None:
-        """`image_token_id`: the image placeholder of a vision-language model (default: read from its config)."""
+        """`image_token_id`: the image placeholder of a vision-language model (default: read from its config);
+        `seed_per_request`: seed each request rather than each call (module docstring)."""
         self.vllm = vllm_module if vllm_module is not None else import_vllm()
         self.version = check_vllm_version(self.vllm)
         if tp > 1 and executor_backend != EXTERNAL_LAUNCHER:
@@ -258,6 +266,7 @@ class VllmEngine:
                                   f"(build the engine through make_engine inside a distributed job)")
         prepare_vllm_env()
         self.enable_sleep = enable_sleep
+        self.seed_per_request = seed_per_request
         self.llm = self.vllm.LLM(**llm_kwargs(
             model_path, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization, enable_sleep=enable_sleep,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
@@ -287,9 +296,12 @@ class VllmEngine:
                           "trainer recomputes untruncated ones, so their difference includes the truncation",
                           stacklevel=2)
             self._warned_truncation = True
-        requests = request_sampling_params(self.vllm, params, prompts, self.max_model_len)
+        requests = request_sampling_params(self.vllm, params, prompts, self.max_model_len,
+                                           seed_per_request=self.seed_per_request)
         image_token = self._image_token() if any(images) else None
         inputs = request_prompts(self.vllm, prompts, images, params.n, image_token)
+        if not self.seed_per_request and params.seed is not None:
+            torch.cuda.manual_seed_all(params.seed)  # what vLLM's sampler draws from for unseeded requests
         outputs = self.llm.generate(inputs, sampling_params=requests, use_tqdm=False)
         return to_generated_samples(outputs, prompts, params, image_token)
 

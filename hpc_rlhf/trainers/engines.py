@@ -36,7 +36,7 @@ def engine_config(cfg: Config, section: OptimConfig) -> EngineConfig:
         lr_warmup_ratio=section.lr_warmup_ratio, lr_scheduler=section.lr_scheduler, min_lr_ratio=section.min_lr_ratio,
         max_norm=section.max_norm, overlap_comm=cfg.ds.overlap_comm,
         micro_train_batch_size=cfg.train.micro_train_batch_size, train_batch_size=cfg.train.train_batch_size,
-        attn_implementation=section.attn_implementation, optim=section.optim, muon_lr=section.muon_lr,
+        attn_implementation=section.attn_implementation, compile=section.compile, optim=section.optim, muon_lr=section.muon_lr,
         muon_momentum=section.muon_momentum, load_universal=cfg.ds.universal_ckpt,
         ema_beta=section.ema_beta if isinstance(section, ActorConfig) and section.enable_ema else None,
         aux_loss_coef=section.aux_loss_coef if isinstance(section, ActorConfig) else 0.0,

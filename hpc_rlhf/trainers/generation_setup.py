@@ -42,7 +42,8 @@ def build_generation(cfg: Config, model_path: str, tokenizer: PreTrainedTokenize
                          device=device, tp=cfg.layout.generator.tp,
                          gpu_memory_utilization=vllm.gpu_memory_utilization, enable_sleep=vllm.enable_sleep,
                          enable_prefix_caching=vllm.enable_prefix_caching, enforce_eager=vllm.enforce_eager,
-                         max_num_seqs=vllm.max_num_seqs, micro_batch_size=rollout.micro_batch_size,
+                         max_num_seqs=vllm.max_num_seqs, seed_per_request=vllm.seed_per_request,
+                         micro_batch_size=rollout.micro_batch_size,
                          max_model_len=max_length, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
                          shared_world=cfg.layout.colocate, tp_group=tp_group)
     executor = make_executor(engine, tokenizer, agent_func_path=rollout.agent_func_path, max_turns=rollout.max_turns,

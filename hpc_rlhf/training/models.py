@@ -102,7 +102,7 @@ def _check_weighting(loss_weighting: str) -> None:
         raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
 
 
-def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, float]]:
+def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     if isinstance(result, tuple):
         loss, metrics = result
     else:
@@ -110,7 +110,17 @@ def _split_loss(result: LossResult) -> tuple[torch.Tensor, dict[str, float]]:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise TypeError(f"loss_fn must return a scalar tensor (or (scalar, metrics)), got {type(loss).__name__}"
                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
-    return loss, {key: float(value) for key, value in metrics.items()}
+    # Tensor metrics stay on the device (detached): reading each one would wait for the device, micro-batch by
+    # micro-batch; `backward` reads them all at once at the end.
+    return loss, {key: value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+                  for key, value in metrics.items()}
+
+
+def _read_all(values: Sequence[torch.Tensor | float], device: torch.device) -> list[float]:
+    """Python floats of device tensors and floats, with one wait for the device instead of one per value."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values]
+    return torch.stack([torch.as_tensor(v, device=device).to(torch.float64).reshape(()) for v in values]).tolist()
 
 
 def with_aux_loss(loss: torch.Tensor, aux_loss: torch.Tensor, coef: float) -> torch.Tensor:
@@ -295,20 +305,21 @@ class TrainedModel(abc.ABC):
                                                   dist.ReduceOp.SUM, self.mpu)
             global_units /= self.sp_size  # a sequence-parallel group holds its units once
             weights = loss_weights(batches, loss_weighting, global_units=global_units, dp_size=self.dp_size)
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor | float] = {}
             for index, (batch, weight) in enumerate(zip(batches, weights)):
                 self.engine.set_gradient_accumulation_boundary(index == len(batches) - 1)
                 output = self.forward(batch)
                 loss, metrics = _split_loss(loss_fn(batch.response_layout_to(self.device), output))
-                metrics = {"loss": float(loss.detach()), **metrics}
+                metrics = {"loss": loss.detach().double(), **metrics}
                 if output.aux_loss is not None:
-                    metrics["aux_loss"] = float(output.aux_loss.detach())
+                    metrics["aux_loss"] = output.aux_loss.detach().double()
                     loss = with_aux_loss(loss, output.aux_loss, self.cfg.aux_loss_coef)
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + weight * value
             keys = sorted(sums)
-            totals = all_reduce_in_group([sums[k] for k in keys], dist.ReduceOp.SUM, self.mpu)
+            totals = all_reduce_in_group(_read_all([sums[k] for k in keys], self.device), dist.ReduceOp.SUM,
+                                         self.mpu)
         return {key: total / (self.dp_size * self.sp_size) for key, total in zip(keys, totals)}
 
     def optimizer_step(self) -> dict[str, float]:

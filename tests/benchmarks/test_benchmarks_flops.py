@@ -11,6 +11,7 @@ from hpc_rlhf.benchmarks.flops import (
     forward_flops_per_token,
     mfu,
     model_bytes,
+    policy_update_flops,
     prefill_flops,
     train_flops,
     weight_sync_limit_s,
@@ -42,6 +43,16 @@ def test_forward_and_train_flops_by_hand():
     # A critic has no vocabulary head: 3 * (368 - 80) + 96 = 960.
     assert forward_flops(TIED, [3], vocab_head=False) == 960
     assert train_flops(TIED, [3], vocab_head=False) == 2880
+
+
+def test_policy_update_flops_count_the_head_at_response_positions_only():
+    # Prompt 2 + response 1 = length 3: 2880 without the head (above), plus the head once: 3 * 80 = 240.
+    assert policy_update_flops(TIED, [2], [1]) == 2880 + 240
+    # A whole-sequence response (prompt 1 is never predicted from): 3 tokens, head at 2 of them -> 2880 + 480.
+    assert policy_update_flops(TIED, [1], [2]) == 2880 + 480
+    assert policy_update_flops(TIED, [2, 0], [1, 1]) == 2880 + 240 + 3 * (368 - 80 + 16) + 240
+    with pytest.raises(ValueError, match="one response length per prompt"):
+        policy_update_flops(TIED, [2], [1, 1])
 
 
 def test_prefill_flops_by_hand():

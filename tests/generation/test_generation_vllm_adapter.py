@@ -63,7 +63,7 @@ def test_tp_without_the_external_launcher_is_refused(fake_vllm):
 
 
 def test_one_request_per_sample_with_distinct_seeds(fake_vllm):
-    engine = build(fake_vllm, max_model_len=12)
+    engine = build(fake_vllm, max_model_len=12, seed_per_request=True)
     prompts = [[3, 4, 5], [7] * 9]
     params = SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9, top_k=-1, n=3, seed=11,
                             stop_token_ids=[40])
@@ -78,6 +78,21 @@ def test_one_request_per_sample_with_distinct_seeds(fake_vllm):
     assert len({r.seed for r in requests}) == 6
     assert [r.max_tokens for r in requests] == [5, 5, 5, 3, 3, 3]  # 9-token prompt: 12 - 9 = 3 left
     assert [len(row) for row in out] == [3, 3] and out[1][0].prompt_ids == [7] * 9
+
+
+def test_by_default_the_call_seeds_the_cuda_generators_and_requests_carry_no_seed(fake_vllm, monkeypatch):
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    engine = build(fake_vllm)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, n=2, seed=23)
+    engine.generate([[3, 4], [5]], params)
+    assert [r.seed for r in engine.llm.last_requests] == [None] * 4
+    assert seeded == [23]  # once per call, before the batch is drawn
+    engine.generate([[3, 4]], SamplingParams(max_new_tokens=4, temperature=1.0, n=1, seed=None))
+    assert seeded == [23]  # an unseeded call leaves the generators alone
+    per_request = build(fake_vllm, seed_per_request=True)
+    per_request.generate([[3, 4]], params)
+    assert seeded == [23] and len({r.seed for r in per_request.llm.last_requests}) == 2
 
 
 def test_suppressed_tokens_become_a_logit_bias_only_where_asked(fake_vllm):

@@ -43,15 +43,15 @@ def actor_loss_fn(cfg: Config) -> LossFn:
             loss_agg_mode=algo.loss_agg_mode, policy_loss_type=algo.policy_loss_type,
             rollout_log_probs=tensors["behaviour_log_probs"], off_policy_correction=algo.off_policy_correction,
             is_low=algo.is_low, is_high=algo.is_high, norm_length=norm_length, log_ratio_clamp=algo.log_ratio_clamp)
-        metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
-        metrics["train/policy_loss"] = float(loss.detach())
+        metrics = {f"train/{k}": v for k, v in metrics.items()}  # device tensors: read once per step, not here
+        metrics["train/policy_loss"] = loss.detach()
         if algo.use_kl_loss:
             kl = kl_loss(out.log_probs, tensors["reference_log_probs"], mask, kl_estimator=algo.kl_estimator,
                          loss_agg_mode=algo.loss_agg_mode, norm_length=norm_length, kl_clamp=algo.kl_clamp)
             loss = loss + algo.kl_loss_coef * kl
-            metrics["train/kl_loss"] = float(kl.detach())
+            metrics["train/kl_loss"] = kl.detach()
         if out.entropy is not None:  # logged as a token mean; the bonus is aggregated like the loss
-            metrics["train/entropy"] = float(((out.entropy * mask).sum() / mask.sum().clamp(min=1)).detach())
+            metrics["train/entropy"] = ((out.entropy * mask).sum() / mask.sum().clamp(min=1)).detach()
             if algo.entropy_loss_coef:
                 loss = loss + entropy_bonus(out.entropy, mask, entropy_loss_coef=algo.entropy_loss_coef,
                                             loss_agg_mode=algo.loss_agg_mode, norm_length=norm_length)
@@ -70,8 +70,8 @@ def critic_loss_fn(cfg: Config) -> LossFn:
         loss, metrics = value_loss(out.values, tensors["old_values"], tensors["returns"], batch.action_mask,
                                    value_clip=algo.value_clip, loss_agg_mode=algo.loss_agg_mode,
                                    norm_length=norm_length)
-        metrics = {f"critic/{k}": float(v) for k, v in metrics.items()}
-        metrics["critic/value_loss"] = float(loss.detach())
+        metrics = {f"critic/{k}": v for k, v in metrics.items()}
+        metrics["critic/value_loss"] = loss.detach()
         return loss, metrics
 
     return loss_fn

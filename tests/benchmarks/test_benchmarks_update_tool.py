@@ -1,0 +1,54 @@
+"""tools/bench_update.py on the CPU with the tiny shape: each micro-batching variant makes the micro-batches worked out
+by hand, every step is timed by phase, the FLOP count is the update's, and bad variants are named in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_rlhf.benchmarks.flops import policy_update_flops
+from hpc_rlhf.benchmarks.task import model_shape
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "bench_update.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_variants_batch_time_and_count_the_update(tmp_path):
+    out = tmp_path / "update.json"
+    result = run_tool("--device", "cpu", "--shape", "tiny", "--samples", "16", "--micro", "8,t40", "--zero", "0,1",
+                      "--fixed-lengths", "--prompt-len", "6", "--response-len", "3", "--steps", "2", "--warmup", "1",
+                      "--profile", "--work-dir", str(tmp_path / "work"), "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["tokens"] == 16 * 9
+    assert report["update_flops"] == policy_update_flops(model_shape("tiny"), [6] * 16, [3] * 16)
+    variants = [(r["micro_batching"], r["zero_stage"]) for r in report["results"]]
+    assert variants == [("8", 0), ("8", 1), ("t40", 0), ("t40", 1)]
+    for r in report["results"]:
+        # 8 samples per micro-batch: 2 of them; a budget of 40 padded tokens holds 4 rows of 9: 4 of them
+        assert r["micro_batches"] == (2 if r["micro_batching"] == "8" else 4)
+        assert r["padded_tokens"] == 16 * 9  # equal lengths: no padding
+        assert len(r["steps"]) == 2
+        for step in r["steps"]:
+            assert step["step_s"] == pytest.approx(step["forward_backward_s"] + step["optimizer_s"])
+        assert r["achieved_tflops"] == pytest.approx(report["update_flops"] / r["median_step_s"] / 1e12)
+        profile = r["profile"]
+        assert profile["kernels"] == 0 and profile["top_host_ops"]  # no device on the CPU; host ops recorded
+    assert "zero 1" in result.stdout and "micro    t40" in result.stdout
+
+
+def test_bad_variants_are_named():
+    result = run_tool("--device", "cpu", "--micro", "8,x4")
+    assert result.returncode == 2 and "--micro: 'x4' is neither N" in result.stderr
+    result = run_tool("--device", "cpu", "--samples", "12")
+    assert result.returncode == 2 and "--samples must be a multiple of 8" in result.stderr
+    result = run_tool("--device", "cpu", "--zero", "3")
+    assert result.returncode == 2 and "--zero: '3' is not one of" in result.stderr
