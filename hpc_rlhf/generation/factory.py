@@ -41,7 +41,8 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
     hf: `micro_batch_size` sequences per forward pass, `pad_token_id` pads prompts (default: the model's);
     on CUDA it decodes with CUDA graphs unless `enforce_eager`.
     vllm: `gpu_memory_utilization`, `enable_sleep`, `enable_prefix_caching`, `enforce_eager`, `max_num_seqs`
-    go to `vllm.LLM`; `seed_per_request` seeds each request instead of each call (`VllmEngine`); `shared_world` and `tp_group` choose the placement (module docstring).
+    go to `vllm.LLM`; `seed_per_request` seeds each request instead of each call (`VllmEngine`); `shared_world` and
+    `tp_group` choose the placement (module docstring).
     """
     if backend not in BACKENDS:
         raise ValueError(f"vllm.backend must be one of {BACKENDS}, got {backend!r}")
