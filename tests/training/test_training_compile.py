@@ -11,6 +11,7 @@ from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.config.schema import ConfigError
 from hpc_rlhf.training.deepspeed_setup import compile_decoder_layers
 from tests.multiproc import run_ranks
+from tests.training.one_rank_actor import nll_backward
 
 # three samples of different lengths, two micro-batches: padding and a shape change between them
 SAMPLES = (([1, 40, 41, 42, 43], [50, 51, 52, 2]), ([1, 60, 61], [70, 2]), ([1, 9, 8, 7, 6, 5, 4], [30, 31, 2]))
@@ -23,26 +24,8 @@ def model_dir(tmp_path_factory):
 
 def eager_and_compiled_steps(model_dir: str) -> list[dict]:
     """One `Actor.backward` of the token-mean NLL, eager then compiled, on a one-rank ZeRO-0 engine."""
-    from transformers import AutoModelForCausalLM
-
-    from hpc_rlhf.algos import sft_loss
-    from hpc_rlhf.training.batching import TokenSample, make_micro_batches
-    from hpc_rlhf.training.deepspeed_setup import EngineConfig
-    from hpc_rlhf.training.models import Actor
-
-    samples = [TokenSample(prompt_ids=torch.tensor(p), response_ids=torch.tensor(r)) for p, r in SAMPLES]
-    results = []
-    for compiled in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        cfg = EngineConfig(zero_stage=0, micro_train_batch_size=2, train_batch_size=4, compile=compiled)
-        actor = Actor(model, cfg, None, num_training_steps=1)
-        batches = make_micro_batches(samples, micro_batch_size=2, pad_token_id=0)
-        metrics = actor.backward(batches, lambda batch, out: sft_loss(out.log_probs, batch.action_mask))
-        grads = {name: p.grad.detach().clone() for name, p in actor.engine.module.named_parameters()}
-        layers = [type(m).__name__ for m in actor.engine.module.modules() if hasattr(m, "_compiled_call_impl")
-                  and m._compiled_call_impl is not None]
-        results.append({"metrics": metrics, "grads": grads, "compiled_layers": layers})
-    return results
+    return [nll_backward(model_dir, SAMPLES, micro_batch_size=2, attn_implementation="sdpa", compile=compiled)
+            for compiled in (False, True)]
 
 
 def test_a_compiled_actor_takes_the_eager_step(model_dir):

@@ -10,6 +10,7 @@ import torch
 
 from hpc_rlhf.builtin_models.tiny import build_tiny_moe_model
 from tests.multiproc import run_ranks
+from tests.training.one_rank_actor import nll_backward
 
 COEF = 0.5
 # Two samples of different lengths: padded, the second row carries padding the router loss must leave out.
@@ -24,25 +25,9 @@ def moe_dir(tmp_path_factory):
 
 def actor_gradients(model_dir: str) -> list[dict]:
     """One `Actor.backward` of the token-mean NLL per case, on a one-rank ZeRO-0 engine: its metrics and gradients."""
-    from transformers import AutoModelForCausalLM
-
-    from hpc_rlhf.algos import sft_loss
-    from hpc_rlhf.training.batching import TokenSample, make_micro_batches
-    from hpc_rlhf.training.deepspeed_setup import EngineConfig
-    from hpc_rlhf.training.models import Actor
-
-    samples = [TokenSample(prompt_ids=torch.tensor(p), response_ids=torch.tensor(r)) for p, r in SAMPLES]
-    results = []
-    for coef, packing in CASES:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-        cfg = EngineConfig(zero_stage=0, micro_train_batch_size=2, train_batch_size=2, aux_loss_coef=coef,
-                           attn_implementation="eager")
-        actor = Actor(model, cfg, None, num_training_steps=1)
-        batches = make_micro_batches(samples, micro_batch_size=2, packing=packing, pad_token_id=0)
-        metrics = actor.backward(batches, lambda batch, out: sft_loss(out.log_probs, batch.action_mask))
-        grads = {name: p.grad.detach().clone() for name, p in actor.engine.module.named_parameters()}
-        results.append({"metrics": metrics, "grads": grads})
-    return results
+    # micro-batch size 2 holds both samples: padded, the second row carries padding the router loss must leave out
+    return [nll_backward(model_dir, SAMPLES, micro_batch_size=2, packing=packing, aux_loss_coef=coef)
+            for coef, packing in CASES]
 
 
 def switch_load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
