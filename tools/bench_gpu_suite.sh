@@ -5,12 +5,15 @@
 #   tools/bench_gpu_suite.sh two-gpu RESULTS    # GRPO on 2 GPUs: colocated, disaggregated sync, disaggregated async
 #   tools/bench_gpu_suite.sh train-mfu RESULTS  # GRPO (hf, no KL) at BENCH_SHAPE (set qwen2.5-1.5b): the update padded
 #                                               # in micro-batches of 16, then packed into 8k-token micro-batches
+#   tools/bench_gpu_suite.sh update RESULTS     # the update alone (tools/bench_update.py): SmolLM2-135M shape with
+#                                               # short and long answers (micro-batches of 64 vs a 32k-token budget,
+#                                               # ZeRO-0 vs 1), Qwen2.5-1.5B eager vs actor.compile
 #
 # Environment: BENCH_SHAPE (qwen2.5-0.5b), BENCH_ITERATIONS (4), BENCH_WORK_DIR (/tmp/hpc_rlhf_bench),
 # BENCH_BACKENDS ("hf vllm": vllm runs are skipped when vllm is not importable), BENCH_TRL (1: run the TRL peer),
 # BENCH_DEVICE (cuda; cpu for a smoke run), BENCH_SIZES (the batch flags, default the documented setting).
 set -u -o pipefail
-mode=${1:?usage: tools/bench_gpu_suite.sh one-gpu|two-gpu RESULTS_DIR}
+mode=${1:?usage: tools/bench_gpu_suite.sh one-gpu|two-gpu|train-mfu|update RESULTS_DIR}
 results=${2:-bench_results}
 mkdir -p "$results"
 cd "$(dirname "$0")/.."
@@ -76,5 +79,14 @@ case $mode in
     run "mfu_packed_$shape" tools/bench_e2e.py --algo grpo --no-kl --backend hf --micro-batch-size 128 \
       --set train.packing_samples=true --set train.max_tokens_per_microbatch=8192 --ceilings "$results/ceilings.json"
     ;;
-  *) echo "unknown mode $mode (one-gpu, two-gpu or train-mfu)" >&2; exit 2 ;;
+  update)
+    measure_ceilings
+    peak=$(python -c "import json; print(json.load(open('$results/ceilings.json'))['bf16_matmul_flops_per_s'] / 1e12)")
+    update=(python tools/bench_update.py --device "$device" --peak-tflops "$peak" --work-dir "$work")
+    "${update[@]}" --micro 64,t32768 --zero 0,1 --steps 6 --warmup 3 --profile --out "$results/update_135m_late.json"
+    "${update[@]}" --response-len 120 --micro 64,t32768 --steps 3 --warmup 2 --out "$results/update_135m_early.json"
+    "${update[@]}" --shape qwen2.5-1.5b --samples 512 --prompt-len 128 --response-len 128 --fixed-lengths \
+      --micro 16 --compile off,on --steps 4 --warmup 2 --out "$results/update_1p5b_fixed.json"
+    ;;
+  *) echo "unknown mode $mode (one-gpu, two-gpu, train-mfu or update)" >&2; exit 2 ;;
 esac
