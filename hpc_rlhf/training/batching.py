@@ -112,8 +112,9 @@ class MicroBatch:
         """The micro-batch with its response-layout tensors (action mask, lengths, per-token targets) on `device`,
         where the model's outputs are, so that loss functions combine them directly."""
         return dataclasses.replace(
-            self, action_mask=self.action_mask.to(device), response_lengths=self.response_lengths.to(device),
-            response_tensors={name: t.to(device) for name, t in self.response_tensors.items()})
+            self, action_mask=self.action_mask.to(device, non_blocking=True),
+            response_lengths=self.response_lengths.to(device, non_blocking=True),
+            response_tensors={name: t.to(device, non_blocking=True) for name, t in self.response_tensors.items()})
 
 
 def make_micro_batches(samples: Sequence[TokenSample], *, micro_batch_size: int | None = None,

@@ -35,16 +35,23 @@ def to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Tens
     """Per-token values of the response tokens (`sample`, `offset` from `response_token_index`) scattered into the
     response layout [num_samples, max_response_len], zeros elsewhere."""
     out = flat.new_zeros(batch.action_mask.shape)
-    return out.index_put((sample.to(flat.device), offset.to(flat.device)), flat)
+    return out.index_put((to_device(sample, flat.device), to_device(offset, flat.device)), flat)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`, copied host -> device without waiting for the device: a blocking copy would first wait
+    for every kernel queued so far, and the update's host then stops launching while the device drains. (A copy from
+    pageable memory is staged before the call returns, so the source may change right after.)"""
+    return tensor.to(device, non_blocking=True)
 
 
 def model_inputs(batch: MicroBatch, device: torch.device, image_processor: Any = None) -> dict[str, Any]:
     """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed), with the vision tensors
     of its images (`image_processor` is the vision-language model's)."""
     kwargs = {
-        "input_ids": batch.input_ids.to(device),
-        "attention_mask": None if batch.attention_mask is None else batch.attention_mask.to(device),
-        "position_ids": batch.position_ids.to(device),
+        "input_ids": to_device(batch.input_ids, device),
+        "attention_mask": None if batch.attention_mask is None else to_device(batch.attention_mask, device),
+        "position_ids": to_device(batch.position_ids, device),
         "use_cache": False,
     }
     if batch.images:
@@ -73,7 +80,7 @@ def causal_lm_log_probs(model: Callable[..., Any], batch: MicroBatch, device: to
         kwargs["output_router_logits"] = True
     if supports_logits_to_keep:
         kept_columns = torch.unique(predicting)  # sorted
-        outputs = model(**kwargs, logits_to_keep=kept_columns.to(device))
+        outputs = model(**kwargs, logits_to_keep=to_device(kept_columns, device))
         logits = outputs.logits  # [rows, kept, V]
         flat_rows = rows * kept_columns.numel() + torch.searchsorted(kept_columns, predicting)
     else:
@@ -120,7 +127,7 @@ def sequence_parallel_log_probs(model: Callable[..., Any], batch: MicroBatch, de
     columns, sample, offset, local = predicting_on_shard(batch, shard)
     kept = torch.unique(local) if local.numel() else torch.zeros(1, dtype=torch.long)
     if supports_logits_to_keep:
-        logits = model(**shard.model_inputs(), logits_to_keep=kept.to(device)).logits[0]  # [kept, V]
+        logits = model(**shard.model_inputs(), logits_to_keep=to_device(kept, device)).logits[0]  # [kept, V]
         flat_rows = torch.searchsorted(kept, local)
     else:
         logits = model(**shard.model_inputs()).logits[0]  # [slice, V]

@@ -103,7 +103,8 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    labels = labels.to(logits.device)
-    rows = None if rows is None else rows.to(logits.device)
+    # host -> device without waiting for the device (see `forwards.to_device`)
+    labels = labels.to(logits.device, non_blocking=True)
+    rows = None if rows is None else rows.to(logits.device, non_blocking=True)
     log_probs, entropy = _ChunkedLogProbs.apply(logits, labels, rows, float(temperature), chunk_size, with_entropy)
     return log_probs, (entropy if with_entropy else None)

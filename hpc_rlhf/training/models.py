@@ -60,6 +60,7 @@ from hpc_rlhf.training.forwards import (
     model_inputs,
     predicting_on_shard,
     sequence_parallel_log_probs,
+    to_device,
     to_response_layout,
 )
 from hpc_rlhf.training.lora import LoraSettings, apply_lora, is_lora_model, save_adapter, unwrap
@@ -513,7 +514,7 @@ class Critic(TrainedModel):
             return self._sequence_parallel_forward(batch, self.sp)
         rows, columns, sample, offset = response_token_index(batch)
         values = self.engine(**model_inputs(batch, self.device))
-        flat = values[rows.to(self.device), (columns - 1).to(self.device)].float()
+        flat = values[to_device(rows, self.device), to_device(columns - 1, self.device)].float()
         return ForwardOutput(values=to_response_layout(flat, batch, sample, offset))
 
     def _sequence_parallel_forward(self, batch: MicroBatch, sp: SequenceParallel) -> ForwardOutput:
@@ -522,7 +523,7 @@ class Critic(TrainedModel):
         shard = shard_packed_row(batch.input_ids, batch.position_ids, sp, device=self.device)
         _, sample, offset, local = predicting_on_shard(batch, shard)
         values = self.engine(**shard.model_inputs())[0]  # [slice]
-        flat = values[local.to(self.device)].float()
+        flat = values[to_device(local, self.device)].float()
         local_layout = to_response_layout(flat, batch, sample, offset) + values[:1].sum().float() * 0.0
         return ForwardOutput(values=sum_over_group(local_layout, sp.group))
 
