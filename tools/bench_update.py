@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/hpc_rlhf_bench")
     p.add_argument("--out", help="write settings and results as JSON")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if args.samples < 8 or args.samples % 8:
         p.error(f"--samples must be a multiple of 8 (groups of 8 samples per prompt), got {args.samples}")
     for variant in args.micro.split(","):

@@ -50,5 +50,7 @@ def test_bad_variants_are_named():
     assert result.returncode == 2 and "--micro: 'x4' is neither N" in result.stderr
     result = run_tool("--device", "cpu", "--samples", "12")
     assert result.returncode == 2 and "--samples must be a multiple of 8" in result.stderr
+    result = run_tool("--device", "cpu", "--steps", "0")
+    assert result.returncode == 2 and "need --steps >= 1" in result.stderr
     result = run_tool("--device", "cpu", "--zero", "3")
     assert result.returncode == 2 and "--zero: '3' is not one of" in result.stderr
