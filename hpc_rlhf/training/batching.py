@@ -112,9 +112,16 @@ class MicroBatch:
         """The micro-batch with its response-layout tensors (action mask, lengths, per-token targets) on `device`,
         where the model's outputs are, so that loss functions combine them directly."""
         return dataclasses.replace(
-            self, action_mask=self.action_mask.to(device, non_blocking=True),
-            response_lengths=self.response_lengths.to(device, non_blocking=True),
-            response_tensors={name: t.to(device, non_blocking=True) for name, t in self.response_tensors.items()})
+            self, action_mask=to_device(self.action_mask, device),
+            response_lengths=to_device(self.response_lengths, device),
+            response_tensors={name: to_device(t, device) for name, t in self.response_tensors.items()})
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`, copied host -> device without waiting for the device: a blocking copy would first wait
+    for every kernel queued so far, and the update's host then stops launching while the device drains. (A copy from
+    pageable memory is staged before the call returns, so the source may change right after.)"""
+    return tensor.to(device, non_blocking=True)
 
 
 def make_micro_batches(samples: Sequence[TokenSample], *, micro_batch_size: int | None = None,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hpc_rlhf.data.images import vision_tensors
-from hpc_rlhf.training.batching import MicroBatch, response_token_index
+from hpc_rlhf.training.batching import MicroBatch, response_token_index, to_device
 from hpc_rlhf.training.logprobs import token_log_probs
 from hpc_rlhf.training.sequence_parallel import SequenceParallel, SequenceShard, shard_packed_row, sum_over_group
 
@@ -37,12 +37,6 @@ def to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Tens
     out = flat.new_zeros(batch.action_mask.shape)
     return out.index_put((to_device(sample, flat.device), to_device(offset, flat.device)), flat)
 
-
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`tensor` on `device`, copied host -> device without waiting for the device: a blocking copy would first wait
-    for every kernel queued so far, and the update's host then stops launching while the device drains. (A copy from
-    pageable memory is staged before the call returns, so the source may change right after.)"""
-    return tensor.to(device, non_blocking=True)
 
 
 def model_inputs(batch: MicroBatch, device: torch.device, image_processor: Any = None) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from hpc_rlhf.training.batching import to_device
+
 
 def _scaled_chunk(logits: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int,
                   temperature: float) -> torch.Tensor:
@@ -103,8 +105,7 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    # host -> device without waiting for the device (see `forwards.to_device`)
-    labels = labels.to(logits.device, non_blocking=True)
-    rows = None if rows is None else rows.to(logits.device, non_blocking=True)
+    labels = to_device(labels, logits.device)
+    rows = None if rows is None else to_device(rows, logits.device)
     log_probs, entropy = _ChunkedLogProbs.apply(logits, labels, rows, float(temperature), chunk_size, with_entropy)
     return log_probs, (entropy if with_entropy else None)

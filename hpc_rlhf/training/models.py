@@ -42,6 +42,7 @@ from hpc_rlhf.training.batching import (
     loss_weights,
     pad_micro_batch_count,
     response_token_index,
+    to_device,
 )
 from hpc_rlhf.training.deepspeed_setup import (
     DataParallelUnit,
@@ -60,7 +61,6 @@ from hpc_rlhf.training.forwards import (
     model_inputs,
     predicting_on_shard,
     sequence_parallel_log_probs,
-    to_device,
     to_response_layout,
 )
 from hpc_rlhf.training.lora import LoraSettings, apply_lora, is_lora_model, save_adapter, unwrap
