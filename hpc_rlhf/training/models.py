@@ -121,7 +121,7 @@ def _read_all(values: Sequence[torch.Tensor | float], device: torch.device) -> l
     """Python floats of device tensors and floats, with one wait for the device instead of one per value."""
     if not any(isinstance(v, torch.Tensor) for v in values):
         return [float(v) for v in values]
-    return torch.stack([torch.as_tensor(v, device=device).to(torch.float64).reshape(()) for v in values]).tolist()
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values]).tolist()
 
 
 def with_aux_loss(loss: torch.Tensor, aux_loss: torch.Tensor, coef: float) -> torch.Tensor:
