@@ -1,6 +1,6 @@
 """Golden runs: short GRPO, PPO, SFT and DPO trainings on the CPU whose numbers a refactor must reproduce bit for bit.
 
-    python tools/record_golden.py                  # rerun every golden run, rewrite tests/golden/golden_runs.json
+    python tools/record_golden.py                  # rerun every golden run, rewrite this CPU's recording
     python tools/record_golden.py --check          # rerun and compare with the recording (exit 1 on a difference)
     python tools/record_golden.py --check --runs ppo sft
 
@@ -11,8 +11,10 @@ sha256 per saved model in RUN_DIR/hf over its tensors (name, dtype, shape, bytes
 tests/golden/test_golden_runs.py reruns the runs with the code of the checkout and compares (`differences`).
 
 Re-record only when a change of the numbers is intended, and say why in the commit message. The numbers belong to
-the machine's CPU kernels and the pinned torch: the recording notes its environment, and a difference on another
-machine is first checked by recording there from the unchanged commit.
+the CPU kernels torch dispatches to (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...) and the pinned
+torch, so there is one recording per kernel set, tests/golden/golden_runs_<capability>.json, each noting its
+environment; a CPU of a kernel set without one records it from an unchanged commit first (the test skips until then).
+A change that is meant to change the numbers re-records every kernel set it can reach and says which it could not.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pyarrow.ipc as ipc
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_FILE = REPO / "tests" / "golden" / "golden_runs.json"
+GOLDEN_DIR = REPO / "tests" / "golden"
 RECORD_COMMAND = "python tools/record_golden.py"
 # Metrics that measure the clock, not the training: they differ from run to run and are left out.
 TIMING_PREFIXES = ("time/", "throughput/")
@@ -216,15 +218,22 @@ def environment() -> dict[str, str]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def load_golden(path: Path = GOLDEN_FILE) -> dict:
-    return json.loads(path.read_text())
+def golden_file(capability: Optional[str] = None) -> Path:
+    """The recording for a CPU kernel set (default: this machine's)."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    return GOLDEN_DIR / f"golden_runs_{capability.lower()}.json"
+
+
+def load_golden(path: Optional[Path] = None) -> dict:
+    return json.loads((path or golden_file()).read_text())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--runs", nargs="+", choices=[run.name for run in RUNS], help="only these runs")
     parser.add_argument("--check", action="store_true", help="compare with the recording instead of writing it")
-    parser.add_argument("--out", type=Path, default=GOLDEN_FILE, help="the recording (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=golden_file(),
+                        help="the recording (default: this CPU's, %(default)s)")
     args = parser.parse_args(argv)
     chosen = [run for run in RUNS if not args.runs or run.name in args.runs]
     golden = load_golden(args.out) if args.check or args.runs else {"environment": {}, "runs": {}}

