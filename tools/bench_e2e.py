@@ -48,6 +48,7 @@ PHASES = {
     "sleep": ("time/generator_sleep_s", None),
     "trainer_reload": ("time/trainer_reload_s", None),
     "weight_sync": ("time/weight_sync_s", None),
+    "wait_generation": ("time/wait_generation_s", None),  # colocated async: the update done, generation not yet
     "shard_write": ("time/shard_write_s", None),
     "shard_read": ("time/shard_read_s", None),
 }
@@ -71,7 +72,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--layout", choices=("colocated", "disaggregated"), default="colocated")
     p.add_argument("--gpus", type=int, default=1, help="colocated: ranks; disaggregated: generator + actor GPUs")
-    p.add_argument("--async-queue", type=int, default=0, help="rollout.async_queue (disaggregated only)")
+    p.add_argument("--async-queue", type=int, default=0,
+                   help="rollout.async_queue; colocated, 1 generates in a thread beside the update (engine kept awake)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     p.add_argument("--max-num-seqs", type=int, default=256, help="vllm: sequences decoded at once")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -99,7 +101,8 @@ def layout_overrides(args: argparse.Namespace) -> list[str]:
     roles = ["generator", "actor"] + ([] if args.no_kl else ["reference"]) + (["critic", "reward"] if ppo else [])
     node = [f"--slurm.gpus_per_node={args.gpus}"]
     if args.layout == "colocated":
-        return ["--layout.colocate=true", *node] + [f"--layout.{r}.gpus={args.gpus}" for r in roles]
+        awake = ["--vllm.enable_sleep=false"] if args.async_queue else []  # colocated async keeps both halves resident
+        return ["--layout.colocate=true", *node, *awake] + [f"--layout.{r}.gpus={args.gpus}" for r in roles]
     if args.gpus < 2 or ppo or not args.no_kl:
         raise SystemExit("--layout disaggregated is measured with --algo grpo --no-kl on --gpus >= 2: half the GPUs "
                          "generate, the other half train (PPO's extra roles would need GPUs of their own)")

@@ -23,6 +23,10 @@
 #                                                  # multi-step expressions (not with SUITE_MULTISTEP=0); its output
 #                                                  # ends with "all done" (start it detached and poll on a machine
 #                                                  # held only between calls)
+#   tools/gpu_smollm2_suite.sh variants OUT BUDGET_S NAME=[--key=value[,--key=value...]]...
+#                                                  # there: hpc_rlhf alone under each named set of overrides, each
+#                                                  # until 50% held-out (BUDGET_S at most): which change shortens the
+#                                                  # time to 50%, on one machine (`report OUT` compares them)
 #   tools/gpu_smollm2_suite.sh ppo OUT ITERATIONS  # there: configs/smollm2_ppo_1gpu.yaml for ITERATIONS (OUT/ppo)
 #   tools/gpu_smollm2_suite.sh seeds OUT SYSTEM ITERATIONS SEED... [--key=value ...]
 #                                                  # there: learning per iteration of one system (hpc or trl) over
@@ -181,6 +185,16 @@ PY
     run trl --budget-s "$peer_budget" --stop-at-accuracy 0.8
     [ "${SUITE_MULTISTEP:-1}" = 1 ] && run hpc --budget-s 150 --label _multistep "${multistep[@]}"
     echo "all done" ;;
+  variants)
+    out="${1:?variants needs OUT}"; budget="${2:?variants needs BUDGET_S}"; shift 2; mkdir -p "$out"
+    [ "$#" -gt 0 ] || { echo "variants needs at least one NAME=[overrides]" >&2; exit 2; }
+    for variant in "$@"; do
+      name="${variant%%=*}"; overrides=()
+      [ -n "${variant#*=}" ] && IFS=, read -r -a overrides <<< "${variant#*=}"
+      python tools/bench_accuracy.py hpc --config "$CONFIG" --out "$out" --label "_$name" --budget-s "$budget" \
+        --stop-at-accuracy 0.5 "${COMMON[@]}" "${overrides[@]}" || echo "FAILED: variant $name"
+    done
+    echo "variants done" ;;
   ppo)
     out="${1:?ppo needs OUT}"; iterations="${2:?ppo needs ITERATIONS}"; mkdir -p "$out"
     python -m hpc_rlhf.train --config configs/smollm2_ppo_1gpu.yaml --train.run_dir="$out/ppo" --overwrite-run-dir \
@@ -201,6 +215,6 @@ PY
     done
     echo "seeds done" ;;
   *)
-    echo "usage: tools/gpu_smollm2_suite.sh pack|pack-vllm|stage|stage-a|setup|setup-vllm|decode|race|report|progress|all|seeds ..." >&2
+    echo "usage: tools/gpu_smollm2_suite.sh pack|pack-vllm|stage|stage-a|setup|setup-vllm|decode|race|report|progress|all|variants|ppo|seeds ..." >&2
     exit 2 ;;
 esac

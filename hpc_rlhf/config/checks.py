@@ -311,14 +311,42 @@ def check_batches(cfg: Config, sources: dict[str, str]) -> list[str]:
     return errors
 
 
+def check_colocated_async(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """Colocated async: each rank generates the next iteration in a thread while it trains on the last one
+    (trainers/ppo/overlap.py), so both halves stay resident and the thread must hold no collectives."""
+    errors = []
+    key = "rollout.async_queue"
+    if cfg.rollout.async_queue > 1:
+        errors.append(f"{src(sources, key, 'layout.colocate')}: colocated, generation runs one iteration ahead at "
+                      f"most (the next one is generated while the last one trains); use 1, or generators of their "
+                      f"own (layout.colocate: false)")
+    if cfg.vllm.enable_sleep:
+        errors.append(f"{src(sources, 'vllm.enable_sleep', key)}: colocated async keeps the engine awake while the "
+                      f"update runs beside it; set vllm.enable_sleep: false")
+    if cfg.ds.enable_sleep:
+        errors.append(f"{src(sources, 'ds.enable_sleep', key)}: colocated async keeps the optimizer states on the "
+                      f"device while generation runs beside them; set ds.enable_sleep: false")
+    if cfg.layout.generator.tp > 1:
+        errors.append(f"{src(sources, 'layout.generator.tp', key)}: colocated async generates in a thread beside "
+                      f"the update, where a tensor-parallel engine's collectives would interleave with the "
+                      f"trainers'; use generator.tp: 1 or layout.colocate: false")
+    if cfg.rollout.dynamic_filtering:
+        errors.append(f"{src(sources, 'rollout.dynamic_filtering', key)}: dynamic filtering counts kept groups "
+                      f"across generators, a collective that colocated async would run beside the trainers'; use "
+                      f"layout.colocate: false")
+    if cfg.rollout.partial_rollout:
+        errors.append(f"{src(sources, 'rollout.partial_rollout', key)}: partial rollouts pause generators for the "
+                      f"weight update, which needs generators of their own (layout.colocate: false)")
+    return errors
+
+
 def check_modes(cfg: Config, sources: dict[str, str]) -> list[str]:
     """Async, backends and multi-turn settings that cannot work together."""
     errors = []
     if cfg.rollout.async_queue < 0:
         errors.append(f"{src(sources, 'rollout.async_queue')}: must be >= 0")
     if cfg.rollout.async_queue > 0 and cfg.layout.colocate:
-        errors.append(f"{src(sources, 'rollout.async_queue', 'layout.colocate')}: async generation runs generators "
-                      f"beside the actor, so it needs layout.colocate: false")
+        errors += check_colocated_async(cfg, sources)
     if cfg.vllm.backend == "hf" and cfg.layout.generator.tp > 1:
         errors.append(f"{src(sources, 'layout.generator.tp', 'vllm.backend')}: the hf backend has no tensor "
                       f"parallelism; use vllm.backend: vllm or generator.tp: 1")

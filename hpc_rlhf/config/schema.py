@@ -139,7 +139,8 @@ class RolloutConfig:
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     top_k: int = opt(-1, "top-k sampling (-1 = off)")
-    async_queue: int = opt(0, "iterations generators may run ahead of the actor (0 = synchronous)")
+    async_queue: int = opt(0, "iterations generators may run ahead of the actor (0 = synchronous); colocated, 1 "
+                              "generates the next iteration in a thread while the last one trains")
     agent_func_path: Optional[str] = opt(None, "Python file defining AgentInstance for multi-turn rollouts")
     max_turns: int = opt(1, "environment turns per multi-turn trajectory")
     dynamic_filtering: bool = opt(False, "drop groups whose scores are all equal or outside the range, and draw the "

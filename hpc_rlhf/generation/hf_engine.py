@@ -101,6 +101,12 @@ class HFEngine:
             kwargs.setdefault("image_processor", load_image_processor(model_path))
         return cls(model.to(device), **kwargs)
 
+    @property
+    def captures_graphs_on_first_use(self) -> bool:
+        """Whether a generate call may capture a CUDA graph (static decode meets a new batch shape): such a call
+        must not run beside other work on the device (`trainers/ppo/overlap.py`)."""
+        return self.static_decode and self.cuda_graphs and self.device.type == "cuda"
+
     # ----- generation ---------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
                  images: Sequence[Sequence[bytes]] | None = None) -> list[list[GeneratedSample]]:

@@ -170,8 +170,25 @@ def test_reward_sources_are_exclusive():
 def test_batch_arithmetic():
     with pytest.raises(ConfigError, match=r"8 x 4 = 32 samples is not a multiple of train_batch_size=12"):
         load_config(None, ["--train.train_batch_size=12"])
-    with pytest.raises(ConfigError, match=r"async generation .* needs layout.colocate: false"):
-        load_config(None, ["--rollout.async_queue=1"])
+
+
+def test_colocated_async_needs_both_halves_resident_and_no_collectives_in_the_thread():
+    ok = ["--rollout.async_queue=1", "--vllm.enable_sleep=false"]
+    cfg = load_config(None, ok).config
+    assert cfg.layout.colocate and cfg.rollout.async_queue == 1
+    refusals = {
+        "--rollout.async_queue=2": r"rollout.async_queue .*: colocated, generation runs one iteration ahead at most",
+        "--vllm.enable_sleep=true": r"vllm.enable_sleep .*: colocated async .* set vllm.enable_sleep: false",
+        "--ds.enable_sleep=true": r"ds.enable_sleep .*: colocated async .* set ds.enable_sleep: false",
+        "--rollout.dynamic_filtering=true": r"rollout.dynamic_filtering .*: dynamic filtering .* layout.colocate: false",
+        "--rollout.partial_rollout=true": r"rollout.partial_rollout .*: partial rollouts .*layout.colocate: false",
+    }
+    for override, message in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*ok, override])
+    with pytest.raises(ConfigError, match=r"layout.generator.tp .*: colocated async .* generator.tp: 1"):
+        load_config(None, [*ok, "--vllm.backend=vllm", "--layout.generator.tp=2", "--layout.actor.gpus=2",
+                           "--slurm.gpus_per_node=2"])
 
 
 def test_override_forms():

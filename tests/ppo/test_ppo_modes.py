@@ -1,4 +1,5 @@
-"""Every advantage estimator in the schedules: colocated sync, disaggregated sync, disaggregated async.
+"""Every advantage estimator in the schedules: colocated sync, colocated async (generation in a thread beside the
+update), disaggregated sync, disaggregated async.
 
 The estimators whose roles differ (gae: a critic; reinforce: a reference for the KL penalty; group_norm: neither) run
 in every schedule; the other group estimators (reinforce_baseline, rloo, dr_grpo) differ from group_norm only in the
@@ -19,6 +20,7 @@ from hpc_rlhf.rollouts import RolloutReader, iterations_completed
 ESTIMATORS = ["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
 MODES = {
     "colocated_sync": [],
+    "colocated_async": ["--rollout.async_queue=1", "--vllm.enable_sleep=false"],
     "disaggregated_sync": ["--layout.colocate=false"],
     "disaggregated_async": ["--layout.colocate=false", "--rollout.async_queue=1"],
 }
@@ -28,13 +30,14 @@ SAMPLES = 2 * 2  # rollout.batch_size x n_samples_per_prompt
 
 def layout_args(estimator: str, mode: str) -> list[str]:
     args = [f"--algo.advantage_estimator={estimator}", *MODES[mode]]
-    ranks = 2 if mode != "colocated_sync" else 1
+    colocated = mode.startswith("colocated")
+    ranks = 1 if colocated else 2
     if estimator == "gae":
         args.append("--layout.critic.gpus=1")
-        ranks += 1 if mode != "colocated_sync" else 0
+        ranks += 0 if colocated else 1
     if estimator == "reinforce":  # REINFORCE++ with the KL penalty in the reward, from a reference model
         args += ["--algo.init_kl_coef=0.01", "--layout.reference.gpus=1"]
-        ranks += 1 if mode != "colocated_sync" else 0
+        ranks += 0 if colocated else 1
     return [*args, f"--slurm.gpus_per_node={ranks}"]
 
 
@@ -59,7 +62,7 @@ def test_estimator_runs_in_mode(tmp_path, jobs, estimator, mode):
     assert iterations_completed(run_dir) == list(range(ITERATIONS))
     generated = sum(r.get("count/generate_samples", 0) for r in rows)
     assert generated == ITERATIONS * SAMPLES, "every sample generated exactly once"
-    lag = 1 if mode == "disaggregated_async" else 0
+    lag = 1 if mode.endswith("_async") else 0
     reader = RolloutReader(run_dir)
     truncated_rate = {r["step"]: r["rollout/truncated_rate"] for r in trained}
     for iteration in range(ITERATIONS):

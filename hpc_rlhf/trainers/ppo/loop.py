@@ -3,8 +3,9 @@
 The loop runs in ticks. At tick t the generators produce iteration t and every other role works on iteration
 t - q, where q = rollout.async_queue (0 = synchronous). After its update the actor broadcasts weight version
 i + 1, which generators use from tick i + 1 + q on, so a sample is at most q versions stale. Colocated ranks simply
-hold every role and run the stages one after another. At the end of each tick all ranks exchange metrics and the
-stop flag over the control plane, so they agree on when to checkpoint and leave.
+hold every role and run the stages one after another; colocated and async (q = 1), a rank generates in a thread
+while it trains (`overlap.py`). At the end of each tick all ranks exchange metrics and the stop flag over the
+control plane, so they agree on when to checkpoint and leave.
 
 Data moves through the rollout shards: generators commit `iter_*/generator_*.arrow`, fill stages commit column
 shards (rewards, reference log-probs, values), and trainers read the completed iteration. A rank waiting for data
@@ -14,6 +15,7 @@ polls the filesystem; if a peer fails, the failure guard stops this rank with th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from hpc_rlhf.trainers.engines import compute_dtype
 from hpc_rlhf.trainers.ppo import experience as exp
 from hpc_rlhf.trainers.ppo.components import Components, build_components
 from hpc_rlhf.trainers.ppo.fill_stages import fill_per_token, fill_rewards, per_token_outputs
+from hpc_rlhf.trainers.ppo.overlap import BackgroundGeneration, overlap_refusal
 from hpc_rlhf.trainers.ppo.partial_rollout import PartialRollouts, outcome_metrics
 from hpc_rlhf.trainers.ppo.resume import RolloutCheck
 from hpc_rlhf.trainers.ppo.rollout_stage import Refill, run_eval, run_generation
@@ -124,6 +127,7 @@ class PPOTrainer:
                                            prompts=self.parts.prompts, reward_source=self.parts.reward_source,
                                            writes=self.writes_shards)
         self.agreed_metrics: dict[str, float] = {}  # the last merged metrics, with ckpt.best_metric_key only
+        self.background: Optional[BackgroundGeneration] = self._background_generation()
 
     # ----- roles ---------------------------------------------------------------------------------------
     def _index(self, role: str) -> int:
@@ -379,30 +383,32 @@ class PPOTrainer:
             gen_it, train_it = tick, tick - self.q
             metrics: dict[str, float] = dict(carried)
             with timed(metrics, "iteration"):
+                in_background = False
                 if self.roles.has("generator") and (gen_it < self.total or self.partial is not None):
                     accumulate(metrics, self._wake_generator())
                     if gen_it < self.total and self._eval_due(gen_it):
                         metrics.update(self._eval())
-                    accumulate(metrics, self._generate(gen_it) if self.partial is None
-                               else self._generate_partial(gen_it))
-                    accumulate(metrics, self._sleep_generator())
+                    in_background = self.background is not None and train_it >= start
+                    if in_background:  # the update below runs meanwhile (colocated async)
+                        self.background.start(functools.partial(self._generate, gen_it))
+                    else:
+                        accumulate(metrics, self._generate(gen_it) if self.partial is None
+                                   else self._generate_partial(gen_it))
+                        accumulate(metrics, self._sleep_generator())
                 evaluated = self.state.next_iteration  # iterations the weights evaluated this tick have trained
                 eval_tick = gen_it < self.total and self._eval_due(gen_it)
                 if eval_tick:
                     self._write_best_candidate()
                 if train_it >= start:
-                    # wait_data_s: idle, while other ranks generate or fill
-                    with timed(metrics, "wait_data"):
-                        wait_for_iteration(self.run_dir, train_it)
-                    accumulate(metrics, self._fill(train_it))
-                    if self.parts.actor is not None or self.parts.critic is not None:
-                        with timed(metrics, "wait_data"):
-                            wait_for_iteration(self.run_dir, train_it, self._required_stages())
-                    if self.parts.critic is not None:
-                        accumulate(metrics, self._train_critic(train_it))
-                    if self.parts.actor is not None:
-                        accumulate(metrics, self._train_actor(train_it))
-                    self.state.next_iteration = train_it + 1
+                    try:
+                        self._train(train_it, metrics)
+                    except BaseException:
+                        if in_background:
+                            self.background.join(raise_error=False)  # the training error is the one reported
+                        raise
+                    if in_background:  # wait_generation_s: the trainers wait for the generation thread
+                        with timed(metrics, "wait_generation"):
+                            accumulate(metrics, self.background.join())
                 if train_it >= start and tick < self._last_generation_tick() and self._in_weight_path():
                     accumulate(metrics, self._sync_weights(train_it + 1))
                 elif train_it >= start:
@@ -433,6 +439,34 @@ class PPOTrainer:
             self._agree(self.total, self._eval())
             self.checkpoint.settle_best_candidate(self.state.next_iteration, self.agreed_metrics)
         return last
+
+    def _train(self, train_it: int, metrics: dict[str, float]) -> None:
+        """The non-generating roles' work on iteration `train_it`: wait for its shards, fill, train critic and actor."""
+        # wait_data_s: idle, while other ranks generate or fill
+        with timed(metrics, "wait_data"):
+            wait_for_iteration(self.run_dir, train_it)
+        accumulate(metrics, self._fill(train_it))
+        if self.parts.actor is not None or self.parts.critic is not None:
+            with timed(metrics, "wait_data"):
+                wait_for_iteration(self.run_dir, train_it, self._required_stages())
+        if self.parts.critic is not None:
+            accumulate(metrics, self._train_critic(train_it))
+        if self.parts.actor is not None:
+            accumulate(metrics, self._train_actor(train_it))
+        self.state.next_iteration = train_it + 1
+
+    def _background_generation(self) -> Optional[BackgroundGeneration]:
+        """Colocated and async: this rank's generation runs in a thread beside its update (None: one after the
+        other), unless its engine cannot (then a notice says why)."""
+        if not (self.plan.colocate and self.q > 0 and self.partial is None and self.parts.engine is not None):
+            return None
+        refusal = overlap_refusal(self.parts.engine)
+        if refusal is not None:
+            if self.is_main:
+                print(f"rollout.async_queue with layout.colocate: generation and update run one after the other: "
+                      f"{refusal}", flush=True)
+            return None
+        return BackgroundGeneration(self.device)
 
     def _last_generation_tick(self) -> int:
         """The last tick that generates: the last iteration's, or with partial rollouts the one that trains it
