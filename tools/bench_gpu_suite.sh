@@ -81,8 +81,7 @@ case $mode in
     ;;
   update)
     measure_ceilings
-    peak=$(python -c "import json; print(json.load(open('$results/ceilings.json'))['bf16_matmul_flops_per_s'] / 1e12)")
-    update=(python tools/bench_update.py --device "$device" --peak-tflops "$peak" --work-dir "$work")
+    update=(python tools/bench_update.py --device "$device" --ceilings "$results/ceilings.json" --work-dir "$work")
     "${update[@]}" --micro 64,t32768 --zero 0,1 --steps 6 --warmup 3 --profile --out "$results/update_135m_late.json"
     "${update[@]}" --response-len 120 --micro 64,t32768 --steps 3 --warmup 2 --out "$results/update_135m_early.json"
     "${update[@]}" --shape qwen2.5-1.5b --samples 512 --prompt-len 128 --response-len 128 --fixed-lengths \

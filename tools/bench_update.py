@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--profile", action="store_true", help="profile one more step of each variant")
     p.add_argument("--peak-tflops", type=float, help="bf16 matmul rate for the MFU column (e.g. the measured one)")
+    p.add_argument("--ceilings", help="JSON from hpc_rlhf.benchmarks.ceilings: its measured bf16 matmul rate is the "
+                                      "peak of the MFU column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="/tmp/hpc_rlhf_bench")
     p.add_argument("--out", help="write settings and results as JSON")
@@ -73,13 +75,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if args.samples < 8 or args.samples % 8:
         p.error(f"--samples must be a multiple of 8 (groups of 8 samples per prompt), got {args.samples}")
-    for variant in args.micro.split(","):
-        if not variant.strip().removeprefix("t").isdigit() or int(variant.strip().removeprefix("t")) < 1:
-            p.error(f"--micro: {variant.strip()!r} is neither N (samples per micro-batch) nor tN (a token budget)")
+    # each comma list parsed once, into the values the variants use
+    args.micro = [v.strip() for v in args.micro.split(",")]
+    for variant in args.micro:
+        if not variant.removeprefix("t").isdigit() or int(variant.removeprefix("t")) < 1:
+            p.error(f"--micro: {variant!r} is neither N (samples per micro-batch) nor tN (a token budget)")
     for name, allowed in (("compile", {"off", "on"}), ("zero", {"0", "1", "2"})):
-        for value in getattr(args, name).split(","):
-            if value.strip() not in allowed:
-                p.error(f"--{name}: {value.strip()!r} is not one of {sorted(allowed)}")
+        values = [v.strip() for v in getattr(args, name).split(",")]
+        for value in values:
+            if value not in allowed:
+                p.error(f"--{name}: {value!r} is not one of {sorted(allowed)}")
+        setattr(args, name, values)
+    args.compile = [value == "on" for value in args.compile]
+    args.zero = [int(value) for value in args.zero]
+    if args.ceilings:
+        if args.peak_tflops:
+            p.error("give the peak by --peak-tflops or by --ceilings, not both")
+        try:
+            args.peak_tflops = json.loads(Path(args.ceilings).read_text())["bf16_matmul_flops_per_s"] / 1e12
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--ceilings {args.ceilings}: no bf16_matmul_flops_per_s to read ({exc})")
     return args
 
 
@@ -206,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         model_shape(args.shape), [int(s.prompt_ids.numel()) for s in samples],
         [int(s.response_ids.numel()) for s in samples])
     results = []
-    variants = [(micro.strip(), compiled.strip() == "on", int(zero)) for micro in args.micro.split(",")
-                for compiled in args.compile.split(",") for zero in args.zero.split(",")]
+    variants = [(micro, compiled, zero) for micro in args.micro for compiled in args.compile for zero in args.zero]
     for micro, compiled, zero in variants:
         result = run_variant(args, model_path, micro, compiled, zero, samples, flops)
         results.append(result)

@@ -22,10 +22,11 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_variants_batch_time_and_count_the_update(tmp_path):
-    out = tmp_path / "update.json"
+    out, ceilings = tmp_path / "update.json", tmp_path / "ceilings.json"
+    ceilings.write_text(json.dumps({"bf16_matmul_flops_per_s": 2e12, "copy_bytes_per_s": 1e10}))
     result = run_tool("--device", "cpu", "--shape", "tiny", "--samples", "16", "--micro", "8,t40", "--zero", "0,1",
                       "--fixed-lengths", "--prompt-len", "6", "--response-len", "3", "--steps", "2", "--warmup", "1",
-                      "--profile", "--work-dir", str(tmp_path / "work"), "--out", str(out))
+                      "--profile", "--ceilings", str(ceilings), "--work-dir", str(tmp_path / "work"), "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["tokens"] == 16 * 9
@@ -40,12 +41,13 @@ def test_variants_batch_time_and_count_the_update(tmp_path):
         for step in r["steps"]:
             assert step["step_s"] == pytest.approx(step["forward_backward_s"] + step["optimizer_s"])
         assert r["achieved_tflops"] == pytest.approx(report["update_flops"] / r["median_step_s"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 2.0)  # the peak read from --ceilings: 2 TFLOP/s
         profile = r["profile"]
         assert profile["kernels"] == 0 and profile["top_host_ops"]  # no device on the CPU; host ops recorded
     assert "zero 1" in result.stdout and "micro    t40" in result.stdout
 
 
-def test_bad_variants_are_named():
+def test_bad_variants_are_named(tmp_path):
     result = run_tool("--device", "cpu", "--micro", "8,x4")
     assert result.returncode == 2 and "--micro: 'x4' is neither N" in result.stderr
     result = run_tool("--device", "cpu", "--samples", "12")
@@ -54,3 +56,8 @@ def test_bad_variants_are_named():
     assert result.returncode == 2 and "need --steps >= 1" in result.stderr
     result = run_tool("--device", "cpu", "--zero", "3")
     assert result.returncode == 2 and "--zero: '3' is not one of" in result.stderr
+    (tmp_path / "ceilings.json").write_text("{}")
+    result = run_tool("--device", "cpu", "--ceilings", str(tmp_path / "ceilings.json"))
+    assert result.returncode == 2 and "no bf16_matmul_flops_per_s to read" in result.stderr
+    result = run_tool("--device", "cpu", "--ceilings", str(tmp_path / "ceilings.json"), "--peak-tflops", "1")
+    assert result.returncode == 2 and "not both" in result.stderr
