@@ -27,8 +27,8 @@ def assert_close_dicts(split: dict[str, torch.Tensor], whole: dict[str, torch.Te
         torch.testing.assert_close(split[name], value, atol=atol, rtol=0, msg=name)
 
 
-def assert_adam_step_close(split: dict, whole: dict, *, lr: float = sequence_parallel_worker.LEARNING_RATE, eps: float = 1e-8, max_norm: float = 1.0
-                           ) -> None:
+def assert_adam_step_close(split: dict, whole: dict, *, lr: float = sequence_parallel_worker.LEARNING_RATE,
+                           eps: float = 1e-8, max_norm: float = 1.0) -> None:
     """The weights after one Adam step from equal weights. That step moves each weight by lr * g / (|g| + eps), g the
     clipped gradient: where |g| is near eps, gradients that agree to rounding (1e-8 against 1.1e-8, say) move a weight
     by visibly different amounts. That difference, computed from the two runs' own gradients, is the tolerance, plus
