@@ -140,7 +140,8 @@ PY
     python -c "from hpc_rlhf.builtin_models.resolve import resolve_model_path as r; print(r('builtin:smollm2-135m-instruct'))" ;;
   decode)
     out="${1:?decode needs OUT}"; mkdir -p "$out"
-    python -m pytest tests/generation/test_generation_cuda.py -q -p no:cacheprovider 2>&1 | tail -15 || true
+    python -m pytest tests/generation/test_generation_cuda.py tests/ppo/test_ppo_overlap_cuda.py -q -p no:cacheprovider \
+      2>&1 | tail -15 || true
     python tools/bench_decode.py --model builtin:smollm2-135m-instruct --device cuda --batch 256 --prompt-len 48 \
       --new-tokens 64 --out "$out/decode.json" || true ;;
   race)
