@@ -173,7 +173,8 @@ def run_variant(args: argparse.Namespace, model_path: str, micro: str, compiled:
                  *micro_batching_overrides(micro, args.samples), f"--actor.compile={'true' if compiled else 'false'}",
                  f"--ds.bf16={'true' if args.device == 'cuda' else 'false'}", f"--ds.zero_stage={zero_stage}"]
     cfg = load_config(args.config, overrides).config
-    actor = Actor.from_pretrained(model_path, actor_engine_config(cfg), None, 10_000, temperature=max(cfg.rollout.temperature, 1e-6))
+    actor = Actor.from_pretrained(model_path, actor_engine_config(cfg), None, 10_000,
+                                  temperature=max(cfg.rollout.temperature, 1e-6))
     loss_fn, weighting = actor_loss_fn(cfg), loss_weighting(cfg.algo.loss_agg_mode)
     batches = micro_batches(cfg, samples, pad_token_id=0)
     first_start = time.perf_counter()

@@ -38,7 +38,6 @@ def to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Tens
     return out.index_put((to_device(sample, flat.device), to_device(offset, flat.device)), flat)
 
 
-
 def model_inputs(batch: MicroBatch, device: torch.device, image_processor: Any = None) -> dict[str, Any]:
     """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed), with the vision tensors
     of its images (`image_processor` is the vision-language model's)."""

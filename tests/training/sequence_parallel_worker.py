@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from tests.training.distributed_worker import VOCAB, make_samples, policy_loss, tiny_llama, value_loss
 
-
 LEARNING_RATE = 1e-2  # large enough that one Adam step visibly moves every weight with a gradient
+
 
 def tiny_critic(seed: int = 1):
     """A tiny random LlamaForSequenceClassification (num_labels=1) with the policy's shape."""

@@ -60,7 +60,6 @@ class BackgroundGeneration:
             self.stream.wait_stream(trainers_stream)
             with torch.cuda.stream(self.stream):
                 self._result = generate()
-            self.stream.synchronize()
         except BaseException as error:  # re-raised in the training thread by join()
             self._error = error
 
@@ -71,7 +70,7 @@ class BackgroundGeneration:
             raise RuntimeError("no generation was started")
         self._thread.join()
         self._thread = None
-        if self.stream is not None:
+        if self.stream is not None:  # the trainers' next work (the weight sync) queues behind the generation's
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         if self._error is not None and raise_error:
             raise self._error
