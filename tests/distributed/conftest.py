@@ -11,29 +11,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from hpc_rlhf.distributed.world import free_port
+from tests.distributed.rank_runs import RankRun
 
 WORKERS = Path(__file__).with_name("workers.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class RankRun:
-    """How one rank's process ended."""
-
-    rank: int
-    returncode: int | None
-    seconds: float
-    stdout: str
-    stderr: str
-
-    def record(self, out: Path) -> dict:
-        return json.loads((out / f"rank{self.rank}.json").read_text())
 
 
 def _base_env(extra: dict[str, str]) -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.distributed.rank_runs import assert_ranks_succeeded
+
 
 def mask(ranks) -> int:
     return sum(1 << r for r in ranks)
@@ -13,8 +15,7 @@ def mask(ranks) -> int:
 def test_role_tp_and_weight_sync_groups(launch_ranks, tmp_path):
     # layout in workers.groups_scenario: generator 2 (tp 2) -> ranks 0-1, actor 2 -> 2-3, critic -> 4, reference -> 5
     runs = launch_ranks("groups", 6, timeout_s=100)
-    for run in runs:
-        assert run.returncode == 0, run.stderr[-3000:]
+    assert_ranks_succeeded(runs)
     records = [run.record(tmp_path) for run in runs]
     role_of = {0: "generator", 1: "generator", 2: "actor", 3: "actor", 4: "critic", 5: "reference"}
     members = {"generator": [0, 1], "actor": [2, 3], "critic": [4], "reference": [5]}
@@ -33,8 +34,7 @@ def test_role_tp_and_weight_sync_groups(launch_ranks, tmp_path):
 def test_sequence_parallel_groups(launch_ranks, tmp_path):
     # layout in workers.sequence_groups_scenario: generator 0-1, actor 2-3, reward 4-5 with the reference on them
     runs = launch_ranks("sequence_groups", 6, timeout_s=100)
-    for run in runs:
-        assert run.returncode == 0, run.stderr[-3000:]
+    assert_ranks_succeeded(runs)
     records = [run.record(tmp_path) for run in runs]
     assert [record["sequence_masks"] for record in records] == [
         {}, {}, {"actor": mask([2, 3])}, {"actor": mask([2, 3])},
