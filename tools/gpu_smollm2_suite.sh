@@ -19,8 +19,9 @@
 #   tools/gpu_smollm2_suite.sh progress OUT        # anywhere: each run's curve so far (iteration:seconds:accuracy)
 #   tools/gpu_smollm2_suite.sh all OUT [--key=value ...]
 #                                                  # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
-#                                                  # TRL for at most twice hpc_rlhf's time to 80%), then hpc_rlhf on
-#                                                  # multi-step expressions (not with SUITE_MULTISTEP=0); its output
+#                                                  # TRL for twice hpc_rlhf's time to 80%, none if it failed),
+#                                                  # then hpc_rlhf on multi-step expressions (not with
+#                                                  # SUITE_MULTISTEP=0); its output
 #                                                  # ends with "all done" (start it detached and poll on a machine
 #                                                  # held only between calls)
 #   tools/gpu_smollm2_suite.sh variants OUT BUDGET_S NAME=[--key=value[,--key=value...]]...
@@ -171,7 +172,8 @@ PY
               || echo "FAILED: $*"; }
     run hpc --budget-s 420 --stop-at-accuracy 0.8
     # the peer gets twice hpc_rlhf's time to 80% (its last evaluation comes at or after that): enough to tell
-    # whether hpc_rlhf reaches each threshold in half the peer's time or less, without machine time beyond that
+    # whether hpc_rlhf reaches each threshold in half the peer's time or less, without machine time beyond that;
+    # none when hpc_rlhf's run left no curve (a failed run: the log above says why)
     peer_budget=$(python - "$out/hpc_rlhf.json" <<'PY'
 import json, sys
 try:
@@ -179,11 +181,11 @@ try:
 except (OSError, ValueError, KeyError):
     curve = []
 t80 = next((p["train_s"] for p in curve if p["accuracy"] >= 0.8), None)
-print(600 if t80 is None else int(min(600, max(300, 2 * t80 + 1))))
+print(0 if not curve else 600 if t80 is None else int(min(600, 2 * t80 + 1)))
 PY
 )
     echo "peer budget: $peer_budget s"
-    run trl --budget-s "$peer_budget" --stop-at-accuracy 0.8
+    [ "$peer_budget" -gt 0 ] && run trl --budget-s "$peer_budget" --stop-at-accuracy 0.8
     [ "${SUITE_MULTISTEP:-1}" = 1 ] && run hpc --budget-s 150 --label _multistep "${multistep[@]}"
     echo "all done" ;;
   variants)
