@@ -124,6 +124,11 @@ class VllmConfig:
                                  "one seed per generate call (the batch is drawn at once; a resumed run redraws "
                                  "the same samples all the same)")
     dtype: str = opt("bfloat16", "generator weights dtype", ("bfloat16", "float16", "float32"))
+    child_process: bool = opt(False, "run each generator rank's engine in a child process of its own (its own "
+                              "interpreter and CUDA context, weights handed over through shared memory or CUDA IPC); "
+                              "with colocated async (rollout.async_queue 1) generation then overlaps the update "
+                              "without sharing the trainer's interpreter lock. A disaggregated vLLM engine always "
+                              "runs in one")
     weight_sync_bucket_mb: int = opt(512, "bucket size of the actor -> generator weight broadcast")
 
 

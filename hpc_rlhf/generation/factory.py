@@ -5,9 +5,11 @@ Placement of a vllm engine (see `vllm_engine` for why):
   * no torch.distributed world (or a world of one process), tp == 1: in this process;
   * `shared_world=True` (every rank of the world builds an engine now, as in the colocated layout): in this process,
     under vLLM's "external_launcher" executor, whose TP groups are consecutive blocks of `tp` world ranks;
-  * otherwise (disaggregated layout): a child process per TP rank, whose private world of `tp` processes is
-    rendezvoused over `tp_group` (TP rank 0 picks a free local port; a TP group never spans nodes).
-The hf backend always runs in this process (it never touches torch.distributed).
+  * otherwise (disaggregated layout), or whenever `child_process` asks for it: a child process per TP rank, whose
+    private world of `tp` processes is rendezvoused over `tp_group` (TP rank 0 picks a free local port; a TP group
+    never spans nodes).
+The hf backend runs in this process (it never touches torch.distributed), or in a child process of its own with
+`child_process`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from hpc_rlhf.generation.hosted import EngineSpec, ProcessHostedEngine
 
 BACKENDS = ("hf", "vllm")
 VLLM_FACTORY = "hpc_rlhf.generation.vllm_engine:VllmEngine"
+HOSTED_FACTORY = "hpc_rlhf.generation.factory:make_engine"  # what a child process calls to build an hf engine
 
 
 def dtype_name(value: str | torch.dtype) -> str:
@@ -35,14 +38,15 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
                 enable_sleep: bool = False, enable_prefix_caching: bool = True, enforce_eager: bool = False,
                 max_num_seqs: int = 256, seed_per_request: bool = False, micro_batch_size: int = 64,
                 max_model_len: int | None = None, seed: int = 0, pad_token_id: int | None = None,
-                shared_world: bool = False, tp_group: dist.ProcessGroup | None = None) -> GenerationEngine:
+                shared_world: bool = False, tp_group: dist.ProcessGroup | None = None,
+                child_process: bool = False) -> GenerationEngine:
     """The generation engine for `backend`.
 
     hf: `micro_batch_size` sequences per forward pass, `pad_token_id` pads prompts (default: the model's);
     on CUDA it decodes with CUDA graphs unless `enforce_eager`.
     vllm: `gpu_memory_utilization`, `enable_sleep`, `enable_prefix_caching`, `enforce_eager`, `max_num_seqs`
-    go to `vllm.LLM`; `seed_per_request` seeds each request instead of each call (`VllmEngine`); `shared_world` and
-    `tp_group` choose the placement (module docstring).
+    go to `vllm.LLM`; `seed_per_request` seeds each request instead of each call (`VllmEngine`); `shared_world`,
+    `tp_group` and `child_process` choose the placement (module docstring).
     """
     if backend not in BACKENDS:
         raise ValueError(f"vllm.backend must be one of {BACKENDS}, got {backend!r}")
@@ -53,6 +57,11 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
         if tp != 1:
             raise ValueError(f"the hf backend has no tensor parallelism (layout.generator.tp={tp}); "
                              f"use tp=1 or the vllm backend")
+        if child_process:
+            return ProcessHostedEngine(EngineSpec(factory=HOSTED_FACTORY, kwargs={
+                "backend": "hf", "model_path": model_path, "dtype": dtype_name(dtype), "device": str(device),
+                "enforce_eager": enforce_eager, "micro_batch_size": micro_batch_size, "max_model_len": max_model_len,
+                "seed": seed, "pad_token_id": pad_token_id}))
         from hpc_rlhf.generation.hf_engine import HFEngine
 
         return HFEngine.from_pretrained(model_path, dtype=torch_dtype(dtype), device=device,
@@ -64,7 +73,7 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
         "enable_sleep": enable_sleep, "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
         "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "seed": seed,
         "seed_per_request": seed_per_request}
-    placement = vllm_placement(tp=tp, shared_world=shared_world)
+    placement = "child_process" if child_process else vllm_placement(tp=tp, shared_world=shared_world)
     if placement == "standalone":
         from hpc_rlhf.generation.vllm_engine import VllmEngine
 

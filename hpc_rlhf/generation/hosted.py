@@ -4,20 +4,32 @@ Why: vLLM's in-process executors take over this process's torch.distributed worl
 also holds actor / critic / reference ranks that never build an engine, so each generator rank instead hosts its
 engine in a child process with a private world of just its engine's TP ranks (`factory.make_engine` arranges that).
 
+A colocated rank may host its engine the same way (`vllm.child_process`): the engine then has an interpreter and a
+CUDA context of its own, so that generation in a thread of the trainer (colocated async) waits on a pipe instead of
+competing for the trainer's interpreter lock.
+
 The child is started with the "spawn" method, applies `EngineSpec.env` to its own environment (so the parent's is
 left alone), builds the engine from an importable factory and then serves one request at a time: generate,
 load_weights (streamed in chunks of about `weight_chunk_bytes`), sleep, wake_up, close. Tensors travel through
 torch.multiprocessing's pickler: CUDA tensors as IPC handles (no copy), host tensors through shared memory. Each weight
-chunk is acknowledged before the next is sent, so the parent keeps every shared tensor alive until the child has
-copied it. An exception in the child comes back with its traceback and is raised here as a `GenerationError`.
+chunk is acknowledged once the child's device has finished copying it, so the parent may overwrite or free the
+shared tensors as soon as `load_weights` returns. An exception in the child comes back with its traceback and is
+raised here as a `GenerationError`.
+
+The child ignores the stop signals (SIGUSR1/2, SIGTERM, SIGINT): SLURM and a terminal deliver them to every process
+of a task, but the parent decides when its engine stops (it finishes the tick, checkpoints, then closes it); a child
+whose parent dies sees the pipe close and exits.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import signal
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +40,7 @@ import torch.multiprocessing as torch_mp
 from hpc_rlhf.generation.engine import GeneratedSample, GenerationError, SamplingParams
 
 POLL_INTERVAL_S = 0.05
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -40,18 +53,23 @@ class EngineSpec:
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
-    """The callable named by "package.module:function"; a clear error when either part is missing."""
+    """The callable named by "package.module:function" (or "package.module:Class.method"); a clear error when a part
+    is missing."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise GenerationError(f"engine factory must look like 'package.module:function', got {spec!r}")
     module = importlib.import_module(module_name)
-    if not hasattr(module, attribute):
-        raise GenerationError(f"engine factory {spec!r}: module {module_name!r} has no attribute {attribute!r}")
-    return getattr(module, attribute)
+    try:
+        return functools.reduce(getattr, attribute.split("."), module)
+    except AttributeError:
+        raise GenerationError(f"engine factory {spec!r}: module {module_name!r} has no attribute {attribute!r}") \
+            from None
 
 
 def serve_engine(spec: EngineSpec, conn: Any) -> None:
     """Child process body: build the engine, then answer requests until 'close' or until the parent goes away."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     os.environ.update(spec.env)
     try:
         engine = resolve_factory(spec.factory)(**spec.kwargs)
@@ -70,7 +88,10 @@ def serve_engine(spec: EngineSpec, conn: Any) -> None:
                 engine.close()
                 conn.send(("ok", None))
                 return
-            conn.send(("ok", getattr(engine, command)(*args)))
+            result = getattr(engine, command)(*args)
+            if command == "load_weights" and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the copies have read the parent's tensors: it may change them now
+            conn.send(("ok", result))
         except Exception:  # noqa: BLE001 - the parent raises it with this traceback
             conn.send(("error", traceback.format_exc()))
 
@@ -91,10 +112,15 @@ class ProcessHostedEngine:
                                        name=f"engine:{spec.factory}")
         self.process.start()
         child_conn.close()
+        # Closes the child when this engine is collected or the interpreter exits, before multiprocessing's own exit
+        # hook, whose SIGTERM the child ignores.
+        self._finalizer = weakref.finalize(self, stop_child, self.process, self._conn)
         try:
             self.child_pid = self._receive("start", start_timeout_s)
         except GenerationError:
-            self._stop_process()
+            self._closed = True
+            self._finalizer.detach()
+            stop_child(self.process, self._conn, timeout_s=10.0)
             raise
 
     # ----- the GenerationEngine API ------------------------------------------------------------------------
@@ -147,18 +173,12 @@ class ProcessHostedEngine:
         return self._asleep
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Ask the child to release its engine and exit; terminate it if it does not within `timeout_s`."""
+        """Ask the child to release its engine and exit; kill it if it does not within `timeout_s`."""
         if self._closed:
             return
         self._closed = True
-        try:
-            if self.process.is_alive():
-                self._conn.send(("close", ()))
-                self._receive("close", timeout_s)
-        except (GenerationError, OSError):
-            pass
-        finally:
-            self._stop_process(timeout_s)
+        self._finalizer.detach()
+        stop_child(self.process, self._conn, timeout_s=timeout_s)
 
     # ----- plumbing -------------------------------------------------------------------------------------------
     def _call(self, command: str, *args: Any) -> Any:
@@ -189,9 +209,19 @@ class ProcessHostedEngine:
             raise GenerationError(f"the engine process failed in {command}:\n{value}")
         return value
 
-    def _stop_process(self, timeout_s: float = 10.0) -> None:
-        self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout_s)
-        self._conn.close()
+
+def stop_child(process: Any, conn: Any, timeout_s: float = 60.0) -> None:
+    """Ask an engine process to close its engine and exit; kill it if it has not within `timeout_s` (it ignores
+    SIGTERM, see the module docstring)."""
+    try:
+        if process.is_alive():
+            conn.send(("close", ()))
+            if conn.poll(timeout_s):
+                conn.recv()
+    except (EOFError, OSError):
+        pass
+    process.join(timeout_s)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout_s)
+    conn.close()

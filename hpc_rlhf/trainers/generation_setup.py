@@ -45,7 +45,7 @@ def build_generation(cfg: Config, model_path: str, tokenizer: PreTrainedTokenize
                          max_num_seqs=vllm.max_num_seqs, seed_per_request=vllm.seed_per_request,
                          micro_batch_size=rollout.micro_batch_size,
                          max_model_len=max_length, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
-                         shared_world=cfg.layout.colocate, tp_group=tp_group)
+                         shared_world=cfg.layout.colocate, tp_group=tp_group, child_process=vllm.child_process)
     executor = make_executor(engine, tokenizer, agent_func_path=rollout.agent_func_path, max_turns=rollout.max_turns,
                              max_length=max_length)
     return engine, executor

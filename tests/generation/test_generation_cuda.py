@@ -1,6 +1,7 @@
 """The hf backend and the process-hosted engine on a GPU (skipped without CUDA): device placement of the decode loop,
 seeded sampling with a CUDA generator, sleep/wake memory, and weights handed to a child process as CUDA IPC handles
-(the path a disaggregated vllm generator takes), and decoding with CUDA graphs over a static KV cache."""
+(the path a disaggregated vllm generator and `vllm.child_process` take), and decoding with CUDA graphs over a static
+KV cache."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from hpc_rlhf.generation import EngineSpec, HFEngine, ProcessHostedEngine, SamplingParams
+from hpc_rlhf.generation import EngineSpec, HFEngine, ProcessHostedEngine, SamplingParams, make_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda", 0)
@@ -61,6 +62,29 @@ def test_hosted_engine_takes_cuda_weights_through_ipc(model_dirs, make_model, pr
         source = make_model(1).to(CUDA)
         assert engine.load_weights(source.named_parameters()) == len(list(source.named_parameters()))
         assert [s[0].response_ids for s in engine.generate(prompts, params)] == [s[0].response_ids for s in target]
+    finally:
+        engine.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_child_process_engine_orders_weight_copies_with_the_parents_writes(model_dirs, make_model, prompts):
+    """`vllm.child_process` on a GPU: the child reads the weights the parent queued before `load_weights` (behind a
+    busy stream), and has finished reading them when `load_weights` returns (the parent overwrites them at once)."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    target = HFEngine(make_model(1).to(CUDA)).generate(prompts, params)
+    engine = make_engine("hf", str(model_dirs[0]), device="cuda:0", micro_batch_size=8, child_process=True)
+    try:
+        assert isinstance(engine, ProcessHostedEngine)
+        source, new = make_model(0).to(CUDA), make_model(1).to(CUDA)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s: the writes below wait behind it on the parent's stream
+        with torch.no_grad():
+            for mine, theirs in zip(source.parameters(), new.parameters()):
+                mine.copy_(theirs)
+        assert engine.load_weights(source.named_parameters()) == len(list(source.named_parameters()))
+        with torch.no_grad():
+            for mine in source.parameters():
+                mine.zero_()
+        assert _tokens(engine.generate(prompts, params)) == _tokens(target)
     finally:
         engine.close()
 

@@ -14,7 +14,9 @@ from hpc_rlhf.generation import (
     HFEngine,
     ProcessHostedEngine,
     SamplingParams,
+    make_engine,
 )
+from hpc_rlhf.generation.hosted import resolve_factory
 
 FACTORY = "hpc_rlhf.generation.factory:make_engine"
 
@@ -102,3 +104,32 @@ def test_a_dead_child_is_reported_and_close_is_safe(model_dirs, prompts):
     engine.close()
     with pytest.raises(GenerationError, match="closed"):
         engine.generate(prompts, SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.timeout(180)
+def test_the_child_ignores_stop_signals_that_reach_the_whole_task(hosted, prompts):
+    """SLURM and a terminal signal every process of a task; the parent decides when its engine stops."""
+    before = hosted.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
+    for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        os.kill(hosted.child_pid, signum)
+    assert hosted.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0)) == before
+    assert hosted.process.is_alive()
+
+
+@pytest.mark.timeout(180)
+def test_make_engine_hosts_an_hf_engine_in_a_child_process_on_request(model_dirs, make_model, prompts):
+    engine = make_engine("hf", str(model_dirs[0]), micro_batch_size=64, seed=0, child_process=True)
+    try:
+        assert isinstance(engine, ProcessHostedEngine) and engine.child_pid != os.getpid()
+        params = SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=5)
+        here = HFEngine(make_model(0), max_batch_size=64).generate(prompts, params)
+        assert [[s.response_ids for s in row] for row in engine.generate(prompts, params)] == \
+            [[s.response_ids for s in row] for row in here]
+    finally:
+        engine.close()
+
+
+def test_a_factory_may_name_a_class_method():
+    assert resolve_factory("hpc_rlhf.generation.hf_engine:HFEngine.from_pretrained") == HFEngine.from_pretrained
+    with pytest.raises(GenerationError, match="has no attribute 'HFEngine.nothing'"):
+        resolve_factory("hpc_rlhf.generation.hf_engine:HFEngine.nothing")

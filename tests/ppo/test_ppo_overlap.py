@@ -65,28 +65,35 @@ COMPARED = ["rollout/reward_mean", "rollout/response_length", "train/policy_loss
             "rollout/staleness"]
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_colocated_async_trains_exactly_like_disaggregated_async(tmp_path, jobs):
-    colocated, disaggregated = tmp_path / "colocated", tmp_path / "disaggregated"
+    """Also with the engine in a child process of the rank (`vllm.child_process`): weights through shared memory,
+    generation answered over a pipe while the thread waits."""
+    colocated, child, disaggregated = tmp_path / "colocated", tmp_path / "child", tmp_path / "disaggregated"
     result = jobs.run(colocated, *GROUP_NORM, "--vllm.enable_sleep=false")
+    jobs.run(child, *GROUP_NORM, "--vllm.enable_sleep=false", "--vllm.child_process=true")
     jobs.run(disaggregated, *GROUP_NORM, "--layout.colocate=false", "--slurm.gpus_per_node=2")
     assert "generation and update run one after the other" not in result.stdout
 
     def trained(run_dir):
         return {r["step"]: r for r in jobs.metrics(run_dir) if "train/policy_loss" in r}
 
-    ours, theirs = trained(colocated), trained(disaggregated)
-    assert sorted(ours) == sorted(theirs) == [0, 1, 2, 3]
-    for step in ours:
-        assert {k: ours[step][k] for k in COMPARED} == {k: theirs[step][k] for k in COMPARED}, f"iteration {step}"
-        # Ticks 1-3 trained while the thread generated the next iteration; the last tick generates nothing.
-        assert ("time/wait_generation_s" in ours[step]) == (step < 3)
-    assert ours[3]["rollout/staleness"] == 1.0
-    for iteration in range(4):
-        mine = RolloutReader(colocated).read(iteration, require_filled=["reward"])
-        other = RolloutReader(disaggregated).read(iteration, require_filled=["reward"])
-        for column in ("response_ids", "behaviour_log_probs", "reward", "weight_version"):
-            assert mine.column(column).to_pylist() == other.column(column).to_pylist(), (iteration, column)
+    theirs = trained(disaggregated)
+    for run_dir in (colocated, child):
+        ours = trained(run_dir)
+        assert sorted(ours) == sorted(theirs) == [0, 1, 2, 3]
+        for step in ours:
+            assert {k: ours[step][k] for k in COMPARED} == {k: theirs[step][k] for k in COMPARED}, \
+                (run_dir.name, step)
+            # Ticks 1-3 trained while the thread generated the next iteration; the last tick generates nothing.
+            assert ("time/wait_generation_s" in ours[step]) == (step < 3)
+        assert ours[3]["rollout/staleness"] == 1.0
+        for iteration in range(4):
+            mine = RolloutReader(run_dir).read(iteration, require_filled=["reward"])
+            other = RolloutReader(disaggregated).read(iteration, require_filled=["reward"])
+            for column in ("response_ids", "behaviour_log_probs", "reward", "weight_version"):
+                assert mine.column(column).to_pylist() == other.column(column).to_pylist(), \
+                    (run_dir.name, iteration, column)
 
 
 @pytest.mark.timeout(500)
