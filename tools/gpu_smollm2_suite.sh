@@ -21,9 +21,8 @@
 #                                                  # there: hpc_rlhf then TRL on 3-digit sums (each until 80% held-out,
 #                                                  # TRL for twice hpc_rlhf's time to 80%, none if it failed),
 #                                                  # then hpc_rlhf on multi-step expressions (not with
-#                                                  # SUITE_MULTISTEP=0); its output
-#                                                  # ends with "all done" (start it detached and poll on a machine
-#                                                  # held only between calls)
+#                                                  # SUITE_MULTISTEP=0); its output ends with "all done" (start it
+#                                                  # detached and poll on a machine held only between calls)
 #   tools/gpu_smollm2_suite.sh variants OUT BUDGET_S NAME=[--key=value[,--key=value...]]...
 #                                                  # there: hpc_rlhf alone under each named set of overrides, each
 #                                                  # until 50% held-out (BUDGET_S at most): which change shortens the

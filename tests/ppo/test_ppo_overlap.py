@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+from hpc_rlhf.generation import ProcessHostedEngine
 from hpc_rlhf.rollouts import RolloutReader
 from hpc_rlhf.trainers.ppo.overlap import BackgroundGeneration, overlap_refusal
 
@@ -57,7 +58,10 @@ def test_an_engine_that_captures_graphs_on_first_use_generates_serially():
         captures_graphs_on_first_use = True
 
     assert "captures a CUDA graph" in overlap_refusal(CapturingEngine())
+    assert "vllm.child_process: true" in overlap_refusal(CapturingEngine())
     assert overlap_refusal(object()) is None  # e.g. vLLM: its graphs are captured when the engine is built
+    # an engine in a child process (vllm.child_process) captures its graphs away from this process's threads
+    assert overlap_refusal(object.__new__(ProcessHostedEngine)) is None
 
 
 GROUP_NORM = ["--algo.advantage_estimator=group_norm", "--rollout.async_queue=1", "--train.max_iterations=4"]

@@ -26,8 +26,8 @@ def overlap_refusal(engine: Any) -> Optional[str]:
     """Why this rank's engine cannot generate beside the update, or None when it can."""
     if getattr(engine, "captures_graphs_on_first_use", False):
         return ("the hf engine captures a CUDA graph the first time it meets a batch shape, which another thread's "
-                "work on the device would break; it generates serially (set vllm.enforce_eager: true to overlap "
-                "without graphs, or install vLLM)")
+                "work on the device would break; it generates serially (set vllm.child_process: true to give it a "
+                "process of its own, vllm.enforce_eager: true to overlap without graphs, or install vLLM)")
     return None
 
 
