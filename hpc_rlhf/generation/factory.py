@@ -8,8 +8,9 @@ Placement of a vllm engine (see `vllm_engine` for why):
   * otherwise (disaggregated layout), or whenever `child_process` asks for it: a child process per TP rank, whose
     private world of `tp` processes is rendezvoused over `tp_group` (TP rank 0 picks a free local port; a TP group
     never spans nodes).
-The hf backend runs in this process (it never touches torch.distributed), or in a child process of its own with
-`child_process`.
+The hf backend runs in this process (it never touches torch.distributed). With `child_process` and tp == 1 either
+backend is built in a child process exactly as it would be in a process of its own (no world: vLLM's default
+executor on the first visible GPU), by calling this function there.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hpc_rlhf.generation.hosted import EngineSpec, ProcessHostedEngine
 
 BACKENDS = ("hf", "vllm")
 VLLM_FACTORY = "hpc_rlhf.generation.vllm_engine:VllmEngine"
-HOSTED_FACTORY = "hpc_rlhf.generation.factory:make_engine"  # what a child process calls to build an hf engine
+HOSTED_FACTORY = "hpc_rlhf.generation.factory:make_engine"  # what a child process calls to build a tp=1 engine
 
 
 def dtype_name(value: str | torch.dtype) -> str:
@@ -53,15 +54,17 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
     if tp < 1:
         raise ValueError(f"layout.generator.tp must be >= 1, got {tp}")
     device = torch.device(device)
+    if backend == "hf" and tp != 1:
+        raise ValueError(f"the hf backend has no tensor parallelism (layout.generator.tp={tp}); "
+                         f"use tp=1 or the vllm backend")
+    if child_process and tp == 1:
+        return ProcessHostedEngine(EngineSpec(factory=HOSTED_FACTORY, kwargs={
+            "backend": backend, "model_path": model_path, "dtype": dtype_name(dtype), "device": str(device),
+            "gpu_memory_utilization": gpu_memory_utilization, "enable_sleep": enable_sleep,
+            "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
+            "max_num_seqs": max_num_seqs, "seed_per_request": seed_per_request, "micro_batch_size": micro_batch_size,
+            "max_model_len": max_model_len, "seed": seed, "pad_token_id": pad_token_id}))
     if backend == "hf":
-        if tp != 1:
-            raise ValueError(f"the hf backend has no tensor parallelism (layout.generator.tp={tp}); "
-                             f"use tp=1 or the vllm backend")
-        if child_process:
-            return ProcessHostedEngine(EngineSpec(factory=HOSTED_FACTORY, kwargs={
-                "backend": "hf", "model_path": model_path, "dtype": dtype_name(dtype), "device": str(device),
-                "enforce_eager": enforce_eager, "micro_batch_size": micro_batch_size, "max_model_len": max_model_len,
-                "seed": seed, "pad_token_id": pad_token_id}))
         from hpc_rlhf.generation.hf_engine import HFEngine
 
         return HFEngine.from_pretrained(model_path, dtype=torch_dtype(dtype), device=device,

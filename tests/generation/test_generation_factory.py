@@ -109,3 +109,36 @@ def test_two_ranks_host_one_tp2_engine_in_child_processes(tmp_path: Path):
         assert child_port != res["job_port"]  # the engine's private world, not the job's
         assert child_pid != res["parent_pid"] and res["parent_rank_env"] == str(rank)
     assert results[0]["child_saw"][2] == results[1]["child_saw"][2]  # both TP ranks joined one private world
+
+
+FAKE_VLLM_STANDALONE = FAKE_VLLM.replace(
+    """        assert kwargs["distributed_executor_backend"] == "external_launcher", kwargs
+        assert kwargs["tensor_parallel_size"] == 2, kwargs
+""", """        assert "distributed_executor_backend" not in kwargs, kwargs  # vLLM's default (uni) executor
+        assert kwargs["tensor_parallel_size"] == 1, kwargs
+        import torch.distributed as dist
+        assert not dist.is_initialized()  # the child is not in its parent's world
+""").replace("""        seen = [int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"]), int(env["LOCAL_RANK"]),
+                int(env["VLLM_ENABLE_V1_MULTIPROCESSING"]), os.getpid()]""",
+             """        seen = [int(env["VLLM_ENABLE_V1_MULTIPROCESSING"]), os.getpid()]""")
+
+
+def host_tp1_engine_on_request(fake_root: str) -> dict:
+    """One rank of a job with its world: `child_process` hosts even a tp=1 engine, built there as a standalone one."""
+    sys.path.insert(0, fake_root)
+    engine = make_engine("vllm", "/models/policy", dtype="bfloat16", device="cpu", max_model_len=32,
+                         shared_world=True, child_process=True)
+    sample = engine.generate([[5, 6]], SamplingParams(max_new_tokens=2))[0][0]
+    engine.close()
+    return {"hosted": isinstance(engine, ProcessHostedEngine), "child_saw": sample.response_ids,
+            "parent_pid": os.getpid()}
+
+
+@pytest.mark.timeout(180)
+def test_child_process_hosts_a_tp1_vllm_engine_built_as_a_standalone_one(tmp_path: Path):
+    fake_root = tmp_path / "fake"
+    (fake_root / "vllm").mkdir(parents=True)
+    (fake_root / "vllm" / "__init__.py").write_text(textwrap.dedent(FAKE_VLLM_STANDALONE))
+    (result,) = run_ranks(host_tp1_engine_on_request, 1, str(fake_root), timeout_s=150)
+    multiprocessing, child_pid = result["child_saw"]
+    assert result["hosted"] and multiprocessing == 0 and child_pid != result["parent_pid"]
