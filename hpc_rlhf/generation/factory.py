@@ -5,7 +5,7 @@ Placement of a vllm engine (see `vllm_engine` for why):
   * no torch.distributed world (or a world of one process), tp == 1: in this process;
   * `shared_world=True` (every rank of the world builds an engine now, as in the colocated layout): in this process,
     under vLLM's "external_launcher" executor, whose TP groups are consecutive blocks of `tp` world ranks;
-  * otherwise (disaggregated layout), or whenever `child_process` asks for it: a child process per TP rank, whose
+  * otherwise (disaggregated layout), or with `child_process` and tp > 1: a child process per TP rank, whose
     private world of `tp` processes is rendezvoused over `tp_group` (TP rank 0 picks a free local port; a TP group
     never spans nodes).
 The hf backend runs in this process (it never touches torch.distributed). With `child_process` and tp == 1 either
@@ -57,13 +57,15 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
     if backend == "hf" and tp != 1:
         raise ValueError(f"the hf backend has no tensor parallelism (layout.generator.tp={tp}); "
                          f"use tp=1 or the vllm backend")
-    if child_process and tp == 1:
+    vllm_kwargs: dict[str, Any] = {
+        "dtype": dtype_name(dtype), "tp": tp, "gpu_memory_utilization": gpu_memory_utilization,
+        "enable_sleep": enable_sleep, "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
+        "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "seed": seed,
+        "seed_per_request": seed_per_request}
+    if child_process and tp == 1:  # the child calls this function with the same arguments, in a world of its own
         return ProcessHostedEngine(EngineSpec(factory=HOSTED_FACTORY, kwargs={
-            "backend": backend, "model_path": model_path, "dtype": dtype_name(dtype), "device": str(device),
-            "gpu_memory_utilization": gpu_memory_utilization, "enable_sleep": enable_sleep,
-            "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
-            "max_num_seqs": max_num_seqs, "seed_per_request": seed_per_request, "micro_batch_size": micro_batch_size,
-            "max_model_len": max_model_len, "seed": seed, "pad_token_id": pad_token_id}))
+            "backend": backend, "model_path": model_path, "device": str(device), "micro_batch_size": micro_batch_size,
+            "pad_token_id": pad_token_id, **vllm_kwargs}))
     if backend == "hf":
         from hpc_rlhf.generation.hf_engine import HFEngine
 
@@ -71,11 +73,6 @@ def make_engine(backend: str, model_path: str, *, dtype: str | torch.dtype = "fl
                                         pad_token_id=pad_token_id, max_batch_size=micro_batch_size,
                                         max_model_len=max_model_len, seed=seed, cuda_graphs=not enforce_eager)
 
-    vllm_kwargs: dict[str, Any] = {
-        "dtype": dtype_name(dtype), "tp": tp, "gpu_memory_utilization": gpu_memory_utilization,
-        "enable_sleep": enable_sleep, "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager,
-        "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "seed": seed,
-        "seed_per_request": seed_per_request}
     placement = "child_process" if child_process else vllm_placement(tp=tp, shared_world=shared_world)
     if placement == "standalone":
         from hpc_rlhf.generation.vllm_engine import VllmEngine

@@ -118,9 +118,7 @@ class ProcessHostedEngine:
         try:
             self.child_pid = self._receive("start", start_timeout_s)
         except GenerationError:
-            self._closed = True
-            self._finalizer.detach()
-            stop_child(self.process, self._conn, timeout_s=10.0)
+            self.close(timeout_s=10.0)
             raise
 
     # ----- the GenerationEngine API ------------------------------------------------------------------------
