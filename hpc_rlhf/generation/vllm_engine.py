@@ -10,10 +10,13 @@ What the adapter does with vLLM:
     (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, see `prepare_vllm_env`), so that weight updates reach the model by reference.
     vLLM re-seeds this process's global torch/numpy/random generators with `seed` while it builds the engine;
   * generates from `TokensPrompt(prompt_token_ids=...)`, one request per (prompt, sample) with `n=1`, `logprobs=0`
-    (only the sampled token's log-prob) and `detokenize=False`. The n requests of one prompt share its KV blocks
-    through prefix caching. Seeds: by default the call's `SamplingParams.seed` seeds this process's CUDA generators
-    just before `llm.generate`, and the requests carry none, so vLLM draws the whole batch with one noise kernel per
-    step (the engine core runs in this process, so its sampler uses these generators; every TP rank seeds alike).
+    (only the sampled token's log-prob), `flat_logprobs=True` (vLLM keeps each request's log-probs in a few flat
+    lists instead of a dict and a `Logprob` object per token: a constant number of Python objects per request,
+    less work in its per-step output loop and less for the garbage collector) and `detokenize=False`. The n
+    requests of one prompt share its KV blocks through prefix caching. Seeds: by default the call's
+    `SamplingParams.seed` seeds this process's CUDA generators just before `llm.generate`, and the requests carry
+    none, so vLLM draws the whole batch with one noise kernel per step (the engine core runs in this process, so its
+    sampler uses these generators; every TP rank seeds alike).
     With `seed_per_request` each request gets its own seed derived from `SamplingParams.seed` instead: its draw then
     does not depend on the rest of the batch, but vLLM's sampler handles seeded requests one by one, one small
     kernel per request and decoded token;
@@ -143,7 +146,7 @@ def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence
                 top_k=max(params.top_k, 0),
                 seed=sample_seed(params.seed, p, s, params.n) if seed_per_request else None,
                 stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, logprobs=0,
-                detokenize=False, **suppressed))
+                flat_logprobs=True, detokenize=False, **suppressed))
     return requests
 
 
@@ -166,13 +169,15 @@ def request_prompts(vllm: Any, prompts: Sequence[list[int]], images: Sequence[Se
 
 
 def sampled_log_probs(completion: Any, row: str) -> list[float]:
-    """The log-prob vLLM reported for each sampled token of one completion."""
+    """The log-prob vLLM reported for each sampled token of one completion (flat lists or a dict per position)."""
     token_ids = list(completion.token_ids)
     per_position = completion.logprobs
     if per_position is None or len(per_position) != len(token_ids):
         got = None if per_position is None else len(per_position)
         raise GenerationError(f"{row}: vLLM returned {got} log-prob positions for {len(token_ids)} tokens "
                               f"(logprobs=0 was requested)")
+    if hasattr(per_position, "start_indices"):
+        return flat_sampled_log_probs(per_position, token_ids, row)
     values = []
     for position, token in enumerate(token_ids):
         entry = per_position[position]
@@ -180,6 +185,19 @@ def sampled_log_probs(completion: Any, row: str) -> list[float]:
             raise GenerationError(f"{row}: vLLM returned no log-prob for sampled token {token} at position {position}")
         values.append(float(entry[token].logprob))
     return values
+
+
+def flat_sampled_log_probs(flat: Any, token_ids: list[int], row: str) -> list[float]:
+    """The sampled tokens' log-probs out of vLLM's `FlatLogprobs`: position p's entries are
+    `token_ids/logprobs[start_indices[p]:end_indices[p]]`, the sampled token first (vLLM's sampler puts it there)."""
+    starts, ends, ids = flat.start_indices, flat.end_indices, flat.token_ids
+    firsts = [ids[start] if end > start else None for start, end in zip(starts, ends)]
+    if firsts != token_ids:
+        position = next(p for p, (got, token) in enumerate(zip(firsts, token_ids)) if got != token)
+        raise GenerationError(f"{row}: vLLM returned no log-prob for sampled token {token_ids[position]} at "
+                              f"position {position}")
+    values = flat.logprobs
+    return [float(values[start]) for start in starts]
 
 
 def to_generated_samples(outputs: Sequence[Any], prompts: Sequence[list[int]], params: SamplingParams,

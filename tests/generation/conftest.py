@@ -7,7 +7,7 @@ import copy
 import os
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,6 +81,25 @@ class FakeLogprob:
 
 
 @dataclass
+class FakeFlatLogprobs:
+    """vLLM's `FlatLogprobs` (vllm/logprobs.py, 0.24 and 0.26): position p's entries are `token_ids` / `logprobs`
+    from `start_indices[p]` to `end_indices[p]`, the sampled token first."""
+    start_indices: list[int] = field(default_factory=list)
+    end_indices: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def append(self, entries: dict[int, FakeLogprob]) -> None:
+        self.start_indices.append(len(self.logprobs))
+        self.token_ids.extend(entries)
+        self.logprobs.extend(entry.logprob for entry in entries.values())
+        self.end_indices.append(len(self.logprobs))
+
+    def __len__(self) -> int:
+        return len(self.start_indices)
+
+
+@dataclass
 class FakeCompletion:
     token_ids: list[int]
     logprobs: Any
@@ -97,7 +116,8 @@ class FakeRequestOutput:
 # refuse any other, so that a misspelt or removed argument fails here rather than on the GPU.
 VLLM_SAMPLING_FIELDS = frozenset({"n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                                   "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
-                                  "detokenize", "skip_special_tokens", "include_stop_str_in_output", "logit_bias"})
+                                  "detokenize", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
+                                  "flat_logprobs"})
 VLLM_LLM_KWARGS = frozenset({"model", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization",
                              "enable_sleep_mode", "enable_prefix_caching", "enforce_eager", "max_num_seqs",
                              "max_model_len", "logprobs_mode", "distributed_executor_backend", "max_logprobs"})
@@ -147,6 +167,11 @@ def fake_completion(prompt: list[int], params: FakeSamplingParams, vocab: int, f
             reason = "stop"
             break
     logprobs = [{t: FakeLogprob(-0.125 * (i + 1)), (t + 1) % vocab: FakeLogprob(-9.0)} for i, t in enumerate(tokens)]
+    if getattr(params, "flat_logprobs", False):
+        flat = FakeFlatLogprobs()
+        for entries in logprobs:
+            flat.append(entries)
+        logprobs = flat
     return FakeCompletion(token_ids=tokens, logprobs=logprobs, finish_reason=finish or reason)
 
 

@@ -16,7 +16,9 @@ from hpc_rlhf.generation.vllm_engine import (
     parse_version,
     prepare_external_launcher_env,
     prepare_vllm_env,
+    sampled_log_probs,
 )
+from tests.generation.conftest import FakeCompletion, FakeFlatLogprobs, FakeLogprob
 
 
 def build(fake_vllm, **kwargs) -> VllmEngine:
@@ -73,6 +75,7 @@ def test_one_request_per_sample_with_distinct_seeds(fake_vllm):
     assert len(requests) == 6
     assert {r.n for r in requests} == {1} and {r.logprobs for r in requests} == {0}
     assert {r.detokenize for r in requests} == {False} and {r.top_k for r in requests} == {0}
+    assert {r.flat_logprobs for r in requests} == {True}
     assert {r.temperature for r in requests} == {0.8} and {r.top_p for r in requests} == {0.9}
     assert {tuple(r.stop_token_ids) for r in requests} == {(40,)}
     assert len({r.seed for r in requests}) == 6
@@ -112,6 +115,24 @@ def test_outputs_become_samples_with_the_sampled_token_log_probs(fake_vllm):
     assert long_sample.response_ids == [21, 22, 23, 24] and long_sample.finish_reason == "length"
     dropped = engine.generate([[3, 4]], params.replace(include_stop_token=False))[0][0]
     assert dropped.response_ids == [5] and dropped.log_probs == [-0.125]
+
+
+def test_sampled_log_probs_read_flat_lists_and_dicts_alike():
+    tokens = [5, 6, 7]
+    entries = [{5: FakeLogprob(-0.5), 9: FakeLogprob(-3.0)}, {6: FakeLogprob(-0.25)}, {7: FakeLogprob(-1.0)}]
+    flat = FakeFlatLogprobs()
+    for position in entries:
+        flat.append(position)
+    assert flat.start_indices == [0, 2, 3] and flat.end_indices == [2, 3, 4]
+    for logprobs in (entries, flat):
+        completion = FakeCompletion(token_ids=tokens, logprobs=logprobs, finish_reason="length")
+        assert sampled_log_probs(completion, "row 0") == [-0.5, -0.25, -1.0]
+    flat.token_ids[2] = 8  # position 1's entry belongs to another token
+    with pytest.raises(GenerationError, match="row 0: vLLM returned no log-prob for sampled token 6 at position 1"):
+        sampled_log_probs(FakeCompletion(token_ids=tokens, logprobs=flat, finish_reason="length"), "row 0")
+    short = FakeFlatLogprobs(start_indices=[0], end_indices=[1], token_ids=[5], logprobs=[-0.5])
+    with pytest.raises(GenerationError, match="returned 1 log-prob positions for 3 tokens"):
+        sampled_log_probs(FakeCompletion(token_ids=tokens, logprobs=short, finish_reason="length"), "row 0")
 
 
 def test_aborted_requests_are_an_error(fake_vllm):
