@@ -39,7 +39,9 @@ class SamplingParams:
     weights give bitwise-identical samples on the hf backend (and per request on vLLM). `top_k <= 0` and `top_p == 1`
     switch those filters off; `temperature == 0` is greedy decoding. `suppressed_token_ids` are never sampled (a
     vision-language model's image placeholder: in a response it would make the trainer's forward expect an image);
-    the log-probs reported stay those of the model's whole distribution, as the trainer recomputes them.
+    the log-probs reported stay those of the model's whole distribution, as the trainer recomputes them. Without
+    `log_probs` the engine need not compute the sampled tokens' log-probs: each sample's `log_probs` is NaN (same
+    length), and vLLM skips their per-token bookkeeping.
     """
 
     max_new_tokens: int = 1024
@@ -52,6 +54,7 @@ class SamplingParams:
     include_stop_token: bool = True
     ignore_eos: bool = False
     suppressed_token_ids: Sequence[int] = field(default_factory=tuple)
+    log_probs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -110,6 +113,20 @@ class GeneratedSample:
                                   f"{len(self.log_probs)} log-probs")
         if self.finish_reason not in FINISH_REASONS:
             raise GenerationError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+
+
+def unknown_log_probs(length: int) -> list[float]:
+    """The log-probs of a sample generated without them (`SamplingParams.log_probs` false): NaN, so that any use
+    shows."""
+    return [float("nan")] * length
+
+
+def without_log_probs(rows: list[list[GeneratedSample]]) -> list[list[GeneratedSample]]:
+    """The samples with their log-probs replaced by `unknown_log_probs` (an engine that computes them anyway)."""
+    for row in rows:
+        for sample in row:
+            sample.log_probs = unknown_log_probs(len(sample.response_ids))
+    return rows
 
 
 @runtime_checkable

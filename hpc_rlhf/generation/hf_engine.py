@@ -44,6 +44,7 @@ from hpc_rlhf.generation.engine import (
     check_prompts,
     model_eos_token_ids,
     stop_set,
+    without_log_probs,
 )
 from hpc_rlhf.generation.sampling import sample_next_tokens
 from hpc_rlhf.generation.static_decode import RowTracker, StaticDecoder, cache_keyword, left_pad, output_cache
@@ -127,7 +128,8 @@ class HFEngine:
                                           generator, [image for p, _ in chunk for image in images[p]])
             for (p, s), sample in zip(chunk, samples):
                 results[p][s] = sample
-        return results  # type: ignore[return-value]
+        # the sampler takes log-probs off the logits it draws from anyway: a call without them only hides them
+        return results if params.log_probs else without_log_probs(results)  # type: ignore[return-value,arg-type]
 
     def _call_seed(self, seed: int | None) -> int:
         if seed is not None:

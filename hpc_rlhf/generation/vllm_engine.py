@@ -10,16 +10,15 @@ What the adapter does with vLLM:
     (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, see `prepare_vllm_env`), so that weight updates reach the model by reference.
     vLLM re-seeds this process's global torch/numpy/random generators with `seed` while it builds the engine;
   * generates from `TokensPrompt(prompt_token_ids=...)`, one request per (prompt, sample) with `n=1`, `logprobs=0`
-    (only the sampled token's log-prob), `flat_logprobs=True` (vLLM keeps each request's log-probs in a few flat
-    lists instead of a dict and a `Logprob` object per token: a constant number of Python objects per request,
-    less work in its per-step output loop and less for the garbage collector) and `detokenize=False`. The n
-    requests of one prompt share its KV blocks through prefix caching. Seeds: by default the call's
-    `SamplingParams.seed` seeds this process's CUDA generators just before `llm.generate`, and the requests carry
-    none, so vLLM draws the whole batch with one noise kernel per step (the engine core runs in this process, so its
-    sampler uses these generators; every TP rank seeds alike).
-    With `seed_per_request` each request gets its own seed derived from `SamplingParams.seed` instead: its draw then
-    does not depend on the rest of the batch, but vLLM's sampler handles seeded requests one by one, one small
-    kernel per request and decoded token;
+    (only the sampled token's log-prob; none at all for a call without `SamplingParams.log_probs`: vLLM's per-step
+    log-prob bookkeeping is ~20% of a 135M model's generation time), `flat_logprobs=True` (each request's log-probs in
+    a few flat lists instead of a dict and a `Logprob` object per token: a constant number of Python objects per
+    request) and `detokenize=False`. The n requests of one prompt share its KV blocks through prefix caching. Seeds:
+    by default the call's `SamplingParams.seed` seeds this process's CUDA generators just before `llm.generate`, and
+    the requests carry none, so vLLM draws the whole batch with one noise kernel per step (the engine core runs in
+    this process, so its sampler uses these generators; every TP rank seeds alike). With `seed_per_request` each
+    request gets its own seed derived from `SamplingParams.seed` instead: its draw then does not depend on the rest of
+    the batch, but vLLM's sampler handles seeded requests one by one, one small kernel per request and decoded token;
   * loads new weights in place with `llm.apply_model(lambda model: model.load_weights(weights))`, then drops the
     prefix cache unless sleeping already did (its KV blocks were computed by the old weights);
   * sleeps with `llm.sleep(level)` and wakes with `llm.wake_up(tags)`: only the weights are woken for a weight update
@@ -64,6 +63,7 @@ from hpc_rlhf.generation.engine import (
     check_images,
     check_prompts,
     sample_seed,
+    unknown_log_probs,
 )
 
 MIN_VLLM_VERSION = (0, 24, 0)
@@ -130,6 +130,7 @@ def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence
     A request's `max_tokens` is cut to what fits under `max_model_len`; a prompt that already fills it is an error.
     """
     requests = []
+    log_prob_fields = {"logprobs": 0, "flat_logprobs": True} if params.log_probs else {"logprobs": None}
     for p, ids in enumerate(prompts):
         max_tokens = params.max_new_tokens
         if max_model_len is not None:
@@ -145,8 +146,8 @@ def request_sampling_params(vllm: Any, params: SamplingParams, prompts: Sequence
                 n=1, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
                 top_k=max(params.top_k, 0),
                 seed=sample_seed(params.seed, p, s, params.n) if seed_per_request else None,
-                stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, logprobs=0,
-                flat_logprobs=True, detokenize=False, **suppressed))
+                stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, detokenize=False,
+                **log_prob_fields, **suppressed))
     return requests
 
 
@@ -225,7 +226,7 @@ def to_generated_samples(outputs: Sequence[Any], prompts: Sequence[list[int]], p
             if reason is None:
                 raise GenerationError(f"{row}: vLLM finished the request with reason {completion.finish_reason!r}")
             response = [int(t) for t in completion.token_ids]
-            log_probs = sampled_log_probs(completion, row)
+            log_probs = sampled_log_probs(completion, row) if params.log_probs else unknown_log_probs(len(response))
             if reason == "stop" and not params.include_stop_token and response:
                 response, log_probs = response[:-1], log_probs[:-1]
             samples.append(GeneratedSample(prompt_ids=list(ids), response_ids=response, log_probs=log_probs,

@@ -6,7 +6,9 @@ entry per response token. The schema carries its version in the Arrow metadata
 (`hpc_rlhf.rollout_schema_version`); readers refuse files of another version.
 
 Columns the later stages fill (reward, score, reference_log_probs, values) are nullable: the generator
-writes nulls and a column shard (see `writer.ShardWriter.write_columns`) supplies them later.
+writes nulls and a column shard (see `writer.ShardWriter.write_columns`) supplies them later. behaviour_log_probs is
+null where the run did not ask the generator for them (`rollout.record_behaviour_log_probs`); shards written before
+that was possible never hold nulls and still read.
 
 Optional columns (`OPTIONAL_FIELDS`) are written only by shards that have them: `images` (list<binary>, each
 prompt's images as PNG bytes, null for a text prompt) exists in a shard when some row of its input has an "images"
@@ -35,7 +37,7 @@ _FIELDS = [
     # name, type, nullable
     ("prompt_ids", TOKEN_IDS, False),  # prompt token ids as fed to the generator
     ("response_ids", TOKEN_IDS, False),  # every token after the prompt, environment turns included
-    ("behaviour_log_probs", PER_TOKEN_FLOAT, False),  # generator log-prob of each response token
+    ("behaviour_log_probs", PER_TOKEN_FLOAT, True),  # generator log-prob of each response token (or null)
     ("action_mask", PER_TOKEN_MASK, False),  # 1 = policy token (trained on), 0 = environment / padding
     ("reference_log_probs", PER_TOKEN_FLOAT, True),  # filled by the reference stage
     ("values", PER_TOKEN_FLOAT, True),  # filled by the critic stage (PPO)

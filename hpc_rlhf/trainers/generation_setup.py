@@ -56,12 +56,22 @@ def sampling_seed(seed: int, iteration: int, engine: int) -> int:
     return (seed * 1_000_003 + iteration * 7_919 + engine * 104_729) % (2**31 - 1)
 
 
+def behaviour_log_probs_used(cfg: Config) -> bool:
+    """Whether training reads the generator's log-probs of the sampled tokens: the KL against a reference (estimated
+    from them for the reward and its metric), an off-policy correction, or `rollout.record_behaviour_log_probs`."""
+    algo = cfg.algo
+    uses_reference = algo.init_kl_coef > 0 or algo.use_kl_loss
+    return uses_reference or algo.off_policy_correction != "none" or cfg.rollout.record_behaviour_log_probs
+
+
 def sampling_params(cfg: Config, seed: int, *, n: Optional[int] = None, temperature: Optional[float] = None,
-                    eos_token_id: Optional[int] = None) -> SamplingParams:
-    """`rollout.*` sampling settings; `n` and `temperature` override them (evaluation draws one answer, greedily)."""
+                    eos_token_id: Optional[int] = None, log_probs: Optional[bool] = None) -> SamplingParams:
+    """`rollout.*` sampling settings; `n` and `temperature` override them (evaluation draws one answer, greedily);
+    `log_probs` whether the engine reports the sampled tokens' log-probs (default: where training reads them)."""
     rollout = cfg.rollout
     return SamplingParams(max_new_tokens=rollout.generate_max_len,
                           temperature=rollout.temperature if temperature is None else temperature,
                           top_p=rollout.top_p, top_k=rollout.top_k,
                           n=rollout.n_samples_per_prompt if n is None else n, seed=seed,
-                          stop_token_ids=[] if eos_token_id is None else [eos_token_id])
+                          stop_token_ids=[] if eos_token_id is None else [eos_token_id],
+                          log_probs=behaviour_log_probs_used(cfg) if log_probs is None else log_probs)

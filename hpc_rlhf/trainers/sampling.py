@@ -149,7 +149,7 @@ class RoundSampler:
             return [], {}
         start = time.perf_counter()
         params = sampling_params(cfg, sampling_seed(cfg.train.seed, round_index, self.ctx.rank),
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, log_probs=False)
         responses = self.generate(prompts, params)
         seconds = time.perf_counter() - start
         flat_prompts = [p for p, group in zip(prompts, responses) for _ in group]
@@ -170,7 +170,7 @@ class RoundSampler:
         cfg = self.ctx.cfg
         mine, weight = eval_share(self.ctx, rows)
         params = sampling_params(cfg, cfg.train.seed, n=1, temperature=cfg.eval.temperature,
-                                 eos_token_id=self.ctx.tokenizer.eos_token_id)
+                                 eos_token_id=self.ctx.tokenizer.eos_token_id, log_probs=False)
         responses = [group[0] for group in self.generate(mine, params)]
         result = self.score(mine, responses)
         totals = all_reduce_sums(policy, {"reward": float(result.rewards.sum()) * weight,

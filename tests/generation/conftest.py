@@ -167,7 +167,9 @@ def fake_completion(prompt: list[int], params: FakeSamplingParams, vocab: int, f
             reason = "stop"
             break
     logprobs = [{t: FakeLogprob(-0.125 * (i + 1)), (t + 1) % vocab: FakeLogprob(-9.0)} for i, t in enumerate(tokens)]
-    if getattr(params, "flat_logprobs", False):
+    if params.logprobs is None:
+        logprobs = None
+    elif getattr(params, "flat_logprobs", False):
         flat = FakeFlatLogprobs()
         for entries in logprobs:
             flat.append(entries)

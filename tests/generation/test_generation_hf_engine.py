@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -64,6 +66,18 @@ def test_same_seed_same_samples_different_seed_different(make_model, prompts):
     assert [[s.response_ids for s in row] for row in first] != [[s.response_ids for s in row] for row in other]
     # the n samples of one prompt are not copies of each other
     assert len({tuple(s.response_ids) for s in first[0]}) > 1
+
+
+def test_a_call_without_log_probs_draws_the_same_tokens_and_reports_nan(make_model, prompts):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=5)
+    engine = HFEngine(make_model(0), max_batch_size=8)
+    with_log_probs = engine.generate(prompts, params)
+    without = engine.generate(prompts, params.replace(log_probs=False))
+    assert [[s.response_ids for s in row] for row in without] == [[s.response_ids for s in row] for row in with_log_probs]
+    for row in without:
+        for sample in row:
+            assert len(sample.log_probs) == len(sample.response_ids)
+            assert all(math.isnan(x) for x in sample.log_probs)
 
 
 def test_unseeded_calls_differ_but_engines_repeat(make_model, prompts):

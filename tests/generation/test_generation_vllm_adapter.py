@@ -3,6 +3,8 @@ against a recording stand-in for the `vllm` package: vLLM itself needs a GPU and
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -115,6 +117,17 @@ def test_outputs_become_samples_with_the_sampled_token_log_probs(fake_vllm):
     assert long_sample.response_ids == [21, 22, 23, 24] and long_sample.finish_reason == "length"
     dropped = engine.generate([[3, 4]], params.replace(include_stop_token=False))[0][0]
     assert dropped.response_ids == [5] and dropped.log_probs == [-0.125]
+
+
+def test_a_call_without_log_probs_asks_vllm_for_none_and_reports_nan(fake_vllm):
+    engine = build(fake_vllm)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, n=2, seed=3, stop_token_ids=[6], log_probs=False)
+    out = engine.generate([[3, 4], [20]], params)
+    requests = engine.llm.last_requests
+    assert {r.logprobs for r in requests} == {None} and not any("flat_logprobs" in r.kwargs for r in requests)
+    assert [s.response_ids for s in out[0]] == [[5, 6], [5, 6]] and out[1][0].response_ids == [21, 22, 23, 24]
+    assert all(len(s.log_probs) == len(s.response_ids) and all(math.isnan(x) for x in s.log_probs)
+               for row in out for s in row)
 
 
 def test_sampled_log_probs_read_flat_lists_and_dicts_alike():

@@ -64,7 +64,8 @@ def test_an_engine_that_captures_graphs_on_first_use_generates_serially():
     assert overlap_refusal(object.__new__(ProcessHostedEngine)) is None
 
 
-GROUP_NORM = ["--algo.advantage_estimator=group_norm", "--rollout.async_queue=1", "--train.max_iterations=4"]
+GROUP_NORM = ["--algo.advantage_estimator=group_norm", "--rollout.async_queue=1", "--train.max_iterations=4",
+              "--rollout.record_behaviour_log_probs=true"]  # compared below, though GRPO without KL reads none
 COMPARED = ["rollout/reward_mean", "rollout/response_length", "train/policy_loss", "train/grad_norm",
             "rollout/staleness"]
 

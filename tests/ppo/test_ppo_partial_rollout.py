@@ -13,6 +13,7 @@ the responses in progress of every tick from q on (the tick that trains iteratio
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -36,8 +37,15 @@ RUNS = {"queue1_engines2": (1, 2), "queue2_engines1": (2, 1)}  # (rollout.async_
 pytestmark = pytest.mark.slow
 
 
+def records_log_probs(engines: int) -> bool:
+    """The two-engine run asks the generator for log-probs (compared below with the saved responses in progress);
+    the one-engine run does not (GRPO without KL reads none): its shards hold none and its saved ones are NaN."""
+    return engines == 2
+
+
 def settings(queue: int, engines: int) -> list[str]:
-    return ["--layout.colocate=false", f"--layout.generator.gpus={engines}", "--layout.actor.gpus=1",
+    return [f"--rollout.record_behaviour_log_probs={str(records_log_probs(engines)).lower()}",
+            "--layout.colocate=false", f"--layout.generator.gpus={engines}", "--layout.actor.gpus=1",
             f"--slurm.gpus_per_node={engines + 1}", f"--rollout.async_queue={queue}",
             "--rollout.partial_rollout=true", f"--rollout.partial_rollout_max_new_tokens={BUDGET}",
             f"--rollout.generate_max_len={MAX_LEN}", f"--train.max_iterations={ITERATIONS}",
@@ -69,18 +77,21 @@ def test_responses_span_weight_updates_and_keep_their_first_tokens(partial_run):
         for engine in range(engines):
             rows = RolloutReader(run_dir).read_shard(iteration, generator_shard_name(engine)).to_pylist()
             assert len(rows) == 2 * 2 // engines
-            spanned += sum(check_row(row, iteration, queue) for row in rows)
+            spanned += sum(check_row(row, iteration, queue, records_log_probs(engines)) for row in rows)
             compared += compare_with_carried(run_dir, iteration, engine, rows, queue)
     assert spanned >= ITERATIONS, "most responses span updates"
     assert compared >= (ITERATIONS - queue) * 4, "every iteration from queue on was compared with its saved state"
 
 
-def check_row(row: dict, iteration: int, queue: int) -> bool:
+def check_row(row: dict, iteration: int, queue: int, log_probs: bool) -> bool:
     """A whole response with the hand-derived versions; returns whether it spans more than one."""
     extra, length = json.loads(row["extra"]), len(row["response_ids"])
     versions = token_versions(iteration, length, queue)
     assert extra["finish_reason"] == "stop" or length == MAX_LEN, "whole responses"
-    assert len(row["behaviour_log_probs"]) == length
+    if log_probs:
+        assert len(row["behaviour_log_probs"]) == length
+    else:
+        assert row["behaviour_log_probs"] is None
     assert extra["weight_versions"] == sorted(set(versions))
     assert row["weight_version"] == versions[0] == max(0, iteration - queue), "the oldest version"
     return len(extra["weight_versions"]) > 1
@@ -102,7 +113,10 @@ def compare_with_carried(run_dir: Path, iteration: int, engine: int, rows: list[
             drawn = min(len(row["response_ids"]), (tick - iteration + 1) * BUDGET)
             assert before.prompt_ids == row["prompt_ids"] and len(before.response_ids) == drawn
             assert row["response_ids"][:drawn] == before.response_ids
-            assert row["behaviour_log_probs"][:drawn] == before.log_probs
+            if row["behaviour_log_probs"] is None:
+                assert len(before.log_probs) == drawn and all(math.isnan(x) for x in before.log_probs)
+            else:
+                assert row["behaviour_log_probs"][:drawn] == before.log_probs
             assert before.versions == token_versions(iteration, len(row["response_ids"]), queue)[:drawn]
             compared += 1
     return compared

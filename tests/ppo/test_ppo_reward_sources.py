@@ -66,7 +66,7 @@ def test_multi_turn_environment_tokens_are_masked(tmp_path, jobs):
     agent.write_text(textwrap.dedent(AGENT))
     run_dir = tmp_path / "run"
     jobs.run(run_dir, "--reward.reward_func_path=", f"--rollout.agent_func_path={agent}", "--rollout.max_turns=2",
-             "--train.max_iterations=2", "--rollout.batch_size=4")
+             "--train.max_iterations=2", "--rollout.batch_size=4", "--rollout.record_behaviour_log_probs=true")
     from transformers import AutoTokenizer
     from hpc_rlhf.builtin_models.resolve import resolve_model_path
 

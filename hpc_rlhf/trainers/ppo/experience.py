@@ -35,7 +35,7 @@ class RolloutTensors:
     prompt_ids: list[torch.Tensor]
     response_ids: list[torch.Tensor]
     action_mask: torch.Tensor  # bool [B, T]
-    behaviour_log_probs: torch.Tensor  # [B, T]
+    behaviour_log_probs: Optional[torch.Tensor]  # [B, T] or None where the generator did not report them
     reference_log_probs: Optional[torch.Tensor]  # [B, T] or None when there is no reference
     values: Optional[torch.Tensor]  # [B, T] or None without a critic
     rewards: torch.Tensor  # [B] as produced by the reward stage
@@ -61,7 +61,8 @@ class RolloutTensors:
 
         return RolloutTensors(
             prompt_ids=[self.prompt_ids[i] for i in index], response_ids=[self.response_ids[i] for i in index],
-            action_mask=pick(self.action_mask), behaviour_log_probs=pick(self.behaviour_log_probs),
+            action_mask=pick(self.action_mask),
+            behaviour_log_probs=None if self.behaviour_log_probs is None else pick(self.behaviour_log_probs),
             reference_log_probs=None if self.reference_log_probs is None else pick(self.reference_log_probs),
             values=None if self.values is None else pick(self.values), rewards=pick(self.rewards),
             scores=pick(self.scores), group_ids=pick(self.group_ids), weight_versions=pick(self.weight_versions),
@@ -94,7 +95,7 @@ def table_to_tensors(table: pa.Table) -> RolloutTensors:
         prompt_ids=[torch.tensor(p, dtype=torch.long) for p in columns["prompt_ids"]],
         response_ids=[torch.tensor(r, dtype=torch.long) for r in responses],
         action_mask=pad_ragged(columns["action_mask"], width, torch.float32).bool(),
-        behaviour_log_probs=pad_ragged(columns["behaviour_log_probs"], width, torch.float32),
+        behaviour_log_probs=optional("behaviour_log_probs"),
         reference_log_probs=optional("reference_log_probs"),
         values=optional("values"),
         rewards=torch.tensor([r if r is not None else float("nan") for r in columns["reward"]], dtype=torch.float32),
@@ -178,6 +179,8 @@ def advantages_and_returns(cfg: Config, rollout: RolloutTensors, rewards: torch.
     """Run the configured advantage estimator; KL in the reward is estimated from behaviour vs reference log-probs."""
     kl = None
     if rollout.reference_log_probs is not None:
+        if rollout.behaviour_log_probs is None:
+            raise ValueError("the rollout has reference log-probs but no behaviour log-probs to estimate the KL from")
         kl = compute_kl(rollout.behaviour_log_probs, rollout.reference_log_probs, cfg.algo.kl_estimator,
                         kl_clamp=cfg.algo.kl_clamp)
         kl = torch.where(rollout.action_mask, kl, torch.zeros_like(kl))

@@ -68,7 +68,7 @@ def zero_filler(rollout: exp.RolloutTensors, keys: list[str], pad_id: int = 0) -
         token = torch.tensor([pad_id], dtype=torch.long)
         return TokenSample(prompt_ids=token, response_ids=token.clone(), action_mask=torch.zeros(1, dtype=torch.bool),
                            response_tensors={key: torch.zeros(1) for key in keys})
-    zeros = torch.zeros_like(rollout.behaviour_log_probs)
+    zeros = torch.zeros_like(rollout.action_mask, dtype=torch.float32)
     return exp.to_token_samples(rollout, {key: zeros for key in keys})[0]
 
 
@@ -270,7 +270,9 @@ class PPOTrainer:
             with timed(times, "shard_read"):
                 rollout = self._read_rollout(iteration, "actor")
             kept, shaped, adv, mean_kl = self._shaped(iteration, rollout, self.groups.group("actor"), actor.device)
-            per_token = {"behaviour_log_probs": kept.behaviour_log_probs, "advantages": adv.advantages}
+            per_token = {"advantages": adv.advantages}
+            if kept.behaviour_log_probs is not None:
+                per_token["behaviour_log_probs"] = kept.behaviour_log_probs
             if kept.reference_log_probs is not None:
                 per_token["reference_log_probs"] = kept.reference_log_probs
             samples = exp.to_token_samples(kept, per_token)

@@ -33,7 +33,7 @@ from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_nam
 from hpc_rlhf.rollouts.atomic import atomic_write_bytes
 from hpc_rlhf.rollouts.paths import rollouts_dir
 from hpc_rlhf.run.checkpoint import complete_checkpoints
-from hpc_rlhf.trainers.generation_setup import sampling_params, sampling_seed
+from hpc_rlhf.trainers.generation_setup import behaviour_log_probs_used, sampling_params, sampling_seed
 from hpc_rlhf.trainers.ppo.rollout_stage import (
     encode_prompts,
     engine_prompt_indices,
@@ -242,7 +242,8 @@ class PartialRollouts:
                                                     [p for p in prompts for _ in range(n)],
                                                     [p.prompt for p in prompts for _ in range(n)], trajectories)
         per_engine = cfg.rollout.batch_size // self.num_engines
-        rows = trajectory_rows(trajectories, prompts, self.engine_index * per_engine, n, 0, rewards, scores)
+        rows = trajectory_rows(trajectories, prompts, self.engine_index * per_engine, n, 0, rewards, scores,
+                               log_probs=behaviour_log_probs_used(cfg))
         for row, response in zip(rows, carried.responses):
             row["weight_version"] = min(response.versions)  # the oldest: staleness stays conservative
         shard = generator_shard_name(self.engine_index)

@@ -36,7 +36,7 @@ from hpc_rlhf.data.images import collapse_image_tokens, decode_png
 from hpc_rlhf.generation import MultiTurnExecutor, SingleTurnExecutor, Trajectory
 from hpc_rlhf.rewards import RewardSource
 from hpc_rlhf.rollouts import ShardWriter, committed_shards, generator_shard_name
-from hpc_rlhf.trainers.generation_setup import sampling_params, sampling_seed
+from hpc_rlhf.trainers.generation_setup import behaviour_log_probs_used, sampling_params, sampling_seed
 
 
 @dataclass
@@ -124,8 +124,10 @@ def image_token_of(tokenizer: PreTrainedTokenizerBase, processor: Any) -> Option
 
 
 def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[PromptExample], group_base: int,
-                    n: int, weight_version: int, rewards: Optional[list], scores: Optional[list]) -> list[dict]:
-    """Rollout rows in the shard schema; trajectory k belongs to prompt k // n (sample k % n)."""
+                    n: int, weight_version: int, rewards: Optional[list], scores: Optional[list],
+                    log_probs: bool = True) -> list[dict]:
+    """Rollout rows in the shard schema; trajectory k belongs to prompt k // n (sample k % n). Without `log_probs`
+    (generated without them) each row's behaviour_log_probs is null."""
     rows = []
     for k, traj in enumerate(trajectories):
         prompt = prompts[k // n]
@@ -133,7 +135,7 @@ def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[Prompt
         score = traj.score if traj.score is not None else (scores[k] if scores is not None else None)
         row = {
             "prompt_ids": list(traj.prompt_ids), "response_ids": list(traj.response_ids),
-            "behaviour_log_probs": [float(x) for x in traj.log_probs],
+            "behaviour_log_probs": [float(x) for x in traj.log_probs] if log_probs else None,
             "action_mask": [int(x) for x in traj.action_mask],
             "reward": reward, "score": score, "label": prompt.label, "prompt_id": prompt.index,
             "group_id": group_base + k // n, "sample_index": k % n, "weight_version": weight_version,
@@ -194,7 +196,7 @@ def run_generation(cfg: Config, *, iteration: int, engine_index: int, num_engine
                                             prompts=prompts, reward_source=reward_source, refill=refill,
                                             processor=processor)
     rows = trajectory_rows(batch.trajectories, batch.prompts, engine_index * per_engine, n, weight_version,
-                           batch.rewards, batch.scores)
+                           batch.rewards, batch.scores, log_probs=behaviour_log_probs_used(cfg))
     written = time.perf_counter()
     if writes:
         ShardWriter(run_dir).write(iteration, shard, rows)
@@ -323,7 +325,7 @@ def run_eval(cfg: Config, *, executor: SingleTurnExecutor | MultiTurnExecutor, t
     texts = [p.prompt for p in share]
     n = cfg.eval.n_samples_per_prompt
     params = sampling_params(cfg, sampling_seed(cfg.train.seed, -1, engine_index), n=n,
-                             temperature=cfg.eval.temperature, eos_token_id=tokenizer.eos_token_id)
+                             temperature=cfg.eval.temperature, eos_token_id=tokenizer.eos_token_id, log_probs=False)
     trajectories = run_executor(cfg, executor, tokenizer, processor, share, params)
     rewards, scores, _ = score_trajectories(reward_source, tokenizer, [p for p in share for _ in range(n)],
                                             [t for t in texts for _ in range(n)], trajectories,

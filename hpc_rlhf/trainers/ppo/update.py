@@ -41,7 +41,7 @@ def actor_loss_fn(cfg: Config) -> LossFn:
             out.log_probs, old_log_probs, tensors["advantages"], mask,
             eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, dual_clip=algo.dual_clip,
             loss_agg_mode=algo.loss_agg_mode, policy_loss_type=algo.policy_loss_type,
-            rollout_log_probs=tensors["behaviour_log_probs"], off_policy_correction=algo.off_policy_correction,
+            rollout_log_probs=tensors.get("behaviour_log_probs"), off_policy_correction=algo.off_policy_correction,
             is_low=algo.is_low, is_high=algo.is_high, norm_length=norm_length, log_ratio_clamp=algo.log_ratio_clamp)
         metrics = {f"train/{k}": v for k, v in metrics.items()}  # device tensors: read once per step, not here
         metrics["train/policy_loss"] = loss.detach()
