@@ -22,13 +22,16 @@ import json
 import pstats
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpc_rlhf.builtin_models.resolve import resolve_model_path
-from hpc_rlhf.generation import SamplingParams
-from hpc_rlhf.generation.vllm_engine import VllmEngine, request_prompts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
+
+from hpc_rlhf.builtin_models.resolve import resolve_model_path  # noqa: E402
+from hpc_rlhf.generation import SamplingParams  # noqa: E402
+from hpc_rlhf.generation.vllm_engine import VllmEngine, request_prompts  # noqa: E402
 
 # the log-prob fields of vllm.SamplingParams per mode (the adapter asks for logprobs=0 with flat_logprobs=True)
 MODES = {"dict_logprobs": {"logprobs": 0, "flat_logprobs": False},

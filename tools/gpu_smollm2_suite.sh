@@ -14,6 +14,7 @@
 #   tools/gpu_smollm2_suite.sh stage DIR...        # there: keep parts of any DIR (and DIR/whl) in /tmp/stage
 #   tools/gpu_smollm2_suite.sh setup-vllm          # there: join the staged vLLM parts into /tmp/site, check it runs
 #   tools/gpu_smollm2_suite.sh decode OUT          # there: CUDA tests of the hf engine + decode paths timed
+#   tools/gpu_smollm2_suite.sh generate OUT        # there: one early vLLM batch with and without log-probs, profiled
 #   tools/gpu_smollm2_suite.sh race OUT SYSTEM BUDGET_S [--key=value ...]   # there: one time-to-accuracy run
 #   tools/gpu_smollm2_suite.sh report OUT...       # anywhere: tables + curves from OUT/*.json
 #   tools/gpu_smollm2_suite.sh progress OUT        # anywhere: each run's curve so far (iteration:seconds:accuracy)
@@ -144,6 +145,9 @@ PY
       2>&1 | tail -15 || true
     python tools/bench_decode.py --model builtin:smollm2-135m-instruct --device cuda --batch 256 --prompt-len 48 \
       --new-tokens 64 --out "$out/decode.json" || true ;;
+  generate)
+    out="${1:?generate needs OUT}"; mkdir -p "$out"
+    python tools/bench_vllm_generate.py --repeats 5 --out "$out/vllm_generate.json" ;;
   race)
     out="${1:?race needs OUT}"; system="${2:?race needs SYSTEM (hpc or trl)}"; budget="${3:?race needs BUDGET_S}"
     shift 3
@@ -217,6 +221,7 @@ PY
     done
     echo "seeds done" ;;
   *)
-    echo "usage: tools/gpu_smollm2_suite.sh pack|pack-vllm|stage|stage-a|setup|setup-vllm|decode|race|report|progress|all|variants|ppo|seeds ..." >&2
+    steps="pack|pack-vllm|stage|stage-a|setup|setup-vllm|decode|generate|race|report|progress|all|variants|ppo|seeds"
+    echo "usage: tools/gpu_smollm2_suite.sh $steps ..." >&2
     exit 2 ;;
 esac
