@@ -73,7 +73,8 @@ def test_a_call_without_log_probs_draws_the_same_tokens_and_reports_nan(make_mod
     engine = HFEngine(make_model(0), max_batch_size=8)
     with_log_probs = engine.generate(prompts, params)
     without = engine.generate(prompts, params.replace(log_probs=False))
-    assert [[s.response_ids for s in row] for row in without] == [[s.response_ids for s in row] for row in with_log_probs]
+    tokens = [[s.response_ids for s in row] for row in with_log_probs]
+    assert [[s.response_ids for s in row] for row in without] == tokens
     for row in without:
         for sample in row:
             assert len(sample.log_probs) == len(sample.response_ids)
