@@ -16,6 +16,7 @@ from hpc_rlhf.config.schema import (
     ROLE_NAMES,
     SEQUENCE_PARALLEL_ROLES,
     SUPERVISED_TRAINERS,
+    AlgoConfig,
     Config,
 )
 from hpc_rlhf.data import (
@@ -124,6 +125,11 @@ def scaled_layout_problems(cfg: Config, sources: dict[str, str]) -> list[str]:
     return errors
 
 
+def kl_needs_reference(algo: AlgoConfig) -> bool:
+    """Whether the KL against a reference model is on: in the reward (init_kl_coef > 0) or as a loss term."""
+    return algo.init_kl_coef > 0 or algo.use_kl_loss
+
+
 def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
     """The estimator decides which roles exist: a critic only for GAE, a reference only with KL, groups need n > 1."""
     errors = []
@@ -135,7 +141,7 @@ def check_algorithm(cfg: Config, sources: dict[str, str]) -> list[str]:
         key = "layout.critic.gpus" if layout.critic.gpus > 0 else "critic.pretrain"
         errors.append(f"{src(sources, key)}: a critic is only used by PPO (algo.advantage_estimator: gae), "
                       f"not by {algo.advantage_estimator}")
-    needs_ref = algo.init_kl_coef > 0 or algo.use_kl_loss
+    needs_ref = kl_needs_reference(algo)
     if needs_ref and layout.reference.gpus == 0:
         errors.append(f"{src(sources, 'algo.init_kl_coef', 'algo.use_kl_loss')}: KL needs a reference model: "
                       f"set layout.reference.gpus")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
+from hpc_rlhf.config.checks import kl_needs_reference
 from hpc_rlhf.config.schema import Config
 from hpc_rlhf.generation import (GenerationEngine, MultiTurnExecutor, SamplingParams, SingleTurnExecutor, make_engine,
                                  make_executor)
@@ -59,9 +60,8 @@ def sampling_seed(seed: int, iteration: int, engine: int) -> int:
 def behaviour_log_probs_used(cfg: Config) -> bool:
     """Whether training reads the generator's log-probs of the sampled tokens: the KL against a reference (estimated
     from them for the reward and its metric), an off-policy correction, or `rollout.record_behaviour_log_probs`."""
-    algo = cfg.algo
-    uses_reference = algo.init_kl_coef > 0 or algo.use_kl_loss
-    return uses_reference or algo.off_policy_correction != "none" or cfg.rollout.record_behaviour_log_probs
+    return (kl_needs_reference(cfg.algo) or cfg.algo.off_policy_correction != "none"
+            or cfg.rollout.record_behaviour_log_probs)
 
 
 def sampling_params(cfg: Config, seed: int, *, n: Optional[int] = None, temperature: Optional[float] = None,
