@@ -170,27 +170,15 @@ def request_prompts(vllm: Any, prompts: Sequence[list[int]], images: Sequence[Se
 
 
 def sampled_log_probs(completion: Any, row: str) -> list[float]:
-    """The log-prob vLLM reported for each sampled token of one completion (flat lists or a dict per position)."""
+    """The log-prob vLLM reported for each sampled token of one completion, out of the `FlatLogprobs` the requests
+    ask for: position p's entries are `token_ids/logprobs[start_indices[p]:end_indices[p]]`, the sampled token first
+    (vLLM's sampler puts it there)."""
     token_ids = list(completion.token_ids)
-    per_position = completion.logprobs
-    if per_position is None or len(per_position) != len(token_ids):
-        got = None if per_position is None else len(per_position)
+    flat = completion.logprobs
+    if flat is None or len(flat) != len(token_ids):
+        got = None if flat is None else len(flat)
         raise GenerationError(f"{row}: vLLM returned {got} log-prob positions for {len(token_ids)} tokens "
                               f"(logprobs=0 was requested)")
-    if hasattr(per_position, "start_indices"):
-        return flat_sampled_log_probs(per_position, token_ids, row)
-    values = []
-    for position, token in enumerate(token_ids):
-        entry = per_position[position]
-        if entry is None or token not in entry:
-            raise GenerationError(f"{row}: vLLM returned no log-prob for sampled token {token} at position {position}")
-        values.append(float(entry[token].logprob))
-    return values
-
-
-def flat_sampled_log_probs(flat: Any, token_ids: list[int], row: str) -> list[float]:
-    """The sampled tokens' log-probs out of vLLM's `FlatLogprobs`: position p's entries are
-    `token_ids/logprobs[start_indices[p]:end_indices[p]]`, the sampled token first (vLLM's sampler puts it there)."""
     starts, ends, ids = flat.start_indices, flat.end_indices, flat.token_ids
     firsts = [ids[start] if end > start else None for start, end in zip(starts, ends)]
     if firsts != token_ids:

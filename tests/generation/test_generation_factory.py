@@ -34,14 +34,20 @@ def TokensPrompt(**kwargs):
 
 
 @dataclass
-class _Logprob:
-    logprob: float
+class _FlatLogprobs:  # vLLM's FlatLogprobs (flat_logprobs=True): one entry per position, the sampled token's
+    start_indices: list
+    end_indices: list
+    token_ids: list
+    logprobs: list
+
+    def __len__(self):
+        return len(self.start_indices)
 
 
 @dataclass
 class _Completion:
     token_ids: list
-    logprobs: list
+    logprobs: _FlatLogprobs
     finish_reason: str
 
 
@@ -49,6 +55,10 @@ class _Completion:
 class _Output:
     prompt_token_ids: list
     outputs: list
+
+
+def flat_zeros(tokens):
+    return _FlatLogprobs(list(range(len(tokens))), list(range(1, len(tokens) + 1)), list(tokens), [0.0] * len(tokens))
 
 
 class LLM:
@@ -62,7 +72,7 @@ class LLM:
         seen = [int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"]), int(env["LOCAL_RANK"]),
                 int(env["VLLM_ENABLE_V1_MULTIPROCESSING"]), os.getpid()]
         return [_Output(list(item["prompt_token_ids"]),
-                        [_Completion(seen, [{t: _Logprob(0.0)} for t in seen], "length")]) for item in inputs]
+                        [_Completion(seen, flat_zeros(seen), "length")]) for item in inputs]
 '''
 
 

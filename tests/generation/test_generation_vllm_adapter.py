@@ -130,16 +130,15 @@ def test_a_call_without_log_probs_asks_vllm_for_none_and_reports_nan(fake_vllm):
                for row in out for s in row)
 
 
-def test_sampled_log_probs_read_flat_lists_and_dicts_alike():
+def test_sampled_log_probs_read_the_first_entry_of_each_flat_position():
     tokens = [5, 6, 7]
     entries = [{5: FakeLogprob(-0.5), 9: FakeLogprob(-3.0)}, {6: FakeLogprob(-0.25)}, {7: FakeLogprob(-1.0)}]
     flat = FakeFlatLogprobs()
     for position in entries:
         flat.append(position)
     assert flat.start_indices == [0, 2, 3] and flat.end_indices == [2, 3, 4]
-    for logprobs in (entries, flat):
-        completion = FakeCompletion(token_ids=tokens, logprobs=logprobs, finish_reason="length")
-        assert sampled_log_probs(completion, "row 0") == [-0.5, -0.25, -1.0]
+    completion = FakeCompletion(token_ids=tokens, logprobs=flat, finish_reason="length")
+    assert sampled_log_probs(completion, "row 0") == [-0.5, -0.25, -1.0]
     flat.token_ids[2] = 8  # position 1's entry belongs to another token
     with pytest.raises(GenerationError, match="row 0: vLLM returned no log-prob for sampled token 6 at position 1"):
         sampled_log_probs(FakeCompletion(token_ids=tokens, logprobs=flat, finish_reason="length"), "row 0")

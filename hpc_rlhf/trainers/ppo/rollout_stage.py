@@ -124,8 +124,8 @@ def image_token_of(tokenizer: PreTrainedTokenizerBase, processor: Any) -> Option
 
 
 def trajectory_rows(trajectories: Sequence[Trajectory], prompts: Sequence[PromptExample], group_base: int,
-                    n: int, weight_version: int, rewards: Optional[list], scores: Optional[list],
-                    log_probs: bool = True) -> list[dict]:
+                    n: int, weight_version: int, rewards: Optional[list], scores: Optional[list], *,
+                    log_probs: bool) -> list[dict]:
     """Rollout rows in the shard schema; trajectory k belongs to prompt k // n (sample k % n). Without `log_probs`
     (generated without them) each row's behaviour_log_probs is null."""
     rows = []
