@@ -2,14 +2,15 @@
 """Where vLLM generation spends its time on a small model: the same batch with per-token log-probs as dicts, as flat
 lists, and without log-probs; the Python garbage collector's share; and a profile of the adapter's call.
 
-One `VllmEngine` (the adapter the trainer uses) on `--model`; the prompts are the first `--batch` rows of
-`--prompts` rendered with the model's chat template, `--n` samples each, sampled at `--temperature` until eos or
-`--max-new-tokens`. Every call re-seeds the CUDA generators with the same seed, so each mode draws the same tokens
-(checked: `same_tokens` in the output). Per mode: one warm-up call, then the median of `--repeats` timed calls of
+One `VllmEngine` (the adapter the trainer uses) on the model of `--config` (`actor.pretrain`); the prompts are the
+first `--batch` training prompts of that config, rendered and encoded as the trainer does, `--n` samples each,
+sampled at `--temperature` until eos or `--max-new-tokens`. Every call re-seeds the CUDA generators with the same
+seed; whether the modes then drew the same tokens is reported (`same_tokens`: vLLM does not always repeat them, so
+compare per call and per token). Per mode: one warm-up call, then the median of `--repeats` timed calls of
 `llm.generate` alone; "adapter" times `VllmEngine.generate` (requests built, outputs turned into samples).
 
-    python tools/bench_vllm_generate.py --model builtin:smollm2-135m-instruct \\
-        --prompts data/chat_arithmetic/sum3/train.jsonl --batch 32 --n 8 --max-new-tokens 200 --out vllm_gen.json
+    python tools/bench_vllm_generate.py --config configs/smollm2_grpo_1gpu.yaml --batch 32 --n 8 \
+        --max-new-tokens 200 --out vllm_gen.json
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
 
 from hpc_rlhf.builtin_models.resolve import resolve_model_path  # noqa: E402
+from hpc_rlhf.config.loading import load_config  # noqa: E402
+from hpc_rlhf.config.schema import Config  # noqa: E402
+from hpc_rlhf.data.prompts import load_prompts  # noqa: E402
 from hpc_rlhf.generation import SamplingParams  # noqa: E402
 from hpc_rlhf.generation.vllm_engine import VllmEngine, request_prompts  # noqa: E402
+from hpc_rlhf.trainers.ppo.rollout_stage import encode_prompts  # noqa: E402
 
 # the log-prob fields of vllm.SamplingParams per mode (the adapter asks for logprobs=0 with flat_logprobs=True)
 MODES = {"dict_logprobs": {"logprobs": 0, "flat_logprobs": False},
@@ -62,14 +68,12 @@ class GcClock:
         gc.callbacks.remove(self)
 
 
-def render_prompts(model_path: str, path: str, batch: int) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    with open(path) as handle:
-        rows = [json.loads(line) for _, line in zip(range(batch), handle)]
-    return [list(tokenizer.apply_chat_template([{"role": "user", "content": row["input"]}], tokenize=True,
-                                               add_generation_prompt=True, return_dict=False)) for row in rows]
+def render_prompts(cfg: Config, tokenizer: Any, batch: int) -> list[list[int]]:
+    """The first `batch` training prompts of `cfg` as the trainer renders and encodes them."""
+    prompts = load_prompts(cfg.data.prompt_data, input_key=cfg.data.input_key,
+                           apply_chat_template=cfg.data.apply_chat_template,
+                           input_template=cfg.data.input_template, max_samples=batch, tokenizer=tokenizer)
+    return encode_prompts(cfg, tokenizer, [p.prompt for p in prompts])
 
 
 def timed_calls(call, repeats: int, seed: int) -> tuple[list[float], Any, GcClock]:
@@ -98,8 +102,7 @@ def summary(times: list[float], tokens: list[list[int]], clock: GcClock, repeats
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--prompts", default="data/chat_arithmetic/sum3/train.jsonl")
+    parser.add_argument("--config", default="configs/smollm2_grpo_1gpu.yaml", help="model and prompts")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=200)
@@ -111,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    model_path = resolve_model_path(args.model)
-    prompts = render_prompts(model_path, args.prompts, args.batch)
+    cfg = load_config(args.config).config
+    model_path = resolve_model_path(cfg.actor.pretrain)
+    prompts = render_prompts(cfg, AutoTokenizer.from_pretrained(model_path), args.batch)
     build_start = time.perf_counter()
     engine = VllmEngine(model_path, gpu_memory_utilization=args.gpu_memory_utilization,
                         max_model_len=max(map(len, prompts)) + args.max_new_tokens, seed=args.seed)
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, n=args.n,
                             seed=args.seed, stop_token_ids=[eos])
     inputs = request_prompts(engine.vllm, prompts, [[] for _ in prompts], args.n, None)
-    result: dict[str, Any] = {"model": args.model, "batch": args.batch, "n": args.n,
+    result: dict[str, Any] = {"config": args.config, "model": cfg.actor.pretrain, "batch": args.batch, "n": args.n,
                               "max_new_tokens": args.max_new_tokens, "engine_build_s": build_s,
                               "versions": {"vllm": engine.vllm.__version__, "torch": torch.__version__},
                               "device": torch.cuda.get_device_name(), "modes": {}}
