@@ -3,7 +3,10 @@ an off-policy correction, or on request); a run without them trains exactly like
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from hpc_rlhf.config.loading import load_config
 from hpc_rlhf.rollouts import RolloutReader, to_rollout_table
@@ -33,6 +36,12 @@ def test_a_rollout_without_log_probs_reads_as_none_and_refuses_a_kl_estimate():
     assert tensors.behaviour_log_probs is None and tensors.action_mask.sum().item() == 5
     picked = tensors.select(tensors.rewards > 0.5)
     assert picked.behaviour_log_probs is None and picked.num_samples == 1
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["--algo.init_kl_coef=0.01", "--layout.reference.gpus=1",
+                                                        "--rollout.n_samples_per_prompt=2"]).config
+    with_reference = dataclasses.replace(tensors, reference_log_probs=torch.zeros_like(tensors.action_mask,
+                                                                                       dtype=torch.float32))
+    with pytest.raises(ValueError, match="no behaviour log-probs to estimate the KL from"):
+        exp.advantages_and_returns(cfg, with_reference, with_reference.rewards, 0.01, None)
 
 
 @pytest.mark.slow
