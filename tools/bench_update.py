@@ -9,6 +9,7 @@ the most host time):
 
     python tools/bench_update.py --out update.json                       # SmolLM2-135M shape, GPU, 256 samples
     python tools/bench_update.py --micro 64,256 --compile off,on --zero 0,1 --profile --out update.json
+    python tools/bench_update.py --micro t32768,p32768 --zero 1 --response-len 64 --out update.json  # packed
     python tools/bench_update.py --device cpu --shape tiny --samples 16 --micro 8,16 --steps 2   # a smoke run
 
 Weights are random unless `--model` names a model (a path or `builtin:...`); prompt and response token counts vary
@@ -55,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--response-len", type=int, default=16, help="mean response tokens (uniform within +-50%%)")
     p.add_argument("--micro", default="64,256,t32768",
                    help="micro-batching variants, comma separated: N = micro_train_batch_size N, tN = a token "
-                        "budget of N padded tokens per micro-batch (train.max_tokens_per_microbatch)")
+                        "budget of N padded tokens per micro-batch (train.max_tokens_per_microbatch), pN = the "
+                        "same budget over packed rows with varlen attention (train.packing_samples)")
     p.add_argument("--compile", default="off", help="actor.compile values, comma separated (off, on)")
     p.add_argument("--zero", default="0", help="ds.zero_stage values, comma separated (0, 1, 2)")
     p.add_argument("--fixed-lengths", action="store_true",
@@ -78,8 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # each comma list parsed once, into the values the variants use
     args.micro = [v.strip() for v in args.micro.split(",")]
     for variant in args.micro:
-        if not variant.removeprefix("t").isdigit() or int(variant.removeprefix("t")) < 1:
-            p.error(f"--micro: {variant!r} is neither N (samples per micro-batch) nor tN (a token budget)")
+        number = variant[1:] if variant[:1] in ("t", "p") else variant
+        if not number.isdigit() or int(number) < 1:
+            p.error(f"--micro: {variant!r} is neither N (samples per micro-batch), tN (a token budget) nor pN "
+                    f"(a token budget over packed rows)")
     for name, allowed in (("compile", {"off", "on"}), ("zero", {"0", "1", "2"})):
         values = [v.strip() for v in getattr(args, name).split(",")]
         for value in values:
@@ -160,10 +164,16 @@ def profile_step(actor: Actor, batches: list, loss_fn: Any, weighting: str) -> d
 
 
 def micro_batching_overrides(variant: str, samples: int) -> list[str]:
-    """Config overrides of one `--micro` variant: N samples per micro-batch, or tN tokens per micro-batch."""
+    """Config overrides of one `--micro` variant: N samples per micro-batch, tN tokens per micro-batch (padded rows),
+    pN tokens per packed row with varlen attention."""
+    if variant.startswith("p"):
+        return [f"--train.max_tokens_per_microbatch={int(variant[1:])}", f"--train.micro_train_batch_size={samples}",
+                "--train.packing_samples=true", "--actor.attn_implementation=varlen"]
     if variant.startswith("t"):
-        return [f"--train.max_tokens_per_microbatch={int(variant[1:])}", f"--train.micro_train_batch_size={samples}"]
-    return ["--train.max_tokens_per_microbatch=null", f"--train.micro_train_batch_size={int(variant)}"]
+        return [f"--train.max_tokens_per_microbatch={int(variant[1:])}", f"--train.micro_train_batch_size={samples}",
+                "--train.packing_samples=false", "--actor.attn_implementation=sdpa"]
+    return ["--train.max_tokens_per_microbatch=null", f"--train.micro_train_batch_size={int(variant)}",
+            "--train.packing_samples=false", "--actor.attn_implementation=sdpa"]
 
 
 def run_variant(args: argparse.Namespace, model_path: str, micro: str, compiled: bool, zero_stage: int,

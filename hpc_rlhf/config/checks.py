@@ -384,7 +384,7 @@ def check_sequence_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
     if not cfg.train.packing_samples:
         errors.append(f"{key}: sequence parallelism splits packed rows; set train.packing_samples: true")
     for section in ("actor", "critic"):
-        if getattr(cfg, section).attn_implementation == "flash_attention_2":
+        if getattr(cfg, section).attn_implementation in ("flash_attention_2", "varlen"):
             errors.append(f"{src(sources, f'{section}.attn_implementation', 'ds.ring_attn_size')}: sequence "
                           f"parallelism runs its own SDPA attention; use sdpa (or eager) with ds.ring_attn_size={ring}")
     if cfg.actor.aux_loss_coef > 0:
@@ -398,6 +398,16 @@ def check_sequence_parallel(cfg: Config, sources: dict[str, str]) -> list[str]:
         if gpus > 0 and gpus % ring:
             errors.append(f"{src(sources, 'ds.ring_attn_size', f'layout.{role}.gpus')}: ds.ring_attn_size={ring} "
                           f"does not divide layout.{role}.gpus={gpus} ({gpus} % {ring} = {gpus % ring})")
+    return errors
+
+
+def check_attention(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """attn_implementation varlen attends within the samples of packed rows: it needs train.packing_samples."""
+    errors = []
+    for section in ("actor", "critic"):
+        if getattr(cfg, section).attn_implementation == "varlen" and not cfg.train.packing_samples:
+            errors.append(f"{src(sources, f'{section}.attn_implementation', 'train.packing_samples')}: varlen "
+                          f"attention runs on packed rows; set train.packing_samples: true (or use sdpa)")
     return errors
 
 
@@ -560,7 +570,7 @@ def check_config(cfg: Config, sources: dict[str, str]) -> list[str]:
     return (check_layout(cfg, sources) + check_algorithm(cfg, sources) + check_rewards(cfg, sources)
             + check_batches(cfg, sources) + check_modes(cfg, sources) + check_sequence_parallel(cfg, sources)
             + check_supervised(cfg, sources) + check_data(cfg, sources) + check_images(cfg, sources)
-            + check_moe(cfg, sources) + check_tensor_parallel(cfg, sources))
+            + check_moe(cfg, sources) + check_tensor_parallel(cfg, sources) + check_attention(cfg, sources))
 
 
 # ----- checks against this machine: files and devices, before any model loads or any rank starts --------------------

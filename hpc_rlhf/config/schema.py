@@ -50,7 +50,8 @@ class OptimConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    attn_implementation: str = opt("sdpa", "attention kernel", ("sdpa", "eager", "flash_attention_2"))
+    attn_implementation: str = opt("sdpa", "attention kernel (varlen: packed rows attend sample by sample, needs "
+                                   "train.packing_samples)", ("sdpa", "eager", "flash_attention_2", "varlen"))
     compile: bool = opt(False, "torch.compile each decoder layer for training (norms, activations and rotary "
                         "embeddings fused: far fewer kernels, which is what a small model's update waits on); "
                         "the first steps of a new input shape compile")

@@ -65,12 +65,13 @@ class ScoreModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], position_ids: torch.Tensor,
-                use_cache: bool = False) -> torch.Tensor:
-        """[rows, seq] scores, one per input position."""
+                use_cache: bool = False, **kwargs: Any) -> torch.Tensor:
+        """[rows, seq] scores, one per input position (`kwargs`, e.g. a packed row's sample bounds, go to the
+        attention layers)."""
         base = unwrap(self.model)  # with LoRA: the HF model with adapter layers injected, the head a trainable copy
         backbone = getattr(base, base.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=use_cache).last_hidden_state
+                          use_cache=use_cache, **kwargs).last_hidden_state
         return base.score(hidden).squeeze(-1)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:

@@ -37,7 +37,7 @@ LrSchedulerName = Literal["constant_with_warmup", "cosine_with_min_lr"]
 LR_SCHEDULERS: tuple[str, ...] = ("constant_with_warmup", "cosine_with_min_lr")
 OptimizerName = Literal["adam", "muon"]
 OPTIMIZERS: tuple[str, ...] = ("adam", "muon")
-ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2", "varlen")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from hpc_rlhf.data.images import vision_tensors
 from hpc_rlhf.training.batching import MicroBatch, response_token_index, to_device
 from hpc_rlhf.training.logprobs import token_log_probs
 from hpc_rlhf.training.sequence_parallel import SequenceParallel, SequenceShard, shard_packed_row, sum_over_group
+from hpc_rlhf.training.varlen_attention import packed_attention_kwargs
 
 @dataclass
 class ForwardOutput:
@@ -40,13 +41,16 @@ def to_response_layout(flat: torch.Tensor, batch: MicroBatch, sample: torch.Tens
 
 def model_inputs(batch: MicroBatch, device: torch.device, image_processor: Any = None) -> dict[str, Any]:
     """Keyword arguments of a Hugging Face forward pass for one micro-batch (padded or packed), with the vision tensors
-    of its images (`image_processor` is the vision-language model's)."""
+    of its images (`image_processor` is the vision-language model's). A packed row also carries its sample bounds
+    (`packed_attention_kwargs`), which varlen and flash attention read and the others ignore."""
     kwargs = {
         "input_ids": to_device(batch.input_ids, device),
         "attention_mask": None if batch.attention_mask is None else to_device(batch.attention_mask, device),
         "position_ids": to_device(batch.position_ids, device),
         "use_cache": False,
     }
+    if batch.packed:
+        kwargs.update(packed_attention_kwargs(batch.position_ids, device))
     if batch.images:
         if image_processor is None:
             raise ValueError("a micro-batch has images but the model was loaded without an image processor (is it a "

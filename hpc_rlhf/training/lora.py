@@ -21,6 +21,8 @@ from typing import Any, Literal, Mapping, Optional
 import torch
 from torch import nn
 
+from hpc_rlhf.training.varlen_attention import VARLEN, attn_implementation_to_load, use_varlen_attention
+
 ModelKind = Literal["causal_lm", "sequence_classification"]
 MODEL_KINDS: tuple[str, ...] = ("causal_lm", "sequence_classification")
 # Reward models keep their score head fully trainable and saved with the adapter.
@@ -100,12 +102,15 @@ def load_model_for_training(path: str | os.PathLike, kind: ModelKind, settings: 
                             dtype: torch.dtype, attn_implementation: str, **kwargs: Any) -> nn.Module:
     """Load a causal LM or a sequence classifier (num_labels=1) to train, wrapped in LoRA when `settings` is given."""
     auto = _auto_class(kind)
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, **kwargs}
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation_to_load(attn_implementation),
+                                   **kwargs}
     if kind == "sequence_classification":
         load_kwargs["num_labels"] = 1
     if settings is not None and settings.load_in_4bit:
         load_kwargs["quantization_config"] = quantization_config(settings)
     model = auto.from_pretrained(str(path), **load_kwargs)
+    if attn_implementation == VARLEN:
+        use_varlen_attention(model)
     return model if settings is None else apply_lora(model, settings, kind)
 
 

@@ -71,6 +71,7 @@ from hpc_rlhf.training.sequence_parallel import (
     sum_over_group,
     use_sequence_parallel_attention,
 )
+from hpc_rlhf.training.varlen_attention import VARLEN, attn_implementation_to_load, use_varlen_attention
 
 VALUE_HEAD_NAMES: tuple[str, ...] = ("score", "classifier", "v_head", "value_head")
 EMA_FILE = "ema.pt"  # beside the engine's DeepSpeed files in its checkpoint folder
@@ -89,13 +90,19 @@ def _load(auto_class: Any, path: str | os.PathLike, cfg: EngineConfig, dp_group:
           **config_overrides: Any) -> nn.Module:
     """A Hugging Face model from `path`: built straight into ZeRO-3 partitions over `dp_group` for stage 3 (no rank
     holds the whole model), else loaded whole with `from_pretrained`. New heads (a critic's value head) may be missing
-    from the checkpoint."""
+    from the checkpoint. With `attn_implementation: varlen` it is loaded with SDPA, then switched."""
     if cfg.zero_stage == 3 and dist.is_initialized():
         from hpc_rlhf.training.zero3_loading import load_partitioned
 
-        return load_partitioned(auto_class, path, cfg, dp_group, allowed_missing=VALUE_HEAD_NAMES, **config_overrides)
-    return auto_class.from_pretrained(str(path), dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
-                                      **config_overrides)
+        model = load_partitioned(auto_class, path, cfg, dp_group, allowed_missing=VALUE_HEAD_NAMES,
+                                 **config_overrides)
+    else:
+        model = auto_class.from_pretrained(str(path), dtype=cfg.torch_dtype,
+                                           attn_implementation=attn_implementation_to_load(cfg.attn_implementation),
+                                           **config_overrides)
+    if cfg.attn_implementation == VARLEN:
+        use_varlen_attention(model)
+    return model
 
 
 def _check_weighting(loss_weighting: str) -> None:

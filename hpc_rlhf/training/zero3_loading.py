@@ -29,6 +29,7 @@ from hpc_rlhf.training.deepspeed_setup import (
     engine_scope,
     make_ds_config,
 )
+from hpc_rlhf.training.varlen_attention import attn_implementation_to_load
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ def load_partitioned(auto_class: Any, path: str | Path, cfg: EngineConfig, group
     model_class = concrete_model_class(auto_class, config)
     with engine_scope(mpu), no_init_weights(), keep_arange_dtype(), deepspeed.zero.Init(
             data_parallel_group=mpu.get_data_parallel_group(), config_dict_or_path=ds_config, mpu=mpu):
-        model = model_class._from_config(config, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation)
+        model = model_class._from_config(config, dtype=cfg.torch_dtype,
+                                         attn_implementation=attn_implementation_to_load(cfg.attn_implementation))
     with engine_scope(mpu):
         missing = copy_checkpoint_into_partitions(model, path, mpu.get_data_parallel_group(),
                                                   allowed_missing=allowed_missing)

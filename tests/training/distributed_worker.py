@@ -22,14 +22,19 @@ VOCAB = 128
 
 
 def tiny_llama(seed: int = 0, attn_implementation: str = "sdpa"):
-    """The tiny random LlamaForCausalLM every training test uses."""
+    """The tiny random LlamaForCausalLM every training test uses (`varlen`: built with SDPA, then switched)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hpc_rlhf.training.varlen_attention import VARLEN, attn_implementation_to_load, use_varlen_attention
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
-                         attn_implementation=attn_implementation, pad_token_id=0)
-    return LlamaForCausalLM(config)
+                         attn_implementation=attn_implementation_to_load(attn_implementation), pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    if attn_implementation == VARLEN:
+        use_varlen_attention(model)
+    return model
 
 
 def make_samples(seed: int, count: int, *, min_len: int = 2, max_len: int = 12):

@@ -23,7 +23,7 @@ def single_sample_log_probs(model, sample, temperature):
     return log_p[positions - 1, sequence[0, positions]]
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "varlen"])
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("logits_to_keep", [True, False])
 def test_log_probs_equal_single_sample_forwards(worker, attn_implementation, packing, logits_to_keep):
