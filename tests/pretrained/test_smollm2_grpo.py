@@ -42,6 +42,7 @@ def test_two_grpo_iterations_of_the_real_model(smollm2, tmp_path):
         "--rollout.prompt_max_len=128", "--rollout.micro_batch_size=8",
         "--train.train_batch_size=8", "--train.micro_train_batch_size=8", "--train.max_iterations=2",
         "--ds.zero_stage=0", "--actor.learning_rate=1e-6", "--actor.attn_implementation=eager",
+        "--train.skip_old_logprobs=true",  # one optimizer step per iteration, as configs/smollm2_grpo_1gpu.yaml
         f"--train.run_dir={run_dir}", "--logger.use_tensorboard=false", "--logger.plot=false",
         "--logger.progress_bar=false", "--ckpt.save_hf_model=false",
     ]
