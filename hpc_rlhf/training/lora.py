@@ -102,8 +102,8 @@ def load_model_for_training(path: str | os.PathLike, kind: ModelKind, settings: 
                             dtype: torch.dtype, attn_implementation: str, **kwargs: Any) -> nn.Module:
     """Load a causal LM or a sequence classifier (num_labels=1) to train, wrapped in LoRA when `settings` is given."""
     auto = _auto_class(kind)
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation_to_load(attn_implementation),
-                                   **kwargs}
+    load_kwargs: dict[str, Any] = {"dtype": dtype,
+                                   "attn_implementation": attn_implementation_to_load(attn_implementation), **kwargs}
     if kind == "sequence_classification":
         load_kwargs["num_labels"] = 1
     if settings is not None and settings.load_in_4bit:
