@@ -23,7 +23,10 @@
 #                                                  # TRL for twice hpc_rlhf's time to 80%, none if it failed),
 #                                                  # then hpc_rlhf on multi-step expressions (not with
 #                                                  # SUITE_MULTISTEP=0); its output ends with "all done" (start it
-#                                                  # detached and poll on a machine held only between calls)
+#                                                  # detached and poll on a machine held only between calls, and
+#                                                  # copy OUT off as soon as it ends: with SUITE_MULTISTEP=0 it takes
+#                                                  # ~8 minutes on an H100, so a 10-minute foreground command that
+#                                                  # copies OUT at its end is the safer way)
 #   tools/gpu_smollm2_suite.sh variants OUT BUDGET_S NAME=[--key=value[,--key=value...]]...
 #                                                  # there: hpc_rlhf alone under each named set of overrides, each
 #                                                  # until 50% held-out (BUDGET_S at most): which change shortens the
