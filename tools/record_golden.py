@@ -11,9 +11,11 @@ sha256 per saved model in RUN_DIR/hf over its tensors (name, dtype, shape, bytes
 tests/golden/test_golden_runs.py reruns the runs with the code of the checkout and compares (`differences`).
 
 Re-record only when a change of the numbers is intended, and say why in the commit message. The numbers belong to
-the CPU kernels torch dispatches to (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...) and the pinned
-torch, so there is one recording per kernel set, tests/golden/golden_runs_<capability>.json, each noting its
-environment; a CPU of a kernel set without one records it from an unchanged commit first (the test skips until then).
+the CPU kernels torch and MKL dispatch to and the pinned torch, so there is one recording per kernel set,
+tests/golden/golden_runs_<kernel set>.json, each noting its environment. The kernel set is torch's CPU capability
+(`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...), with "-amx" on CPUs with AMX tiles (Sapphire Rapids
+and later), whose AVX-512 runs round differently from older AVX-512 CPUs; a CPU of a kernel set without a recording
+records it from an unchanged commit first (the test skips until then).
 A change that is meant to change the numbers re-records every kernel set it can reach and says which it could not.
 """
 
@@ -212,16 +214,36 @@ def differences(name: str, recorded: dict, fresh: dict, limit: int = 12) -> list
     return out[:limit] + ([f"{name}: ... and {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is not there)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def kernel_set() -> str:
+    """This machine's CPU kernel set: torch's capability, plus "-amx" where the CPU has AMX tiles."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{capability}-amx" if "amx_tile" in cpu_flags() else capability
+
+
 def environment() -> dict[str, str]:
     """Where the numbers were recorded (they depend on the CPU kernels and library versions)."""
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel_set": kernel_set()}
 
 
-def golden_file(capability: Optional[str] = None) -> Path:
+def recorded_kernel_set(golden: dict) -> str:
+    """The kernel set a recording belongs to (recordings made before kernel sets had a name: the capability)."""
+    return golden["environment"].get("kernel_set", golden["environment"]["cpu_capability"])
+
+
+def golden_file(name: Optional[str] = None) -> Path:
     """The recording for a CPU kernel set (default: this machine's)."""
-    capability = capability or torch.backends.cpu.get_cpu_capability()
-    return GOLDEN_DIR / f"golden_runs_{capability.lower()}.json"
+    return GOLDEN_DIR / f"golden_runs_{(name or kernel_set()).lower()}.json"
 
 
 def load_golden(path: Optional[Path] = None) -> dict:

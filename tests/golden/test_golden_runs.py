@@ -2,7 +2,7 @@
 weights bit for bit, so that a refactor provably changes no behaviour.
 
 The runs, their configs and the comparison are defined once, in tools/record_golden.py; the recording of this CPU's
-kernel set is tests/golden/golden_runs_<capability>.json (the CPU kernels torch dispatches to change the last bits).
+kernel set is tests/golden/golden_runs_<kernel set>.json (the CPU kernels torch dispatches to change the last bits).
 Each run here is `python -m hpc_rlhf.train` on this checkout's code (about 7-25 s).
 """
 
@@ -51,7 +51,7 @@ def test_every_kernel_set_records_every_run():
     assert recordings, "no golden recording at all"
     for path in recordings:
         golden = recorder.load_golden(path)
-        assert path == recorder.golden_file(golden["environment"]["cpu_capability"]), f"{path.name} holds another CPU's"
+        assert path == recorder.golden_file(recorder.recorded_kernel_set(golden)), f"{path.name} holds another CPU's"
         assert sorted(golden["runs"]) == sorted(run.name for run in recorder.RUNS), (
             f"the runs of tools/record_golden.py and {path.name} differ; run `{recorder.RECORD_COMMAND}`")
 
