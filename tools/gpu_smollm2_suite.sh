@@ -158,16 +158,23 @@ PY
   report)
     python tools/bench_accuracy.py report "${@:?report needs OUT}" ;;
   progress)
-    # each run's held-out curve so far (hpc_rlhf from its metrics.jsonl, TRL from the JSON it writes at each eval)
+    # each run's held-out curve so far (hpc_rlhf from its metrics.jsonl, TRL from the JSON it writes at each eval), and
+    # hpc_rlhf's phases per 10 iterations (first iteration:iteration/generate/update seconds/response tokens), so that
+    # the output alone keeps what the race needs if its files are lost
     python - "${1:?progress needs OUT}" <<'PY'
 import json, sys
 from pathlib import Path
-from hpc_rlhf.benchmarks.accuracy import curve_from_json, curve_from_metrics, read_metrics
+from hpc_rlhf.benchmarks.accuracy import curve_from_json, curve_from_metrics, phase_means, read_metrics
 out = Path(sys.argv[1])
-runs = {p.parent.name: curve_from_metrics(read_metrics(p)) for p in sorted(out.glob("hpc*/metrics.jsonl"))}
+metrics = {p.parent.name: read_metrics(p) for p in sorted(out.glob("hpc*/metrics.jsonl"))}
+runs = {name: curve_from_metrics(rows) for name, rows in metrics.items()}
 runs.update({p.stem: curve_from_json(json.loads(p.read_text())["curve"]) for p in sorted(out.glob("trl*.json"))})
 for name, curve in runs.items():
     print(name, " ".join(f"{p.iteration}:{p.train_s:.0f}s:{p.accuracy:.2f}" for p in curve))
+for name, rows in metrics.items():
+    print(name, "phases", " ".join(
+        f"{first}:" + "/".join(f"{means.get(key, float('nan')):.2f}" for key in ("iteration", "generate", "update"))
+        + f"/{means.get('response_len', float('nan')):.0f}" for first, means in phase_means(rows)))
 PY
     ;;
   all)

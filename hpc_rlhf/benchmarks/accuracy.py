@@ -165,6 +165,26 @@ def phase_speed(iteration_seconds: Sequence[float], completion_tokens: Sequence[
                       completion_tokens_per_s=sum(tokens) / sum(seconds))
 
 
+PHASES = {"iteration": "time/iteration_s", "generate": "time/generate_s", "update": "time/actor_update_s",
+          "response_len": "rollout/response_length"}
+
+
+def phase_means(rows: Iterable[Mapping[str, Any]], span: int = 10) -> list[tuple[int, dict[str, float]]]:
+    """Per block of `span` iterations of an hpc_rlhf run's metrics rows: (first iteration, the mean of each of PHASES
+    over the block's rows that have it). The tick's evaluation seconds are taken out of `iteration`, as the curve does;
+    the row after the last iteration (final evaluation only) is left out."""
+    blocks: dict[int, dict[str, list[float]]] = {}
+    for row in rows:
+        if "time/generate_s" not in row:
+            continue
+        block = blocks.setdefault(int(row["step"]) // span * span, {name: [] for name in PHASES})
+        for name, key in PHASES.items():
+            if row.get(key) is not None:
+                block[name].append(training_seconds(row) if name == "iteration" else float(row[key]))
+    return [(first, {name: sum(v) / len(v) for name, v in values.items() if v})
+            for first, values in sorted(blocks.items())]
+
+
 def plot_curves(curves: Mapping[str, Sequence[CurvePoint]], path: str | Path, *, title: str) -> Path:
     """Held-out accuracy against training seconds, one line per run, written as a PNG."""
     import matplotlib

@@ -17,6 +17,7 @@ from hpc_rlhf.benchmarks.accuracy import (
     curve_from_metrics,
     curve_to_json,
     interpolate_accuracy,
+    phase_means,
     phase_speed,
     plot_curves,
     ratio_line,
@@ -149,3 +150,21 @@ def test_report_pairs_runs_by_label_and_shows_speed(tmp_path):
     assert "| trl | 5-14 | 3.00 | 30.0 | 29 |" in text  # in 4 x 6 s + 6 x 3 s = 42 s
     assert "| hpc_rlhf_other | 1-3 | 2.00 | 60.0 | 120 |" in text  # too short for two spans: one row
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_phase_means_per_block_of_iterations():
+    rows = [
+        {"step": 0, "time/iteration_s": 3.0, "time/eval_s": 1.0, "time/generate_s": 1.2, "time/actor_update_s": 0.6,
+         "rollout/response_length": 60.0},
+        {"step": 1, "time/iteration_s": 1.0, "time/generate_s": 0.6, "time/actor_update_s": 0.3,
+         "rollout/response_length": 40.0},
+        {"step": 2, "time/iteration_s": 0.5, "time/generate_s": 0.2, "time/actor_update_s": 0.2},
+        {"step": 3, "time/eval_s": 0.4, "eval/accuracy": 0.5},  # the final evaluation alone
+    ]
+    blocks = phase_means(rows, span=2)
+    assert [first for first, _ in blocks] == [0, 2]
+    first, second = blocks[0][1], blocks[1][1]
+    assert first["iteration"] == pytest.approx(1.5)  # (3 - 1 + 1) / 2: the evaluation is not training
+    assert first["generate"] == pytest.approx(0.9) and first["update"] == pytest.approx(0.45)
+    assert first["response_len"] == pytest.approx(50.0)
+    assert second == pytest.approx({"iteration": 0.5, "generate": 0.2, "update": 0.2})  # no length logged there
