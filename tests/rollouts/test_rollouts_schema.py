@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpc_rlhf.rollouts import ROLLOUT_SCHEMA, SCHEMA_VERSION, RolloutValidationError, SchemaMismatchError
@@ -150,7 +150,9 @@ def _rollout_rows(draw):
     return rows
 
 
-@settings(max_examples=60, deadline=None)
+# Hypothesis itself discards some draws of the bounded float32 lists (the test filters nothing); on an unlucky seed
+# that tripped its filter_too_much health check before 60 examples: the examples still run, the check is off.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(_rollout_rows())
 def test_valid_rows_round_trip_exactly(rows):
     table = to_rollout_table(rows)
