@@ -80,7 +80,11 @@ def _run_trainer(cfg: Config, world: DistributedWorld, control: ControlPlane, st
     torch.manual_seed(cfg.train.seed)
     from hpc_rlhf.trainers.registry import trainer_entry  # imports DeepSpeed: only after quiet_libraries ran
 
-    return trainer_entry(cfg.train.trainer)(cfg, world, groups, control, stop=stop)
+    metrics = trainer_entry(cfg.train.trainer)(cfg, world, groups, control, stop=stop)
+    # every rank is done before any tears its process groups down: a rank whose gloo peers close their sockets while
+    # it still finishes its part can abort ("terminate called without an active exception") and fail a finished job
+    control.barrier()
+    return metrics
 
 
 def build_builtin_models(cfg: Config) -> None:
