@@ -19,6 +19,7 @@ around `--prompt-len` / `--response-len` like a trained model's rollouts do.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -202,7 +203,11 @@ def run_variant(args: argparse.Namespace, model_path: str, micro: str, compiled:
         result["mfu"] = result["achieved_tflops"] / args.peak_tflops
     if args.profile:
         result["profile"] = profile_step(actor, batches, loss_fn, weighting)
-    del actor
+    engine = getattr(actor, "engine", None)
+    if hasattr(engine, "destroy"):
+        engine.destroy()  # DeepSpeed's engine keeps hooks and buffers alive past `del`
+    del actor, engine
+    gc.collect()  # the engine's reference cycles hold its parameters and optimizer states on the device
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -231,11 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     flops = float("nan") if args.model else policy_update_flops(
         model_shape(args.shape), [int(s.prompt_ids.numel()) for s in samples],
         [int(s.response_ids.numel()) for s in samples])
-    results = []
+    results: list[dict[str, Any]] = []
+    report = {"settings": vars(args), "tokens": sum(lengths), "update_flops": flops,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "torch": torch.__version__, "results": results}
     variants = [(micro, compiled, zero) for micro in args.micro for compiled in args.compile for zero in args.zero]
     for micro, compiled, zero in variants:
         result = run_variant(args, model_path, micro, compiled, zero, samples, flops)
         results.append(result)
+        if args.out:  # after every variant: a later one that fails (out of memory, say) loses none of these
+            Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"micro {micro:>6} compile {'on ' if compiled else 'off'} zero {zero}: "
               f"step {result['median_step_s']:.4f} s "
               f"(forward+backward {result['median_forward_backward_s']:.4f}, optimizer "
@@ -245,11 +255,6 @@ def main(argv: list[str] | None = None) -> int:
             prof = result["profile"]
             print(f"    profile: {prof['kernels']} kernels, device busy {prof['device_busy_s']:.4f} s of "
                   f"{prof['wall_s']:.4f} s ({prof['device_busy_share']:.0%})", flush=True)
-    report = {"settings": vars(args), "tokens": sum(lengths), "update_flops": flops,
-              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "results": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
     dist.destroy_process_group()
     return 0
 
