@@ -14,13 +14,14 @@ CPU = torch.device("cpu")
 
 def single_sample_log_probs(model, sample, temperature):
     """float64 log-softmax of a one-sample forward, read at the response tokens."""
-    sequence = torch.cat([sample.prompt_ids, sample.response_ids]).unsqueeze(0)
+    device = next(model.parameters()).device
+    sequence = torch.cat([sample.prompt_ids, sample.response_ids]).unsqueeze(0).to(device)
     with torch.no_grad():
         logits = model(input_ids=sequence).logits[0].double() / temperature
     log_p = torch.log_softmax(logits, dim=-1)
     start = sample.prompt_ids.numel()
-    positions = torch.arange(start, sequence.shape[1])
-    return log_p[positions - 1, sequence[0, positions]]
+    positions = torch.arange(start, sequence.shape[1], device=device)
+    return log_p[positions - 1, sequence[0, positions]].cpu()
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "varlen"])
@@ -98,7 +99,9 @@ def test_plain_reference_gives_the_actor_log_probs_at_its_temperature(worker):
     assert all(not p.requires_grad for p in reference.model.parameters())
     samples = worker.make_samples(31, 4)
     batches = make_micro_batches(samples, micro_batch_size=3, packing=True)
+    model = model.to(reference.device).eval()  # on a GPU machine the Reference runs on CUDA: compare there
     for batch, output in zip(batches, reference.infer(batches)):
         for row, index in enumerate(batch.sample_indices.tolist()):
-            want = single_sample_log_probs(model.eval(), samples[index], temperature=0.6)
-            torch.testing.assert_close(output.log_probs[row, : want.numel()].double(), want, atol=1e-5, rtol=0)
+            want = single_sample_log_probs(model, samples[index], temperature=0.6)
+            got = output.log_probs[row, : want.numel()].double().cpu()
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
