@@ -7,6 +7,7 @@ The wiring is explicit and in order: world -> layout plan -> role groups -> cont
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -33,6 +34,7 @@ from hpc_rlhf.distributed import (  # noqa: E402
     build_control_plane,
     build_role_groups,
     detect_world,
+    end_finished_process,
     init_distributed,
     plan_layout,
     run_guarded,
@@ -50,6 +52,7 @@ def rank_main(info: WorldInfo, cfg: Config) -> dict[str, float]:
     Stop requests (the batch script's stop flag, USR1/USR2 from SLURM or submitit, SIGTERM) are only recorded by the
     handlers; the loop polls them at tick boundaries, checkpoints, and rank 0 requeues the job when asked to.
     """
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack first
     stop = StopRequest.for_slurm_job(cfg.train.run_dir).install()
     if info.rank == 0:
         stop.clear_stale_flag()
@@ -175,4 +178,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_finished_process(main())  # not sys.exit: see end_finished_process

@@ -16,15 +16,18 @@ guard (`guard.py`) publishes a failing rank's reason there.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -263,6 +266,22 @@ def _spawn_entry(index: int, fn: Callable[..., Any], world_size: int, port: int,
     info = WorldInfo(rank=index, world_size=world_size, local_rank=index, local_world_size=world_size, node_rank=0,
                      master_addr="127.0.0.1", master_port=port, launcher="local")
     results.put((index, fn(info, *args)))
+    end_finished_process(0)
+
+
+def end_finished_process(code: int) -> NoReturn:
+    """End a rank process whose work is done, written and torn down: the atexit handlers run, the interpreter's
+    finalization does not.
+
+    During finalization the native destructors of torch.distributed's gloo groups (and of other native thread pools)
+    run while the interpreter is being torn down, and a finished rank now and then aborted there ("terminate called
+    without an active exception", SIGABRT), failing a job after it had written everything.
+    """
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging, multiprocessing children, libraries' own
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def spawn_local(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),

@@ -136,3 +136,25 @@ def test_mpi_launcher_numbers_nodes_by_first_rank():
                              master_addr="other", master_port=31000, launcher="mpi")
     with_env = detect_world({"PMI_RANK": "3", "MASTER_ADDR": "m", "MASTER_PORT": "20001"}, mpi_comm=comm)
     assert (with_env.master_addr, with_env.master_port) == ("m", 20001)
+
+
+def test_end_finished_process_runs_atexit_handlers_flushes_and_keeps_the_code(tmp_path):
+    """A finished rank leaves through end_finished_process: its atexit handlers run, unflushed output arrives and the
+    exit code is the one given."""
+    import sys
+
+    marker = tmp_path / "atexit_ran"
+    script = (
+        "import atexit, sys\n"
+        "from pathlib import Path\n"
+        "from hpc_rlhf.distributed.world import end_finished_process\n"
+        f"atexit.register(lambda: Path({str(marker)!r}).write_text('yes'))\n"
+        "sys.stdout.write('unflushed stdout')\n"
+        "sys.stderr.write('unflushed stderr')\n"
+        "end_finished_process(3)\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "unflushed stdout" and done.stderr.endswith("unflushed stderr")
+    assert marker.read_text() == "yes"
