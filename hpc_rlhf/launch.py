@@ -84,8 +84,7 @@ def _run_trainer(cfg: Config, world: DistributedWorld, control: ControlPlane, st
     from hpc_rlhf.trainers.registry import trainer_entry  # imports DeepSpeed: only after quiet_libraries ran
 
     metrics = trainer_entry(cfg.train.trainer)(cfg, world, groups, control, stop=stop)
-    # every rank is done before any tears its process groups down: a rank whose gloo peers close their sockets while
-    # it still finishes its part can abort ("terminate called without an active exception") and fail a finished job
+    # every rank is done with its collectives before any tears its process groups down and exits
     control.barrier()
     return metrics
 
