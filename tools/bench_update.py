@@ -203,10 +203,8 @@ def run_variant(args: argparse.Namespace, model_path: str, micro: str, compiled:
         result["mfu"] = result["achieved_tflops"] / args.peak_tflops
     if args.profile:
         result["profile"] = profile_step(actor, batches, loss_fn, weighting)
-    engine = getattr(actor, "engine", None)
-    if hasattr(engine, "destroy"):
-        engine.destroy()  # DeepSpeed's engine keeps hooks and buffers alive past `del`
-    del actor, engine
+    actor.engine.destroy()  # DeepSpeed's engine keeps hooks and buffers alive past `del`
+    del actor
     gc.collect()  # the engine's reference cycles hold its parameters and optimizer states on the device
     if args.device == "cuda":
         torch.cuda.empty_cache()

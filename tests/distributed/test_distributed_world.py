@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -141,8 +142,6 @@ def test_mpi_launcher_numbers_nodes_by_first_rank():
 def test_end_finished_process_runs_atexit_handlers_flushes_and_keeps_the_code(tmp_path):
     """A finished rank leaves through end_finished_process: its atexit handlers run, unflushed output arrives and the
     exit code is the one given."""
-    import sys
-
     marker = tmp_path / "atexit_ran"
     script = (
         "import atexit, sys\n"
